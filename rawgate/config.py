@@ -1,0 +1,254 @@
+"""Configuration: frozen msgspec Structs, one per config.toml section, with documented defaults.
+
+Invariants:
+- Precedence: defaults < config file < RAWGATE_<SECTION>_<KEY> environment < command-line flags.
+- Unknown keys and wrong values are start-up errors naming the key, the value and what is allowed.
+- Every limit carries its unit in its name (`_bytes`, `_s`, `_count`) and a comment saying why.
+- Objects are immutable once loaded: a reload builds a new Config.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = ""  # "" = 127.0.0.1, or 0.0.0.0 (+ ::) when allow_lan_access is true
+    port: int = 8045
+    allow_lan_access: bool = False
+    workers: int = 1
+    tls_cert: str = ""  # both set: TLS with ALPN h2, http/1.1
+    tls_key: str = ""
+    # CORS: origins allowed to call rawgate from a browser. "*" = any origin, no credentials.
+    cors_allowed_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
+
+
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    mode: Literal["off", "strict", "all_except_health", "auto"] = "auto"
+    api_keys: list[str] = msgspec.field(default_factory=list)
+
+
+class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    gemini_base_url: str = "https://generativelanguage.googleapis.com"  # /v1beta appended
+    code_assist_base_url: str = "https://cloudcode-pa.googleapis.com"  # /v1internal appended
+    oauth_token_url: str = "https://oauth2.googleapis.com/token"
+    oauth_client_id: str = ""  # supplied by the user for Code Assist accounts
+    oauth_client_secret: str = ""
+    proxy: str = ""  # http://host:port, CONNECT tunnel
+    http2: bool = True  # offer h2 by ALPN (TLS) / use h2c prior knowledge (cleartext) if true
+    # Per origin. Google allows 100 streams per h2 connection; a few connections cover thousands.
+    max_connections: int = 32
+    max_keepalive_connections: int = 32
+    keepalive_expiry_s: float = 60.0  # idle connections older than this are closed
+    ping_interval_s: float = 30.0  # h2 PING on idle connections to detect dead peers
+
+
+class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    default_model: str = "gemini-2.5-flash"  # where the built-in OpenAI aliases point
+    scheduling: Literal["round_robin", "least_loaded", "sticky"] = "round_robin"
+    max_attempts: int = 3  # per request, bounded by the number of usable accounts
+    expose_account_header: bool = True  # X-Account-Email
+    # Retries may add at most this fraction of in-flight requests (min 3) so a failing
+    # upstream is not hammered (Envoy's retry budget).
+    retry_budget_ratio: float = 0.2
+    custom_mapping: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Request line + headers. h11 only checks while a head is incomplete, so rawgate counts itself.
+    max_header_bytes: int = 64 * KiB
+    max_header_count: int = 100  # Envoy's default
+    max_url_bytes: int = 8 * KiB  # nginx's large_client_header_buffers; over it: 414
+    max_body_bytes: int = 32 * MiB  # images inflate chat requests; over it: 413
+    max_json_depth: int = 64  # deeper JSON is an attack, not a chat request
+    max_connections: int = 4096  # over it, new connections wait in the accept backlog
+    max_in_flight: int = 1024  # requests being handled at once; over it: 503 + Retry-After
+    max_pipelined: int = 16  # queued HTTP/1.1 pipelined requests per connection
+    max_requests_per_connection: int = 10000  # then Connection: close / GOAWAY
+    h2_max_concurrent_streams: int = 100
+    h2_initial_window_bytes: int = 64 * KiB - 1  # RFC 7540 default stream window
+    h2_connection_window_bytes: int = 1 * MiB
+    h2_max_header_list_bytes: int = 64 * KiB
+    # Flood caps per connection per second (CVE-2019-9512/9515/9518, CVE-2023-44487).
+    h2_max_pings_per_s: int = 20
+    h2_max_settings_per_s: int = 20
+    h2_max_resets_per_s: int = 200
+    h2_max_empty_frames: int = 100
+    # Bytes a connection may have queued for a peer that does not read (then we stop producing).
+    max_pending_output_bytes: int = 1 * MiB
+    sse_heartbeat_s: float = 15.0  # SSE comment while upstream is silent; 0 = off
+
+
+class TimeoutsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    header_read_s: float = 10.0  # whole request head (slowloris); then 408 and close
+    body_read_s: float = 30.0  # idle gap while reading a body; then 408
+    keepalive_idle_s: float = 75.0  # idle keep-alive connection (nginx's default)
+    write_s: float = 60.0  # no progress writing to a client; then abort
+    shutdown_grace_s: float = 30.0  # in-flight requests may finish within this on SIGTERM
+    tls_handshake_s: float = 10.0
+    upstream_connect_s: float = 10.0
+    upstream_pool_s: float = 30.0  # waiting for a free pooled connection
+    upstream_headers_s: float = 120.0  # time to response headers (thinking models are slow)
+    upstream_read_idle_s: float = 120.0  # gap between body chunks; not a total limit
+    upstream_write_s: float = 30.0
+
+
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+class ConfigError(Exception):
+    """A wrong key or value; the message is the one line printed at start-up."""
+
+
+def rawgate_home(env: dict[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    assert env is not None
+    return Path(env.get("RAWGATE_HOME") or Path.home() / ".rawgate")
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """Build a Config from defaults, a TOML file, RAWGATE_* variables and flag overrides."""
+    env = dict(os.environ) if env is None else env
+    explicit = path is not None
+    cfg_path = Path(path) if path is not None else rawgate_home(env) / "config.toml"
+    raw: dict[str, Any] = {}
+    if cfg_path.exists():
+        try:
+            raw = tomllib.loads(cfg_path.read_text("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cfg_path}: not valid TOML: {e}") from None
+    elif explicit:
+        raise ConfigError(f"{cfg_path}: config file not found")
+    return build_config(raw, env, overrides or {}, source=str(cfg_path))
+
+
+def build_config(
+    raw: dict[str, Any],
+    env: dict[str, str],
+    overrides: dict[str, dict[str, Any]],
+    *,
+    source: str = "config",
+) -> Config:
+    """Validate and merge; see load_config. Raises ConfigError with a one-line message."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    sections = {f.name: f.type for f in msgspec.structs.fields(Config)}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown section [{name}]; allowed: {', '.join(sorted(sections))}"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table, got {value!r}")
+    for var, text in env.items():
+        if not var.startswith("RAWGATE_") or var == "RAWGATE_HOME":
+            continue
+        rest = var[len("RAWGATE_") :].lower()
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            continue
+        key = rest[len(section) + 1 :]
+        merged.setdefault(section, {})[key] = _from_env(section, key, text, var)
+    for section, values in overrides.items():
+        merged.setdefault(section, {}).update(values)
+    try:
+        cfg = msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {_explain(e, merged)}") from None
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def _field_type(section: str, key: str) -> Any:
+    sec_type = next(f.type for f in msgspec.structs.fields(Config) if f.name == section)
+    for f in msgspec.structs.fields(sec_type):
+        if f.name == key:
+            return f.type
+    return None
+
+
+def _from_env(section: str, key: str, text: str, var: str) -> Any:
+    """Environment values are strings; lists are comma-separated, dicts are JSON."""
+    t = _field_type(section, key)
+    if t is None:
+        raise ConfigError(f"{var}: unknown setting {section}.{key}")
+    origin = getattr(t, "__origin__", None)
+    if origin is list:
+        return [p.strip() for p in text.split(",") if p.strip()]
+    if origin is dict:
+        try:
+            return msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            raise ConfigError(f"{var}={text!r}: expected a JSON object") from None
+    return text
+
+
+def _explain(e: msgspec.ValidationError, merged: dict[str, Any]) -> str:
+    # msgspec says e.g. "Expected `int`, got `str` - at `$.server.port`"; add the value.
+    msg = str(e)
+    loc = msg.rsplit("at `$.", 1)
+    if len(loc) == 2:
+        dotted = loc[1].rstrip("`")
+        parts = dotted.split(".")
+        value: Any = merged
+        for p in parts:
+            value = value.get(p) if isinstance(value, dict) else None
+        what = loc[0].removesuffix(" - ").strip()
+        if what.startswith("Object contains unknown field"):
+            field = what.split("`")[1] if "`" in what else "?"
+            return f"unknown key {dotted}.{field}"
+        return f"{dotted} = {value!r}: {what}"
+    return msg
+
+
+def _check_semantics(cfg: Config, source: str) -> None:
+    s = cfg.server
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"{source}: server.port = {s.port}: must be 0..65535")
+    if s.workers < 1:
+        raise ConfigError(f"{source}: server.workers = {s.workers}: must be >= 1")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError(f"{source}: server.tls_cert and server.tls_key must be set together")
+    if cfg.routing.max_attempts < 1:
+        raise ConfigError(
+            f"{source}: routing.max_attempts = {cfg.routing.max_attempts}: must be >= 1"
+        )
+    for sec in (cfg.limits, cfg.timeouts):
+        for f in msgspec.structs.fields(type(sec)):
+            v = getattr(sec, f.name)
+            if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(
+                    f"{source}: {type(sec).__name__.removesuffix('Config').lower()}.{f.name}"
+                    f" = {v}: must be >= 0"
+                )
+
+
+def auth_mode(cfg: Config) -> str:
+    """The effective auth mode: `auto` resolves on allow_lan_access."""
+    if cfg.auth.mode == "auto":
+        return "all_except_health" if cfg.server.allow_lan_access else "off"
+    return cfg.auth.mode

@@ -1,0 +1,215 @@
+"""The error tree: every failure a client can see, with its HTTP status and OpenAI error type.
+
+Invariants:
+- Each class carries `status`, `type` and a default `code` as class attributes, so the edge that
+  turns an exception into a response never guesses.
+- Foreign exceptions (msgspec, OSError, h11/h2, anyio) are translated into this tree at exactly two
+  boundaries: the upstream backend (socket errors -> UpstreamError family) and the application edge
+  (anything left -> InternalError, a logged 500).
+- `to_json()` always yields the OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
+- Messages never contain secrets: callers pass labels, never keys or tokens.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+__all__ = [
+    "AuthenticationError",
+    "BadGateway",
+    "BadRequest",
+    "HeadersTooLarge",
+    "InternalError",
+    "MethodNotAllowed",
+    "NoAccountAvailable",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "RateLimited",
+    "RawgateError",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "URITooLong",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamPoolTimeout",
+    "UpstreamProtocolError",
+    "UpstreamReadTimeout",
+    "UpstreamTimeout",
+    "UpstreamWriteTimeout",
+]
+
+
+class RawgateError(Exception):
+    """Base of every error rawgate answers with. Subclasses set the class attributes."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        status: int | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        # Extra response headers (Retry-After, Allow, WWW-Authenticate, ...).
+        self.headers: list[tuple[bytes, bytes]] = headers or []
+        # Instance overrides: an upstream error mapped from Gemini may need a status/type pair
+        # that no subclass names (e.g. 429 insufficient_quota).
+        if status is not None:
+            self.status = status  # type: ignore[misc]
+        if type is not None:
+            self.type = type  # type: ignore[misc]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, code={self.code!r}, {self.message!r})"
+
+
+# ---- the client's fault (4xx) -------------------------------------------------------------------
+
+
+class BadRequest(RawgateError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(RawgateError):
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(RawgateError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(RawgateError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowed(RawgateError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class RequestTimeout(RawgateError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class PayloadTooLarge(RawgateError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class URITooLong(RawgateError):
+    status = 414
+    type = "invalid_request_error"
+    default_code = "uri_too_long"
+
+
+class HeadersTooLarge(RawgateError):
+    status = 431
+    type = "invalid_request_error"
+    default_code = "headers_too_large"
+
+
+class RateLimited(RawgateError):
+    """429: every account is cooling, or the upstream said so. Carries Retry-After."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+# ---- rawgate's or the upstream's fault (5xx) ----------------------------------------------------
+
+
+class InternalError(RawgateError):
+    status = 500
+    type = "server_error"
+    default_code = "internal_error"
+
+
+class ServiceUnavailable(RawgateError):
+    status = 503
+    type = "server_error"
+    default_code = "service_unavailable"
+
+
+class NoAccountAvailable(ServiceUnavailable):
+    default_code = "no_account_available"
+
+
+class Overloaded(ServiceUnavailable):
+    default_code = "server_is_overloaded"
+
+
+class UpstreamError(RawgateError):
+    """The upstream failed in a way that is not the request's fault."""
+
+    status = 502
+    type = "server_error"
+    default_code = "upstream_error"
+
+
+class UpstreamConnectError(UpstreamError):
+    default_code = "upstream_connect_error"
+
+
+class UpstreamProtocolError(UpstreamError):
+    default_code = "upstream_protocol_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    default_code = "timeout"
+
+
+class UpstreamReadTimeout(UpstreamTimeout):
+    """No response headers in time, or an idle gap between body chunks too long."""
+
+
+class UpstreamWriteTimeout(UpstreamTimeout):
+    pass
+
+
+class UpstreamPoolTimeout(UpstreamTimeout):
+    """No pooled connection became free within the pool wait timeout."""
+
+    status = 503
+    default_code = "upstream_pool_timeout"
+
+
+BadGateway = UpstreamError

@@ -1,0 +1,124 @@
+"""The protocol-neutral seam between the HTTP drivers (h1_server, h2_server) and applications.
+
+Invariants:
+- Handlers see a `Request` and a `ResponseSink`; they never know whether HTTP/1.1 or HTTP/2
+  carries them. The gateway app, the emulator and the test servers all use this same seam.
+- The driver collects the whole request body (bounded by `limits.max_body_bytes`) before the
+  handler runs: OpenAI requests are small JSON documents and the handler needs all of it.
+- Header names are lower-case bytes, in arrival order; values are bytes as received.
+- `ResponseSink.send()` returns only once the driver can take more (socket buffer or HTTP/2 flow
+  control window): that is the backpressure a streaming handler relies on. A sink never buffers
+  without bound.
+- If the client goes away (EOF, RST_STREAM, write failure), the driver cancels the handler's task
+  scope; `sink.send()` on a dead peer raises `ClientDisconnected`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["App", "ClientDisconnected", "Request", "ResponseSink"]
+
+
+class ClientDisconnected(Exception):
+    """The downstream peer went away; nothing more can be sent to it."""
+
+
+class Request:
+    """One HTTP request, body already read."""
+
+    __slots__ = (
+        "account",
+        "body",
+        "client",
+        "headers",
+        "http_version",
+        "mapped_model",
+        "method",
+        "model",
+        "path",
+        "query",
+        "raw_target",
+        "request_id",
+        "scheme",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        raw_target: bytes,
+        path: str,
+        query: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes = b"",
+        *,
+        http_version: str = "1.1",
+        scheme: str = "http",
+        client: tuple[str, int] | None = None,
+        request_id: str = "",
+    ) -> None:
+        self.method = method
+        self.raw_target = raw_target
+        self.path = path  # decoded, normalised path used by routing AND auth
+        self.query = query  # raw query string without '?'
+        self.headers = headers
+        self.body = body
+        self.http_version = http_version  # "1.0", "1.1" or "2"
+        self.scheme = scheme  # "http" or "https"
+        self.client = client
+        self.request_id = request_id
+        # Filled in by handlers for the access log; never secrets.
+        self.model = ""
+        self.mapped_model = ""
+        self.account = ""
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of a header (name must be lower-case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path} HTTP/{self.http_version} id={self.request_id}>"
+
+
+class ResponseSink(Protocol):
+    """Where a handler writes its response. Implemented once per protocol driver."""
+
+    @property
+    def started(self) -> bool:
+        """True once the response head has been handed to the driver."""
+        ...
+
+    @property
+    def bytes_sent(self) -> int:
+        """Body bytes accepted so far (for the access log)."""
+        ...
+
+    @property
+    def status(self) -> int:
+        """Status of the started response, 0 before start()."""
+        ...
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the response head. `headers` must not contain hop-by-hop headers."""
+        ...
+
+    async def send(self, data: bytes) -> None:
+        """Send a piece of body; waits for flow control. Raises ClientDisconnected."""
+        ...
+
+    async def end(self, data: bytes = b"") -> None:
+        """Send the last piece of body (may be empty) and finish the response."""
+        ...
+
+    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """start + end in one go: drivers write head and body with one socket write."""
+        ...
+
+
+class App(Protocol):
+    """An application: one coroutine per request."""
+
+    async def __call__(self, request: Request, sink: ResponseSink) -> None: ...

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rawgate.config import ConfigError, auth_mode, build_config, load_config
+
+
+def test_defaults() -> None:
+    cfg = load_config(env={"RAWGATE_HOME": "/nonexistent-rawgate-home"})
+    assert cfg.server.port == 8045
+    assert cfg.auth.mode == "auto"
+    assert auth_mode(cfg) == "off"
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    p = tmp_path / "config.toml"
+    p.write_text('[server]\nport = 9001\nhost = "127.0.0.2"\n[auth]\napi_keys = ["k1"]\n')
+    cfg = load_config(p, env={"RAWGATE_SERVER_PORT": "9002", "RAWGATE_AUTH_API_KEYS": "a, b"})
+    assert cfg.server.port == 9002
+    assert cfg.server.host == "127.0.0.2"
+    assert cfg.auth.api_keys == ["a", "b"]
+    cfg = load_config(p, env={"RAWGATE_SERVER_PORT": "9002"}, overrides={"server": {"port": 9003}})
+    assert cfg.server.port == 9003
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"server": {"port": "abc"}}, "server.port = 'abc'"),
+        ({"server": {"prot": 1}}, "unknown key server.prot"),
+        ({"srever": {}}, "unknown section [srever]"),
+        ({"auth": {"mode": "open"}}, "auth.mode = 'open'"),
+        ({"server": {"port": 70000}}, "server.port = 70000"),
+        ({"server": {"tls_cert": "a.pem"}}, "tls_cert and server.tls_key"),
+        ({"limits": {"max_body_bytes": -1}}, "limits.max_body_bytes = -1"),
+    ],
+)
+def test_bad_config_names_key_and_value(raw: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        build_config(raw, {}, {})  # type: ignore[arg-type]
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_env_unknown_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="RAWGATE_SERVER_PROT"):
+        build_config({}, {"RAWGATE_SERVER_PROT": "1"}, {})
