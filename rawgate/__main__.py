@@ -1,26 +1,37 @@
-"""The `rawgate` command line: serve, emulate, accounts."""
+"""The `rawgate` command line. Each subcommand lives in its own module (cli_*.py) that provides
+`add_parser(subparsers)` and `run(args) -> int`, so the parts of the CLI evolve independently."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from rawgate import __version__
+from rawgate import __version__, cli_accounts, cli_emulate, cli_serve
+
+_COMMANDS = (cli_serve, cli_emulate, cli_accounts)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rawgate", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="rawgate",
+        description="A local gateway that lets any OpenAI client use Google Gemini.",
+    )
     p.add_argument("--version", action="version", version=f"rawgate {__version__}")
-    p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _COMMANDS:
+        mod.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command is None:
-        build_parser().print_help()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = getattr(args, "run", None)
+    if run is None:
+        parser.print_help()
         return 2
-    return 0
+    result: int = run(args)
+    return result
 
 
 if __name__ == "__main__":
