@@ -29,6 +29,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_key: str = ""
     # CORS: origins allowed to call rawgate from a browser. "*" = any origin, no credentials.
     cors_allowed_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    # How long a browser may cache a preflight answer; 10 min (Chromium's own cap is 2 h).
+    cors_max_age_s: int = 600
 
 
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
