@@ -337,6 +337,9 @@ class GatewayApp:
                 status = CLIENT_CLOSED
                 raise
             except Exception as exc:
+                if _is_disconnect(exc):
+                    status = CLIENT_CLOSED
+                    raise
                 err = _as_rawgate_error(exc)
                 if out.started:
                     log.error(
@@ -536,6 +539,14 @@ def _query_key(query: str) -> bytes | None:
                 return _DUPLICATE
             found = unquote_to_bytes(value)
     return found
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    """A task group that failed only because the client went away (not worth an error log)."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(ClientDisconnected)
+        return matched is not None and rest is None
+    return isinstance(exc, ClientDisconnected)
 
 
 def _as_rawgate_error(exc: BaseException) -> RawgateError | None:

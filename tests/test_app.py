@@ -856,3 +856,26 @@ async def test_access_log_can_be_switched_off(caplog: pytest.LogCaptureFixture) 
     with caplog.at_level(logging.INFO):
         assert (await call(app, "GET", "/healthz")).status == 200
     assert not [r for r in caplog.records if r.name == "rawgate.access"]
+
+
+async def test_disconnect_inside_task_group_is_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, _ = make_app()
+
+    async def fan_out(request: Request, sink: ResponseSink) -> None:
+        await sink.start(200, sse_headers())
+        async with anyio.create_task_group() as tg:
+
+            async def pump() -> None:
+                for _ in range(5):
+                    await sink.send(b"data: {}\n\n")
+
+            tg.start_soon(pump)
+
+    app.router.add("GET", "/fan", fan_out)
+    with caplog.at_level(logging.INFO), pytest.raises(BaseExceptionGroup):
+        await app(make_request("GET", "/fan"), RecordingSink(disconnect_after=1))
+    access = [r.getMessage() for r in caplog.records if r.name == "rawgate.access"]
+    assert len(access) == 1 and " 499 " in access[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
