@@ -9,14 +9,22 @@ Invariants:
 - Only the call that carried a signature gets one back: never stamp one signature on every call.
 - Gemini 3 rejects a model turn whose first functionCall lacks a signature; the documented escape
   hatch (gemini-cli's own) is SKIP_SIGNATURE, used only for such turns in the active loop.
+- Responses API: a `reasoning` item's `encrypted_content` is `rg1.` + base64url(JSON
+  `{"s": {call_id: signature}, "t": thought text or absent}`), no padding. The key "" holds a
+  signature that sat on a text part (no call). `unpack_reasoning` never raises: content that
+  rawgate did not pack (another gateway's, OpenAI's own) yields {}.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 import string
 
-__all__ = ["SKIP_SIGNATURE", "mint_call_id", "split_call_id"]
+import orjson
+
+__all__ = ["SKIP_SIGNATURE", "mint_call_id", "pack_reasoning", "split_call_id", "unpack_reasoning"]
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 _MARK = ".ts."
@@ -46,3 +54,32 @@ def split_call_id(call_id: str) -> tuple[str, str | None]:
         return call_id, None
     sig = enc.translate(_FROM_URLSAFE)
     return call_id, sig + "=" * (-len(sig) % 4)
+
+
+_REASONING_PREFIX = "rg1."
+
+
+def pack_reasoning(signatures: dict[str, str], thought_text: str | None) -> str:
+    """The `encrypted_content` of a Responses reasoning item carrying these signatures."""
+    doc: dict[str, object] = {"s": signatures}
+    if thought_text:
+        doc["t"] = thought_text
+    raw = base64.urlsafe_b64encode(orjson.dumps(doc)).rstrip(b"=")
+    return _REASONING_PREFIX + raw.decode("ascii")
+
+
+def unpack_reasoning(encrypted_content: str) -> dict[str, str]:
+    """call_id -> signature ("" = a text part's signature); {} for anything rawgate did not pack."""
+    if not isinstance(encrypted_content, str) or not encrypted_content.startswith(
+        _REASONING_PREFIX
+    ):
+        return {}
+    enc = encrypted_content[len(_REASONING_PREFIX) :]
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(enc + "=" * (-len(enc) % 4)))
+    except (binascii.Error, ValueError):
+        return {}
+    sigs = doc.get("s") if isinstance(doc, dict) else None
+    if not isinstance(sigs, dict):
+        return {}
+    return {k: v for k, v in sigs.items() if isinstance(k, str) and isinstance(v, str) and v}

@@ -24,3 +24,32 @@ def test_signature_round_trip(raw: bytes) -> None:
 
 def test_ids_are_unique() -> None:
     assert len({mint_call_id() for _ in range(1000)}) == 1000
+
+
+@given(
+    st.dictionaries(st.text(max_size=40), st.text(min_size=1, max_size=200), max_size=8),
+    st.none() | st.text(max_size=200),
+)
+def test_reasoning_round_trip(sigs: dict[str, str], text: str | None) -> None:
+    from rawgate.signatures import pack_reasoning, unpack_reasoning
+
+    blob = pack_reasoning(sigs, text)
+    assert blob.isascii()
+    assert unpack_reasoning(blob) == sigs
+
+
+@given(st.text(max_size=300))
+def test_foreign_encrypted_content_yields_nothing(blob: str) -> None:
+    from rawgate.signatures import unpack_reasoning
+
+    got = unpack_reasoning(blob)
+    assert isinstance(got, dict)
+    if not blob.startswith("rg1."):
+        assert got == {}
+
+
+def test_corrupt_reasoning_blobs() -> None:
+    from rawgate.signatures import unpack_reasoning
+
+    for blob in ["rg1.", "rg1.!!!!", "rg1.bnVsbA", "rg1.W10", "rg1.eyJzIjogWzFdfQ", "gAAAAABo"]:
+        assert unpack_reasoning(blob) == {}
