@@ -84,6 +84,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     h2_max_settings_per_s: int = 20
     h2_max_resets_per_s: int = 200
     h2_max_empty_frames: int = 100
+    # Frames that cost CPU but carry no work: standalone PRIORITY, unknown frame types, and
+    # WINDOW_UPDATEs beyond two per DATA frame we sent (CVE-2019-9513 / stream-0 WU floods).
+    h2_max_noop_frames_per_s: int = 200
     # Bytes a connection may have queued for a peer that does not read (then we stop producing).
     max_pending_output_bytes: int = 1 * MiB
     sse_heartbeat_s: float = 15.0  # SSE comment while upstream is silent; 0 = off
@@ -95,6 +98,8 @@ class TimeoutsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     keepalive_idle_s: float = 75.0  # idle keep-alive connection (nginx's default)
     write_s: float = 60.0  # no progress writing to a client; then abort
     shutdown_grace_s: float = 30.0  # in-flight requests may finish within this on SIGTERM
+    # Last words to a peer being closed (GOAWAY, h2): a peer that does not read gets no longer.
+    h2_goaway_flush_s: float = 2.0
     tls_handshake_s: float = 10.0
     upstream_connect_s: float = 10.0
     upstream_pool_s: float = 30.0  # waiting for a free pooled connection
