@@ -93,7 +93,7 @@ class _Cleaner:
             return {"type": "string"} if node is True else None
         node, stack = self.deref(node, stack)
         if isinstance(node.get("allOf"), list):
-            node = self.merge_all_of(node, stack)
+            node, stack = self.merge_all_of(node, stack)
 
         out: dict[str, Any] = {}
         nullable = node.get("nullable") is True
@@ -202,21 +202,33 @@ class _Cleaner:
                     out["properties"] = cleaned_props
                     req = node.get("required")
                     if isinstance(req, list):
-                        seen = [r for r in dict.fromkeys(req) if r in cleaned_props]
+                        names = [r for r in req if isinstance(r, str)]
+                        seen = [r for r in dict.fromkeys(names) if r in cleaned_props]
                         if seen:
                             out["required"] = seen
                     order = node.get("propertyOrdering")
-                    if isinstance(order, list) and all(o in cleaned_props for o in order):
+                    if isinstance(order, list) and all(
+                        isinstance(o, str) and o in cleaned_props for o in order
+                    ):
                         out["propertyOrdering"] = list(order)
 
-    def merge_all_of(self, node: dict[str, Any], stack: tuple[str, ...]) -> dict[str, Any]:
+    def merge_all_of(
+        self, node: dict[str, Any], stack: tuple[str, ...]
+    ) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """One schema from an allOf; the refs followed join the cycle guard of what follows."""
         merged = {k: v for k, v in node.items() if k != "allOf"}
+        seen = stack
         for part in node["allOf"]:
-            part, _ = self.deref(part, stack)
+            self.budget -= 1
+            if self.budget < 0:
+                raise SchemaError(f"schema exceeds {MAX_SCHEMA_NODES} nodes once $refs are inlined")
+            part, followed = self.deref(part, stack)
+            seen = (*seen, *followed[len(stack) :])
             if not isinstance(part, dict):
                 continue
             if isinstance(part.get("allOf"), list):
-                part = self.merge_all_of(part, stack)
+                part, followed = self.merge_all_of(part, followed)
+                seen = (*seen, *followed[len(stack) :])
             for k, v in part.items():
                 if k == "properties" and isinstance(v, dict):
                     merged["properties"] = {**v, **_dict(merged.get("properties"))}
@@ -224,7 +236,7 @@ class _Cleaner:
                     merged["required"] = [*_list(merged.get("required")), *v]
                 else:
                     merged.setdefault(k, v)
-        return merged
+        return merged, seen
 
 
 def _list(v: Any) -> list[Any]:

@@ -430,6 +430,8 @@ def _validation_error(e: msgspec.ValidationError) -> BadRequest:
         msg, where = text, "$`"
     path = where.rstrip("`")
     path = path[2:] if path.startswith("$.") else path[1:]
+    # msgspec writes a dict value's position as `[...]` (the key is not kept): name the dict.
+    path = path.split("[...]", 1)[0]
     missing = _MISSING.match(msg)
     if missing:
         field = missing.group(1)
