@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionInputs, ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -31,6 +31,8 @@ from h2.events import (
     StreamReset,
     TrailersReceived,
 )
+from h2.exceptions import StreamClosedError
+from h2.settings import SettingCodes, Settings
 from hpack import Decoder, Encoder
 from hyperframe.frame import (
     ContinuationFrame,
@@ -65,11 +67,11 @@ class FrameFactory:
     def __init__(self) -> None:
         self.encoder = Encoder()
 
-    def preface(self, settings: dict[int, int] | None = None) -> bytes:
+    def preface(self, settings: dict[Any, int] | None = None) -> bytes:
         f = SettingsFrame(0, settings=settings or {})
         return PREFACE + f.serialize()
 
-    def settings(self, settings: dict[int, int] | None = None, ack: bool = False) -> bytes:
+    def settings(self, settings: dict[Any, int] | None = None, ack: bool = False) -> bytes:
         if ack:
             return SettingsFrame(0, flags=["ACK"]).serialize()
         return SettingsFrame(0, settings=settings or {}).serialize()
@@ -262,7 +264,25 @@ class H2Client:
         self.scheme = scheme.encode()
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         if settings:
-            self.conn.local_settings.update(settings)  # type: ignore[arg-type]
+            # Settings.update() only queues values until the server ACKs them, and
+            # initiate_connection() would then advertise the old ones: start from them instead.
+            initial = {
+                SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                SettingCodes.MAX_HEADER_LIST_SIZE: 65536,
+                **settings,
+            }
+            self.conn.local_settings = Settings(client=True, initial_values=initial)  # type: ignore[arg-type]
+        # RFC 9113 6.8: streams up to last_stream_id still complete after a GOAWAY, but h2's
+        # client state machine rejects every frame after one (the encode/httpcore#46 failure,
+        # also hit when GOAWAY and a response share one read). Let it keep receiving.
+        sm = self.conn.state_machine
+        sm._transitions = {
+            **sm._transitions,
+            **{
+                (ConnectionState.CLOSED, i): (None, ConnectionState.CLOSED)
+                for i in ConnectionInputs
+            },
+        }
         self.streams: dict[int, _ClientStream] = {}
         self.goaway: ConnectionTerminated | None = None
         self.eof = False
@@ -358,7 +378,9 @@ class H2Client:
                 if self.eof:
                     if predicate():
                         return
-                    raise ConnectionError(f"connection closed (goaway={self.goaway})")
+                    raise ConnectionError(
+                        f"connection closed (goaway={self.goaway}, error={self.error!r})"
+                    )
                 await self._changed.wait()
 
     # ---- requests -------------------------------------------------------------------------
@@ -392,7 +414,8 @@ class H2Client:
 
     async def send_body(self, sid: int, data: bytes, *, end_stream: bool = False) -> None:
         off = 0
-        while True:
+        st = self.streams[sid]
+        while st.reset_code is None and not self.eof:
             n = min(
                 len(data) - off,
                 self.conn.local_flow_control_window(sid),
@@ -409,7 +432,10 @@ class H2Client:
                     return
                 continue
             last = off + n >= len(data)
-            self.conn.send_data(sid, data[off : off + n], end_stream=end_stream and last)
+            try:
+                self.conn.send_data(sid, data[off : off + n], end_stream=end_stream and last)
+            except StreamClosedError:
+                return  # the server answered early (413 ...) and closed the stream
             off += n
             await self.flush()
             if last:
