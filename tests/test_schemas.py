@@ -337,3 +337,28 @@ def test_fuzz_mutated_valid_body(noise: bytes, at: int) -> None:
         decode_chat(body)
     except BadRequest:
         pass
+
+
+def _depth(v: Any) -> int:
+    if isinstance(v, dict):
+        return 1 + max((_depth(x) for x in v.values()), default=0)
+    if isinstance(v, list):
+        return 1 + max((_depth(x) for x in v), default=0)
+    return 0
+
+
+_tricky_text = st.text(alphabet='[]{}"\\abnu/\n\x01\u00bf', max_size=12)
+_nested = st.recursive(
+    st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1) | _tricky_text,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_tricky_text, kids, max_size=3),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_nested, st.integers(min_value=0, max_value=8))
+def test_depth_check_is_exact(value: Any, limit: int) -> None:
+    from rawgate.schemas import _too_deep
+
+    body = orjson.dumps(value)
+    assert _too_deep(body, limit) == (_depth(value) > limit)
