@@ -838,7 +838,12 @@ def _history_items(history: list[dict[str, Any]]) -> list[InputItem]:
 
 
 def _responses_items(conv: _Conversation, items: list[InputItem], tools: _Tools, base: str) -> None:
+    # Call signatures are keyed by call id, so collect them first: a client may order reasoning
+    # items after the calls they sign. A text signature ("") is positional: the next text.
     sigs: dict[str, str] = {}
+    for it in items:
+        if it.type == "reasoning" and it.encrypted_content:
+            sigs.update(unpack_reasoning(it.encrypted_content))
     text_sig: str | None = None
     for i, it in enumerate(items):
         param = f"{base}[{i}]"
@@ -856,9 +861,8 @@ def _responses_items(conv: _Conversation, items: list[InputItem], tools: _Tools,
             else:
                 conv.add_user(_parts(it.content, param + ".content"))
         elif typ == "reasoning":
-            got = unpack_reasoning(it.encrypted_content or "")
-            sigs.update(got)
-            text_sig = got.get("") or text_sig
+            if it.encrypted_content:
+                text_sig = unpack_reasoning(it.encrypted_content).get("") or text_sig
         elif typ in ("function_call", "custom_tool_call"):
             if not it.call_id:
                 raise BadRequest("The call needs a call_id.", param=param + ".call_id")

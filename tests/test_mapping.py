@@ -856,3 +856,88 @@ def test_property_any_conversation_maps_validly(msgs: list[dict[str, Any]], mode
         signed = [p for p in calls if "thoughtSignature" in p]
         for p in signed:
             assert p["thoughtSignature"] != SKIP_SIGNATURE or p is calls[0]
+
+
+def test_reasoning_item_after_the_call_still_signs_it() -> None:
+    items = [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+        {
+            "type": "reasoning",
+            "summary": [],
+            "encrypted_content": pack_reasoning({"call_1": "QQ"}, None),
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "1"},
+    ]
+    b = resp_call(G3, input=items).body
+    assert b["contents"][1]["parts"][0]["thoughtSignature"] == "QQ"
+
+
+@st.composite
+def _responses_input(draw: st.DrawFn) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    counter = 0
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["user", "developer", "assistant", "reasoning", "calls"]))
+        if kind == "calls":
+            ids = []
+            sigs = {}
+            for _ in range(draw(st.integers(1, 3))):
+                counter += 1
+                cid = f"call_{counter}"
+                ids.append(cid)
+                if draw(st.booleans()):
+                    sigs[cid] = base64.b64encode(b"s%d" % counter).decode()
+                custom = draw(st.booleans())
+                items.append(
+                    {"type": "custom_tool_call", "call_id": cid, "name": "p", "input": "x"}
+                    if custom
+                    else {"type": "function_call", "call_id": cid, "name": "f", "arguments": "{}"}
+                )
+            if sigs:
+                blob = pack_reasoning(sigs, None)
+                items.insert(
+                    len(items) - len(ids), {"type": "reasoning", "encrypted_content": blob}
+                )
+            answered = draw(st.permutations(ids))[: draw(st.integers(0, len(ids)))]
+            items.extend(
+                {"type": "function_call_output", "call_id": i, "output": draw(_text)}
+                for i in answered
+            )
+        elif kind == "reasoning":
+            items.append({"type": "reasoning", "summary": [], "encrypted_content": draw(_text)})
+        else:
+            items.append({"type": "message", "role": kind, "content": draw(_text)})
+    return items
+
+
+@settings(max_examples=300, deadline=None)
+@given(_responses_input(), st.sampled_from([FLASH, G3]))
+def test_property_any_responses_input_maps_validly(items: list[dict[str, Any]], model: str) -> None:
+    req = decode_responses(orjson.dumps({"model": "m", "input": items}))
+    try:
+        call = responses_to_gemini(req, model)
+    except BadRequest as e:
+        assert e.param == "input"
+        return
+    contents = call.body["contents"]
+    assert orjson.loads(gemini_body(call)) == call.body
+    for a, b in itertools.pairwise(contents):
+        assert a["role"] != b["role"]
+    for i, c in enumerate(contents):
+        calls = [p for p in c["parts"] if "functionCall" in p]
+        if calls and i + 1 < len(contents):
+            nxt = contents[i + 1]["parts"]
+            assert len([p for p in nxt if "functionResponse" in p]) == len(calls)
+        active = all(
+            not any("text" in p for p in later["parts"])
+            for later in contents[i + 1 :]
+            if later["role"] == "user"
+        )
+        if model == G3 and calls and active:
+            assert "thoughtSignature" in calls[0]
+    assert call.input_items == [{k: v for k, v in it.items()} for it in msgspec_items(items)]
+
+
+def msgspec_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [it if "type" in it else {**it, "type": "message"} for it in items]
