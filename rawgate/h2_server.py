@@ -20,6 +20,9 @@ Invariants:
   h2's error code (PROTOCOL_ERROR family). Nothing escapes serve_h2.
 - GOAWAY frames are written by this driver, never by h2's close_connection(): once h2 has sent
   GOAWAY it refuses to send on open streams, which would make a graceful drain impossible.
+- Request headers are fully validated by h2. Response headers are not (h2's outbound validation
+  and normalisation cost ~10% of a small response): handlers must pass lower-case names and no
+  hop-by-hop headers, as events.py already requires.
 """
 
 from __future__ import annotations
@@ -175,7 +178,14 @@ class _GuardedH2(H2Connection):
 
 
 def _new_h2(limits: LimitsConfig) -> _GuardedH2:
-    config = H2Configuration(client_side=False, header_encoding=None)
+    config = H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        # Response headers are ours and lower-case by contract (module docstring): skip h2's
+        # per-header outbound checks, a tenth of the cost of a small response.
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
     h2 = _GuardedH2(config, limits)
     advertised = max(1, limits.h2_max_concurrent_streams)
     settings: dict[SettingCodes | int, int] = {
@@ -383,12 +393,14 @@ class _Stream:
                 h2.send_data(sid, chunk, end_stream=end and off == n)
                 h2.wu_credit += 2
                 self._bytes_sent += size
+                # Per frame, so the pending-output check above sees every byte: one huge send()
+                # into a huge window must not park megabytes inside h2. Frames flushed while the
+                # writer is busy still leave in one write (it joins what piled up).
+                c.flush()
         except ProtocolError:
             raise ClientDisconnected("stream closed") from None
         if end:
             self._ended = True
-        # One flush per call, not per frame: frames released by one window leave in one write.
-        c.flush()
 
     async def _wait_window(self) -> None:
         c = self._c
@@ -751,7 +763,7 @@ class _Conn:
     def _parse_head(self, st: _Stream) -> tuple[str, bytes, str, str, list[Header]]:
         """Pseudo-headers and limits. h2 has already checked the RFC 9113 shape of the block."""
         hdrs = st.headers
-        method = target = authority = None
+        method = target = authority = scheme = None
         i = 0
         n = len(hdrs)
         while i < n:
@@ -764,10 +776,14 @@ class _Conn:
                 target = v
             elif k == b":authority":
                 authority = v
+            elif k == b":scheme":
+                scheme = v
             i += 1
         if method is None or target is None:
             raise BadRequest("request has no :method or :path (CONNECT is not supported)")
         st.is_head = method == b"HEAD"
+        if scheme != b"http" and scheme != b"https":
+            raise BadRequest(":scheme must be http or https")
         lim = self._lim
         headers = hdrs[i:]  # a slice, not a rebuild: h2's tuples are reused as they are
         if len(headers) > lim.max_header_count:

@@ -8,6 +8,7 @@ down inside the test, and serve_h2 must have returned with its counters back at 
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from anyio.abc import ByteStream, UNIXSocketStream
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import HeadersFrame, PingFrame, RstStreamFrame
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rawgate.config import Config, LimitsConfig, TimeoutsConfig
 from rawgate.conn import ConnInfo, ServerState
@@ -106,6 +108,11 @@ class Recorder:
                 await sink.send(chunk)
                 self.progress += len(chunk)
             await sink.end(b"data: [DONE]\n\n")
+        elif p == "/bigsend":
+            self.sink = sink
+            await sink.start(200, [])
+            await sink.send(b"x" * (8 << 20))  # one call, far more than any buffer
+            await sink.end()
         elif p == "/boom":
             raise RuntimeError("handler bug")
         elif p == "/boom-late":
@@ -487,7 +494,8 @@ async def test_zero_window_hold_resets_the_stream() -> None:
     assert app.finished == ["/echo"]
 
 
-async def test_peer_that_does_not_read_bounds_output_then_times_out() -> None:
+@pytest.mark.parametrize("target", ["/stream?n=512", "/bigsend"])
+async def test_peer_that_does_not_read_bounds_output_then_times_out(target: str) -> None:
     cfg = make_cfg(write_s=0.5, max_pending_output_bytes=64 * 1024)
     app = Recorder()
     async with serving(app, cfg) as h:
@@ -496,12 +504,13 @@ async def test_peer_that_does_not_read_bounds_output_then_times_out() -> None:
         await h.send(
             ff.preface(huge)
             + ff.window_update(0, (1 << 31) - 1 - 65535)
-            + ff.headers(1, ff.request_headers("GET", "/stream?n=512"))
+            + ff.headers(1, ff.request_headers("GET", target))
         )
         # The client reads nothing. The server must stop producing, then give up on write_s.
         with anyio.fail_after(10):
             await h.done.wait()
-        assert app.progress < 8 * 1024 * 1024  # never the whole 8 MiB buffered somewhere
+        # Never the whole 8 MiB handed to h2 / buffered: pending output stopped the sender.
+        assert app.sink is not None and app.sink.bytes_sent < 4 * 1024 * 1024
         assert len(app.requests) == 1 and app.finished == []  # the handler was stopped
 
 
@@ -862,3 +871,54 @@ async def test_h2_over_tls_with_alpn() -> None:
             s = await c.request("GET", "/stream?n=8")
     assert r.status == 200 and len(s.body) == 8 * 16384 + 14
     assert app.requests[0].scheme == "https"
+
+
+async def test_continuation_trickle_is_cut_by_the_idle_timeout() -> None:
+    # An unfinished header block opens no stream, so it cannot hold the connection open.
+    cfg = make_cfg(keepalive_idle_s=0.3)
+    app = Recorder()
+    async with serving(app, cfg) as h:
+        ff = h.ff
+        block = ff.header_block(ff.request_headers("GET", "/echo"))
+        await h.send(ff.preface() + ff.headers(1, block=block[:3], end_headers=False))
+        with anyio.fail_after(5):
+            for i in range(60):
+                if h.done.is_set():
+                    break
+                await h.send(ff.continuation(1, block[3 + i : 4 + i]))
+                await anyio.sleep(0.05)
+        r = await h.read_until_closed()
+        assert r.goaway() is not None
+    assert app.requests == []
+
+
+_FRAME_TYPES = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0xA, 0xFA])
+_FRAMES = st.lists(
+    st.tuples(
+        _FRAME_TYPES,
+        st.integers(0, 255),  # flags
+        st.sampled_from([0, 1, 2, 3, 5, 0x7FFFFFFF]),  # stream id
+        st.binary(max_size=40),
+    ),
+    max_size=12,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(frames=_FRAMES)
+async def test_random_frames_never_escape_serve_h2(
+    frames: list[tuple[int, int, int, bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.clear()
+    ff = FrameFactory()
+    wire = ff.preface() + ff.headers(1, path_headers(ff, "/echo"))
+    wire += b"".join(ff.raw(t, sid, payload, flags) for t, flags, sid, payload in frames)
+    async with serving(Recorder()) as h:
+        await h.send(wire)
+        await h.send(ff.ping())
+        with anyio.move_on_after(0.3):  # whatever the server answers, it must not crash
+            await h.read_until_closed()
+    # serving() checked that serve_h2 returned and its counters are back at zero.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
