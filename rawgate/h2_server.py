@@ -216,7 +216,7 @@ def _connection_error_code(e: ProtocolError) -> int:
     if isinstance(e, DenialOfServiceError | TooManyStreamsError):
         return _CALM
     # h2 signals its 64-frame CONTINUATION cap with a plain ProtocolError; only the text tells.
-    if "continuation" in str(e).lower():
+    if "too many continuation" in str(e).lower():
         return _CALM
     return int(e.error_code)
 
@@ -561,7 +561,11 @@ class _Conn:
             while True:
                 if self.pending > self.max_pending:
                     # Stop reading from a peer that does not read what we already owe it.
-                    await self.wait_output(self.max_pending)
+                    try:
+                        await self.wait_output(self.max_pending)
+                    except ClientDisconnected:
+                        self._peer_gone = True
+                        return
                 try:
                     data = await receive(_READ_BYTES)
                 except _CONNECTION_GONE:

@@ -695,6 +695,13 @@ async def test_oversized_frame_is_frame_size_error() -> None:
     assert g is not None and g.error_code == ErrorCodes.FRAME_SIZE_ERROR
 
 
+async def test_continuation_on_stream_zero_is_protocol_error_not_calm() -> None:
+    ff = FrameFactory()
+    r = await _abuse(ff.preface() + ff.raw(0x9, 0, b"x", flags=0x4))
+    g = r.goaway()
+    assert g is not None and g.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
 async def test_uppercase_header_name_is_rejected() -> None:
     ff = FrameFactory()
     r = await _abuse(ff.preface() + ff.headers(1, [*path_headers(ff, "/echo"), (b"X-Up", b"1")]))
