@@ -171,6 +171,17 @@ class _GuardedH2(H2Connection):
             self._count_noop()
         return super()._receive_frame(frame)
 
+    @property
+    def open_inbound_streams(self) -> int:
+        # h2 asks this on every new HEADERS and answers by walking (and sweeping) every stream:
+        # O(streams) per request. Below the cap the dict size is an upper bound that is good
+        # enough; the exact count (and the sweep of closed streams) runs only near the cap, which
+        # also bounds how many closed streams h2 keeps around.
+        n = len(self.streams)
+        if n < self.local_settings.max_concurrent_streams:
+            return n
+        return super().open_inbound_streams
+
     def _count_noop(self) -> None:
         self.noop += 1
         if self.noop > self._lim.h2_max_noop_frames_per_s:
