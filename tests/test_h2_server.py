@@ -22,6 +22,7 @@ import orjson
 import pytest
 from anyio.abc import ByteStream, UNIXSocketStream
 from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from hyperframe.frame import HeadersFrame, PingFrame, RstStreamFrame
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -929,3 +930,51 @@ async def test_random_frames_never_escape_serve_h2(
             await h.read_until_closed()
     # serving() checked that serve_h2 returned and its counters are back at zero.
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ---- the sans-IO guard --------------------------------------------------------------------------
+
+
+def _guard(**kw: Any) -> Any:
+    from rawgate.h2_server import _new_h2
+
+    h2 = _new_h2(make_cfg(**kw).limits)
+    h2.new_batch(0.0)
+    return h2
+
+
+def test_rate_window_rolls_over_each_second() -> None:
+    ff = FrameFactory()
+    h2 = _guard(h2_max_pings_per_s=20)
+    h2.receive_data(ff.preface() + ff.ping() * 20)
+    h2.new_batch(0.5)  # same window: one more is one too many
+    with pytest.raises(ProtocolError):
+        h2.receive_data(ff.ping())
+    h2 = _guard(h2_max_pings_per_s=20)
+    h2.receive_data(ff.preface() + ff.ping() * 20)
+    h2.new_batch(1.0)  # a new second: the count starts again
+    h2.receive_data(ff.ping() * 20)
+
+
+def test_window_updates_earned_by_data_are_not_noop() -> None:
+    ff = FrameFactory()
+    h2 = _guard(h2_max_noop_frames_per_s=10)
+    h2.receive_data(ff.preface())
+    h2.wu_credit = 100  # as if we had sent 50 DATA frames
+    h2.receive_data(ff.window_update(0, 1) * 100)
+    assert h2.noop == 0
+    with pytest.raises(ProtocolError):
+        h2.receive_data(ff.window_update(0, 1) * 11)
+
+
+def test_closed_streams_do_not_pile_up_inside_h2() -> None:
+    ff = FrameFactory()
+    h2 = _guard(h2_max_concurrent_streams=5)
+    h2.receive_data(ff.preface())
+    cap = h2.local_settings.max_concurrent_streams
+    for i in range(500):
+        sid = 2 * i + 1
+        h2.receive_data(ff.headers(sid, path_headers(ff, "/echo")))
+        h2.send_headers(sid, [(b":status", b"204")], end_stream=True)
+        h2.data_to_send()
+        assert len(h2.streams) <= cap
