@@ -978,3 +978,22 @@ def test_closed_streams_do_not_pile_up_inside_h2() -> None:
         h2.send_headers(sid, [(b":status", b"204")], end_stream=True)
         h2.data_to_send()
         assert len(h2.streams) <= cap
+
+
+# ---- with the real application ------------------------------------------------------------------
+
+
+async def test_gateway_app_over_h2() -> None:
+    from rawgate.app import GatewayApp
+
+    cfg = Config()
+    state = ServerState()
+    app = GatewayApp(cfg, state)
+    async with client_for(app, cfg, state) as (c, _):
+        health = await c.request("GET", "/healthz", headers=[(b"x-request-id", b"req-h2-1")])
+        missing = await c.request("GET", "/v1/chat/completions/responses")
+        metrics = await c.request("GET", "/metrics")
+    assert health.status == 200 and health.json()["status"] == "ok"
+    assert health.header(b"x-request-id") == b"req-h2-1"
+    assert missing.status == 404 and missing.json()["error"]["type"] == "invalid_request_error"
+    assert metrics.status == 200 and b'protocol="h2"' in metrics.body
