@@ -864,14 +864,7 @@ async def test_h2c_prior_knowledge_over_loopback_tcp() -> None:
 
 
 async def test_h2_over_tls_with_alpn() -> None:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_ctx)
-    server_ctx.set_alpn_protocols(["h2", "http/1.1"])
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
+    server_ctx, client_ctx = _tls_contexts()
     app = Recorder()
     async with tcp_server(app, ssl_context=server_ctx) as (port, _, _closed):
         async with h2_client("127.0.0.1", port, ssl_context=client_ctx, authority="localhost") as c:
@@ -997,3 +990,50 @@ async def test_gateway_app_over_h2() -> None:
     assert health.header(b"x-request-id") == b"req-h2-1"
     assert missing.status == 404 and missing.json()["error"]["type"] == "invalid_request_error"
     assert metrics.status == 200 and b'protocol="h2"' in metrics.body
+
+
+# ---- through the shared listener (rawgate.listener, written alongside this driver) --------------
+
+
+def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(server_ctx)
+    server_ctx.set_alpn_protocols(["h2", "http/1.1"])
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+async def test_listener_h2c_prior_knowledge_and_tls_alpn() -> None:
+    listener = pytest.importorskip("rawgate.listener", reason="rawgate.listener not there yet")
+    server_ctx, client_ctx = _tls_contexts()
+    app = Recorder()
+    async with listener.open_server(app, Config(), host="127.0.0.1", port=0) as server:
+        async with h2_client("127.0.0.1", server.port) as c:
+            plain = await c.request("POST", "/echo", body=b"z" * 100_000)
+    async with listener.open_server(
+        app, Config(), ssl_context=server_ctx, host="127.0.0.1", port=0
+    ) as server:
+        async with h2_client("127.0.0.1", server.port, ssl_context=client_ctx) as c:
+            tls = await c.request("GET", "/echo")
+    assert plain.status == 200 and plain.json()["len"] == 100_000
+    assert tls.status == 200 and tls.json()["version"] == "2"
+    assert [r.scheme for r in app.requests] == ["http", "https"]
+
+
+async def test_listener_graceful_shutdown_lets_an_h2_stream_finish() -> None:
+    listener = pytest.importorskip("rawgate.listener", reason="rawgate.listener not there yet")
+    app = Recorder()
+    app.expect = 1
+    async with listener.open_server(app, Config(), host="127.0.0.1", port=0) as server:
+        async with h2_client("127.0.0.1", server.port) as c, anyio.create_task_group() as tg:
+            sid = await c.open_stream("GET", "/block")
+            with anyio.fail_after(5):
+                await app.arrived_event.wait()
+            tg.start_soon(server.shutdown, 10.0)
+            await c.wait_for(lambda: c.goaway is not None)
+            app.release.set()
+            assert (await c.response(sid)).status == 200
+    assert app.finished == ["/block"]
