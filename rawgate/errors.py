@@ -34,7 +34,9 @@ __all__ = [
     "ServiceUnavailable",
     "URITooLong",
     "UpstreamConnectError",
+    "UpstreamConnectTimeout",
     "UpstreamError",
+    "UpstreamHeadersTimeout",
     "UpstreamPoolTimeout",
     "UpstreamProtocolError",
     "UpstreamReadTimeout",
@@ -197,12 +199,28 @@ class UpstreamTimeout(UpstreamError):
     default_code = "timeout"
 
 
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """TCP connect + TLS handshake (+ proxy CONNECT) did not finish within upstream_connect_s."""
+
+    default_code = "upstream_connect_timeout"
+
+
+class UpstreamHeadersTimeout(UpstreamTimeout):
+    """The request was sent but no response head arrived within upstream_headers_s."""
+
+    default_code = "upstream_headers_timeout"
+
+
 class UpstreamReadTimeout(UpstreamTimeout):
-    """No response headers in time, or an idle gap between body chunks too long."""
+    """An idle gap between two body chunks longer than upstream_read_idle_s (not a total limit)."""
+
+    default_code = "upstream_read_timeout"
 
 
 class UpstreamWriteTimeout(UpstreamTimeout):
-    pass
+    """Sending the request body made no progress within upstream_write_s."""
+
+    default_code = "upstream_write_timeout"
 
 
 class UpstreamPoolTimeout(UpstreamTimeout):
