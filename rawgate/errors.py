@@ -61,6 +61,7 @@ class RawgateError(Exception):
         headers: list[tuple[bytes, bytes]] | None = None,
         status: int | None = None,
         type: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -74,6 +75,9 @@ class RawgateError(Exception):
             self.status = status  # type: ignore[misc]
         if type is not None:
             self.type = type  # type: ignore[misc]
+        # The upstream's own retry hint (RetryInfo, Retry-After) in seconds, or None: the
+        # scheduler cools the account for this long; the headers above tell the client.
+        self.retry_after_s = retry_after_s
 
     def to_dict(self) -> dict[str, object]:
         return {
