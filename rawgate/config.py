@@ -51,6 +51,27 @@ class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_keepalive_connections: int = 32
     keepalive_expiry_s: float = 60.0  # idle connections older than this are closed
     ping_interval_s: float = 30.0  # h2 PING on idle connections to detect dead peers
+    # A PING unanswered this long means the peer is dead: the connection is dropped.
+    ping_timeout_s: float = 10.0
+    # PEM bundle trusted for upstream TLS instead of the system store ("" = system store).
+    ca_file: str = ""
+    # http:// origins when http2 is true. "auto": h2c prior knowledge, and an origin that does
+    # not answer the preface with SETTINGS is remembered as HTTP/1.1-only (local servers often
+    # speak only HTTP/1.1 in cleartext); "prior_knowledge": h2c, no fallback; "off": HTTP/1.1.
+    cleartext_http2: Literal["auto", "prior_knowledge", "off"] = "auto"
+    # Streams per h2 connection even if the peer allows more (Google allows 100); the peer's
+    # MAX_CONCURRENT_STREAMS lowers it. Beyond it a second connection opens.
+    h2_max_streams_per_connection: int = 100
+    # Per-stream receive window = the most rawgate buffers for a caller that does not read.
+    # 256 KiB still moves 2.5 MB/s per stream at 100 ms RTT; LLM streams need kB/s.
+    h2_stream_window_bytes: int = 256 * KiB
+    # Connection window: credit is returned on receipt (per-stream windows bound the buffers),
+    # so this only caps bytes in flight on the wire: 4 MiB = 40 MB/s at 100 ms RTT.
+    h2_connection_window_bytes: int = 4 * MiB
+    # Upstream response heads over this are an upstream fault (502), not something to buffer.
+    max_response_header_bytes: int = 64 * KiB
+    # Default bound of UpstreamResponse.read(): non-stream replies with inline images are MBs.
+    max_response_bytes: int = 64 * MiB
 
 
 class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

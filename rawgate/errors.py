@@ -33,6 +33,7 @@ __all__ = [
     "RequestTimeout",
     "ServiceUnavailable",
     "URITooLong",
+    "UpstreamClosed",
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
     "UpstreamError",
@@ -196,6 +197,12 @@ class UpstreamConnectError(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     default_code = "upstream_protocol_error"
+
+
+class UpstreamClosed(UpstreamError):
+    """The upstream closed or reset the connection (or the h2 stream) during an exchange."""
+
+    default_code = "upstream_connection_closed"
 
 
 class UpstreamTimeout(UpstreamError):
