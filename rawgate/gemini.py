@@ -66,7 +66,9 @@ __all__ = [
     "PromptFeedback",
     "Reply",
     "Usage",
+    "arguments_text",
     "chat_usage",
+    "custom_input",
     "decode_reply",
     "error_from_upstream",
     "finish_error",
@@ -309,6 +311,35 @@ def part_text(p: Part) -> str | None:
     if p.codeExecutionResult is not None and p.codeExecutionResult.output:
         return f"\n```\n{p.codeExecutionResult.output}\n```\n"
     return None
+
+
+def arguments_text(fc: FunctionCall) -> str:
+    """Compact arguments JSON text (Gemini's non-stream bodies are pretty-printed); `{}` when
+    there are none (vector 4). Text orjson cannot round-trip (integers beyond 64 bits) is
+    passed through as Gemini wrote it."""
+    raw = bytes(fc.args).strip()
+    if not raw or raw == b"null":
+        return "{}"
+    try:
+        return orjson.dumps(orjson.loads(raw)).decode()
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return raw.decode("utf-8", "replace")
+
+
+def custom_input(fc: FunctionCall) -> str:
+    """The freeform text of a custom tool call: mapping declares custom tools to Gemini with one
+    string parameter, `input`."""
+    raw = bytes(fc.args)
+    if not raw:
+        return ""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+    val = doc.get("input") if isinstance(doc, dict) else None
+    if isinstance(val, str):
+        return val
+    return "" if val is None else orjson.dumps(val).decode()
 
 
 # ---- errors --------------------------------------------------------------------------------------

@@ -50,7 +50,9 @@ from rawgate.gemini import (
     Part,
     Reply,
     Usage,
+    arguments_text,
     chat_usage,
+    custom_input,
     finish_error,
     finish_kind,
     part_text,
@@ -73,39 +75,18 @@ def _blocked_message(reason: str, detail: str | None) -> str:
     return f"{msg} {detail}" if detail else msg
 
 
-def _arguments(fc: FunctionCall) -> str:
-    """The arguments JSON text, straight from the upstream bytes; `{}` for none (vector 4)."""
-    raw = bytes(fc.args).strip()
-    if not raw or raw == b"null":
-        return "{}"
-    return raw.decode("utf-8")
-
-
-def _custom_input(fc: FunctionCall) -> str:
-    """A custom (freeform) tool is declared to Gemini with one string parameter `input`."""
-    raw = bytes(fc.args)
-    if raw:
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return raw.decode("utf-8", "replace")
-        if isinstance(doc, dict):
-            val = doc.get("input")
-            if isinstance(val, str):
-                return val
-            if val is not None:
-                return orjson.dumps(val).decode()
-    return ""
-
-
 def _tool_call(call: GeminiCall, part: Part, fc: FunctionCall) -> dict[str, Any]:
     """A Chat tool call (without `index`) for one Gemini functionCall part."""
     origin = call.tools.get(fc.name)
     name = origin.name if origin is not None else fc.name
     cid = mint_call_id(part.thoughtSignature)
     if origin is not None and origin.kind == "custom":
-        return {"id": cid, "type": "custom", "custom": {"name": name, "input": _custom_input(fc)}}
-    return {"id": cid, "type": "function", "function": {"name": name, "arguments": _arguments(fc)}}
+        return {"id": cid, "type": "custom", "custom": {"name": name, "input": custom_input(fc)}}
+    return {
+        "id": cid,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments_text(fc)},
+    }
 
 
 def _chat_finish(reason: str | None, tools: bool) -> str:
