@@ -111,6 +111,14 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Bytes a connection may have queued for a peer that does not read (then we stop producing).
     max_pending_output_bytes: int = 1 * MiB
     sse_heartbeat_s: float = 15.0  # SSE comment while upstream is silent; 0 = off
+    # One upstream SSE event (a Gemini chunk). Image models send whole base64 images in one
+    # (~8 MiB for 4 MP); beyond this the stream is an error, not unbounded buffering.
+    upstream_max_event_bytes: int = 16 * MiB
+    # Stored Responses (previous_response_id). Codex sends store:false and resends history, so
+    # the store serves SDK users chaining turns: 1024 conversations for an hour is plenty for a
+    # local gateway and bounds memory (the oldest go first).
+    response_store_max_count: int = 1024
+    response_store_max_age_s: float = 3600.0
 
 
 class TimeoutsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
