@@ -24,7 +24,6 @@ Invariants:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import logging
@@ -43,10 +42,10 @@ __all__ = [
     "Account",
     "AccountStore",
     "AccountStoreError",
+    "decode_store",
     "find_account",
     "mask_secret",
     "new_account_id",
-    "parse_import",
     "write_atomic",
 ]
 
@@ -55,7 +54,7 @@ log = logging.getLogger("rawgate.accounts")
 FORMAT_VERSION = 1
 Kind = Literal["api_key", "oauth"]
 # Ids are typed on the command line: short, url- and shell-safe.
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # last_error is shown in `accounts list`; one line, bounded.
 LAST_ERROR_MAX_CHARS = 200
 # Secrets shorter than this are shown as "****" only: 4+4 visible characters of a short secret
@@ -107,7 +106,7 @@ class Account(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         self.tokens_out += tokens_out
         self.errors += errors
         if last_error:
-            self.last_error = _one_line(last_error, LAST_ERROR_MAX_CHARS)
+            self.last_error = one_line(last_error, LAST_ERROR_MAX_CHARS)
 
     def masked(self) -> dict[str, Any]:
         """A listing view: every field, the secret masked."""
@@ -184,7 +183,7 @@ def find_account(accounts: list[Account], ref: str) -> Account:
     raise AccountStoreError(f"no account {ref!r} (see `rawgate accounts list`)")
 
 
-def _one_line(text: str, limit: int) -> str:
+def one_line(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
@@ -193,7 +192,7 @@ def _validate(accounts: list[Account], source: str) -> None:
     seen: set[str] = set()
     for i, a in enumerate(accounts):
         where = f"{source}: accounts[{i}]"
-        if not _ID_RE.match(a.id):
+        if not ID_RE.match(a.id):
             raise AccountStoreError(f"{where}: id {a.id!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         if a.id in seen:
             raise AccountStoreError(f"{where}: duplicate id {a.id!r}")
@@ -394,7 +393,7 @@ class AccountStore:
         """Append `account` (a fresh id if its id is taken); refuses a duplicate secret."""
 
         def apply(accounts: list[Account]) -> None:
-            dup = _find_secret(accounts, account.secret())
+            dup = find_secret(accounts, account.secret())
             if dup is not None:
                 raise AccountStoreError(f"this {account.kind} is already account {dup.id}")
             if not account.id or account.id in {a.id for a in accounts}:
@@ -441,7 +440,7 @@ class AccountStore:
         def apply(accounts: list[Account]) -> None:
             acc = find_account(accounts, ref)
             acc.enabled = enabled
-            acc.disabled_reason = "" if enabled else _one_line(reason, LAST_ERROR_MAX_CHARS)
+            acc.disabled_reason = "" if enabled else one_line(reason, LAST_ERROR_MAX_CHARS)
             found.append(acc)
 
         self.update(apply)
@@ -457,11 +456,11 @@ class AccountStore:
             skipped[0] = 0
             ids = {a.id for a in accounts}
             for acc in incoming:
-                if _find_secret(accounts, acc.secret()) is not None:
+                if find_secret(accounts, acc.secret()) is not None:
                     skipped[0] += 1
                     continue
                 new = msgspec.structs.replace(acc)
-                if not _ID_RE.match(new.id) or new.id in ids:
+                if not ID_RE.match(new.id) or new.id in ids:
                     new.id = new_account_id(ids)
                 ids.add(new.id)
                 accounts.append(new)
@@ -471,116 +470,8 @@ class AccountStore:
         return added, skipped[0]
 
 
-def _find_secret(accounts: list[Account], secret: str) -> Account | None:
+def find_secret(accounts: list[Account], secret: str) -> Account | None:
     for a in accounts:
         if secret and a.secret() == secret:
             return a
     return None
-
-
-# ---- import formats -----------------------------------------------------------------------------
-
-
-def _looks_like_refresh_token(s: str) -> bool:
-    return s.startswith("1//")  # Google OAuth refresh tokens start so; API keys with "AIza"
-
-
-def _email_from_id_token(id_token: object) -> str:
-    """The unverified `email` claim of a JWT: a label for display only, never trusted."""
-    if not isinstance(id_token, str) or id_token.count(".") != 2:
-        return ""
-    payload = id_token.split(".")[1]
-    try:
-        claims = msgspec.json.decode(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, msgspec.DecodeError):
-        return ""
-    email = claims.get("email") if isinstance(claims, dict) else None
-    return email if isinstance(email, str) else ""
-
-
-def _str(d: dict[str, Any], *keys: str) -> str:
-    for k in keys:
-        v = d.get(k)
-        if isinstance(v, str) and v.strip():
-            return v.strip()
-    return ""
-
-
-def _from_item(item: object, now: int, where: str) -> Account:
-    if isinstance(item, str):
-        secret = item.strip()
-        if not secret:
-            raise AccountStoreError(f"{where}: empty entry")
-        if _looks_like_refresh_token(secret):
-            return Account(id="", kind="oauth", refresh_token=secret, created=now)
-        return Account(id="", kind="api_key", api_key=secret, created=now)
-    if not isinstance(item, dict):
-        raise AccountStoreError(f"{where}: expected a key string or an object")
-    token = item.get("token")
-    tok: dict[str, Any] = token if isinstance(token, dict) else {}
-    key = _str(item, "api_key", "apiKey", "key")
-    refresh = _str(item, "refresh_token", "refreshToken") or _str(tok, "refresh_token")
-    email = (
-        _str(item, "email")
-        or _str(tok, "email")
-        or _email_from_id_token(item.get("id_token") or tok.get("id_token"))
-    )
-    label = _str(item, "label", "name")
-    project = _str(item, "project", "project_id", "projectId") or _str(tok, "project_id")
-    enabled = not bool(item.get("disabled")) and item.get("enabled", True) is not False
-    reason = _str(item, "disabled_reason") if not enabled else ""
-    if key:
-        acc = Account(id="", kind="api_key", api_key=key, created=now)
-    elif refresh:
-        acc = Account(id="", kind="oauth", refresh_token=refresh, project=project, created=now)
-    else:
-        raise AccountStoreError(f"{where}: no api_key or refresh_token found")
-    acc.id = _str(item, "id") if _ID_RE.match(_str(item, "id")) else ""
-    acc.email, acc.label, acc.enabled = email, label, enabled
-    acc.disabled_reason = reason or ("" if enabled else "disabled in the imported file")
-    return acc
-
-
-def parse_import(data: bytes, source: str, now: int | None = None) -> list[Account]:
-    """Accounts from an import file. Accepted shapes (secrets never echoed in errors):
-
-    - rawgate's own accounts.json (`{"version": 1, "accounts": [...]}`);
-    - a JSON list of key strings and/or objects with `api_key`/`key` or `refresh_token`
-      (+ optional `label`/`name`, `email`, `project`), or `{"accounts": [...]}` of those;
-    - one object: the seed's per-account file (`{"email", "name", "token": {"refresh_token",
-      "project_id"}, "disabled"}`) or gemini-cli's `oauth_creds.json` (`{"refresh_token",
-      "id_token", ...}`; the email is read from the id_token for display);
-    - plain text: one key per line (a `1//...` token becomes an OAuth account), text after the
-      key on the same line is its label; blank lines and `#` comments are skipped.
-    """
-    stamp = int(time.time()) if now is None else now
-    try:
-        doc: Any = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        doc = None
-        if data.lstrip()[:1] in (b"{", b"["):
-            raise AccountStoreError(f"{source}: not valid JSON") from None
-    if doc is None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise AccountStoreError(f"{source}: neither JSON nor UTF-8 text") from None
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            secret, _, label = line.partition(" ")
-            acc = _from_item(secret, stamp, f"{source}:{n}")
-            acc.label = label.strip()
-            out.append(acc)
-        return out
-    if isinstance(doc, dict) and "version" in doc:
-        return decode_store(data, source)
-    if isinstance(doc, dict) and isinstance(doc.get("accounts"), list):
-        doc = doc["accounts"]
-    if isinstance(doc, dict):
-        return [_from_item(doc, stamp, source)]
-    if isinstance(doc, list):
-        return [_from_item(item, stamp, f"{source}: item {i}") for i, item in enumerate(doc)]
-    raise AccountStoreError(f"{source}: expected a list of accounts, an object or text lines")

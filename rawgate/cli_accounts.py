@@ -3,22 +3,33 @@
 Every command goes through AccountStore (locked, atomic); a failure prints one line on stderr
 and exits 1 (argparse usage errors exit 2). Secrets are read from the command line or, with
 `-`, from stdin (keeps them out of shell history and `ps`), and are only ever printed masked.
+`list` also shows the cooldowns a running server shares in cooldowns.json. `import` accepts
+the formats documented at `parse_import` (pure: bytes in, Account records out).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import sys
 import time
 from typing import Any
 
+import msgspec
 import orjson
 
-from rawgate.accounts import Account, AccountStore, AccountStoreError, mask_secret, parse_import
+from rawgate.accounts import (
+    ID_RE,
+    Account,
+    AccountStore,
+    AccountStoreError,
+    decode_store,
+    mask_secret,
+)
 from rawgate.config import rawgate_home
 from rawgate.cooldowns import CooldownBoard
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "parse_import", "run"]
 
 ACCOUNTS_FILE = "accounts.json"
 COOLDOWNS_FILE = "cooldowns.json"
@@ -196,3 +207,111 @@ def _list(store: AccountStore, board: CooldownBoard, *, as_json: bool) -> int:
         if a.last_error:
             print(f"{a.id}: last error: {_cut(a.last_error)}")
     return 0
+
+
+# ---- import formats -----------------------------------------------------------------------------
+
+
+def _looks_like_refresh_token(s: str) -> bool:
+    return s.startswith("1//")  # Google OAuth refresh tokens start so; API keys with "AIza"
+
+
+def _email_from_id_token(id_token: object) -> str:
+    """The unverified `email` claim of a JWT: a label for display only, never trusted."""
+    if not isinstance(id_token, str) or id_token.count(".") != 2:
+        return ""
+    payload = id_token.split(".")[1]
+    try:
+        claims = msgspec.json.decode(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, msgspec.DecodeError):
+        return ""
+    email = claims.get("email") if isinstance(claims, dict) else None
+    return email if isinstance(email, str) else ""
+
+
+def _str(d: dict[str, Any], *keys: str) -> str:
+    for k in keys:
+        v = d.get(k)
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    return ""
+
+
+def _from_item(item: object, now: int, where: str) -> Account:
+    if isinstance(item, str):
+        secret = item.strip()
+        if not secret:
+            raise AccountStoreError(f"{where}: empty entry")
+        if _looks_like_refresh_token(secret):
+            return Account(id="", kind="oauth", refresh_token=secret, created=now)
+        return Account(id="", kind="api_key", api_key=secret, created=now)
+    if not isinstance(item, dict):
+        raise AccountStoreError(f"{where}: expected a key string or an object")
+    token = item.get("token")
+    tok: dict[str, Any] = token if isinstance(token, dict) else {}
+    key = _str(item, "api_key", "apiKey", "key")
+    refresh = _str(item, "refresh_token", "refreshToken") or _str(tok, "refresh_token")
+    email = (
+        _str(item, "email")
+        or _str(tok, "email")
+        or _email_from_id_token(item.get("id_token") or tok.get("id_token"))
+    )
+    label = _str(item, "label", "name")
+    project = _str(item, "project", "project_id", "projectId") or _str(tok, "project_id")
+    enabled = not bool(item.get("disabled")) and item.get("enabled", True) is not False
+    reason = _str(item, "disabled_reason") if not enabled else ""
+    if key:
+        acc = Account(id="", kind="api_key", api_key=key, created=now)
+    elif refresh:
+        acc = Account(id="", kind="oauth", refresh_token=refresh, project=project, created=now)
+    else:
+        raise AccountStoreError(f"{where}: no api_key or refresh_token found")
+    acc.id = _str(item, "id") if ID_RE.match(_str(item, "id")) else ""
+    acc.email, acc.label, acc.enabled = email, label, enabled
+    acc.disabled_reason = reason or ("" if enabled else "disabled in the imported file")
+    return acc
+
+
+def parse_import(data: bytes, source: str, now: int | None = None) -> list[Account]:
+    """Accounts from an import file. Accepted shapes (secrets never echoed in errors):
+
+    - rawgate's own accounts.json (`{"version": 1, "accounts": [...]}`);
+    - a JSON list of key strings and/or objects with `api_key`/`key` or `refresh_token`
+      (+ optional `label`/`name`, `email`, `project`), or `{"accounts": [...]}` of those;
+    - one object: the seed's per-account file (`{"email", "name", "token": {"refresh_token",
+      "project_id"}, "disabled"}`) or gemini-cli's `oauth_creds.json` (`{"refresh_token",
+      "id_token", ...}`; the email is read from the id_token for display);
+    - plain text: one key per line (a `1//...` token becomes an OAuth account), text after the
+      key on the same line is its label; blank lines and `#` comments are skipped.
+    """
+    stamp = int(time.time()) if now is None else now
+    try:
+        doc: Any = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        doc = None
+        if data.lstrip()[:1] in (b"{", b"["):
+            raise AccountStoreError(f"{source}: not valid JSON") from None
+    if doc is None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AccountStoreError(f"{source}: neither JSON nor UTF-8 text") from None
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            secret, _, label = line.partition(" ")
+            acc = _from_item(secret, stamp, f"{source}:{n}")
+            acc.label = label.strip()
+            out.append(acc)
+        return out
+    if isinstance(doc, dict) and "version" in doc:
+        return decode_store(data, source)
+    if isinstance(doc, dict) and isinstance(doc.get("accounts"), list):
+        doc = doc["accounts"]
+    if isinstance(doc, dict):
+        return [_from_item(doc, stamp, source)]
+    if isinstance(doc, list):
+        return [_from_item(item, stamp, f"{source}: item {i}") for i, item in enumerate(doc)]
+    raise AccountStoreError(f"{source}: expected a list of accounts, an object or text lines")

@@ -30,11 +30,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rawgate.accounts import Account
 from rawgate.errors import NoAccountAvailable, RateLimited, RawgateError, ServiceUnavailable
+from rawgate.metrics import Collector, Sample
 
 __all__ = [
     "AccountsCooling",
@@ -557,3 +559,52 @@ class Scheduler:
                 }
             )
         return out
+
+    def metrics_collectors(
+        self, clock: Callable[[], float]
+    ) -> list[tuple[str, Literal["gauge", "counter"], str, Collector]]:
+        """Series for `Metrics.add_collector(*entry)`, labelled by account id (bounded by the
+        pool; ids are not secret, emails are kept out of metrics). `clock` is time.monotonic."""
+
+        def per_account(fn: Callable[[_State, float], float]) -> Collector:
+            def collect() -> list[Sample]:
+                now = clock()
+                return [({"account": st.acc.id}, fn(st, now)) for st in self._states]
+
+            return collect
+
+        def up(st: _State, now: float) -> float:
+            blocked = max(st.rest_until, st.auth_until, st.remote_until)
+            broken = st.failures >= BREAKER_THRESHOLD and st.open_until > now
+            return 1.0 if st.acc.enabled and blocked <= now and not broken else 0.0
+
+        def tokens() -> list[Sample]:
+            out: list[Sample] = []
+            for st in self._states:
+                out.append(({"account": st.acc.id, "direction": "in"}, st.tokens_in))
+                out.append(({"account": st.acc.id, "direction": "out"}, st.tokens_out))
+            return out
+
+        def retries() -> list[Sample]:
+            return [
+                ({"outcome": "allowed"}, self.retries_allowed),
+                ({"outcome": "denied"}, self.retries_denied),
+            ]
+
+        return [
+            ("rawgate_account_up", "gauge",
+             "1 when the account is enabled and not resting account-wide.", per_account(up)),
+            ("rawgate_account_in_flight", "gauge", "Upstream attempts in flight per account.",
+             per_account(lambda st, now: st.in_flight)),
+            ("rawgate_account_cooling_models", "gauge",
+             "Models this account is cooling down for.",
+             per_account(lambda st, now: sum(1 for c in st.cooldowns.values() if c.until > now))),
+            ("rawgate_account_requests_total", "counter", "Upstream attempts per account.",
+             per_account(lambda st, now: st.requests)),
+            ("rawgate_account_errors_total", "counter", "Failed upstream attempts per account.",
+             per_account(lambda st, now: st.errors)),
+            ("rawgate_account_tokens_total", "counter", "Tokens per account and direction.",
+             tokens),
+            ("rawgate_retries_total", "counter", "Retries the retry budget allowed or denied.",
+             retries),
+        ]  # fmt: skip

@@ -22,9 +22,9 @@ from rawgate.accounts import (
     AccountStoreError,
     find_account,
     mask_secret,
-    parse_import,
     write_atomic,
 )
+from rawgate.cli_accounts import parse_import
 
 KEY = "AIzaSyA1234567890abcdefghijklmnopqrstu"
 KEY2 = "AIzaSyB0987654321zyxwvutsrqponmlkjihgf"

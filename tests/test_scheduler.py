@@ -464,3 +464,21 @@ def test_board_drops_expired_and_tolerates_garbage(tmp_path: Path) -> None:
     assert [c.account for c in board.entries(21.0)] == ["a2"]
     board.clear_account("a2")
     assert board.entries(21.0) == []
+
+
+def test_metrics_collectors_render() -> None:
+    from rawgate.metrics import Metrics
+
+    s, pool = make(2)
+    s.report_success(pool[0], M, 0.0, 3, 4)
+    s.report_failure(pool[1], M, 0.0, "auth")
+    s.may_retry(0, 0.0)
+    m = Metrics()
+    for entry in s.metrics_collectors(lambda: 1.0):
+        m.add_collector(*entry)
+    text = m.render().decode()
+    assert 'rawgate_account_up{account="a0"} 1' in text
+    assert 'rawgate_account_up{account="a1"} 0' in text
+    assert 'rawgate_account_tokens_total{account="a0",direction="out"} 4' in text
+    assert 'rawgate_retries_total{outcome="allowed"} 1' in text
+    assert "key-a" not in text and "label" not in text
