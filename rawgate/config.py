@@ -93,6 +93,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = 32 * MiB  # images inflate chat requests; over it: 413
     max_json_depth: int = 64  # deeper JSON is an attack, not a chat request
     max_connections: int = 4096  # over it, new connections wait in the accept backlog
+    # Accept backlog per listening socket (the kernel caps it at net.core.somaxconn); connections
+    # over max_connections wait here.
+    listen_backlog: int = 4096
     max_in_flight: int = 1024  # requests being handled at once; over it: 503 + Retry-After
     max_pipelined: int = 16  # queued HTTP/1.1 pipelined requests per connection
     max_requests_per_connection: int = 10000  # then Connection: close / GOAWAY
@@ -130,6 +133,10 @@ class TimeoutsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Last words to a peer being closed (GOAWAY, h2): a peer that does not read gets no longer.
     h2_goaway_flush_s: float = 2.0
     tls_handshake_s: float = 10.0
+    # After an error answer that closes an HTTP/1.1 connection (413, 408, 400 ...), keep reading
+    # and dropping the client's bytes this long so its kernel does not see a RST that destroys
+    # our answer (nginx's lingering_close).
+    lingering_close_s: float = 2.0
     upstream_connect_s: float = 10.0
     upstream_pool_s: float = 30.0  # waiting for a free pooled connection
     upstream_headers_s: float = 120.0  # time to response headers (thinking models are slow)
