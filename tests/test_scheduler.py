@@ -482,3 +482,36 @@ def test_metrics_collectors_render() -> None:
     assert 'rawgate_account_tokens_total{account="a0",direction="out"} 4' in text
     assert 'rawgate_retries_total{outcome="allowed"} 1' in text
     assert "key-a" not in text and "label" not in text
+
+
+_PUBLISHER = """
+import sys, time
+from rawgate.cooldowns import CooldownBoard
+from rawgate.scheduler import Cooldown
+board = CooldownBoard(sys.argv[1])
+me = sys.argv[2]
+for i in range(100):
+    now = time.time()
+    board.publish([Cooldown(f"{me}-{i}", "m", now + 600, "rate_limited")], now)
+"""
+
+
+def test_board_publishers_in_two_processes_lose_nothing(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pub.py"
+    script.write_text(_PUBLISHER)
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = tmp_path / "cooldowns.json"
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(path), me], env=env)
+        for me in ("w1", "w2")
+    ]
+    for p in procs:
+        assert p.wait(timeout=50) == 0
+    got = {c.account for c in CooldownBoard(path).entries(time.time())}
+    assert got == {f"{w}-{i}" for w in ("w1", "w2") for i in range(100)}
