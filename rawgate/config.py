@@ -76,6 +76,10 @@ class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     default_model: str = "gemini-2.5-flash"  # where the built-in OpenAI aliases point
+    # Targets of two rows of the built-in alias table (router.py): strong reasoning/coding
+    # names (gpt-5*, o1, o3, codex) -> pro_model; the -nano names -> lite_model.
+    pro_model: str = "gemini-2.5-pro"
+    lite_model: str = "gemini-2.5-flash-lite"
     scheduling: Literal["round_robin", "least_loaded", "sticky"] = "round_robin"
     max_attempts: int = 3  # per request, bounded by the number of usable accounts
     expose_account_header: bool = True  # X-Account-Email
