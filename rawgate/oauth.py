@@ -231,6 +231,9 @@ class TokenManager:
         self._tokens: dict[str, Token] = {}
         self._refreshes: _SingleFlight[Token] = _SingleFlight()
         self._projects: _SingleFlight[str] = _SingleFlight()
+        # Discovered project ids by account id: a hot reload's fresh Account objects (whose
+        # file the gateway may not have updated yet) do not trigger a second discovery.
+        self._project_ids: dict[str, str] = {}
         self.refresh_count = 0  # refresh round trips started (for metrics and tests)
 
     def cached(self, acc: Account, now: float) -> str | None:
@@ -302,7 +305,12 @@ class TokenManager:
         """`acc.project`, discovering it (once, single-flight) when empty; sets acc.project."""
         if acc.project:
             return acc.project
-        project = await self._projects.run(acc.id, lambda: discover_project(acc, token, post_json))
+        project = self._project_ids.get(acc.id)
+        if project is None:
+            project = await self._projects.run(
+                acc.id, lambda: discover_project(acc, token, post_json)
+            )
+            self._project_ids[acc.id] = project
         acc.project = project
         return project
 

@@ -10,8 +10,8 @@ stripped first:
    goes to "*-mini"; equal patterns by that measure, such as "a*c" and "ab*", tie-break to
    "a*c" (string order), the same on every run (the seed used hash-map order);
 3. a built-in alias for common OpenAI names (table BUILTIN_ALIASES below, same specificity rule
-   among its patterns), pointing at one of three targets: `default_model` (routing config),
-   `pro_model` (strong reasoning / coding names) or `lite_model` (the -nano names);
+   among its patterns), pointing at one of three targets, all set in [routing]:
+   `default_model`, `pro_model` (strong reasoning / coding names) or `lite_model` (-nano);
 4. the name itself.
 
 Built-in alias table, by target:

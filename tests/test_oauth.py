@@ -378,3 +378,5 @@ async def test_project_for_discovers_once_under_concurrency() -> None:
         ca.gate.set()
     assert got == ["p-9"] * 20 and len(ca.calls) == 1 and acc.project == "p-9"
     assert await tm.project_for(acc, "tok", ca) == "p-9" and len(ca.calls) == 1
+    reloaded = oauth_acc()  # hot reload: a fresh object without the project
+    assert await tm.project_for(reloaded, "tok", ca) == "p-9" and len(ca.calls) == 1
