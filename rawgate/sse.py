@@ -134,7 +134,7 @@ class SSEDecoder:
                     if len(block) > self._max:
                         self._too_big()
                     payload = block[6:]
-                    if payload != _DONE_PAYLOAD:
+                    if len(payload) > 16 or payload.strip() != _DONE_PAYLOAD:
                         out.append(payload)
                     continue
             self._lines(block, out)
@@ -184,6 +184,8 @@ class SSEDecoder:
                 self._data_len += len(value) + 1
                 if self._data_len > self._max:
                     self._too_big()
+            elif line == b"data":  # a field name alone has an empty value
+                self._data.append(b"")
             elif line[:1] == b":":
                 continue  # comment / keep-alive
             elif line.lstrip()[:1] in (b"{", b"["):
