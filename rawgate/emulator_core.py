@@ -93,7 +93,6 @@ class _Prepared:
 
 _COMMON: tuple[Header, ...] = (
     (b"vary", b"Origin, X-Origin, Referer"),
-    (b"server", b"scaffolding on HTTPServer2"),
     (b"x-content-type-options", b"nosniff"),
 )
 JSON_HEADERS: tuple[Header, ...] = ((b"content-type", b"application/json; charset=UTF-8"),

@@ -428,8 +428,10 @@ def _fill(
         steps.append(([{"text": thought, "thought": True}], 0))
     running = 0
     pieces = _split(text, chunks, chunk_chars) if text is not None else []
+    done_chars = 0
     for piece in pieces:
-        running += count_tokens(piece)
+        done_chars += len(piece)
+        running = (done_chars + 3) // 4  # tokens of the text so far: ends equal to the unary's
         steps.append(([{"text": piece}], running))
     if thought_sig is not None and pieces:
         steps[-1][0][-1]["thoughtSignature"] = thought_sig
