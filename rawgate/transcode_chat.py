@@ -343,8 +343,8 @@ class ChatStream:
 
     def fail(self, err: RawgateError) -> bytes:
         """An error event after the stream started (the SDKs raise it as APIError)."""
-        if self._failed:
-            return b""
+        if self._failed or (self._finished and self._error is None):
+            return b""  # already ended, cleanly or not
         self._failed = True
         return b"data: " + err.to_json() + b"\n\n"
 

@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import httpx2
+import openai
 import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -160,6 +162,41 @@ def render(case: dict[str, Any], cuts: list[int] | None = None) -> bytes:
     if is_stream(case):
         return normalise(run_stream(call, pieces(data, cuts or [])))
     return normalise(run_whole(call, data))
+
+
+def sdk(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> openai.OpenAI:
+    """An official openai client whose every request gets `body` back, without sockets."""
+    ctype = "text/event-stream" if body.startswith((b"data:", b"event:")) else "application/json"
+    head = {"content-type": ctype, **(headers or {})}
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(status, headers=head, content=body)
+
+    transport = httpx2.MockTransport(handler)
+    return openai.OpenAI(
+        base_url="http://rawgate.test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx2.Client(transport=transport),
+    )
+
+
+def async_sdk(body: bytes, status: int = 200) -> openai.AsyncOpenAI:
+    ctype = "text/event-stream" if body.startswith((b"data:", b"event:")) else "application/json"
+
+    async def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(status, headers={"content-type": ctype}, content=body)
+
+    return openai.AsyncOpenAI(
+        base_url="http://rawgate.test/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)),
+    )
+
+
+def case(name: str) -> dict[str, Any]:
+    return next(c for c in CASES if c["name"] == name)
 
 
 # ---- golden files -------------------------------------------------------------------------------
