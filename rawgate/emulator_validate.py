@@ -165,8 +165,9 @@ class _Checker:
         if not body:
             self.bad("contents", "contents is not specified")
             return
-        contents = self.items(_get(body, "contents"), "contents", "Content")
-        if not contents:
+        raw_contents = _get(body, "contents")
+        contents = self.items(raw_contents, "contents", "Content")
+        if not contents and not raw_contents:
             self.bad("contents", "contents is not specified")
         for i, c in enumerate(contents):
             self.content(c, f"contents[{i}]")
