@@ -1,0 +1,350 @@
+"""Network backends: the one boundary where socket, TLS and anyio errors become rawgate errors.
+
+Invariants:
+- Everything above this module sees only `NetworkStream` / `NetworkBackend` and rawgate.errors;
+  no OSError, ssl.SSLError or anyio exception escapes from here.
+- connect_tcp: refused/unreachable/DNS -> UpstreamConnectError; deadline -> UpstreamConnectTimeout.
+  start_tls: handshake or certificate failure -> UpstreamConnectError (the message says TLS and
+  the reason, never a secret); deadline -> UpstreamConnectTimeout.
+- read() returns b"" at a clean EOF; a reset or a broken TLS record -> UpstreamClosed; the
+  deadline raises the class the caller names (headers vs. idle gap are different phases).
+- write() hands the bytes to the transport or raises: reset/broken pipe -> UpstreamClosed, no
+  progress within the timeout -> UpstreamWriteTimeout.
+- aclose() never raises.
+- `dial()` builds a ready byte stream to an origin on any backend: TCP, optionally through an
+  HTTP CONNECT proxy, then TLS with SNI and ALPN. The CONNECT exchange counts as connecting.
+"""
+
+from __future__ import annotations
+
+import base64
+import select
+import socket
+import ssl
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSAttribute, TLSStream
+
+from rawgate.errors import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamReadTimeout,
+    UpstreamTimeout,
+    UpstreamWriteTimeout,
+)
+
+if TYPE_CHECKING:
+    from anyio.abc import ByteStream
+
+__all__ = [
+    "AnyIOBackend",
+    "AnyIOStream",
+    "NetworkBackend",
+    "NetworkStream",
+    "Proxy",
+    "dial",
+    "make_ssl_context",
+    "parse_proxy",
+]
+
+# A proxy's CONNECT answer is a status line and a few headers; more is not a proxy we trust.
+MAX_PROXY_HEAD_BYTES = 16 * 1024
+_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError)
+
+
+class NetworkStream(Protocol):
+    """A connected byte stream (TCP or TLS). All methods raise only rawgate errors."""
+
+    async def read(
+        self, max_bytes: int, timeout: float | None, error: type[UpstreamTimeout] = ...
+    ) -> bytes: ...
+
+    async def write(self, data: bytes, timeout: float | None) -> None: ...
+
+    async def start_tls(
+        self, ctx: ssl.SSLContext, server_hostname: str, timeout: float | None
+    ) -> NetworkStream: ...
+
+    async def aclose(self) -> None: ...
+
+    @property
+    def alpn_protocol(self) -> str | None: ...
+
+    def is_readable(self) -> bool: ...
+
+
+class NetworkBackend(Protocol):
+    async def connect_tcp(self, host: str, port: int, timeout: float | None) -> NetworkStream: ...
+
+
+class AnyIOStream:
+    """NetworkStream over any anyio ByteStream (a socket, a TLSStream, or an in-memory pipe)."""
+
+    __slots__ = ("_closed", "_prefix", "_s")
+
+    def __init__(self, stream: ByteStream, prefix: bytes = b"") -> None:
+        self._s = stream
+        # Bytes already read past a proxy's CONNECT answer; served before the socket.
+        self._prefix = prefix
+        self._closed = False
+
+    async def read(
+        self,
+        max_bytes: int,
+        timeout: float | None,
+        error: type[UpstreamTimeout] = UpstreamReadTimeout,
+    ) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return data
+        try:
+            if timeout is None:
+                return await self._s.receive(max_bytes)
+            with anyio.fail_after(timeout):
+                return await self._s.receive(max_bytes)
+        except anyio.EndOfStream:
+            return b""
+        except TimeoutError:  # before OSError: TimeoutError is one
+            raise error(f"upstream sent nothing for {timeout:g} s") from None
+        except _ERRORS as e:
+            raise UpstreamClosed(f"upstream connection lost: {_why(e)}") from None
+
+    async def write(self, data: bytes, timeout: float | None) -> None:
+        try:
+            if timeout is None:
+                await self._s.send(data)
+                return
+            with anyio.fail_after(timeout):
+                await self._s.send(data)
+        except TimeoutError:
+            raise UpstreamWriteTimeout(
+                f"upstream accepted no request bytes for {timeout:g} s"
+            ) from None
+        except _ERRORS as e:
+            raise UpstreamClosed(f"upstream connection lost while sending: {_why(e)}") from None
+
+    async def start_tls(
+        self, ctx: ssl.SSLContext, server_hostname: str, timeout: float | None
+    ) -> AnyIOStream:
+        if self._prefix:  # the origin spoke before the ClientHello: not a TLS server
+            raise UpstreamConnectError(f"{server_hostname} sent data before the TLS handshake")
+        try:
+            with anyio.fail_after(timeout):
+                # standard_compatible=False: no close_notify round trip on close, and an
+                # unclean EOF reads as EOF (h11/h2 framing tells truncation apart).
+                tls = await TLSStream.wrap(
+                    self._s,
+                    hostname=server_hostname,
+                    ssl_context=ctx,
+                    standard_compatible=False,
+                )
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"TLS handshake with {server_hostname} took over {timeout:g} s"
+            ) from None
+        except (anyio.EndOfStream, *_ERRORS) as e:
+            cause = e.__cause__ if isinstance(e, anyio.BrokenResourceError) else e
+            raise UpstreamConnectError(
+                f"TLS handshake with {server_hostname} failed: {_why(cause)}"
+            ) from None
+        return AnyIOStream(tls)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._s.aclose()
+        except Exception:  # closing a broken stream can fail in many ways; it is closed anyway
+            pass
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        return self._s.extra(TLSAttribute.alpn_protocol, None)
+
+    def is_readable(self) -> bool:
+        """True when the peer sent something (EOF included) while nobody was reading.
+
+        For an idle keep-alive connection that means "the server closed it". anyio pauses the
+        transport between receive() calls, so the kernel socket holds that FIN and poll() sees it.
+        """
+        if self._prefix:
+            return True
+        sock: socket.socket | None = self._s.extra(SocketAttribute.raw_socket, None)
+        if sock is None:  # in-memory streams (tests) answer themselves
+            probe = getattr(self._s, "is_readable", None)
+            return bool(probe()) if probe is not None else False
+        if sock.fileno() < 0:
+            return True
+        p = select.poll()
+        p.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(p.poll(0))
+
+
+class AnyIOBackend:
+    """The real network: anyio's TCP connect (happy eyeballs, TCP_NODELAY)."""
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None) -> NetworkStream:
+        try:
+            with anyio.fail_after(timeout):
+                stream = await self._open(host, port)
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"connecting to {host}:{port} took over {timeout:g} s"
+            ) from None
+        except (*_ERRORS, anyio.EndOfStream) as e:
+            raise UpstreamConnectError(f"cannot connect to {host}:{port}: {_why(e)}") from None
+        return AnyIOStream(stream)
+
+    async def _open(self, host: str, port: int) -> ByteStream:
+        """The raw connect; a test backend overrides only this and keeps the translation."""
+        s = await anyio.connect_tcp(host, port)
+        # asyncio sets TCP_NODELAY already; set it anyway for other loops: a request head and
+        # its small JSON body must not wait 40 ms for a delayed ACK (Nagle).
+        sock = s.extra(SocketAttribute.raw_socket)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+
+def _why(e: BaseException | None) -> str:
+    """A short reason for an error message: the errno name or SSL reason, never a payload."""
+    if e is None:
+        return "connection closed"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {e.verify_message}"
+    if isinstance(e, ssl.SSLError):
+        return e.reason or type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    if isinstance(e, anyio.BrokenResourceError) and e.__cause__ is not None:
+        return _why(e.__cause__)
+    return str(e) or type(e).__name__
+
+
+def make_ssl_context(ca_file: str = "", http2: bool = True) -> ssl.SSLContext:
+    """The upstream TLS context: system trust store (or ca_file), hostname checks, ALPN."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    set_alpn(ctx, http2)
+    return ctx
+
+
+def set_alpn(ctx: ssl.SSLContext, http2: bool) -> None:
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
+
+
+class Proxy:
+    """An outbound HTTP proxy reached with CONNECT. repr never shows credentials."""
+
+    __slots__ = ("auth", "host", "port")
+
+    def __init__(self, host: str, port: int, auth: bytes | None) -> None:
+        self.host = host
+        self.port = port
+        self.auth = auth  # the Proxy-Authorization value, or None
+
+    def __repr__(self) -> str:
+        return f"Proxy({self.host}:{self.port}{', auth' if self.auth else ''})"
+
+
+def parse_proxy(url: str) -> Proxy | None:
+    """`http://[user:pass@]host:port` -> Proxy; "" -> None. Raises ValueError otherwise."""
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != "http":
+        raise ValueError("upstream.proxy must look like http://host:port")
+    rest = rest.split("/", 1)[0]
+    auth = None
+    if "@" in rest:
+        cred, rest = rest.rsplit("@", 1)
+        from urllib.parse import unquote
+
+        user, _, password = cred.partition(":")
+        token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+        auth = f"Basic {token}".encode()
+    host, port = split_host_port(rest, 8080)
+    return Proxy(host, port, auth)
+
+
+def split_host_port(authority: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]`, `[v6]:port` -> (host without brackets, port)."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            raise ValueError(f"bad IPv6 address in {authority!r}")
+        host, rest = authority[1:end], authority[end + 1 :]
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:] else default_port
+        return host, port
+    host, sep, port_s = authority.rpartition(":")
+    if not sep:
+        return authority, default_port
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"bad port in {authority!r}")
+    return host, int(port_s)
+
+
+async def dial(
+    backend: NetworkBackend,
+    host: str,
+    port: int,
+    *,
+    tls: ssl.SSLContext | None,
+    proxy: Proxy | None,
+    timeout: float | None,
+) -> NetworkStream:
+    """A connected stream to host:port (through `proxy` if given), TLS-wrapped if `tls`."""
+    with anyio.move_on_after(timeout) as scope:
+        if proxy is None:
+            stream = await backend.connect_tcp(host, port, timeout)
+        else:
+            stream = await backend.connect_tcp(proxy.host, proxy.port, timeout)
+            try:
+                stream = await _connect_tunnel(stream, proxy, host, port, timeout)
+            except BaseException:
+                await stream.aclose()
+                raise
+        if tls is not None:
+            try:
+                stream = await stream.start_tls(tls, host, timeout)
+            except BaseException:
+                await stream.aclose()
+                raise
+        return stream
+    assert scope.cancelled_caught
+    raise UpstreamConnectTimeout(f"connecting to {host}:{port} took over {timeout:g} s")
+
+
+async def _connect_tunnel(
+    stream: NetworkStream, proxy: Proxy, host: str, port: int, timeout: float | None
+) -> NetworkStream:
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n".encode()
+    if proxy.auth:
+        head += b"Proxy-Authorization: " + proxy.auth + b"\r\n"
+    await stream.write(head + b"\r\n", timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.read(4096, timeout, UpstreamConnectTimeout)
+        if not data:
+            raise UpstreamConnectError(f"proxy {proxy.host}:{proxy.port} closed during CONNECT")
+        buf += data
+        if len(buf) > MAX_PROXY_HEAD_BYTES:
+            raise UpstreamConnectError(f"proxy {proxy.host}:{proxy.port} sent an oversized answer")
+    head_b, _, rest = buf.partition(b"\r\n\r\n")
+    status_line = head_b.split(b"\r\n", 1)[0]
+    parts = status_line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise UpstreamConnectError(f"proxy {proxy.host}:{proxy.port} did not speak HTTP")
+    code = int(parts[1])
+    if not 200 <= code < 300:
+        raise UpstreamConnectError(
+            f"proxy {proxy.host}:{proxy.port} refused CONNECT to {authority}: {code}"
+        )
+    if rest:
+        assert isinstance(stream, AnyIOStream), "prefix replay needs an AnyIOStream"
+        stream._prefix = rest + stream._prefix
+    return stream
