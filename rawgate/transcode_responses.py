@@ -12,12 +12,13 @@ Invariants (stream, protocols.md E3/E4/E5):
   summary_index 0; text -> a `message` item with one output_text part; each functionCall -> its
   own `function_call` item (or `custom_tool_call` for a custom tool, `namespace` restored from
   `call.tools`), arguments sent whole in one delta; text after a call opens a new message.
-- Thought signatures: a signed functionCall's signature goes into the `encrypted_content`
-  (`signatures.pack_reasoning`) of the reasoning item in front of it (the open one, else a new
-  one emitted just before the call) and into its call id (`mint_call_id`), so it survives
-  clients that drop either. A text part's signature goes under the key "" into the reasoning
-  item in front of the message; for Gemini 3 (which signs its last text part) an empty reasoning
-  item is opened in front of a message that has none, so there is always a place for it. The
+- Thought signatures: a signed functionCall's signature rides in its call id (`mint_call_id`;
+  call ids must round-trip for results to match, so every client keeps them) and, when a
+  reasoning item is open in front of the call, also in that item's `encrypted_content`
+  (`signatures.pack_reasoning`), the place OpenAI clients keep opaque reasoning state. A text
+  part's signature has no id to ride in: it goes under the key "" into the reasoning item in
+  front of the message; for Gemini 3 (which signs its last text part) an empty reasoning item
+  is opened in front of a message that has none, so there is always a place for it. The
   reasoning item's `output_item.done` is sent when the items after it end, before theirs, so a
   client rebuilding history from done events keeps it in front.
 - Status: STOP -> completed; MAX_TOKENS -> incomplete / max_output_tokens; safety family and a
@@ -482,19 +483,10 @@ class ResponsesStream:
         origin = self._call.tools.get(fc.name)
         name = origin.name if origin is not None else fc.name
         sig = p.thoughtSignature
-        cid = mint_call_id(sig)
-        lone_sig = False
-        if sig:
-            if self._reasoning is not None:
-                self._reasoning.sigs[cid] = sig
-            else:
-                lone_sig = True
+        cid = mint_call_id(sig)  # the id carries the signature in any case
+        if sig and self._reasoning is not None:
+            self._reasoning.sigs[cid] = sig
         self._close_all(out)
-        if lone_sig:
-            assert sig is not None
-            r = self._open_reasoning(out, summary=False)
-            r.sigs[cid] = sig
-            self._close_reasoning(r, out)
         self._calls += 1
         custom = origin is not None and origin.kind == "custom"
         item: dict[str, Any]

@@ -184,15 +184,12 @@ def test_signatures_ride_in_encrypted_content_and_call_ids() -> None:
     assert split_call_id(calls[1]["call_id"])[1] is None
 
 
-def test_lone_signed_call_gets_its_own_reasoning_item_in_front() -> None:
+def test_lone_signed_call_carries_its_signature_in_the_call_id_only() -> None:
     fc = {"functionCall": {"name": "f"}, "thoughtSignature": "U0lH"}
-    out = run_stream(
-        resp_call(stream=True),
-        sse({"candidates": [{"content": {"parts": [fc]}, "finishReason": "STOP"}]}),
-    )
-    items, _ = codex_view(out)
-    assert [i["type"] for i in items] == ["reasoning", "function_call"]
-    assert unpack_reasoning(items[0]["encrypted_content"]) == {items[1]["call_id"]: "U0lH"}
+    chunk = {"candidates": [{"content": {"parts": [fc]}, "finishReason": "STOP"}]}
+    items, _ = codex_view(run_stream(resp_call(stream=True), sse(chunk)))
+    assert [i["type"] for i in items] == ["function_call"]
+    assert split_call_id(items[0]["call_id"])[1] == "U0lH"
 
 
 def test_codex_round_trip_restores_every_signature() -> None:
@@ -412,12 +409,7 @@ def test_sdk_non_stream(name: str) -> None:
         assert got.output_text == "We are looking"
         assert got.usage is not None and got.usage.output_tokens_details.reasoning_tokens == 57
     else:
-        assert [o.type for o in got.output] == [
-            "message",
-            "reasoning",
-            "function_call",
-            "function_call",
-        ]
+        assert [o.type for o in got.output] == ["message", "function_call", "function_call"]
         assert got.usage is not None and got.usage.input_tokens_details.cached_tokens == 32
 
 
