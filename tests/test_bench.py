@@ -1,0 +1,498 @@
+"""The bench harness's pure parts: statistics, response checks, the HTTP/1.1 response parser,
+wrk/h2load output parsing, request building, report formatting and target verdicts; plus one
+request each over h1 and h2c against the in-process stand-in (no load)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+
+from bench import external, procs, report, scenarios, standin
+from bench.loadgen import (
+    Check,
+    Checker,
+    H1Client,
+    H1Parser,
+    H2Client,
+    ResponseError,
+    Runner,
+    Spec,
+    cdf,
+    percentile,
+    summarize,
+)
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_like_numpy_linear() -> None:
+    v = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(v, 0) == 1.0
+    assert percentile(v, 100) == 4.0
+    assert percentile(v, 50) == 2.5
+    assert percentile(v, 90) == pytest.approx(3.7)
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_summarize_reports_milliseconds() -> None:
+    s = summarize([0.001, 0.002, 0.003])
+    assert s["n"] == 3
+    assert s["min"] == pytest.approx(1.0)
+    assert s["p50"] == pytest.approx(2.0)
+    assert s["max"] == pytest.approx(3.0)
+    assert s["mean"] == pytest.approx(2.0)
+    assert summarize([]) == {"n": 0}
+
+
+def test_cdf_spans_the_samples_and_keeps_the_tail() -> None:
+    values = [i / 1000 for i in range(1, 1001)]  # 1..1000 ms
+    points = cdf(values, points=11)
+    assert points[0] == [1.0, 0.0]
+    assert points[-1] == [1000.0, 1.0]
+    qs = [q for _, q in points]
+    assert qs == sorted(qs)
+    assert 0.999 in qs and 0.99 in qs
+    assert cdf([], 10) == []
+
+
+# ---- response checks ----------------------------------------------------------------------------
+
+
+def test_checker_accepts_a_good_chat_stream() -> None:
+    chk = Checker(Check(tail="data: [DONE]", min_events=2, min_bytes=10))
+    body = b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n'
+    assert chk(200, body) is None
+
+
+@pytest.mark.parametrize(
+    ("check", "status", "body", "kind"),
+    [
+        (Check(), 500, b"{}", "status_500"),
+        (Check(min_bytes=10), 200, b"short", "short_body"),
+        (Check(max_bytes=3), 200, b"too long", "long_body"),
+        (Check(contains=('"choices"',)), 200, b'{"error":{}}', "missing_marker"),
+        (Check(tail="data: [DONE]"), 200, b"data: {}\n\n", "bad_tail"),
+        (Check(min_events=3), 200, b"data: 1\n\ndata: 2\n\n", "few_events"),
+        (Check(contains=("response.completed",)), 200, b"event: response.failed\n",
+         "missing_marker"),
+    ],
+)
+def test_checker_names_each_failure(check: Check, status: int, body: bytes, kind: str) -> None:
+    assert Checker(check)(status, body) == kind
+
+
+# ---- HTTP/1.1 response parser -------------------------------------------------------------------
+
+
+def _feed_split(raw: bytes, cut: int) -> H1Parser:
+    p = H1Parser()
+    done = p.feed(raw[:cut]) if cut else False
+    if not done:
+        assert p.feed(raw[cut:])
+    return p
+
+
+CL_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX: y\r\n\r\nhello world"
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n"
+    b"7\r\ndata: 1\r\nB;ext=1\r\n\n\ndata: [DO\r\n4\r\nNE]\n\r\n0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("raw", [CL_RESPONSE, CHUNKED])
+def test_parser_is_split_proof(raw: bytes) -> None:
+    whole = _feed_split(raw, 0)
+    for cut in range(1, len(raw)):
+        p = _feed_split(raw, cut)
+        assert (p.status, b"".join(p.body), p.keep_alive) == (
+            whole.status, b"".join(whole.body), whole.keep_alive)
+    assert whole.status == 200
+
+
+def test_parser_decodes_chunked_bodies() -> None:
+    p = _feed_split(CHUNKED, 0)
+    assert b"".join(p.body) == b"data: 1\n\ndata: [DONE]\n"
+    assert p.body_len == len(b"data: 1\n\ndata: [DONE]\n")
+
+
+def test_parser_skips_interim_responses_and_honours_close() -> None:
+    raw = (b"HTTP/1.1 100 Continue\r\n\r\n"
+           b"HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    p = _feed_split(raw, 0)
+    assert p.status == 201 and b"".join(p.body) == b"ok" and not p.keep_alive
+
+
+def test_parser_reads_a_close_delimited_body_until_eof() -> None:
+    p = H1Parser()
+    assert not p.feed(b"HTTP/1.1 200 OK\r\n\r\npart one ")
+    assert not p.feed(b"part two")
+    assert p.feed(b"")
+    assert b"".join(p.body) == b"part one part two" and not p.keep_alive
+
+
+def test_parser_http10_without_keepalive_closes_and_204_has_no_body() -> None:
+    p = _feed_split(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", 0)
+    assert not p.keep_alive
+    p = _feed_split(b"HTTP/1.1 204 No Content\r\n\r\n", 0)
+    assert p.status == 204 and p.body == [] and p.keep_alive
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"SPDY/3 200 OK\r\n\r\n", "protocol_error"),
+        (b"HTTP/1.1 abc OK\r\n\r\n", "protocol_error"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", "protocol_error"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "protocol_error"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX", "protocol_error"),
+    ],
+)
+def test_parser_rejects_broken_responses(raw: bytes, kind: str) -> None:
+    with pytest.raises(ResponseError) as e:
+        H1Parser().feed(raw)
+    assert e.value.kind == kind
+
+
+def test_parser_reports_an_early_close() -> None:
+    p = H1Parser()
+    assert not p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    with pytest.raises(ResponseError) as e:
+        p.feed(b"")
+    assert e.value.kind == "closed_early"
+
+
+# ---- wrk / h2load output ------------------------------------------------------------------------
+
+WRK_OUT = """\
+Running 2s test @ http://127.0.0.1:18701/v1/chat/completions
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.07ms    1.36ms   8.68ms   83.17%
+    Req/Sec    29.00k     3.74k   37.25k    70.00%
+  Latency Distribution
+     50%  210.00us
+     75%    1.81ms
+     90%    3.03ms
+     99%    5.62ms
+  57788 requests in 2.01s, 4.79MB read
+  Non-2xx or 3xx responses: 12
+  Socket errors: connect 0, read 2, write 0, timeout 1
+Requests/sec:  28807.25
+Transfer/sec:      2.39MB
+"""
+
+H2LOAD_OUT = "\n".join([
+    "starting benchmark...",
+    "Application protocol: http/1.1",
+    "finished in 2.00s, 73598.00 req/s, 6.11MB/s",
+    "requests: 147196 total, 147212 started, 147196 done, 147196 succeeded, 0 failed, "
+    "0 errored, 0 timeout",
+    "status codes: 147196 2xx, 0 3xx, 0 4xx, 0 5xx",
+    "traffic: 12.21MB (12806052) total, 6.18MB (6477064) headers (space savings 0.00%), "
+    "2.25MB (2355296) data",
+    "                     min         max         mean         sd        +/- sd",
+    "time for request:       29us     16.24ms       217us       670us    97.86%",
+    "time for connect:       19us       145us        89us        37us    62.50%",
+    "time to 1st byte:     1.22ms      2.05ms      1.54ms       267us    62.50%",
+    "req/s           :    4569.84     4644.75     4599.26       26.23    56.25%",
+])
+
+
+def test_parse_wrk() -> None:
+    r = external.parse_wrk(WRK_OUT)
+    assert r["rps"] == pytest.approx(28807.25)
+    assert r["requests"] == 57788 and r["elapsed_s"] == pytest.approx(2.01)
+    assert r["latency_ms"] == {"p50": pytest.approx(0.21), "p75": pytest.approx(1.81),
+                               "p90": pytest.approx(3.03), "p99": pytest.approx(5.62)}
+    assert r["latency_mean_ms"] == pytest.approx(1.07)
+    assert r["non_2xx"] == 12 and r["socket_errors"]["read"] == 2 and r["errors"] == 15
+
+
+def test_parse_h2load() -> None:
+    r = external.parse_h2load(H2LOAD_OUT)
+    assert r["rps"] == pytest.approx(73598.0) and r["elapsed_s"] == pytest.approx(2.0)
+    assert r["requests"]["succeeded"] == 147196 and r["errors"] == 0
+    assert r["status"]["2xx"] == 147196
+    assert r["request_ms"]["mean"] == pytest.approx(0.217)
+    assert r["ttfb_ms"]["max"] == pytest.approx(2.05)
+
+
+def test_parsers_refuse_foreign_output() -> None:
+    with pytest.raises(ValueError):
+        external.parse_wrk("command not found")
+    with pytest.raises(ValueError):
+        external.parse_h2load("")
+    assert external.duration_ms("1.5s") == 1500.0
+    assert external.duration_ms("250us") == pytest.approx(0.25)
+
+
+# ---- request building ---------------------------------------------------------------------------
+
+UP_STANDIN = scenarios.Upstream("standin", 9000)
+UP_EMU = scenarios.Upstream("emulator", 9000, api_key="k1")
+
+
+def test_prompt_is_seeded_and_sized() -> None:
+    w = scenarios.Workload(prompt_bytes=20_000)
+    p1, p2 = scenarios.prompt(UP_EMU, w), scenarios.prompt(UP_EMU, w)
+    assert p1 == p2 and len(p1) == 20_000
+    assert p1.startswith(UP_EMU.directive(w))
+
+
+def test_emulator_directives_parse_with_the_emulators_parser() -> None:
+    directives = pytest.importorskip("rawgate.emulator_directives")
+    w = scenarios.Workload(stream=True, chunks=100, chunk_bytes=16, delay_ms=250)
+    found, _rest = directives.parse_directives(scenarios.prompt(UP_EMU, w))
+    assert {d.name: d.args for d in found} == {
+        "reply": {"chars": 1600}, "chunks": {"n": 100}, "delay": {"ms": 250}}
+
+
+def test_standin_understands_its_directive() -> None:
+    w = scenarios.Workload(chunks=7, chunk_bytes=5, delay_ms=12.5)
+    assert standin.directive(UP_STANDIN.directive(w).encode()) == (7, 5, 12.5)
+
+
+def _target(name: str = "rawgate", dialect: Any = "openai", **kw: Any) -> scenarios.TargetInfo:
+    return scenarios.TargetInfo(name, dialect, 8045, **kw)
+
+
+def test_direct_path_gets_the_equivalent_gemini_request() -> None:
+    w = scenarios.Workload(stream=True, tools=True, chunks=100, chunk_bytes=16)
+    req = scenarios.build_request(_target("direct", "gemini"), UP_EMU, w)
+    assert req.path == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    assert ("x-goog-api-key", "k1") in req.headers
+    body = json.loads(req.body)
+    assert body["contents"][0]["parts"][0]["text"] == scenarios.prompt(UP_EMU, w)
+    assert [f["name"] for f in body["tools"][0]["functionDeclarations"]] == [
+        "get_weather", "search_docs"]
+    assert req.check == {"min_bytes": 1600, "contains": ['"finishReason"'], "min_events": 100}
+
+
+@pytest.mark.parametrize(
+    ("api", "stream", "path", "check"),
+    [
+        ("chat", False, "/v1/chat/completions", {"contains": ['"choices"']}),
+        ("chat", True, "/v1/chat/completions", {"tail": "data: [DONE]", "min_events": 3}),
+        ("responses", False, "/v1/responses", {"contains": ['"output"']}),
+        ("responses", True, "/v1/responses",
+         {"contains": ["response.completed"], "min_events": 3}),
+    ],
+)
+def test_openai_requests_and_their_checks(
+    api: Any, stream: bool, path: str, check: dict[str, Any]
+) -> None:
+    w = scenarios.Workload(api=api, stream=stream)
+    req = scenarios.build_request(_target(), UP_EMU, w)
+    assert req.path == path
+    assert req.check == {"min_bytes": 48, **check}
+    body = json.loads(req.body)
+    assert body.get("stream", False) is stream and body["model"] == scenarios.MODEL
+
+
+def test_relaxed_checks_are_replaced_not_dropped() -> None:
+    t = _target("portkey", relaxed={"tail": "why"}, stream_contains=('"finish_reason":"stop"',))
+    req = scenarios.build_request(t, UP_EMU, scenarios.Workload(stream=True))
+    assert "tail" not in req.check
+    assert req.check["contains"] == ['"finish_reason":"stop"'] and req.check["min_events"] == 3
+
+
+def test_loadgen_spec_decodes_as_a_spec() -> None:
+    import msgspec
+
+    case = scenarios.all_scenarios()["h1-h2"].cases[1]
+    spec = msgspec.json.decode(json.dumps(
+        scenarios.loadgen_spec(_target(protos=frozenset({"h1", "h2"})), UP_EMU, case)), type=Spec)
+    assert spec.proto == "h2" and spec.connections == 4 and spec.concurrency == 64
+
+
+def test_targets_skip_cases_they_cannot_serve() -> None:
+    h2case = scenarios.all_scenarios()["h1-h2"].cases[1]
+    resp = scenarios.all_scenarios()["responses"].cases[0]
+    assert not _target().supports(h2case)
+    assert not _target(apis=frozenset({"chat"})).supports(resp)
+    assert _target(protos=frozenset({"h1", "h2"})).supports(h2case)
+
+
+def test_scale_keeps_count_bounded_cases() -> None:
+    sc = scenarios.scale(scenarios.all_scenarios()["slow-streams"], 1.0, 0.1)
+    assert all(c.load.duration_s == 15.0 for c in sc.cases)
+    sc = scenarios.scale(scenarios.all_scenarios()["chat"], 1.0, 0.1)
+    assert sc.cases[0].load.duration_s == 1.0 and sc.cases[0].load.warmup_s == 0.1
+
+
+# ---- stand-in replies ---------------------------------------------------------------------------
+
+
+def test_standin_json_array_stream_is_framed_like_google() -> None:
+    status, _, frames, _ = standin.reply_for(
+        "POST", "/v1beta/models/m:streamGenerateContent",
+        b'{"contents":[{"parts":[{"text":"[[bench chunks=3 bytes=4 delay_ms=0]]"}]}]}')
+    assert status == 200
+    raw = b"".join(frames).decode()
+    # Portkey: split on CRLF, strip "[" / trailing "," / the last two characters "\n]".
+    parts = []
+    for piece in raw.split("\r\n"):
+        n = piece.strip()
+        n = n[1:] if n.startswith("[") else n
+        n = n[:-1] if n.endswith(",") else n
+        n = n[:-2] if n.endswith("]") else n
+        parts.append(json.loads(n))
+    assert [p["candidates"][0]["content"]["parts"][0]["text"] for p in parts] == [
+        "abcd", "bcde", "cdef"]
+    assert json.loads(raw)[-1]["candidates"][0]["finishReason"] == "STOP"
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def _run(scenario: str, case: str, target: str, rps: float, p50: float, p99: float, *,
+         errors: dict[str, int] | None = None, cpu: float = 0.1, rss: int = 50 * report.MB,
+         ok: int = 1000, chunks_ps: float | None = None) -> dict[str, Any]:
+    lat = {"n": ok, "p50": p50, "p99": p99, "p999": p99 * 2}
+    return {
+        "kind": "run", "scenario": scenario, "case": case, "target": target, "x": 1,
+        "result": {"ok": ok, "errors": errors or {}, "rps": rps, "latency_ms": lat,
+                   "ttfb_ms": lat, "events_per_s": 0.0, "cdf": [[p50, 0.5]],
+                   "loadgen_cpu_util": 0.5},
+        "server": {"target_cpu_ms_per_req": cpu, "upstream_cpu_ms_per_req": 0.05,
+                   "target_rss_peak": rss, "upstream_chunks_per_s": chunks_ps},
+    }
+
+
+RECORDS = [
+    _run("concurrency", "c=1", "direct", 5000, 0.20, 0.40, cpu=0.05),
+    _run("concurrency", "c=1", "rawgate", 2500, 0.60, 1.20, cpu=0.30),
+    _run("concurrency", "c=1", "rawgate", 2600, 0.50, 1.00, cpu=0.28),
+    _run("concurrency", "c=1", "rawgate", 2400, 0.70, 1.40, cpu=0.32, errors={"timeout": 2}),
+    _run("concurrency", "c=1", "litellm", 200, 5.20, 9.40, rss=300 * report.MB),
+    _run("concurrency", "c=1", "portkey", 900, 2.20, 4.40, rss=80 * report.MB),
+]
+
+
+def test_aggregate_takes_medians_and_sums_errors() -> None:
+    a = report.aggregate(RECORDS)[("concurrency", "c=1", "rawgate")]
+    assert report.median(a.rps) == 2500 and report.spread(a.rps) == (2400, 2600)
+    assert report.median(a.p50) == pytest.approx(0.6)
+    assert a.errors == {"timeout": 2} and a.ok == 3000 and a.repeats == 3
+
+
+def test_markdown_table_shows_spread_and_errors() -> None:
+    table = report.markdown_table(report.aggregate(RECORDS))
+    row = next(line for line in table.splitlines() if "| rawgate |" in line)
+    assert "2,500 (2,400..2,600)" in row and "timeout 2" in row
+    assert "0.600 (0.500..0.700)" in row
+
+
+def test_ratio_table_compares_added_latency() -> None:
+    table = report.ratio_table(report.aggregate(RECORDS))
+    lite = next(line for line in table.splitlines() if "| litellm |" in line)
+    # rawgate adds 0.4 ms at p50, LiteLLM 5.0 ms: 0.08x; throughput 2500/200 = 12.5x.
+    cells = [c.strip() for c in lite.split("|")]
+    assert cells[4] == "5.00" and cells[7] == "12.50x" and cells[8] == "0.08x"
+    assert cells[6] == "-" or cells[6].endswith("x")
+
+
+def test_goals_state_met_and_missed_by_how_much() -> None:
+    gs = {g.name: g for g in report.goals(report.aggregate(RECORDS))}
+    p50 = gs["added p50, non-stream chat, c=1"]
+    assert p50.value == pytest.approx(0.4) and p50.met
+    rps = next(g for n, g in gs.items() if n.startswith("non-stream chat req/s"))
+    assert rps.value == 2500 and rps.met
+    lite = gs["throughput vs litellm"]
+    assert lite.value == pytest.approx(12.5) and lite.met
+    pk = gs["throughput vs portkey"]
+    assert not pk.met and pk.verdict().startswith("missed by 7 %")
+    assert gs["1,000 open streams: errors"].verdict() == "not measured"
+
+
+def test_goal_verdict_for_an_upper_bound() -> None:
+    g = report.Goal("x", "<= 150 MB", 180.0, 150.0, False, "MB")
+    assert g.verdict() == "missed by 20 % (30 MB over)"
+
+
+def test_full_report_lists_failures_and_notes() -> None:
+    recs = [*RECORDS, {"kind": "run", "scenario": "chat", "case": "c=16", "target": "litellm",
+                       "error": "loadgen exited with 1"}]
+    text = report.full_report(recs, {"commit": "abc"}, ["peer portkey unavailable: no npm"])
+    assert "run failed: loadgen exited with 1" in text
+    assert "- peer portkey unavailable: no npm" in text and "`abc`" in text
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+
+def test_proc_accounting_reads_this_process() -> None:
+    me = os.getpid()
+    assert me in procs.tree(me)
+    assert procs.cpu_seconds(me) > 0
+    assert procs.rss_bytes(me) > 1 << 20
+    assert procs.vm_hwm_bytes(me) >= procs.rss_bytes(me) // 2
+    assert procs.pin_argv(["x"], None) == ["x"]
+    assert 0 < procs.free_port() < 65536
+
+
+# ---- one request per protocol against the in-process stand-in -----------------------------------
+
+
+
+async def _with_standin(fn: Any) -> None:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, standin.serve_h1)
+        try:
+            with anyio.fail_after(10):
+                await fn(port, tg)
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def _spec(port: int, proto: str, stream: bool) -> Spec:
+    w = scenarios.Workload(stream=stream, chunks=5, chunk_bytes=8)
+    case = scenarios.Case("t", w, scenarios.Load(proto=proto))  # type: ignore[arg-type]
+    t = scenarios.TargetInfo("standin", "openai", port, protos=frozenset({"h1", "h2"}))
+    import msgspec
+
+    return msgspec.json.decode(json.dumps(scenarios.loadgen_spec(t, UP_STANDIN, case)), type=Spec)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("parser", ["fast", "h11"])
+async def test_h1_client_round_trips_and_checks(stream: bool, parser: str) -> None:
+    async def go(port: int, tg: anyio.abc.TaskGroup) -> None:
+        spec = _spec(port, "h1", stream)
+        runner = Runner(spec)
+        runner.measuring = True
+        client = H1Client("127.0.0.1", port, strict=parser == "h11")
+        for _ in range(3):  # keep-alive: the same connection serves every exchange
+            assert await runner.one(client, 0.0)
+        await client.close()
+        assert runner.stats.ok == 3 and runner.stats.errors == {}
+        assert runner.stats.events == (18 if stream else 0)  # 5 chunks + [DONE], x3
+
+    await _with_standin(go)
+
+
+@pytest.mark.anyio
+async def test_h2_client_multiplexes_streams() -> None:
+    async def go(port: int, tg: anyio.abc.TaskGroup) -> None:
+        spec = _spec(port, "h2", True)
+        runner = Runner(spec)
+        runner.measuring = True
+        client = H2Client("127.0.0.1", port)
+        await client.connect(tg)
+        async with anyio.create_task_group() as inner:
+            for _ in range(4):
+                inner.start_soon(runner.one, client, 0.0)
+        await client.close()
+        assert runner.stats.ok == 4 and runner.stats.errors == {}
+
+    await _with_standin(go)
