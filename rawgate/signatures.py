@@ -5,7 +5,9 @@ Invariants:
 - When a functionCall part carries a `thoughtSignature`, the minted id embeds it losslessly:
   `call_<12 random chars>.ts.<signature in base64url, no padding>`. The signature is already
   base64 text; only the alphabet changes so that the id stays one URL/JSON-safe token.
-- `split_call_id` is the exact inverse; an id rawgate did not mint yields no signature.
+- `split_call_id` is the exact inverse; an id rawgate did not mint yields no signature. A
+  signature that is not standard padded base64 (a proxy's base64url form, an opaque token) is
+  carried as `call_<12>.tx.<its UTF-8 bytes in base64url>` instead, so it too comes back intact.
 - Only the call that carried a signature gets one back: never stamp one signature on every call.
 - Gemini 3 rejects a model turn whose first functionCall lacks a signature; the documented escape
   hatch (gemini-cli's own) is SKIP_SIGNATURE, used only for such turns in the active loop.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 import string
 
@@ -28,6 +31,8 @@ __all__ = ["SKIP_SIGNATURE", "mint_call_id", "pack_reasoning", "split_call_id", 
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 _MARK = ".ts."
+_MARK_TEXT = ".tx."  # any other signature text, base64url of its UTF-8 bytes
+_STD_B64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _ALPHABET = string.ascii_letters + string.digits
 _TO_URLSAFE = str.maketrans("+/", "-_")
 _FROM_URLSAFE = str.maketrans("-_", "+/")
@@ -41,14 +46,27 @@ def mint_call_id(signature: str | None = None) -> str:
     """A fresh OpenAI-style call id, carrying `signature` if given."""
     if not signature:
         return "call_" + _rand(24)
-    return "call_" + _rand(12) + _MARK + signature.translate(_TO_URLSAFE).rstrip("=")
+    if _STD_B64.fullmatch(signature):
+        return "call_" + _rand(12) + _MARK + signature.translate(_TO_URLSAFE).rstrip("=")
+    raw = base64.urlsafe_b64encode(signature.encode()).rstrip(b"=").decode("ascii")
+    return "call_" + _rand(12) + _MARK_TEXT + raw
 
 
 def split_call_id(call_id: str) -> tuple[str, str | None]:
     """(call id, thought signature or None). The id itself is returned unchanged."""
-    i = call_id.find(_MARK)
-    if i < 0 or not call_id.startswith("call_"):
+    if not call_id.startswith("call_"):
         return call_id, None
+    i = call_id.find(_MARK)
+    if i < 0:
+        j = call_id.find(_MARK_TEXT)
+        enc = call_id[j + len(_MARK_TEXT) :] if j >= 0 else ""
+        if not enc:
+            return call_id, None
+        try:
+            text = base64.urlsafe_b64decode(enc + "=" * (-len(enc) % 4)).decode()
+        except (binascii.Error, ValueError):
+            return call_id, None
+        return call_id, text or None
     enc = call_id[i + len(_MARK) :]
     if not enc:
         return call_id, None
