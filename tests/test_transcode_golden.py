@@ -124,7 +124,7 @@ def run_whole(call: GeminiCall, body: bytes) -> bytes:
 
 _RANDOM = [
     (re.compile(rb'"(created|created_at)":\d+'), rb'"\1":0'),
-    (re.compile(rb"call_[A-Za-z0-9]{12}\.ts\."), b"call_R.ts."),
+    (re.compile(rb"call_[A-Za-z0-9]{12}\.(ts|tx)\."), rb"call_R.\1."),
     (re.compile(rb"call_[A-Za-z0-9]{24}"), b"call_R"),
     (re.compile(rb"\b(rs|msg|fc|ctc)_[0-9a-f]{24}"), rb"\1_R"),
     (re.compile(rb"\b(chatcmpl|cmpl)-[0-9a-f]{32}"), rb"\1-R"),
