@@ -50,6 +50,18 @@ _BOM = b"\xef\xbb\xbf"
 _DONE_PAYLOAD = b"[DONE]"
 
 
+_SEP = b"\r\n\r\n"
+
+
+def _odd_blank(data: bytes) -> bool:
+    """Does `data` (holding no CRLF CRLF) contain a blank line in LF or CR framing? A final
+    CR LF CR is the start of a CRLF CRLF still to come, not a blank line."""
+    if b"\n\n" in data or b"\r\r" in data:
+        return True
+    i = data.find(b"\n\r")
+    return i >= 0 and not (i == len(data) - 2 and data[i - 1 : i] == b"\r")
+
+
 def data_frame(payload: bytes) -> bytes:
     """`data: <payload>` + blank line (Chat and legacy Completions streams)."""
     return b"data: " + payload + b"\n\n"
@@ -69,6 +81,7 @@ class SSEDecoder:
         "_data",
         "_data_len",
         "_esc",
+        "_fast",
         "_in_str",
         "_max",
         "_raw",
@@ -82,6 +95,7 @@ class SSEDecoder:
         self._buf = bytearray()  # bytes after the last blank line (an incomplete event)
         self._cr = False  # the previous read ended in CR: maybe half of a CRLF
         self._start = True  # nothing fed yet (BOM check)
+        self._fast = True  # Gemini's own framing so far (see _feed_fast)
         self._data: list[bytes] = []  # data lines of the event being read (slow path)
         self._data_len = 0
         self._raw: list[bytes] | None = None  # lines of a raw JSON object being collected
@@ -97,6 +111,59 @@ class SSEDecoder:
             self._start = False
             if chunk.startswith(_BOM):
                 chunk = chunk[3:]
+        if self._fast:
+            return self._feed_fast(chunk)
+        return self._feed_general(chunk)
+
+    def _feed_fast(self, chunk: bytes) -> list[bytes]:
+        """Gemini's exact framing: one `data: ` line per event, CRLF CRLF after it. One split
+        on the separator and two memchr checks per event; no CRLF normalisation pass (on a 16 KiB
+        read that pass cost more than the events' JSON decode: 4.1 -> 1.2 us per event). Any
+        other shape (LF or CR framing, multi-line data, fields, a raw JSON error) hands the
+        rest of the stream to the general parser, for good."""
+        buf = self._buf
+        if buf:
+            edge = bytes(buf[-3:]) + chunk[:3]
+            if _SEP not in chunk and _SEP not in edge:
+                if _odd_blank(bytes(buf[-2:]) + chunk):
+                    rest = bytes(buf) + chunk
+                    buf.clear()
+                    return self._leave_fast(rest)
+                buf += chunk
+                if len(buf) > self._max:
+                    self._too_big()
+                return []
+            data = bytes(buf) + chunk
+            buf.clear()
+        else:
+            data = chunk
+        blocks = data.split(_SEP)
+        tail = blocks.pop()
+        out: list[bytes] = []
+        for k, block in enumerate(blocks):
+            if b"\n" not in block and b"\r" not in block and len(block) <= self._max:
+                if block.startswith(b"data: "):
+                    payload = block[6:]
+                    if len(payload) > 16 or payload.strip() != _DONE_PAYLOAD:
+                        out.append(payload)
+                    continue
+                if block.startswith(b":"):
+                    continue  # a keep-alive comment
+            blocks.append(tail)
+            return out + self._leave_fast(_SEP.join(blocks[k:]))
+        if tail:
+            if _odd_blank(tail) or tail.lstrip()[:1] in (b"{", b"["):
+                return out + self._leave_fast(tail)
+            if len(tail) > self._max:
+                self._too_big()
+            buf += tail
+        return out
+
+    def _leave_fast(self, rest: bytes) -> list[bytes]:
+        self._fast = False
+        return self._feed_general(rest) if rest else []
+
+    def _feed_general(self, chunk: bytes) -> list[bytes]:
         if self._cr:
             chunk = b"\r" + chunk
             self._cr = False
@@ -144,6 +211,10 @@ class SSEDecoder:
     def close(self) -> list[bytes]:
         """End of body: deliver the last event even without its blank line, then reset."""
         out: list[bytes] = []
+        if self._fast and self._buf:
+            rest = bytes(self._buf)
+            self._buf.clear()
+            out += self._leave_fast(rest)
         self._cr = False  # a held CR ends the last line, which ends here anyway
         if self._buf:
             block = bytes(self._buf)
@@ -155,7 +226,7 @@ class SSEDecoder:
             self._raw = None
         self._raw_depth = 0
         self._in_str = self._esc = False
-        self._start = True
+        self._start = self._fast = True
         return out
 
     # ---- slow path ------------------------------------------------------------------------

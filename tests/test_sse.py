@@ -188,3 +188,32 @@ def test_property_well_formed_streams_round_trip(
         if joined.strip() != b"[DONE]":
             expected.append(joined)
     assert decode(*_split(body, cuts)) == expected
+
+
+def _general(*chunks: bytes) -> list[bytes]:
+    d = SSEDecoder()
+    d._fast = False  # the general parser only, as a reference for the CRLF fast path
+    out: list[bytes] = []
+    for c in chunks:
+        out += d.feed(c)
+    return out + d.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ALPHABET, max_size=60), st.lists(st.integers(0, 10_000), max_size=10))
+def test_property_fast_path_agrees_with_the_general_parser(
+    tokens: list[bytes], cuts: list[int]
+) -> None:
+    data = b"".join(tokens)
+    assert decode(*_split(data, cuts)) == _general(data)
+
+
+def test_fast_path_hands_over_mid_stream() -> None:
+    body = (
+        b"data: 1\r\n\r\n: keep\r\n\r\ndata: 2\r\n\r\n"  # fast path, comments included
+        b"data: 3\n\n"  # LF framing from here on
+        b"data: 4\r\ndata: 5\r\n\r\n"  # multi-line
+    )
+    assert decode(body) == [b"1", b"2", b"3", b"4\n5"]
+    for k in range(1, len(body)):
+        assert decode(body[:k], body[k:]) == [b"1", b"2", b"3", b"4\n5"]
