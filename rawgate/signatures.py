@@ -38,8 +38,14 @@ _TO_URLSAFE = str.maketrans("+/", "-_")
 _FROM_URLSAFE = str.maketrans("-_", "+/")
 
 
+# Random bytes mapped onto the 62 letters and digits: 1 us per id instead of 28 us for 24
+# secrets.choice calls (every streamed tool call mints one). 256 % 62 leaves the first 8 symbols
+# 1/256 likelier; ids need to be unique, not uniform: 24 symbols still carry > 140 bits.
+_TO_ALNUM = bytes(ord(_ALPHABET[i % len(_ALPHABET)]) for i in range(256))
+
+
 def _rand(n: int) -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+    return secrets.token_bytes(n).translate(_TO_ALNUM).decode("ascii")
 
 
 def mint_call_id(signature: str | None = None) -> str:
