@@ -1007,7 +1007,7 @@ def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 
 async def test_listener_h2c_prior_knowledge_and_tls_alpn() -> None:
-    listener = pytest.importorskip("rawgate.listener", reason="rawgate.listener not there yet")
+    from rawgate import listener
     server_ctx, client_ctx = _tls_contexts()
     app = Recorder()
     async with listener.open_server(app, Config(), host="127.0.0.1", port=0) as server:
@@ -1024,7 +1024,7 @@ async def test_listener_h2c_prior_knowledge_and_tls_alpn() -> None:
 
 
 async def test_listener_graceful_shutdown_lets_an_h2_stream_finish() -> None:
-    listener = pytest.importorskip("rawgate.listener", reason="rawgate.listener not there yet")
+    from rawgate import listener
     app = Recorder()
     app.expect = 1
     async with listener.open_server(app, Config(), host="127.0.0.1", port=0) as server:
