@@ -17,13 +17,16 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import select
 import socket
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
+import sniffio
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
@@ -45,9 +48,11 @@ __all__ = [
     "NetworkBackend",
     "NetworkStream",
     "Proxy",
+    "Wakeup",
     "dial",
     "make_ssl_context",
     "parse_proxy",
+    "wakeup_factory",
 ]
 
 # A proxy's CONNECT answer is a status line and a few headers; more is not a proxy we trust.
@@ -83,13 +88,14 @@ class NetworkBackend(Protocol):
 class AnyIOStream:
     """NetworkStream over any anyio ByteStream (a socket, a TLSStream, or an in-memory pipe)."""
 
-    __slots__ = ("_closed", "_prefix", "_s")
+    __slots__ = ("_closed", "_poll", "_prefix", "_s")
 
     def __init__(self, stream: ByteStream, prefix: bytes = b"") -> None:
         self._s = stream
         # Bytes already read past a proxy's CONNECT answer; served before the socket.
         self._prefix = prefix
         self._closed = False
+        self._poll: select.poll | None = None
 
     async def read(
         self,
@@ -174,15 +180,19 @@ class AnyIOStream:
         """
         if self._prefix:
             return True
-        sock: socket.socket | None = self._s.extra(SocketAttribute.raw_socket, None)
-        if sock is None:  # in-memory streams (tests) answer themselves
-            probe = getattr(self._s, "is_readable", None)
-            return bool(probe()) if probe is not None else False
-        if sock.fileno() < 0:
-            return True
-        p = select.poll()
-        p.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(p.poll(0))
+        p = self._poll
+        if p is None:
+            # anyio builds its whole attribute dict per extra() call (~10 us), and a new poll
+            # object costs 2 us against 0.8 us for a reused one: look both up once.
+            sock: socket.socket | None = self._s.extra(SocketAttribute.raw_socket, None)
+            if sock is None:  # in-memory streams (tests) answer themselves
+                probe = getattr(self._s, "is_readable", None)
+                return bool(probe()) if probe is not None else False
+            if sock.fileno() < 0:
+                return True
+            p = self._poll = select.poll()
+            p.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(p.poll(0))  # a closed fd answers POLLNVAL: readable, so stale
 
 
 class AnyIOBackend:
@@ -348,3 +358,73 @@ async def _connect_tunnel(
         assert isinstance(stream, AnyIOStream), "prefix replay needs an AnyIOStream"
         stream._prefix = rest + stream._prefix
     return stream
+
+
+# ---- a one-shot wake-up with a deadline -------------------------------------------------------
+
+
+class Wakeup(Protocol):
+    """Set once by one task, awaited (with a deadline) by another."""
+
+    def set(self) -> None: ...
+
+    async def wait(self, timeout: float | None) -> bool:
+        """True when set, False when the timeout passed first."""
+        ...
+
+
+class _AsyncioWakeup:
+    """A bare future plus a loop timer. anyio's Event + fail_after costs ~17 us per wait on this
+    machine (a cancel scope and its bookkeeping); this costs ~1.5 us, and h2 streams wait once
+    per head and once per chunk. Cancellation still works: anyio cancels the awaiting task."""
+
+    __slots__ = ("_fut", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._fut: asyncio.Future[bool] = loop.create_future()
+
+    def set(self) -> None:
+        if not self._fut.done():
+            self._fut.set_result(True)
+
+    async def wait(self, timeout: float | None) -> bool:
+        fut = self._fut
+        if fut.done():
+            return fut.result()
+        timer = None if timeout is None else self._loop.call_later(timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+class _AnyIOWakeup:
+    """The portable version (trio)."""
+
+    __slots__ = ("_ev",)
+
+    def __init__(self) -> None:
+        self._ev = anyio.Event()
+
+    def set(self) -> None:
+        self._ev.set()
+
+    async def wait(self, timeout: float | None) -> bool:
+        with anyio.move_on_after(timeout):
+            await self._ev.wait()
+        return self._ev.is_set()
+
+
+def wakeup_factory() -> Callable[[], Wakeup]:
+    """The cheapest Wakeup for the running event loop; call it from inside the loop."""
+    if sniffio.current_async_library() == "asyncio":
+        loop = asyncio.get_running_loop()
+        return lambda: _AsyncioWakeup(loop)
+    return _AnyIOWakeup

@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import anyio
 import h11
 
 from rawgate.errors import (
@@ -198,9 +197,8 @@ class H1Connection:
     async def _drop(self) -> None:
         """Close (not reusable) and release the slot; safe under cancellation."""
         self.state = ConnState.CLOSED
-        with anyio.CancelScope(shield=True):
-            await self._stream.aclose()
-            await self.pool.release(self)
+        await self._stream.aclose()  # shielded inside
+        await self.pool.release(self)  # bookkeeping first; closes inside are shielded
 
 
 class H1Exchange:

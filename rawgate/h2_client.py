@@ -43,9 +43,19 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import NoAvailableStreamIDError, ProtocolError, TooManyStreamsError
+from h2.exceptions import (
+    NoAvailableStreamIDError,
+    ProtocolError,
+    StreamClosedError,
+    StreamIDTooLowError,
+    TooManyStreamsError,
+)
 from h2.settings import SettingCodes, Settings
+from hpack import Encoder, NeverIndexedHeaderTuple
+from hpack.hpack import encode_integer
+from hyperframe.frame import RstStreamFrame
 
+from rawgate.backends import wakeup_factory
 from rawgate.errors import (
     RawgateError,
     UpstreamClosed,
@@ -62,7 +72,7 @@ from rawgate.pool import ConnState, StaleConnection
 if TYPE_CHECKING:
     from hyperframe.frame import GoAwayFrame
 
-    from rawgate.backends import NetworkStream
+    from rawgate.backends import NetworkStream, Wakeup
     from rawgate.config import TimeoutsConfig, UpstreamConfig
     from rawgate.pool import OriginPool
 
@@ -85,6 +95,47 @@ class NotHTTP2(Exception):
     """A cleartext origin answered the h2c preface with something that is not HTTP/2."""
 
 
+class _Encoder:
+    """HPACK without a dynamic table: each field is static-indexed or a literal never indexed,
+    so its bytes never depend on what was sent before and are cached per (name, value).
+    Request headers repeat almost entirely (method, scheme, authority, content-type, the
+    account's key, a handful of paths): hpack's encoder spent ~50 us per request walking its
+    table; the cached join costs ~2 us. Keys stay out of the compression context, as RFC 7541
+    7.1 advises for secrets; upstream requests get ~150 bytes bigger."""
+
+    MAX_CACHED = 4096  # distinct fields; then the cache starts over (accounts x models)
+
+    def __init__(self) -> None:
+        self._hp = Encoder()
+        self._cache: dict[tuple[bytes, bytes], bytes] = {}
+        self._update = b""
+
+    @property
+    def header_table_size(self) -> int:
+        return 0
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # The peer changed SETTINGS_HEADER_TABLE_SIZE: RFC 7541 4.2 wants a size update at the
+        # start of the next block. We use no table, so we announce 0.
+        b = encode_integer(0, 5)
+        b[0] |= 0x20
+        self._update = bytes(b)
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        cache = self._cache
+        out = [self._update] if self._update else []
+        self._update = b""
+        for field in headers:
+            b = cache.get(field)
+            if b is None:
+                if len(cache) >= self.MAX_CACHED:
+                    cache.clear()
+                b = cache[field] = self._hp.encode([NeverIndexedHeaderTuple(*field)], huffman)
+            out.append(b)
+        return b"".join(out)
+
+
 class _H2(_H2Base):
     """h2 with a draining GOAWAY and an O(1) open-stream count."""
 
@@ -97,6 +148,31 @@ class _H2(_H2Base):
         ev.last_stream_id = frame.last_stream_id
         ev.additional_data = frame.additional_data or None
         return [], [ev]
+
+    def _receive_frame(self, frame: Any) -> list[Event]:
+        # h2's own version starts with `logger.trace("...", repr(frame))`: the repr (which
+        # re-serialises the frame) is built for every frame whatever the log level, ~10% of a
+        # streamed response. Same dispatch and the same two stream-error rules, without it.
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except StreamClosedError as e:
+            if not self._stream_is_closed_by_reset(e.stream_id):
+                raise
+            rst = RstStreamFrame(e.stream_id)
+            rst.error_code = e.error_code
+            self._prepare_for_sending([rst])
+            return list(e._events)
+        except StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                rst = RstStreamFrame(e.stream_id)
+                rst.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([rst])
+                return []
+            if self._stream_is_closed_by_end(e.stream_id):
+                raise StreamClosedError(e.stream_id) from e
+            raise
+        self._prepare_for_sending(frames)
+        return list(events)
 
     @property
     def open_outbound_streams(self) -> int:
@@ -156,13 +232,15 @@ class H2Connection:
             },
         )
         self._h2.decoder.max_header_list_size = cfg.max_response_header_bytes
+        self._h2.encoder = _Encoder()  # type: ignore[assignment]  # duck-typed: encode() + size
+        self._wakeup = wakeup_factory()
         # Credit is returned once a quarter of a window is used: a 256 KiB stream window gets
         # one WINDOW_UPDATE per 64 KiB consumed, not one per DATA frame.
         self._stream_credit_at = max(1, cfg.h2_stream_window_bytes // 4)
         self._conn_credit_at = max(_DEFAULT_WINDOW // 4, cfg.h2_connection_window_bytes // 4)
         self._conn_unacked = 0
-        self._writer_wake: anyio.Event | None = None
-        self._window_wake: anyio.Event | None = None
+        self._writer_wake: Wakeup | None = None
+        self._window_waiters: list[Wakeup] = []
         self._ping_ack: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self._last_recv = time.monotonic()
@@ -293,8 +371,8 @@ class H2Connection:
                 continue
             if self.state is ConnState.CLOSED:
                 return
-            ev = self._writer_wake = anyio.Event()
-            await ev.wait()
+            ev = self._writer_wake = self._wakeup()
+            await ev.wait(None)
 
     async def _ping_loop(self) -> None:
         interval = self._cfg.ping_interval_s
@@ -325,10 +403,10 @@ class H2Connection:
             w.set()
 
     def _wake_senders(self) -> None:
-        w = self._window_wake
-        if w is not None:
-            self._window_wake = None
-            w.set()
+        if self._window_waiters:
+            ws, self._window_waiters = self._window_waiters, []
+            for w in ws:
+                w.set()
 
     def _fail(self, err: RawgateError) -> None:
         """End the connection (sync): every stream gets `err`, the tasks stop."""
@@ -450,8 +528,7 @@ class H2Connection:
         return s
 
     async def _release_unopened(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.pool.release(self)
+        await self.pool.release(self)  # bookkeeping first; any close inside is shielded
 
     async def _send_body(self, s: H2Stream, body: bytes) -> None:
         h = self._h2
@@ -463,15 +540,13 @@ class H2Connection:
                 return  # the answer (or the failure) is already there: _wait_head reports it
             window = h.local_flow_control_window(sid)
             if window <= 0:
-                ev = self._window_wake = self._window_wake or anyio.Event()
-                try:
-                    with anyio.fail_after(self._t.upstream_write_s):
-                        await ev.wait()
-                except TimeoutError:
+                ev = self._wakeup()
+                self._window_waiters.append(ev)
+                if not await ev.wait(self._t.upstream_write_s):
                     raise UpstreamWriteTimeout(
                         f"upstream gave no flow-control credit for "
                         f"{self._t.upstream_write_s:g} s"
-                    ) from None
+                    )
                 continue
             n = min(window, h.max_outbound_frame_size, total - off)
             h.send_data(sid, view[off : off + n], end_stream=off + n == total)
@@ -520,7 +595,7 @@ class H2Stream:
         self.ended = False
         self.error: RawgateError | None = None
         self.stale = False  # refused / above GOAWAY's last_stream_id: safe to retry
-        self._waiter: anyio.Event | None = None
+        self._waiter: Wakeup | None = None
         self._unacked = 0
         self._released = False
 
@@ -555,14 +630,13 @@ class H2Stream:
         self._wake()
 
     async def _wait(self, timeout: float, error: type[UpstreamTimeout], what: str) -> None:
-        ev = self._waiter = anyio.Event()
+        w = self._waiter = self._conn._wakeup()
         try:
-            with anyio.fail_after(timeout):
-                await ev.wait()
-        except TimeoutError:
-            raise error(f"upstream sent no {what} for {timeout:g} s") from None
+            ok = await w.wait(max(0.0, timeout))
         finally:
             self._waiter = None
+        if not ok:
+            raise error(f"upstream sent no {what} for {timeout:g} s")
 
     async def _wait_head(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -616,8 +690,9 @@ class H2Stream:
             conn._wake_writer()
         conn.streams.pop(self.sid, None)
         self.chunks.clear()
-        with anyio.CancelScope(shield=True):
-            await conn.pool.release(conn)  # a drained DRAINING connection is closed there
+        # Bookkeeping happens before any await, and only closing a drained connection awaits
+        # (shielded inside): no cancel scope per stream (~6 us each).
+        await conn.pool.release(conn)
 
     def __repr__(self) -> str:
         return f"<H2Stream {self.sid} status={self.status} buffered={self.buffered}>"

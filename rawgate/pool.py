@@ -41,6 +41,7 @@ __all__ = [
     "StaleConnection",
     "Waiter",
     "assign",
+    "close_all",
 ]
 
 
@@ -238,6 +239,10 @@ class OriginPool:
         self.waiters: deque[Waiter] = deque()
         self._ids = 0
         self.closed = False
+        # Fast-path indexes, rebuilt by every _run(): connections that became IDLE, most recent
+        # last (entries may be stale: checked on pop), and the h2 connection last handed out.
+        self._idle: list[Connection] = []
+        self._hot: Connection | None = None
 
     # ---- the synchronous core ---------------------------------------------------------------
 
@@ -262,7 +267,39 @@ class OriginPool:
             p = PendingConnection(self._ids)
             self.conns.append(p)
             self._hand(w, p)
+        idle = [c for c in self.conns if c.state is ConnState.IDLE]
+        idle.sort(key=_idle_since)
+        self._idle = idle
+        hot = self._hot
+        if hot is not None and hot not in self.conns:
+            self._hot = None
         return plan.closed
+
+    def _fast(self, now: float, closing: list[Connection]) -> Connection | None:
+        """assign() for one waiter and an empty queue, same policy, O(1): the h2 connection
+        last used if it has room, else the most recently idle connection. A full assign is
+        O(connections) per call: 64 HTTP/1.1 connections made it ~25% of a request."""
+        c = self._hot
+        if c is not None and c.in_use < c.capacity and c.state in _USABLE:
+            c.in_use += 1
+            c.state = ConnState.ACTIVE
+            return c
+        idle = self._idle
+        expiry = self.limits.keepalive_expiry_s
+        while idle:
+            c = idle.pop()
+            if c.state is not ConnState.IDLE or c.in_use:
+                continue  # closed, or handed out by the slow path since
+            if now - c.idle_since >= expiry or c.is_stale():
+                c.state = ConnState.CLOSED
+                closing.append(c)
+                continue
+            c.in_use = 1
+            c.state = ConnState.ACTIVE
+            if c.http2:
+                self._hot = c
+            return c
+        return None
 
     def _hand(self, w: Waiter, c: Connection) -> None:
         if self.waiters[0] is w:  # FIFO: almost always the head, O(1)
@@ -290,11 +327,19 @@ class OriginPool:
         """A connection with a slot reserved for one exchange; opens one if the plan says so."""
         if self.closed:
             raise UpstreamClosed("the upstream client is closed")
+        if not fresh and not self.waiters:
+            closing: list[Connection] = []
+            c = self._fast(time.monotonic(), closing)
+            if closing:
+                self.conns = [x for x in self.conns if x not in closing]
+                await close_all(closing)
+            if c is not None:
+                return c
         w = Waiter(fresh)
         self.waiters.append(w)
         closing = self._run()
         if closing:
-            await _close_all(closing)
+            await close_all(closing)
         if w.conn is None:
             w.event = anyio.Event()
             try:
@@ -309,7 +354,7 @@ class OriginPool:
                     self._give_back(got)
                 closing = self._run()
                 if closing:
-                    await _close_all(closing)
+                    await close_all(closing)
                 if isinstance(e, TimeoutError):
                     raise UpstreamPoolTimeout(
                         f"no connection to {self.origin} became free within "
@@ -331,7 +376,7 @@ class OriginPool:
             pending.state = ConnState.CLOSED
             closing = self._run()
             if closing:
-                await _close_all(closing)
+                await close_all(closing)
             raise
         if self.closed or pending.state is ConnState.CLOSED:  # pool closed meanwhile
             await real.aclose()
@@ -339,26 +384,39 @@ class OriginPool:
         self.http2 = real.http2
         if real.http2:
             self._h2_streams = max(1, real.capacity)
+            self._hot = real
         real.in_use = 1
         real.state = ConnState.ACTIVE
         self.conns[self.conns.index(pending)] = real
         closing = self._run()  # waiters absorbed by the pending slot may now fit on it
         if closing:
-            await _close_all(closing)
+            await close_all(closing)
         return real
 
-    async def release(self, conn: Connection) -> None:
-        """One exchange on `conn` finished (cleanly or not: the connection's state says)."""
+    def release_nowait(self, conn: Connection) -> list[Connection]:
+        """One exchange on `conn` finished (cleanly or not: the connection's state says).
+        Bookkeeping only; returns the connections the caller must close (close_all)."""
         self._give_back(conn)
-        closing = self._run()
-        if closing:
-            await _close_all(closing)
+        st = conn.state
+        if not self.waiters:  # fast path: nobody to hand the slot to, nothing to close
+            if st is ConnState.ACTIVE:
+                return []
+            if st is ConnState.IDLE:
+                self._idle.append(conn)
+                if len(self._idle) <= self.limits.max_keepalive:
+                    return []
+        return self._run()
+
+    async def release(self, conn: Connection) -> None:
+        closing = self.release_nowait(conn)
+        if closing:  # only then a (shielded) await: the common release never yields
+            await close_all(closing)
 
     async def changed(self) -> None:
         """A connection changed on its own (GOAWAY, closed, new SETTINGS): re-plan."""
         closing = self._run()
         if closing:
-            await _close_all(closing)
+            await close_all(closing)
 
     async def sweep(self) -> None:
         """Close idle connections past their expiry even when no request comes by."""
@@ -373,7 +431,7 @@ class OriginPool:
             if w.event is not None:
                 w.event.set()
         conns, self.conns = self.conns, []
-        await _close_all(conns)
+        await close_all(conns)
 
     def __repr__(self) -> str:
         proto = {None: "h?", True: "h2", False: "h1"}[self.http2]
@@ -381,7 +439,11 @@ class OriginPool:
         return f"<OriginPool {self.origin} {proto} conns={self.conns!r} waiters={n}>"
 
 
-async def _close_all(conns: list[Connection]) -> None:
+def _idle_since(c: Connection) -> float:
+    return c.idle_since
+
+
+async def close_all(conns: list[Connection]) -> None:
     with anyio.CancelScope(shield=True):
         for c in conns:
             await c.aclose()
