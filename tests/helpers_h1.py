@@ -11,6 +11,8 @@
 - `parse_responses(data, methods)` splits raw response bytes into `Response` records (interim 1xx
   responses included), honouring Content-Length, chunked and close-delimited bodies and the
   no-body rule of HEAD / 204 / 304.
+- `exchange(stream, raw, n)` writes raw request bytes to any connected anyio byte stream (a real
+  socket, TLS) and returns the next `n` final responses.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "Client",
     "MemoryStream",
     "Response",
+    "exchange",
     "h1_serving",
     "memory_stream_pair",
     "normalize_date",
@@ -313,6 +316,30 @@ class Client:
                     break
         del self.received[:used]
         return taken
+
+
+async def exchange(
+    stream: ByteStream,
+    raw: bytes,
+    n: int = 1,
+    methods: Sequence[str] = (),
+    timeout: float = WAIT_S,
+) -> list[Response]:
+    """Send `raw` on `stream`, read until `n` final responses are complete; return the finals."""
+    await stream.send(raw)
+    buf = b""
+    eof = False
+    with anyio.fail_after(timeout):
+        while True:
+            got = [r for r in parse_responses(buf, methods, at_eof=eof) if r.status >= 200]
+            if len(got) >= n:
+                return got
+            if eof:
+                raise AssertionError(f"closed after {len(got)} responses: {buf[:300]!r}")
+            try:
+                buf += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                eof = True
 
 
 @asynccontextmanager
