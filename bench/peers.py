@@ -109,6 +109,10 @@ def litellm_config(up: Upstream) -> str:
         "  num_retries: 0\n"
         "  telemetry: false\n"
         "  drop_params: true\n"
+        "  set_verbose: false\n"
+        "general_settings:\n"
+        "  disable_spend_logs: true\n"
+        "  disable_error_logs: true\n"
     )
 
 
@@ -123,6 +127,7 @@ def litellm_proc(
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no cost-map fetch at start-up
         "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",  # master key off
         "LITELLM_LOG": "ERROR",
+        "LITELLM_MODE": "PRODUCTION",
         "LITELLM_TELEMETRY": "False",
         "NO_DOCKER": "True",
     }

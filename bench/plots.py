@@ -60,6 +60,8 @@ def throughput_vs_concurrency(records: Sequence[dict[str, Any]], out: Path) -> P
         pts = sorted(by[tgt])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=tgt)
     ax.set_xscale("log", base=2)
+    xs = sorted({p[0] for pts in by.values() for p in pts})
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel("concurrent connections")
     ax.set_ylabel("requests / s (median of repeats)")
     ax.set_title("non-stream chat: throughput vs concurrency")
@@ -113,6 +115,12 @@ def write_all(records: Sequence[dict[str, Any]], out: Path, gateway: str = "rawg
 
 
 def _save(fig: Any, ax: Any, path: Path) -> Path:
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    if ax.get_xscale() == "log":  # plain numbers, no overlapping minor-tick labels
+        if not ax.get_xticklabels() or not ax.get_xticklabels()[0].get_text():
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -220,6 +220,10 @@ async def serve_h1(stream: anyio.abc.SocketStream) -> None:
         await stream.aclose()
 
 
+# h2load counts a response whose status line has an empty reason phrase as failed.
+_REASON = {200: b"OK", 404: b"Not Found"}
+
+
 async def _respond_h1(
     stream: anyio.abc.SocketStream,
     conn: h11.Connection,
@@ -234,12 +238,12 @@ async def _respond_h1(
         headers.append((b"content-length", str(len(payload)).encode()))
         # One write for head and body: no Nagle x delayed-ACK stall on the reader's side.
         await stream.send(
-            conn.send(h11.Response(status_code=status, headers=headers))
+            conn.send(h11.Response(status_code=status, headers=headers, reason=_REASON[status]))
             + conn.send(h11.Data(data=payload))
             + conn.send(h11.EndOfMessage())
         )
         return
-    head = conn.send(h11.Response(status_code=status, headers=headers))
+    head = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASON[status]))
     for i, frame in enumerate(frames):
         out = conn.send(h11.Data(data=frame))
         if i == 0:
