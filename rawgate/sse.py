@@ -117,8 +117,8 @@ class SSEDecoder:
 
     def _feed_fast(self, chunk: bytes) -> list[bytes]:
         """Gemini's exact framing: one `data: ` line per event, CRLF CRLF after it. One split
-        on the separator and two memchr checks per event; no CRLF normalisation pass (on a 16 KiB
-        read that pass cost more than the events' JSON decode: 4.1 -> 1.2 us per event). Any
+        on the separator and two memchr checks per event, no CRLF normalisation pass: 1.3 us per
+        event instead of 2.0 us on 16 KiB reads (bench/micro.py, `sse decode` lines). Any
         other shape (LF or CR framing, multi-line data, fields, a raw JSON error) hands the
         rest of the stream to the general parser, for good."""
         buf = self._buf
@@ -171,7 +171,8 @@ class SSEDecoder:
             if chunk.endswith(b"\r"):
                 chunk = chunk[:-1]
                 self._cr = True
-            # One C pass each; Gemini's CRLF framing makes this the common case (~0.1 us/KiB).
+            # Two C passes (~2.4 us per KiB on the bench machine: why Gemini's CRLF framing
+            # gets the fast path above instead).
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._buf
         if buf:
@@ -195,7 +196,7 @@ class SSEDecoder:
         out: list[bytes] = []
         for block in blocks:
             # Fast path, one event per block as Gemini sends it: `data: {...}` on one line.
-            # Skips the per-line loop: 0.25 us instead of 0.9 us per event.
+            # Skips the per-line loop: 1.1 us instead of 1.5 us per event (LF framing).
             if self._raw is None and block.startswith(b"data: "):
                 if b"\n" not in block:
                     if len(block) > self._max:

@@ -91,6 +91,7 @@ _ARGS_DONE = _prefix("response.function_call_arguments.done")
 _INPUT_DELTA = _prefix("response.custom_tool_call_input.delta")
 _INPUT_DONE = _prefix("response.custom_tool_call_input.done")
 _TEXT_DELTA_END = b',"logprobs":[]}'
+_TEXT_DELTA_TAIL = _TEXT_DELTA_END + b"\n\n"
 _TRY_AGAIN = re.compile(r"(?i)try again in\s*\d")
 
 
@@ -335,7 +336,7 @@ class ResponsesStream:
         """head + sequence number + rest; `rest` starts with ',' and closes the object."""
         seq = self._seq
         self._seq = seq + 1
-        return head + b"%d" % seq + rest + b"\n\n"
+        return b"".join((head, b"%d" % seq, rest, b"\n\n"))
 
     def _event(self, head: bytes, fields: dict[str, Any]) -> bytes:
         return self._frame(head, b"," + _dumps(fields)[1:])
@@ -350,12 +351,18 @@ class ResponsesStream:
 
     def _parts(self, parts: list[Part], out: list[bytes]) -> None:
         m = self._message
-        if m is not None and len(parts) == 1:  # the common chunk: more text for the open message
+        # The common chunk, more text for the open message: the same shortcut as transcode_chat's
+        # one-part path (1.0 instead of 1.4 us per chunk there).
+        if m is not None and len(parts) == 1:
             p = parts[0]
             t = p.text
             if t and not p.thought and p.functionCall is None and p.thoughtSignature is None:
                 m.pieces.append(t)
-                out.append(self._frame(_TEXT_DELTA, m.mid + _dumps(t) + _TEXT_DELTA_END))
+                seq = self._seq
+                self._seq = seq + 1
+                # One join of constant pieces: 0.34 us per delta event, a dict + orjson.dumps
+                # per event 1.01 us (bench/micro.py, `text-delta event` lines).
+                out.append(b"".join((_TEXT_DELTA, b"%d" % seq, m.mid, _dumps(t), _TEXT_DELTA_TAIL)))
                 return
         for p in parts:
             fc = p.functionCall

@@ -1,0 +1,353 @@
+"""Micro-benchmarks of the translation layer, in process, one core: `python -m bench.micro`.
+
+What each line measures (best of --repeat runs of about --seconds each):
+- decode+map chat / responses: request bytes -> msgspec Struct -> GeminiCall -> upstream body
+  bytes (a 12-message chat with 3 tools; Codex's 9-item turn with 4 tools).
+- sse decode: Gemini's CRLF-framed body fed in 16 KiB reads -> event payloads.
+- decode_reply: one ~400-byte Gemini chunk -> Reply view.
+- chat / responses stream: the full per-chunk pump the gateway runs (SSE decode -> decode_reply
+  -> transcoder feed -> downstream bytes), as upstream chunks per second; for chat also with a
+  naive dict-per-frame encoder, and for Responses the text-delta frame built both ways: the
+  baselines the precomputed frame pieces are measured against.
+- chat / responses non-stream: one Gemini body -> the OpenAI JSON.
+
+The gateway targets >= 50,000 upstream chunks/s end to end through one worker; the transcoder
+pump must leave most of that budget to the network layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from rawgate import mapping, schemas
+from rawgate.gemini import decode_reply
+from rawgate.sse import SSEDecoder
+from rawgate.transcode_chat import ChatStream, chat_response
+from rawgate.transcode_responses import ResponsesStream, responses_response
+
+ROOT = Path(__file__).resolve().parent.parent
+READ_BYTES = 16 * 1024  # a typical TLS record / socket read
+
+
+def _chat_request() -> bytes:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool_{i}",
+                "description": "Does a thing.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"path": {"type": "string"}, "n": {"type": ["integer", "null"]}},
+                    "required": ["path"],
+                },
+            },
+        }
+        for i in range(3)
+    ]
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": "You are helpful. " * 20}]
+    for i in range(5):
+        msgs.append({"role": "user", "content": f"Question {i}: " + "lorem ipsum " * 30})
+        msgs.append({"role": "assistant", "content": "Answer " + "dolor sit " * 30})
+    msgs.append({"role": "user", "content": "And finally?"})
+    body = {"model": "gpt-4o", "messages": msgs, "tools": tools, "stream": True}
+    return orjson.dumps(body)
+
+
+def _chunk(i: int, text: str, last: bool = False) -> dict[str, Any]:
+    cand: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+    if last:
+        cand["finishReason"] = "STOP"
+    return {
+        "candidates": [cand],
+        "usageMetadata": {
+            "promptTokenCount": 1210,
+            "candidatesTokenCount": 12 * (i + 1),
+            "totalTokenCount": 1210 + 12 * (i + 1),
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 1210}],
+            "thoughtsTokenCount": 0,
+        },
+        "modelVersion": "gemini-2.5-flash",
+        "responseId": "EdDHavuSDILGjMcPvefFoQg",
+    }
+
+
+def _stream(n: int) -> tuple[bytes, list[bytes]]:
+    texts = [f"word{i} and some more text, é ☕ {i} " for i in range(n)]
+    payloads = [
+        json.dumps(_chunk(i, t, i == n - 1), ensure_ascii=False, separators=(",", ": ")).encode()
+        for i, t in enumerate(texts)
+    ]
+    body = b"".join(b"data: " + p + b"\r\n\r\n" for p in payloads)
+    return body, payloads
+
+
+def _reads(body: bytes) -> list[bytes]:
+    return [body[i : i + READ_BYTES] for i in range(0, len(body), READ_BYTES)]
+
+
+def _bench(fn: Callable[[], int], seconds: float, repeat: int) -> float:
+    """Units per second: best of `repeat` runs, each calling fn until `seconds` elapsed."""
+    fn()  # warm-up
+    best = 0.0
+    for _ in range(repeat):
+        units = 0
+        t0 = time.perf_counter()
+        deadline = t0 + seconds
+        while True:
+            units += fn()
+            t = time.perf_counter()
+            if t >= deadline:
+                break
+        best = max(best, units / (t - t0))
+    return best
+
+
+# ---- the naive baseline: one dict per frame, as a straightforward transcoder would do --------
+
+
+def _naive_chat_pump(reads: list[bytes], call: Any) -> int:
+    dec = SSEDecoder()
+    created = int(time.time())
+    n = 0
+    for r in reads:
+        for p in dec.feed(r):
+            reply = decode_reply(p)
+            for c in reply.candidates:
+                text = "".join(pt.text or "" for pt in (c.content.parts if c.content else []))
+                frame = {
+                    "id": "chatcmpl-" + (reply.responseId or ""),
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": call.client_model,
+                    "system_fingerprint": None,
+                    "choices": [
+                        {
+                            "index": c.index,
+                            "delta": {"content": text},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+                _ = b"data: " + orjson.dumps(frame) + b"\n\n"
+            n += 1
+    dec.close()
+    return n
+
+
+def run(seconds: float, repeat: int, chunks: int) -> list[tuple[str, float, str]]:
+    results: list[tuple[str, float, str]] = []
+
+    def add(name: str, per_s: float, unit: str) -> None:
+        results.append((name, per_s, unit))
+
+    chat_req = _chat_request()
+    codex_req = (ROOT / "tests" / "data" / "requests" / "codex_turn.json").read_bytes()
+
+    def decode_map_chat() -> int:
+        call = mapping.chat_to_gemini(schemas.decode_chat(chat_req), "gemini-2.5-flash")
+        mapping.gemini_body(call)
+        return 1
+
+    def decode_map_responses() -> int:
+        req = schemas.decode_responses(codex_req)
+        call = mapping.responses_to_gemini(req, "gemini-3-pro-preview")
+        mapping.gemini_body(call)
+        return 1
+
+    add("decode+map chat (12 msgs, 3 tools)", _bench(decode_map_chat, seconds, repeat), "req/s")
+    add("decode+map responses (Codex turn)", _bench(decode_map_responses, seconds, repeat), "req/s")
+
+    body, payloads = _stream(chunks)
+    reads = _reads(body)
+
+    def sse_decode() -> int:
+        d = SSEDecoder()
+        n = 0
+        for r in reads:
+            n += len(d.feed(r))
+        return n + len(d.close())
+
+    add(
+        f"sse decode ({len(body) // chunks} B events, 16 KiB reads)",
+        _bench(sse_decode, seconds, repeat),
+        "events/s",
+    )
+
+    sample = payloads[len(payloads) // 2]
+
+    def one_decode() -> int:
+        for _ in range(100):
+            decode_reply(sample)
+        return 100
+
+    add("decode_reply (one chunk)", _bench(one_decode, seconds, repeat), "chunks/s")
+
+    chat_call = mapping.chat_to_gemini(
+        schemas.decode_chat(
+            orjson.dumps(
+                {
+                    "model": "gpt-4o",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            )
+        ),
+        "gemini-2.5-flash",
+    )
+    resp_call = mapping.responses_to_gemini(
+        schemas.decode_responses(b'{"model":"gpt-5","input":"hi","stream":true}'),
+        "gemini-2.5-flash",
+    )
+
+    def chat_pump() -> int:
+        dec = SSEDecoder()
+        cs = ChatStream(chat_call)
+        n = 0
+        for r in reads:
+            for p in dec.feed(r):
+                cs.feed(decode_reply(p))
+                n += 1
+        for p in dec.close():
+            cs.feed(decode_reply(p))
+        cs.finish()
+        return n
+
+    def responses_pump() -> int:
+        dec = SSEDecoder()
+        rs = ResponsesStream(resp_call, "resp_bench")
+        rs.start()
+        n = 0
+        for r in reads:
+            for p in dec.feed(r):
+                rs.feed(decode_reply(p))
+                n += 1
+        rs.finish()
+        return n
+
+    replies = [decode_reply(p) for p in payloads]
+
+    def chat_feed_only() -> int:
+        cs = ChatStream(chat_call)
+        for rep in replies:
+            cs.feed(rep)
+        return len(replies)
+
+    def responses_feed_only() -> int:
+        rs = ResponsesStream(resp_call, "resp_bench")
+        rs.start()
+        for rep in replies:
+            rs.feed(rep)
+        return len(replies)
+
+    def sse_general() -> int:
+        d = SSEDecoder()
+        d._fast = False  # the general parser, the baseline of the CRLF fast path
+        n = 0
+        for r in reads:
+            n += len(d.feed(r))
+        return n + len(d.close())
+
+    add("chat stream pump (sse+decode+transcode)", _bench(chat_pump, seconds, repeat), "chunks/s")
+    add(
+        "  naive dict-per-frame baseline",
+        _bench(lambda: _naive_chat_pump(reads, chat_call), seconds, repeat),
+        "chunks/s",
+    )
+    add(
+        "responses stream pump (sse+decode+transcode)",
+        _bench(responses_pump, seconds, repeat),
+        "chunks/s",
+    )
+    # The frame-building trick alone (transcode_responses' text-delta path vs a dict per event).
+    head = (
+        b"event: response.output_text.delta\n"
+        b'data: {"type":"response.output_text.delta","sequence_number":'
+    )
+    mid = b',"item_id":"msg_0123456789abcdef01234567","output_index":1,"content_index":0,"delta":'
+    tail = b',"logprobs":[]}\n\n'
+    text = "word12 and some more text, é ☕ 12 "
+
+    def frame_join() -> int:
+        for seq in range(100):
+            b"".join((head, b"%d" % seq, mid, orjson.dumps(text), tail))
+        return 100
+
+    def frame_dict() -> int:
+        for seq in range(100):
+            ev = {
+                "type": "response.output_text.delta",
+                "sequence_number": seq,
+                "item_id": "msg_0123456789abcdef01234567",
+                "output_index": 1,
+                "content_index": 0,
+                "delta": text,
+                "logprobs": [],
+            }
+            b"event: response.output_text.delta\ndata: " + orjson.dumps(ev) + b"\n\n"
+        return 100
+
+    add(
+        "  text-delta event: constant pieces joined",
+        _bench(frame_join, seconds, repeat),
+        "frames/s",
+    )
+    add("  text-delta event: dict + orjson.dumps", _bench(frame_dict, seconds, repeat), "frames/s")
+    add("chat transcoder feed only", _bench(chat_feed_only, seconds, repeat), "chunks/s")
+    add("responses transcoder feed only", _bench(responses_feed_only, seconds, repeat), "chunks/s")
+    add("  sse decode, general parser only", _bench(sse_general, seconds, repeat), "events/s")
+
+    tools_body = (ROOT / "tests" / "data" / "gemini" / "tools_nonstream.json").read_bytes()
+
+    def chat_whole() -> int:
+        chat_response(chat_call, decode_reply(tools_body))
+        return 1
+
+    def responses_whole() -> int:
+        responses_response(resp_call, decode_reply(tools_body), "resp_bench")
+        return 1
+
+    add("chat non-stream (tool-call reply)", _bench(chat_whole, seconds, repeat), "resp/s")
+    add(
+        "responses non-stream (tool-call reply)", _bench(responses_whole, seconds, repeat), "resp/s"
+    )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
+    ap.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    ap.add_argument("--seconds", type=float, default=0.3, help="length of one run")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per benchmark (best is kept)")
+    ap.add_argument("--chunks", type=int, default=200, help="upstream chunks per stream")
+    args = ap.parse_args(argv)
+    seconds, repeat = (0.05, 2) if args.quick else (args.seconds, args.repeat)
+    results = run(seconds, repeat, args.chunks)
+    meta = {"python": platform.python_version(), "machine": platform.machine()}
+    if args.json:
+        for name, value, unit in results:
+            print(
+                json.dumps({"bench": name.strip(), "value": round(value, 1), "unit": unit, **meta})
+            )
+    else:
+        print(f"rawgate micro-benchmarks (Python {meta['python']}, one core, best of {repeat})")
+        for name, value, unit in results:
+            per = 1e6 / value if value else 0.0
+            print(f"  {name:<48} {value:>12,.0f} {unit:<9} ({per:7.2f} us each)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
