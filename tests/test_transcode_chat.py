@@ -9,6 +9,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import RateLimited, UpstreamError, UpstreamProtocolError
 from rawgate.gemini import decode_reply
@@ -29,6 +30,10 @@ from tests.test_transcode_golden import (
 pytestmark = pytest.mark.anyio
 
 HI = [{"role": "user", "content": "hi"}]
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object"}},
+}
 
 
 def chat_call(model: str = "gemini-2.5-flash", **body: Any) -> Any:
@@ -459,3 +464,65 @@ def test_sdk_completions_stream_and_whole() -> None:
     with sdk(body) as client:
         got = client.completions.create(model="m", prompt="p")
     assert got.choices[0].text == "We are looking" and got.choices[0].finish_reason == "length"
+
+
+# ---- properties: any Gemini stream gives a stream the SDK accepts --------------------------------
+
+_PART = st.one_of(
+    st.builds(lambda t: {"text": t}, st.text(max_size=12)),
+    st.builds(lambda t: {"text": t, "thought": True}, st.text(max_size=12)),
+    st.builds(lambda t: {"text": t, "thoughtSignature": "U0lH"}, st.text(max_size=4)),
+    st.builds(
+        lambda n: {"functionCall": {"name": "get_weather", "args": {"n": n}}},
+        st.integers(0, 3),
+    ),
+)
+_REPLY = st.lists(
+    st.tuples(st.integers(0, 1), st.lists(_PART, max_size=3)), min_size=1, max_size=3
+).map(
+    lambda cands: {
+        "candidates": [{"index": i, "content": {"parts": p, "role": "model"}} for i, p in cands]
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_REPLY, max_size=5), st.sampled_from([None, "STOP", "MAX_TOKENS", "SAFETY"]))
+def test_property_chat_stream_invariants(replies: list[dict[str, Any]], end: str | None) -> None:
+    call = chat_call(stream=True, n=2, stream_options={"include_usage": True}, tools=[WEATHER])
+    if end is not None:
+        replies = [*replies, {"candidates": [{"index": i, "finishReason": end} for i in (0, 1)]}]
+    out = run_stream(call, sse(*replies))
+    frames_ = frames(out)
+    seen: set[int] = set()
+    for i in (0, 1):
+        mine = [
+            f["choices"][0]
+            for f in frames_
+            if isinstance(f, dict) and f.get("choices") and f["choices"][0]["index"] == i
+        ]
+        if not mine:
+            continue
+        seen.add(i)
+        assert sum("role" in c["delta"] for c in mine) == 1 and "role" in mine[0]["delta"]
+        idx = [tc["index"] for c in mine for tc in c["delta"].get("tool_calls", [])]
+        assert idx == list(range(len(idx)))
+        assert sum(c["finish_reason"] is not None for c in mine) <= 1
+        want = "".join(
+            p["text"]
+            for r in replies
+            for cand in r["candidates"]
+            if cand["index"] == i and "content" in cand
+            for p in cand["content"]["parts"]
+            if "text" in p and not p.get("thought")
+        )
+        assert "".join(c["delta"].get("content") or "" for c in mine) == want
+    if frames_[-1] == "[DONE]":
+        assert frames_[-2]["choices"] == [] and frames_[-2]["usage"] is not None
+    else:
+        assert "error" in frames_[-1]
+    with sdk(out) as client:
+        try:
+            list(client.chat.completions.create(model="m", messages=HI, stream=True))  # type: ignore[arg-type]
+        except openai.APIError:
+            assert "error" in frames_[-1]

@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from rawgate import mapping, schemas
 from rawgate.errors import BadRequest, RateLimited, UpstreamError
@@ -512,3 +513,48 @@ def test_chained_turn_through_the_store() -> None:
     assert model_parts[0] == {"text": "Checking both."}
     assert model_parts[1]["thoughtSignature"] == "Q2lBQjEyMzQ1Njc4OQ=="
     assert "thoughtSignature" not in model_parts[2]
+
+
+# ---- properties: any Gemini stream keeps every invariant -----------------------------------------
+
+_PART = st.one_of(
+    st.builds(lambda t: {"text": t}, st.text(max_size=12)),
+    st.builds(lambda t: {"text": t, "thought": True}, st.text(max_size=12)),
+    st.builds(lambda t: {"text": t, "thoughtSignature": "U0lH"}, st.text(max_size=4)),
+    st.builds(
+        lambda name, sig: (
+            {"functionCall": {"name": name, "args": {"q": 1}}}
+            | ({"thoughtSignature": "Q0FMTA=="} if sig else {})
+        ),
+        st.sampled_from(["get_weather", "apply_patch", "mcp__fs__read", "unknown_tool"]),
+        st.booleans(),
+    ),
+)
+_CHUNKS = st.lists(st.lists(_PART, max_size=4), max_size=6)
+_END = st.sampled_from([None, "STOP", "MAX_TOKENS", "SAFETY", "MALFORMED_FUNCTION_CALL", "OTHER"])
+_CODEX = case("responses_codex")
+
+
+@settings(max_examples=60, deadline=None)
+@given(_CHUNKS, _END, st.sampled_from(["gemini-3-pro-preview", "gemini-2.5-flash"]))
+def test_property_any_stream_keeps_the_invariants(
+    chunks: list[list[dict[str, Any]]], end: str | None, model: str
+) -> None:
+    call = make_call("responses", _CODEX["request"], model)
+    replies = [{"candidates": [{"content": {"parts": p, "role": "model"}}]} for p in chunks]
+    if end is not None:
+        replies.append({"candidates": [{"finishReason": end}]})
+    out = run_stream(call, sse(*replies))
+    evs = check_stream(out)
+    items, terminal = codex_view(out)
+    if terminal["type"] == "response.completed":
+        assert items == terminal["response"]["output"]
+        calls = [i for i in items if i["type"] in ("function_call", "custom_tool_call")]
+        n_calls = sum("functionCall" in p for c in chunks for p in c)
+        assert len(calls) == n_calls and len({c["call_id"] for c in calls}) == n_calls
+        text = "".join(p["text"] for c in chunks for p in c if "text" in p and not p.get("thought"))
+        got = "".join(
+            part["text"] for i in items if i["type"] == "message" for part in i["content"]
+        )
+        assert got == text
+    assert evs[-1]["sequence_number"] == len(evs) - 1
