@@ -137,6 +137,18 @@ def _skeleton(call: GeminiCall, response_id: str, created_at: int) -> dict[str, 
     }
 
 
+def _message_item(
+    item_id: str, status: str = "in_progress", content: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": status,
+        "content": content or [],
+        "role": "assistant",
+    }
+
+
 class _Reasoning:
     __slots__ = ("id", "index", "mid", "pieces", "sigs", "summary_open")
 
@@ -449,13 +461,7 @@ class ResponsesStream:
 
     def _open_message(self, out: list[bytes]) -> _Message:
         m = _Message(len(self._items))
-        item = {
-            "id": m.id,
-            "type": "message",
-            "status": "in_progress",
-            "content": [],
-            "role": "assistant",
-        }
+        item = _message_item(m.id)
         self._add(item, out)
         part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
         fields = {"item_id": m.id, "output_index": m.index, "content_index": 0, "part": part}
@@ -469,13 +475,7 @@ class ResponsesStream:
         out.append(self._event(_TEXT_DONE, {**base, "text": text, "logprobs": []}))
         part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
         out.append(self._event(_PART_DONE, {**base, "part": part}))
-        item = {
-            "id": m.id,
-            "type": "message",
-            "status": "completed",
-            "content": [part],
-            "role": "assistant",
-        }
+        item = _message_item(m.id, "completed", [part])
         self._message = None
         self._done(m.index, item, out)
 
@@ -535,13 +535,7 @@ class ResponsesStream:
             f" {detail}" if detail else ""
         )
         m = _Message(len(self._items))
-        item = {
-            "id": m.id,
-            "type": "message",
-            "status": "in_progress",
-            "content": [],
-            "role": "assistant",
-        }
+        item = _message_item(m.id)
         self._add(item, out)
         base = {"item_id": m.id, "output_index": m.index, "content_index": 0}
         out.append(self._event(_PART_ADDED, {**base, "part": {"type": "refusal", "refusal": ""}}))
