@@ -55,7 +55,7 @@ OUT_DIR = ROOT / "bench" / "out"  # gitignored: logs and default result files
 GATEWAY_CPU = 1
 CLIENT_CPU = 0
 # Start-up bounds.
-UPSTREAM_START_S = 20.0
+UPSTREAM_START_S = 10.0
 RAWGATE_START_S = 30.0
 # A run whose load generator + upstream used more than this share of their core is flagged:
 # the client side, not the gateway, may have been the limit (reliability.md 5.3).
@@ -132,13 +132,21 @@ class Bench:
         try:
             p.start().wait_ready(UPSTREAM_START_S)
         except ProcError as e:
+            p.stop()
+            if kind == "emulator" and self.args.emulator_engine == "fast":
+                self.note(f"emulator --engine fast did not start ({_first(e)}); "
+                          "trying --engine standard")
+                self.args.emulator_engine = "standard"
+                self.start_upstream()
+                return
             if kind == "emulator" and self.args.upstream == "auto":
-                p.stop()
                 self.note(f"emulator did not start ({_first(e)}); using the stand-in")
                 self.args.upstream = "standin"
                 self.start_upstream()
                 return
             raise
+        if kind == "emulator":
+            self.note(f"upstream: rawgate emulate --engine {self.args.emulator_engine}")
         self.upstream = Upstream("emulator" if kind == "emulator" else "standin", port,
                                  api_key=self.args.api_key)
         self.upstream_proc = p
@@ -336,8 +344,9 @@ class Bench:
                    "server": {"target_cpu_s": srv_cpu}})
         lat = res["latency_ms"]
         print(f"  [{scenario} {case}] {name}: {res['rps']:,.0f} req/s p50 "
-              f"{lat.get('p50', 0):.3f} ms (loadgen CPU {res['loadgen_cpu_util']:.0%}), "
-              f"errors {res['error_total']}", file=sys.stderr)
+              f"{lat.get('p50', 0):.3f} ms (loadgen CPU {res['loadgen_cpu_util']:.0%}, "
+              f"{res['rps_per_cpu_s']:,.0f} req per CPU-s), errors {res['error_total']}",
+              file=sys.stderr)
 
     def _external(self, scenario: str, case: str, port: int, path: str, body: str,
                   headers: list[tuple[str, str]], conns: int, dur: float) -> None:

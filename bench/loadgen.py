@@ -201,6 +201,8 @@ def result_json(
         "cdf": cdf(stats.latency, spec.cdf_points),
         "loadgen_cpu_s": round(cpu_s, 4),
         "loadgen_cpu_util": cpu_s / elapsed if elapsed > 0 else 0.0,
+        # Requests per CPU-second of this process: its speed even when it shares its core.
+        "rps_per_cpu_s": ok / cpu_s if cpu_s > 0 else 0.0,
         "loop": loop,
         "proto": spec.proto,
         "mode": spec.mode,
