@@ -34,6 +34,8 @@ STOP_GRACE_S = 3.0
 SAMPLE_PERIOD_S = 0.05
 # Readiness polling period.
 READY_POLL_S = 0.05
+# A server that keeps closing accepted connections without a byte for this long is broken.
+DROP_GIVE_UP_S = 2.0
 # A load generator may take this long after its own time bound before it is killed.
 LOADGEN_GRACE_S = 30.0
 
@@ -119,15 +121,20 @@ def pin_argv(argv: Sequence[str], cpu: int | None) -> list[str]:
 
 
 def http_probe(host: str, port: int, path: str, timeout: float = 1.0) -> int:
-    """Status code of `GET path`, 0 when nothing answered."""
+    """Status code of `GET path`; 0 when nothing listens or answers in time, -1 when the
+    server accepted the connection and closed it without a byte (a broken server)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.sendall(
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
             )
             data = s.recv(64)
+    except ConnectionResetError:
+        return -1
     except OSError:
         return 0
+    if not data:
+        return -1
     parts = data.split(b" ", 2)
     if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
         return int(parts[1])
@@ -198,6 +205,7 @@ class Proc:
         """Until `GET ready_path` gets any HTTP answer; ProcError if it exits or times out."""
         assert self.popen is not None
         deadline = time.monotonic() + timeout
+        dropped = 0
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 tail = self.log_tail()
@@ -206,8 +214,16 @@ class Proc:
                     f"{self.name} exited with {self.popen.returncode} before it was ready: "
                     f"{last}\n{tail}"
                 )
-            if http_probe("127.0.0.1", self.port, self.ready_path, timeout=0.5):
+            status = http_probe("127.0.0.1", self.port, self.ready_path, timeout=0.5)
+            if status > 0:
                 return
+            if status < 0:
+                dropped += 1
+                if dropped * READY_POLL_S >= DROP_GIVE_UP_S:
+                    raise ProcError(f"{self.name} accepts connections on port {self.port} but "
+                                    "closes them without answering:\n" + self.log_tail())
+            else:
+                dropped = 0
             time.sleep(READY_POLL_S)
         raise ProcError(f"{self.name} not ready on port {self.port} after {timeout} s:\n"
                         + self.log_tail())

@@ -496,3 +496,23 @@ async def test_h2_client_multiplexes_streams() -> None:
         assert runner.stats.ok == 4 and runner.stats.errors == {}
 
     await _with_standin(go)
+
+
+def test_http_probe_tells_silence_from_a_server_that_drops_connections() -> None:
+    import socket
+    import threading
+
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen()
+        port = ls.getsockname()[1]
+
+        def drop_one() -> None:
+            conn, _ = ls.accept()
+            conn.close()
+
+        t = threading.Thread(target=drop_one)
+        t.start()
+        assert procs.http_probe("127.0.0.1", port, "/", timeout=2.0) == -1
+        t.join(5)
+    assert procs.http_probe("127.0.0.1", port, "/", timeout=0.5) == 0  # nothing listens now
