@@ -144,6 +144,11 @@ def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
     return b"".join((line, _common_lines(), block, b"\r\n", framing))
 
 
+def _says_close(value: bytes) -> bool:
+    """Whether a Connection header value holds the `close` token (h11's rule, RFC 9112 9.6)."""
+    return any(t.strip() == b"close" for t in value.lower().split(b","))
+
+
 def _is_disconnect(e: BaseException) -> bool:
     if isinstance(e, ClientDisconnected):
         return True
@@ -194,7 +199,7 @@ class _Exchange:
         self.headers: list[Header] = []
         self.http_version = "1.1"
         self.is_head = False
-        self.body: list[bytes] = []
+        self.body: list[bytes | bytearray] = []
         self.body_size = 0
         self.done = False  # the whole body arrived (or there is none)
         self.error: RawgateError | None = None  # answer this instead, then close
@@ -342,6 +347,7 @@ class _Conn:
         "_idle_s",
         "_idle_t",
         "_info",
+        "_length_left",
         "_lim",
         "_linger_s",
         "_max_body",
@@ -393,6 +399,7 @@ class _Conn:
         self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
         self._queue: deque[_Exchange] = deque()
         self._cur: _Exchange | None = None  # receiving its body
+        self._length_left = 0  # Content-Length body bytes still to come for _cur (0: chunked)
         self._head_t: float | None = None  # when the first byte of the pending head arrived
         self._idle_t = time.monotonic()
         self._read_deadline = _INF
@@ -460,7 +467,7 @@ class _Conn:
         self._arm_read()
 
     def _parse(self) -> None:
-        """Turn buffered bytes into exchanges and body pieces until h11 needs more."""
+        """Turn buffered bytes into exchanges and body pieces until more bytes are needed."""
         while not self.discard:
             h = self._h
             ex = self._cur
@@ -488,6 +495,20 @@ class _Conn:
                     return
                 self._on_head(ev, before - len(h._receive_buffer))
                 continue
+            left = self._length_left
+            if left:
+                # (7) A Content-Length body is taken straight from h11's buffer (private API):
+                # h11's Data + EndOfMessage events cost two state-machine rounds per request.
+                piece = h._receive_buffer.maybe_extract_at_most(left)
+                if piece is None:
+                    return
+                self._length_left = left - len(piece)
+                if not self._add_body(ex, piece):
+                    return
+                if not self._length_left:
+                    self._end_body(ex)
+                continue
+            # Chunked: h11 parses the framing.
             try:
                 ev = h.next_event()
             except h11.RemoteProtocolError as e:
@@ -495,31 +516,37 @@ class _Conn:
                 return
             t = type(ev)
             if t is h11.Data:
-                data = cast(h11.Data, ev).data
-                n = len(data)
-                ex.body_size += n
-                self._buffered += n
-                if ex.body_size > self._max_body:
-                    self._body_error(ex, _too_large(self._max_body))
+                if not self._add_body(ex, cast(h11.Data, ev).data):
                     return
-                ex.body.append(data)
             elif t is h11.EndOfMessage:
-                ex.done = True
-                self._cur = None
-                if h.their_state is h11.MUST_CLOSE:  # Connection: close, or HTTP/1.0
-                    ex.close = True
-                if ex.close:
-                    self.discard = True  # nothing after this request is answered
-                # (1) The next cycle parses with a fresh h11.Connection that takes over this
-                # one's buffer (private attribute): pipelined bytes are moved, not copied, so n
-                # pipelined requests in one read cost O(n), not O(n^2) as trailing_data would.
-                nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
-                nxt._receive_buffer = h._receive_buffer
-                self._h = nxt
-                if ex.event is not None:
-                    ex.event.set()
+                self._end_body(ex)
             else:
                 return  # NEED_DATA (PAUSED cannot happen before EndOfMessage)
+
+    def _add_body(self, ex: _Exchange, data: bytes | bytearray) -> bool:
+        n = len(data)
+        ex.body_size += n
+        self._buffered += n
+        if ex.body_size > self._max_body:
+            self._body_error(ex, _too_large(self._max_body))
+            return False
+        ex.body.append(data)
+        return True
+
+    def _end_body(self, ex: _Exchange) -> None:
+        ex.done = True
+        self._cur = None
+        if ex.close:
+            self.discard = True  # nothing after this request is answered
+        # (1) The next cycle parses with a fresh h11.Connection that takes over this one's buffer
+        # (private attribute): pipelined bytes are moved, not copied, so n pipelined requests in
+        # one read cost O(n), not O(n^2) as trailing_data's copies would.
+        h = self._h
+        nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        nxt._receive_buffer = h._receive_buffer
+        self._h = nxt
+        if ex.event is not None:
+            ex.event.set()
 
     def _on_head(self, ev: h11.Request, head_bytes: int) -> None:
         lim = self._lim
@@ -556,13 +583,16 @@ class _Conn:
         for _, name, value in items:
             headers.append((name, value))
             if name == b"content-length":
-                length = value
+                length = value  # h11 checked the digits and merged duplicates
             elif name == b"transfer-encoding":
-                chunked = True
+                chunked = True  # h11 allows nothing but "chunked" (501 otherwise)
+            elif name == b"connection" and _says_close(value):
+                ex.close = True
+        size = int(length) if length is not None else 0
         if chunked and length is not None:
             # Two framings at once is the request-smuggling shape; h11 would let TE win.
             err = BadRequest("both Content-Length and Transfer-Encoding sent")
-        elif length is not None and int(length) > self._max_body:  # h11 checked the digits
+        elif size > self._max_body:
             err = _too_large(self._max_body)
         else:
             try:
@@ -577,8 +607,15 @@ class _Conn:
         ex.target = target
         ex.headers = headers
         ex.expect_100 = self._h.they_are_waiting_for_100_continue
-        self._cur = ex
         self._enqueue(ex)
+        self._cur = ex
+        if chunked:
+            self._length_left = 0
+        elif size:
+            self._length_left = size
+        else:
+            # (8) No body: the request is complete now, without asking h11 for EndOfMessage.
+            self._end_body(ex)
 
     def _enqueue(self, ex: _Exchange) -> None:
         self._queue.append(ex)
@@ -735,8 +772,8 @@ class _Conn:
                 await anyio.sleep(self._linger_s)  # the reader's EOF cancels this early
 
     async def _run(self, ex: _Exchange) -> None:
-        parts = ex.body
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        # Always a join: h11's pieces are bytearrays, and the app gets bytes.
+        body = b"".join(ex.body) if ex.body else b""
         ex.body = []
         self._buffered -= ex.body_size
         info = self._info

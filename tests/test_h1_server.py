@@ -311,6 +311,29 @@ async def test_connection_close_is_honoured() -> None:
     assert len(app.requests) == 1  # nothing after a close request is answered
 
 
+@pytest.mark.parametrize(
+    ("value", "closes"),
+    [
+        ("close", True),
+        ("Keep-Alive, CLOSE", True),
+        (" close ", True),
+        ("closed", False),
+        ("keep-alive", False),
+        ("upgrade", False),
+    ],
+)
+async def test_connection_header_tokens(value: str, closes: bool) -> None:
+    app = Recorder()
+    async with h1_serving(app) as c:
+        await c.send(post("/echo", b"", f"Connection: {value}") + get("/echo"))
+        if closes:
+            rs = parse_responses(await c.read_until_closed())
+        else:
+            rs = await c.responses(2)
+    assert len(rs) == (1 if closes else 2)
+    assert (rs[0].header(b"connection") == b"close") is closes
+
+
 async def test_http10_gets_one_answer_then_close() -> None:
     app = Recorder()
     async with h1_serving(app) as c:
