@@ -1,0 +1,61 @@
+"""The whole product on loopback for end-to-end tests: emulator + gateway + listener.
+
+`gateway_stack(home, ...)` runs `rawgate.stack.open_stack(emulate=True)` (the code path of
+`rawgate serve --emulate`) behind a real listener on 127.0.0.1:0 and yields a `Running` with the
+OpenAI base_url to point SDKs at, the emulator (its test hooks) and the gateway (its scheduler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rawgate.accounts import AccountStore
+from rawgate.config import Config, build_config
+from rawgate.conn import ServerState
+from rawgate.emulator import RunningEmulator, Settings
+from rawgate.gateway import Gateway
+from rawgate.listener import Server, open_server
+from rawgate.stack import open_stack
+
+__all__ = ["Running", "gateway_stack"]
+
+
+@dataclass
+class Running:
+    server: Server
+    emulator: RunningEmulator
+    gateway: Gateway
+    cfg: Config
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.origin + "/v1"
+
+
+@asynccontextmanager
+async def gateway_stack(
+    home: Path,
+    *,
+    settings: Settings | None = None,
+    api_keys: list[tuple[str, str]] | None = None,
+    config: dict[str, Any] | None = None,
+) -> AsyncIterator[Running]:
+    """`api_keys`: (key, label) accounts written to accounts.json first (else the demo account)."""
+    if api_keys:
+        store = AccountStore(home / "accounts.json")
+        for key, label in api_keys:
+            store.add_api_key(key, label=label)
+    cfg = build_config(config or {}, {}, {})
+    state = ServerState()
+    async with open_stack(cfg, state, emulate=True, home=home, emulator_settings=settings) as st:
+        assert st.emulator is not None
+        async with open_server(st.app, st.cfg, host="127.0.0.1", port=0, state=state) as server:
+            yield Running(server, st.emulator, st.gateway, st.cfg)
