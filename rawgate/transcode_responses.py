@@ -576,7 +576,7 @@ def responses_response(call: GeminiCall, reply: Reply, response_id: str) -> byte
         if c.index == 0 and c.content is not None
         for p in c.content.parts
     )
-    rs.start()
+    rs._started = True  # no response.created / in_progress frames: nobody would read them
     rs.feed(reply)
     rs.finish()
     return _dumps(rs.response)
