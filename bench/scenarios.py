@@ -115,8 +115,11 @@ def all_scenarios() -> dict[str, Scenario]:
         ),
         Scenario(
             "stream-chat",
-            "streaming chat, 100 upstream chunks of 16 B, 16 connections",
-            (Case("c=16", _chat(**_STREAM100), Load()),),
+            "streaming chat, 100 upstream chunks of 16 B: TTFB at c=1, chunks/s at c=16",
+            (
+                Case("c=1", _chat(**_STREAM100), Load(concurrency=1), x=1),
+                Case("c=16", _chat(**_STREAM100), Load(), x=16),
+            ),
         ),
         Scenario(
             "responses",
