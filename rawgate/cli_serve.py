@@ -37,7 +37,7 @@ from rawgate import __version__
 from rawgate.app import GatewayApp
 from rawgate.config import Config, ConfigError, auth_mode, load_config
 from rawgate.conn import ServerState
-from rawgate.listener import bind_hosts, open_server, server_ssl_context
+from rawgate.listener import BindError, bind_hosts, open_server, server_ssl_context
 from rawgate.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -186,9 +186,11 @@ def run(args: argparse.Namespace) -> int:
         )
     except ConfigError as e:
         return _fail(str(e), 2)
-    except OSError as e:
-        hosts = ", ".join(bind_hosts(cfg))
-        return _fail(f"cannot listen on {hosts} port {cfg.server.port}: {e.strerror or e}", 1)
+    except BindError as e:
+        return _fail(str(e), 1)
+    except Exception:  # a crashed background task: logged, and a non-zero exit for supervisors
+        log.exception("rawgate serve failed")
+        return 1
 
 
 def _run_loop(fn: Callable[..., Awaitable[int]], *args: Any, **kwargs: Any) -> int:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCEPT_BACKOFF_S",
     "H2_PREFACE",
+    "BindError",
     "Server",
     "bind_hosts",
     "open_server",
@@ -65,6 +66,13 @@ _OVERLOAD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 ACCEPT_BACKOFF_S = 0.1  # trio's SLEEP_TIME: long enough for a few connections to close
 _SNIFF_READ_BYTES = 64 * 1024
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class BindError(OSError):
+    """A listening address could not be bound; str() names the address and the reason."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def bind_hosts(cfg: Config, host: str | None = None) -> list[str]:
@@ -335,7 +343,7 @@ async def _bind(
                 if h == "::" and listeners:
                     log.info("not listening on [::] (no IPv6 here?): %s", e)
                     continue
-                raise
+                raise BindError(e.errno, f"cannot listen on {h} port {want}: {e.strerror or e}")
             listeners.extend(cast("list[SocketListener]", multi.listeners))
             if want == 0:  # one free port, the same on every address
                 want = int(multi.listeners[0].extra(SocketAttribute.local_port))
@@ -359,8 +367,9 @@ async def open_server(
 ) -> AsyncIterator[Server]:
     """Listen and serve `app` until the context exits (or shutdown() is awaited).
 
-    Raises OSError when an address cannot be bound. `state` is the ServerState the app was built
-    with, if any (a fresh one otherwise); `reuse_port` sets SO_REUSEPORT for multi-process serving.
+    Raises BindError (an OSError) when an address cannot be bound. `state` is the ServerState
+    the app was built with, if any (a fresh one otherwise); `reuse_port` sets SO_REUSEPORT for
+    multi-process serving.
     """
     listeners = await _bind(cfg, host, port, reuse_port)
     server = Server(app, cfg, listeners, ssl_context, state or ServerState())

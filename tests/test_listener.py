@@ -514,3 +514,25 @@ def test_rawgate_serve_auth_on_without_keys_exits_2(serve_proc: Any, tmp_path: P
     lines = err.strip().splitlines()
     assert p.returncode == 2 and out == ""
     assert len(lines) == 1 and "auth.api_keys" in lines[0], err
+
+
+def test_rawgate_serve_port_in_use_exits_1_with_one_line(serve_proc: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = serve_proc("--port", str(port))
+        out, err = p.communicate(timeout=15)
+    lines = err.strip().splitlines()
+    assert p.returncode == 1 and out == ""
+    assert len(lines) == 1 and f"127.0.0.1 port {port}" in lines[0], err
+
+
+async def test_open_server_bind_error_names_the_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(listener.BindError, match=f"127.0.0.1 port {port}"):
+            async with listener.open_server(App(), Config(), host="127.0.0.1", port=port):
+                pass
