@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,7 @@ RAWGATE_START_S = 30.0
 # A run whose load generator + upstream used more than this share of their core is flagged:
 # the client side, not the gateway, may have been the limit (reliability.md 5.3).
 CLIENT_BOUND_UTIL = 0.85
+RAWGATE_CMD = "{python} -m rawgate serve --host 127.0.0.1 --port {port}"
 # Special scenarios handled here rather than by the load generator alone.
 CEILING = "loadgen-ceiling"
 XCHECK = "xcheck"
@@ -176,8 +178,8 @@ class Bench:
             reason = "`rawgate accounts add` failed: " + (add.stdout + add.stderr).strip()[:200]
         else:
             port = procs.free_port()
-            argv = [sys.executable, "-m", "rawgate", "serve", "--host", "127.0.0.1",
-                    "--port", str(port)]
+            argv = [a.replace("{port}", str(port)).replace("{python}", sys.executable)
+                    for a in shlex.split(self.args.rawgate_cmd)]
             p = Proc("rawgate", argv, port=port, ready_path="/healthz", env=env, cwd=str(ROOT),
                      cpu=self.cpu("gateway"), log_dir=self.log_dir)
             try:
@@ -415,6 +417,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-key", default="bench-key", help="the upstream account's API key")
     p.add_argument("--emulator-engine", choices=("fast", "standard"), default="fast",
                    help="rawgate emulate --engine (fast: HTTP/1.1 only, the cheaper upstream)")
+    p.add_argument("--rawgate-cmd", default=RAWGATE_CMD, metavar="CMD",
+                   help="how to start rawgate ({port}, {python} are substituted), e.g. with "
+                   "--workers 2 or under py-spy record (default: %(default)s)")
     p.add_argument("--xcheck-peers", action="store_true", help="xcheck the peers too")
     p.add_argument("--strict", action="store_true", help="exit 1 on any counted error")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
