@@ -414,6 +414,14 @@ class Gateway:
             try:
                 url, headers, body = await self._upstream_request(acc, call)
                 resp = await self.client.request("POST", url, headers, body)
+                if resp.status == 401 and acc.kind == "oauth":
+                    # An access token can die before its expiry (revoked, clock skew): get a
+                    # fresh one and try this account once more before blaming it.
+                    await resp.aclose()
+                    resp = None
+                    self.tokens.invalidate_if(acc, _bearer_of(headers))
+                    url, headers, body = await self._upstream_request(acc, call)
+                    resp = await self.client.request("POST", url, headers, body)
                 if resp.status != 200:
                     raw = await resp.read(ERROR_BODY_MAX_BYTES)
                     raise error_from_upstream(resp.status, raw, resp.headers)
@@ -640,6 +648,13 @@ def _usage_counts(reply: Reply) -> tuple[int, int]:
     if u is None:
         return 0, 0
     return (u.promptTokenCount or 0), (u.candidatesTokenCount or 0) + (u.thoughtsTokenCount or 0)
+
+
+def _bearer_of(headers: list[Header]) -> str:
+    for k, v in headers:
+        if k == b"authorization":
+            return v.removeprefix(b"Bearer ").decode("ascii", "replace")
+    return ""
 
 
 def _header_text(text: str) -> bytes:

@@ -247,6 +247,13 @@ class TokenManager:
         """Forget the token (the upstream answered 401 to it): the next call refreshes."""
         self._tokens.pop(acc.id, None)
 
+    def invalidate_if(self, acc: Account, token: str) -> None:
+        """Forget the token only if it is still `token`: of many requests that saw a 401 with
+        the same dead token, the first forces a refresh and the rest use its result."""
+        tok = self._tokens.get(acc.id)
+        if tok is not None and tok.value == token:
+            del self._tokens[acc.id]
+
     async def access_token(self, acc: Account, now: float) -> str:
         """A usable access token for `acc` (refreshing it first if due)."""
         value = self.cached(acc, now)
