@@ -153,6 +153,7 @@ class Gateway:
         self._expose_account = r.expose_account_header
         self._max_depth = cfg.limits.max_json_depth
         self._heartbeat_s = cfg.limits.sse_heartbeat_s
+        self._max_event_bytes = cfg.limits.upstream_max_event_bytes
         self._demo = list(demo_accounts or [])
         self._accounts: dict[str, Account] = {}
         self._in_flight = 0
@@ -438,7 +439,13 @@ class Gateway:
             if call.stream:
                 await self._stream(sink, call, resp, head, acc)
                 return
-            out = self._render(call, reply)  # may raise: an unusable answer is a 502
+            try:
+                out = self._render(call, reply)
+            except RawgateError as e:
+                # An unusable answer (MALFORMED_FUNCTION_CALL ...) is the model's failure, not
+                # the account's: no cooldown, but the next attempt may go elsewhere.
+                self._count(acc, 0, 0, e.message)
+                raise
             await sink.respond(200, [_JSON, *head], out)
             tin, tout = _usage_counts(reply)
             sched.report_success(acc, call.model, time.monotonic(), tin, tout)
@@ -500,7 +507,7 @@ class Gateway:
         acc: Account,
     ) -> None:
         """Pump upstream SSE events to the client, one write per upstream read."""
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(self._max_event_bytes)
         rs: ResponsesStream | None = None
         cs: ChatStream | None = None
         if call.api == "responses":
@@ -521,16 +528,24 @@ class Gateway:
         async with anyio.create_task_group() as tg:
             if interval > 0:
                 tg.start_soon(pump.heartbeat, interval)
+            out: list[bytes] = []
             try:
                 async for chunk in resp.aiter_bytes():
-                    out = b"".join([feed(decode_reply(p)) for p in decoder.feed(chunk)])
+                    for p in decoder.feed(chunk):
+                        out.append(feed(decode_reply(p)))  # noqa: PERF401 (keep partials)
                     if out:
-                        await pump.send(out)
-                tail = b"".join([feed(decode_reply(p)) for p in decoder.close()])
-                tail += finish()
+                        data = b"".join(out)
+                        out.clear()
+                        if data:
+                            await pump.send(data)
+                for p in decoder.close():
+                    out.append(feed(decode_reply(p)))  # noqa: PERF401
+                out.append(finish())
             except RawgateError as e:
+                # Frames already made from this read go out before the error event.
                 upstream_error = e
-                tail = fail(e)
+                out.append(fail(e))
+            tail = b"".join(out)
             tg.cancel_scope.cancel()
         await pump.end(tail)
         now = time.monotonic()

@@ -75,3 +75,70 @@ async def test_responses_and_completions_and_models(tmp_path: Path) -> None:
             models = await c.models.list()
             ids = [m.id for m in models.data]
             assert "gemini-2.5-flash" in ids and "gpt-4o" in ids
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+CALL = '[[emu:tool_call name=get_weather args={"city":"Paris"} signature=sig-abc]]'
+
+
+async def test_chat_tool_call_round_trip_over_two_turns(tmp_path: Path) -> None:
+    async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
+        model = "gemini-3-flash-preview"  # needs its thought signature back on the next turn
+        first = await c.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "weather in Paris? " + CALL}],
+            tools=[WEATHER],  # type: ignore[list-item]
+        )
+        msg = first.choices[0].message
+        assert first.choices[0].finish_reason == "tool_calls"
+        assert msg.tool_calls and msg.tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+        tc = msg.tool_calls[0]
+        second = await c.chat.completions.create(
+            model=model,
+            messages=[
+                {"role": "user", "content": "weather in Paris? " + CALL},
+                msg.model_dump(exclude_none=True),  # type: ignore[list-item]
+                {"role": "tool", "tool_call_id": tc.id, "content": '{"temp_c": 21}'},
+                {"role": "user", "content": "thanks, summarise"},
+            ],
+            tools=[WEATHER],  # type: ignore[list-item]
+        )
+        assert second.choices[0].finish_reason == "stop"
+        assert "summarise" in (second.choices[0].message.content or "")
+
+
+async def test_responses_tool_call_round_trip_with_previous_response_id(tmp_path: Path) -> None:
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": WEATHER["function"]["parameters"],  # type: ignore[index]
+    }
+    async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
+        model = "gemini-3-flash-preview"
+        first = await c.responses.create(model=model, input="weather? " + CALL, tools=[tool])  # type: ignore[list-item]
+        calls = [o for o in first.output if o.type == "function_call"]
+        assert len(calls) == 1 and calls[0].name == "get_weather"
+        second = await c.responses.create(
+            model=model,
+            previous_response_id=first.id,
+            input=[
+                {"type": "function_call_output", "call_id": calls[0].call_id, "output": "21C"},
+                {"role": "user", "content": "and now?"},
+            ],
+            tools=[tool],  # type: ignore[list-item]
+        )
+        assert second.status == "completed" and "and now?" in second.output_text
+        with pytest.raises(openai.BadRequestError) as ei:
+            await c.responses.create(model=model, previous_response_id="resp_nope", input="x")
+        assert ei.value.code == "previous_response_not_found"
