@@ -774,3 +774,33 @@ async def test_gateway_app_over_h1() -> None:
     assert health.header(b"x-request-id") == b"req-h1-1"
     assert missing.status == 404 and error_of(missing)["type"] == "invalid_request_error"
     assert metrics.status == 200 and b'protocol="h1"' in metrics.body
+
+
+@pytest.mark.parametrize("on_asyncio", [True, False])
+async def test_wakeup_wakes_its_waiter(monkeypatch: pytest.MonkeyPatch, on_asyncio: bool) -> None:
+    from rawgate import h1_server
+
+    if not on_asyncio:  # what a non-asyncio backend sees: no running asyncio loop
+
+        def no_loop() -> None:
+            raise RuntimeError("no running event loop")
+
+        monkeypatch.setattr(h1_server.asyncio, "get_running_loop", no_loop)
+    w = h1_server._Wakeup()
+    monkeypatch.undo()
+    assert (w._asyncio is not None) is on_asyncio
+    woken = []
+
+    async def waiter() -> None:
+        await w.wait()
+        woken.append(1)
+
+    async with anyio.create_task_group() as tg:
+        for round_ in range(2):  # reusable
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            assert len(woken) == round_  # blocked until set()
+            w.set()
+            await anyio.wait_all_tasks_blocked()
+            assert len(woken) == round_ + 1
+    assert woken == [1, 1]
