@@ -276,9 +276,9 @@ def build_plan(
         text, finish = _apply_generation_config(text, gen, finish, calls)
         if finish == "MAX_TOKENS":
             calls = []
-    if gen.get("thinkingConfig", gen.get("thinking_config", {})).get(
-        "includeThoughts", False
-    ) and thought is None and thinking:
+    tc = gen.get("thinkingConfig") or gen.get("thinking_config") or {}
+    # python-genai sends `include_thoughts` (snake) inside `thinkingConfig` (camel): read both.
+    if (tc.get("includeThoughts") or tc.get("include_thoughts")) and thought is None and thinking:
         thought = "**Echoing**\n\nThe user wants their words repeated back."
     if thought is not None and thinking is False:
         thinking = True  # an explicit thought directive makes any model "think"
