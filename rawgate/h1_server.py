@@ -282,7 +282,7 @@ class _Exchange:
         c = self._c
         if c.dead:
             raise ClientDisconnected("connection lost")
-        if not self.close and (c.close_after or c.draining.is_set()):
+        if not self.close and c.draining.is_set():
             self.close = True
         return self.close
 
@@ -406,7 +406,6 @@ class _Conn:
         "_work",
         "_write_deadline",
         "_write_s",
-        "close_after",
         "dead",
         "discard",
         "draining",
@@ -451,7 +450,6 @@ class _Conn:
         self._requests = 0
         self._tg: TaskGroup | None = None
         self.discard = False  # nothing more will be answered: read only to see EOF
-        self.close_after = False  # max requests reached: the next head says close
         self.dead = False  # the peer is gone or stuck: nothing more can be written
 
     # ---- output ---------------------------------------------------------------------------
