@@ -5,8 +5,8 @@ Invariants:
 - A ConfigError, from the config or from building the app, prints ONE line on stderr and exits 2.
   A listening address that cannot be bound prints one line and exits 1.
 - The application is built by `build_app()` and nowhere else: the one seam where the gateway
-  routes and the built-in emulator plug in. Its background callables run next to the server and
-  are cancelled only after the server has drained (in-flight requests may still need them).
+  routes and the built-in emulator plug in. It is entered before the listener opens and left
+  only after the server has drained (in-flight requests still need the upstream pool).
 - SIGINT / SIGTERM: graceful shutdown within timeouts.shutdown_grace_s, then exit 0. A second
   signal cancels whatever is still running at once.
 - uvloop runs the event loop whenever it is installed.
@@ -28,17 +28,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from rawgate import __version__
-from rawgate.app import GatewayApp
+from rawgate.accounts import AccountStoreError
 from rawgate.config import Config, ConfigError, auth_mode, load_config
 from rawgate.conn import ServerState
 from rawgate.listener import BindError, bind_hosts, open_server, server_ssl_context
 from rawgate.logs import configure_logging
+from rawgate.stack import open_stack
 
 if TYPE_CHECKING:
     import ssl
@@ -46,12 +48,9 @@ if TYPE_CHECKING:
     from rawgate.events import App
     from rawgate.listener import Server
 
-__all__ = ["Background", "add_parser", "build_app", "run", "serve"]
+__all__ = ["add_parser", "build_app", "run", "serve"]
 
 log = logging.getLogger("rawgate.serve")
-
-Background = Callable[[], Coroutine[Any, Any, None]]
-"""A long-running coroutine function started next to the server (account reload, emulator ...)."""
 
 # A worker that dies sooner than this after its start counts as a crash loop, not a crash.
 _QUICK_DEATH_S = 1.0
@@ -64,16 +63,18 @@ _KILL_MARGIN_S = 5.0
 _PARENT_POLL_S = 1.0  # how often a worker checks that its parent is still there
 
 
-def build_app(cfg: Config, state: ServerState, *, emulate: bool) -> tuple[App, list[Background]]:
-    """THE seam: the App every connection is served by, plus its background callables.
-
-    For now the gateway core (health, metrics, auth, CORS); the gateway routes and, with
-    `emulate`, the in-process Gemini emulator plug in here. Raises ConfigError for settings the
-    application refuses (auth on without keys ...).
+@asynccontextmanager
+async def build_app(
+    cfg: Config, state: ServerState, *, emulate: bool, share_cooldowns: bool = False
+) -> AsyncIterator[App]:
+    """THE seam: the running App every connection is served by (rawgate.stack.open_stack: the
+    gateway routes over the upstream pool and, with `emulate`, the in-process Gemini emulator).
+    The gateway's own background tasks (accounts hot reload, counters, shared cooldowns) live as
+    long as the block. Raises ConfigError for settings the application refuses (auth on without
+    keys ...) and AccountStoreError for an unreadable accounts.json.
     """
-    app = GatewayApp(cfg, state)
-    background: list[Background] = []
-    return app, background
+    async with open_stack(cfg, state, emulate=emulate, share_cooldowns=share_cooldowns) as stack:
+        yield stack.app
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             ready_fd=args.ready_fd,
             parent=os.getppid() if worker else None,
         )
-    except ConfigError as e:
+    except (ConfigError, AccountStoreError) as e:
         return _fail(str(e), 2)
     except BindError as e:
         return _fail(str(e), 1)
@@ -229,18 +230,18 @@ async def serve(
     stop = anyio.Event()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         state = ServerState()
-        app, background = build_app(cfg, state, emulate=emulate)
-        async with open_server(
-            app, cfg, ssl_context=ssl_context, reuse_port=reuse_port, state=state
-        ) as server:
+        async with (
+            build_app(cfg, state, emulate=emulate, share_cooldowns=reuse_port) as app,
+            open_server(
+                app, cfg, ssl_context=ssl_context, reuse_port=reuse_port, state=state
+            ) as server,
+        ):
             if announce:
                 print(_startup_line(cfg, server.urls, 1), flush=True)
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)
             async with anyio.create_task_group() as tg:
-                for fn in background:
-                    tg.start_soon(fn)
                 tg.start_soon(_on_signals, signals, stop, server)
                 if parent is not None:
                     tg.start_soon(_watch_parent, parent, stop)

@@ -12,7 +12,9 @@ stripped first:
 3. a built-in alias for common OpenAI names (table BUILTIN_ALIASES below, same specificity rule
    among its patterns), pointing at one of three targets, all set in [routing]:
    `default_model`, `pro_model` (strong reasoning / coding names) or `lite_model` (-nano);
-4. the name itself.
+4. a Gemini shorthand: the short names people type for preview-only models (SHORTHANDS, e.g.
+   gemini-3-flash -> gemini-3-flash-preview, the name the seed's tutorial uses);
+5. the name itself.
 
 Built-in alias table, by target:
 - default_model: gpt-4o and gpt-4o-*, chatgpt-4o-latest, gpt-4o-mini*, gpt-4, gpt-4-*
@@ -75,6 +77,13 @@ BUILTIN_ALIASES: tuple[tuple[str, str], ...] = (
     ("o4-mini*", "default"),
     ("codex-mini*", "default"),
 )
+# Gemini model names without their "-preview" suffix: the seed and its tutorial accept them, and
+# Google answers 404 to them. Exact names only; custom mapping and aliases come first.
+SHORTHANDS: dict[str, str] = {
+    "gemini-3-flash": "gemini-3-flash-preview",
+    "gemini-3-pro": "gemini-3-pro-preview",
+    "gemini-3-pro-image": "gemini-3-pro-image-preview",
+}
 # Concrete alias names listed by GET /v1/models (patterns cannot be listed).
 LISTED_ALIASES: tuple[str, ...] = (
     "gpt-4o",
@@ -203,7 +212,7 @@ class ModelRouter:
         return out
 
     def source(self, name: str) -> str:
-        """Where `name` is resolved: "mapping", "pattern", "alias" or "passthrough"."""
+        """Where `name` is resolved: "mapping", "pattern", "alias", "shorthand" or "passthrough"."""
         n = _norm(name)
         if n in self._exact:
             return "mapping"
@@ -211,6 +220,8 @@ class ModelRouter:
             return "pattern"
         if n in self._alias_exact or any(p.match(n) for p in self._aliases):
             return "alias"
+        if n in SHORTHANDS:
+            return "shorthand"
         return "passthrough"
 
     def _resolve(self, name: str) -> str:
@@ -228,7 +239,7 @@ class ModelRouter:
         for p in self._aliases:
             if p.match(n):
                 return p.target
-        return bare
+        return SHORTHANDS.get(n, bare)
 
     def list_models(self, upstream_names: list[str]) -> list[dict[str, Any]]:
         """GET /v1/models `data`: upstream models, then custom keys, then the listed aliases.

@@ -176,3 +176,14 @@ def test_listed_alias_redirected_by_a_pattern_says_mapping() -> None:
     owners = {m["id"]: m["owned_by"] for m in r.list_models([])}
     assert owners["gpt-4o"] == "rawgate-mapping"
     assert owners["o3"] == "rawgate-alias"
+
+
+def test_gemini_shorthands_reach_the_preview_models() -> None:
+    r = ModelRouter("gemini-2.5-flash")
+    assert r.resolve("gemini-3-flash") == "gemini-3-flash-preview"
+    assert r.resolve("models/Gemini-3-Pro") == "gemini-3-pro-preview"
+    assert r.source("gemini-3-flash") == "shorthand"
+    # Custom mapping still wins over a shorthand.
+    assert ModelRouter("x", {"gemini-3-flash": "gemini-2.5-pro"}).resolve("gemini-3-flash") == (
+        "gemini-2.5-pro"
+    )
