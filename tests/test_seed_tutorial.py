@@ -86,7 +86,8 @@ def test_step4_responses_with_instructions(gateway: str) -> None:
         json={
             "model": "gemini-3-flash",
             "instructions": "Você é um revisor de código rigoroso.",
-            "input": "Aponte o bug mais provável deste código:\n\nfunction add(a, b) { return a - b }",
+            "input": "Aponte o bug mais provável deste código:\n\n"
+            "function add(a, b) { return a - b }",
         },
     )
     doc = r.json()
