@@ -171,6 +171,16 @@ def fmt_num(v: float, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
+def fmt_value(v: float) -> str:
+    """A measured value at a sensible precision: 63,500 / 85.6 / 3.97 / 0.412."""
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}" if a >= 0.001 else f"{v:.2g}"
+
+
 def fmt_ms(v: float) -> str:
     if v != v:
         return "-"
@@ -294,9 +304,12 @@ class Goal:
             return "met"
         if self.higher_is_better:
             short = (self.bound - self.value) / self.bound * 100
-            return f"missed by {short:.0f} % ({self.bound - self.value:,.3g} {self.unit} short)"
-        over = (self.value - self.bound) / self.bound * 100 if self.bound else float("inf")
-        return f"missed by {over:.0f} % ({self.value - self.bound:,.3g} {self.unit} over)"
+            gap = fmt_value(self.bound - self.value)
+            return f"missed by {short:.0f} % ({gap} {self.unit} short)"
+        if not self.bound:
+            return f"missed ({fmt_value(self.value)} {self.unit})"
+        over = (self.value - self.bound) / self.bound * 100
+        return f"missed by {over:.0f} % ({fmt_value(self.value - self.bound)} {self.unit} over)"
 
 
 def _get(aggs: dict[tuple[str, str, str], Agg], sc: str, case: str, tgt: str) -> Agg | None:
@@ -341,7 +354,7 @@ def goals(aggs: dict[tuple[str, str, str], Agg], gateway: str = "rawgate") -> li
 def goals_table(gs: Sequence[Goal]) -> str:
     rows = ["| target | bound | measured | verdict |", "|---|---|---:|---|"]
     for g in gs:
-        v = "-" if not g.measured else f"{g.value:,.3g} {g.unit}"
+        v = "-" if not g.measured else f"{fmt_value(g.value)} {g.unit}"
         rows.append(f"| {g.name} | {g.want} | {v} | {g.verdict()} |")
     return "\n".join(rows)
 
