@@ -300,6 +300,8 @@ class Bench:
     def run_scenario(self, sc: Scenario, repeats: int) -> None:
         print(f"bench: {sc.name}: {sc.description}", file=sys.stderr)
         for case in sc.cases:
+            if self.args.case and case.label not in self.args.case:
+                continue
             todo = [t for t in self.targets if t.kind in sc.kinds and t.info.supports(case)]
             skipped = [t.info.name for t in self.targets
                        if t.kind in sc.kinds and not t.info.supports(case)]
@@ -413,6 +415,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None,
                    help="measured seconds per run (default per scenario, 5 s)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per run")
+    p.add_argument("--case", action="append", metavar="LABEL",
+                   help="only cases with this label (repeatable), e.g. --case c=1")
     p.add_argument("--upstream", choices=("auto", "emulator", "standin"), default="auto")
     p.add_argument("--api-key", default="bench-key", help="the upstream account's API key")
     p.add_argument("--emulator-engine", choices=("fast", "standard"), default="fast",
