@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import external, peers, procs, report
+from bench import external, peers, procs, profile, report
 from bench.procs import Proc, ProcError
 from bench.scenarios import (
     Case,
@@ -234,7 +234,14 @@ class Bench:
         window: dict[str, Any] = {}
         with procs.Sampler([t.proc] if same else [t.proc, up]) as sampler:
 
+            raw = None
+            if self.args.profile and t.kind == "gateway":
+                label = "".join(ch if ch.isalnum() else "-" for ch in case.label)
+                raw = Path(self.args.profile) / f"{sc.name}-{label}-{t.info.name}-r{rep}.txt"
+
             def on_start() -> None:
+                if raw is not None:
+                    window["spy"] = profile.start(t.proc.pid, case.load.duration_s, raw)
                 window["t0"] = time.perf_counter()
                 window["cpu0"] = t.proc.cpu_seconds()
                 window["up0"] = up.cpu_seconds()
@@ -261,8 +268,13 @@ class Bench:
                 print(f"  [{sc.name} {case.label} r{rep}] {t.info.name}: loadgen failed: "
                       f"{_first(e)}", file=sys.stderr)
                 return
-        res.pop("error_samples_full", None)
         rec["result"] = res
+        if window.get("spy") is not None and raw is not None:
+            summary = profile.finish(window["spy"], raw)
+            if summary:
+                rec["profile"] = {"file": str(raw), **summary}
+                top = ", ".join(f"{f.split(' (')[0]} {sh:.0%}" for f, sh in summary["self"][:5])
+                print(f"  profile {raw.with_suffix('.top.txt')}: {top}", file=sys.stderr)
         ok = res["ok"] or 0
         srv: dict[str, Any] = {}
         if "cpu1" in window:
@@ -425,6 +437,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="how to start rawgate ({port}, {python} are substituted), e.g. with "
                    "--workers 2 or under py-spy record (default: %(default)s)")
     p.add_argument("--xcheck-peers", action="store_true", help="xcheck the peers too")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy rawgate during each measured window; collapsed stacks and a "
+                   "top-frames summary per run go to DIR")
     p.add_argument("--strict", action="store_true", help="exit 1 on any counted error")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
     p.add_argument("--report", metavar="FILE", help="re-print the report of a JSON-lines file")
@@ -458,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     b = Bench(args)
     try:
+        if args.profile and profile.py_spy() is None:
+            b.note("--profile: py-spy not installed (pip install py-spy); no profiles")
+            args.profile = None
         b.start_upstream()
         b.start_rawgate()
         b.start_peers()

@@ -516,3 +516,21 @@ def test_http_probe_tells_silence_from_a_server_that_drops_connections() -> None
         assert procs.http_probe("127.0.0.1", port, "/", timeout=2.0) == -1
         t.join(5)
     assert procs.http_probe("127.0.0.1", port, "/", timeout=0.5) == 0  # nothing listens now
+
+
+def test_profile_summary_shares() -> None:
+    from bench import profile
+
+    lines = [
+        "main (x.py:1);serve (rawgate/h1_server.py:9);send (anyio/a.py:3) 6",
+        "main (x.py:1);serve (rawgate/h1_server.py:9);map (rawgate/mapping.py:5) 3",
+        "main (x.py:1) 1",
+        "garbage line",
+    ]
+    s = profile.summarize(lines)
+    assert s["samples"] == 10
+    assert s["self"][0] == ("send (anyio/a.py:3)", 0.6)
+    assert dict(s["inclusive"]) == {"serve (rawgate/h1_server.py:9)": 0.9,
+                                    "map (rawgate/mapping.py:5)": 0.3}
+    assert "60.0 %  send (anyio/a.py:3)" in profile.render(s)
+    assert profile.summarize([])["samples"] == 0
