@@ -205,11 +205,79 @@ def serve(unary_port: int, stream_port: int) -> None:
     loop.run_forever()
 
 
+# ---- the same origin in-process (--inproc): client CPU without the kernel or the machine ----
+
+
+class _Wire:
+    """What `_Origin` writes to (instead of a socket): the client's read buffer."""
+
+    def __init__(self, stream: _InprocStream) -> None:
+        self._s = stream
+
+    def write(self, data: bytes) -> None:
+        self._s.rx.append(data)
+        w = self._s.waiter
+        if w is not None and not w.done():
+            w.set_result(True)
+
+
+class _InprocStream:
+    """A NetworkStream whose peer is an `_Origin` called synchronously: each write is answered
+    before it returns, so a run measures rawgate's own code (plus the few us of the origin)."""
+
+    def __init__(self, stream: bool) -> None:
+        self.rx: list[bytes] = []
+        self.waiter: asyncio.Future[bool] | None = None
+        self.origin = _Origin(stream)
+        self.origin.connection_made(_Wire(self))
+
+    async def read(self, max_bytes: int, timeout: float | None, error: Any = None) -> bytes:
+        while not self.rx:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        data = b"".join(self.rx)
+        self.rx.clear()
+        return data
+
+    async def write(self, data: bytes, timeout: float | None) -> None:
+        self.origin.data_received(data)
+        # A real exchange always waits for its answer once: yield here like it would (and
+        # so that the clock task runs; with answers always ready nothing else would yield).
+        await asyncio.sleep(0)
+
+    async def start_tls(self, *a: Any) -> _InprocStream:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+    @property
+    def alpn_protocol(self) -> str | None:
+        return None
+
+    def is_readable(self) -> bool:
+        return False
+
+
+class _InprocBackend:
+    def __init__(self, stream: bool) -> None:
+        self.stream = stream
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None) -> Any:
+        return _InprocStream(self.stream)
+
+
 # ---- the client side ------------------------------------------------------------------------
 
 
 async def run_case(
-    proto: str, kind: str, port: int, seconds: float, warm: float, concurrency: int
+    proto: str,
+    kind: str,
+    port: int,
+    seconds: float,
+    warm: float,
+    concurrency: int,
+    inproc: bool = False,
 ) -> dict[str, Any]:
     import anyio
 
@@ -230,7 +298,8 @@ async def run_case(
     chunks = 0
     errors = 0
 
-    async with UpstreamClient(cfg, TimeoutsConfig()) as client:
+    backend = _InprocBackend(stream) if inproc else None
+    async with UpstreamClient(cfg, TimeoutsConfig(), backend=backend) as client:  # type: ignore[arg-type]
 
         async def worker() -> None:
             nonlocal done, chunks, errors
@@ -261,7 +330,7 @@ async def run_case(
     if errors:
         raise SystemExit(f"{proto}-{kind}: {errors} bad responses")
     return {
-        "case": f"{proto}-{kind}",
+        "case": f"{proto}-{kind}" + (" (in-process)" if inproc else ""),
         "proto": proto,
         "kind": kind,
         "concurrency": concurrency,
@@ -292,6 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="1 s cases (smoke test)")
     ap.add_argument("--profile", metavar="CASE", help="cProfile one case, print the top 25")
     ap.add_argument(
+        "--inproc",
+        action="store_true",
+        help="also run each case against the origin in-process (no sockets): client CPU only",
+    )
+    ap.add_argument(
         "--serve", nargs=2, type=int, metavar=("UNARY", "STREAM"), help=argparse.SUPPRESS
     )
     a = ap.parse_args(argv)
@@ -318,8 +392,12 @@ def main(argv: list[str] | None = None) -> None:
         for case in cases:
             proto, kind = case.split("-")
 
-            async def one(proto: str = proto, kind: str = kind) -> dict[str, Any]:
-                return await run_case(proto, kind, ports[kind], seconds, warm, a.concurrency)
+            async def one(
+                proto: str = proto, kind: str = kind, inproc: bool = False
+            ) -> dict[str, Any]:
+                return await run_case(
+                    proto, kind, ports[kind], seconds, warm, a.concurrency, inproc
+                )
 
             if a.profile:
                 import cProfile
@@ -327,12 +405,15 @@ def main(argv: list[str] | None = None) -> None:
 
                 prof = cProfile.Profile()
                 prof.enable()
-                res = anyio.run(one, backend="asyncio", backend_options=opts)
+                res = anyio.run(one, proto, kind, a.inproc, backend="asyncio", backend_options=opts)
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             else:
                 res = anyio.run(one, backend="asyncio", backend_options=opts)
             results.append(res)
+            if a.inproc and not a.profile:
+                results.append(anyio.run(one, proto, kind, True, backend="asyncio",
+                                         backend_options=opts))
     finally:
         origin.stop()
         stop_all()

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from rawgate.backends import (
-    AnyIOBackend,
     NetworkBackend,
+    default_backend,
     dial,
     make_ssl_context,
     parse_proxy,
@@ -160,7 +160,7 @@ class UpstreamClient:
     ) -> None:
         self.cfg = upstream
         self.timeouts = timeouts
-        self._backend: NetworkBackend = backend or AnyIOBackend()
+        self._backend: NetworkBackend | None = backend  # default chosen inside the loop
         self._ssl_arg = ssl_context
         self._ssl: ssl.SSLContext | None = None  # built on first https use (loads the store)
         try:
@@ -180,6 +180,8 @@ class UpstreamClient:
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> UpstreamClient:
+        if self._backend is None:
+            self._backend = default_backend()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -305,6 +307,7 @@ class UpstreamClient:
         cfg = self.cfg
         t = self.timeouts.upstream_connect_s
         tls = self._tls() if origin.https else None
+        assert self._backend is not None
         stream = await dial(
             self._backend, origin.host, origin.port, tls=tls, proxy=self._proxy, timeout=t
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +13,13 @@ import pytest
 import trustme
 from anyio.abc import ByteStream, SocketStream
 
-from rawgate.errors import UpstreamConnectError
+from rawgate.backends import AnyIOBackend, NetworkBackend
+from rawgate.errors import (
+    UpstreamConnectError,
+    UpstreamHeadersTimeout,
+    UpstreamReadTimeout,
+    UpstreamWriteTimeout,
+)
 from rawgate.upstream import UpstreamClient
 from tests.helpers_backend import (
     PREFACE,
@@ -71,11 +78,23 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-async def test_http1_keep_alive_over_loopback() -> None:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """Both loops rawgate runs on (uvloop is the production default)."""
+    return ("asyncio", {"use_uvloop": request.param == "uvloop"})
+
+
+@pytest.fixture(params=["asyncio-native", "anyio"])
+def backend(request: pytest.FixtureRequest) -> NetworkBackend | None:
+    """Both socket backends: the asyncio-native default and the portable anyio one."""
+    return AnyIOBackend() if request.param == "anyio" else None
+
+
+async def test_http1_keep_alive_over_loopback(backend: NetworkBackend | None) -> None:
     origin = H1Origin()
     async with listen(origin.serve) as port:
         cfg = config(cleartext_http2="off")
-        async with UpstreamClient(cfg, timeouts()) as client:
+        async with UpstreamClient(cfg, timeouts(), backend=backend) as client:
             for i in range(3):
                 url = f"http://127.0.0.1:{port}/n{i}"
                 async with await client.request("POST", url, [], b"b") as r:
@@ -101,10 +120,14 @@ async def test_cleartext_auto_speaks_h2c_to_an_h2c_origin_and_http1_to_the_rest(
 @pytest.mark.parametrize(
     ("alpn", "version"), [(["h2", "http/1.1"], "HTTP/2"), (["http/1.1"], "HTTP/1.1")]
 )
-async def test_tls_with_alpn(ca: trustme.CA, alpn: list[str], version: str) -> None:
+async def test_tls_with_alpn(
+    ca: trustme.CA, alpn: list[str], version: str, backend: NetworkBackend | None
+) -> None:
     h1, h2 = H1Origin(), H2Origin()
     async with listen(tls_server(h1.serve, h2.serve, server_tls_context(ca, alpn))) as port:
-        client = UpstreamClient(config(), timeouts(), ssl_context=client_tls_context(ca))
+        client = UpstreamClient(
+            config(), timeouts(), ssl_context=client_tls_context(ca), backend=backend
+        )
         async with client:
             for _ in range(2):
                 r = await client.request("POST", f"https://localhost:{port}/t", [], b"x")
@@ -145,7 +168,9 @@ async def test_200_concurrent_streams_over_one_h2_connection(ca: trustme.CA) -> 
         assert origin.stats.max_active == n
 
 
-async def test_abandoned_streams_leave_no_stream_or_connection_behind() -> None:
+async def test_abandoned_streams_leave_no_stream_or_connection_behind(
+    backend: NetworkBackend | None,
+) -> None:
     async def app(req: OriginRequest, reply: Any) -> None:
         await reply.start(200, [])
         for _ in range(1000):
@@ -156,7 +181,8 @@ async def test_abandoned_streams_leave_no_stream_or_connection_behind() -> None:
     h1, h2 = H1Origin(app), H2Origin(app)
     async with listen(sniffing(h1, h2)) as port:
         for mode, origin in (("prior_knowledge", h2), ("off", h1)):
-            async with UpstreamClient(config(cleartext_http2=mode), timeouts()) as client:
+            cfg = config(cleartext_http2=mode)
+            async with UpstreamClient(cfg, timeouts(), backend=backend) as client:
                 async with anyio.create_task_group() as tg:
                     for i in range(5):
 
@@ -176,11 +202,11 @@ async def test_abandoned_streams_leave_no_stream_or_connection_behind() -> None:
                 assert h2.open_streams == 0
 
 
-async def test_connection_refused_on_a_closed_port() -> None:
+async def test_connection_refused_on_a_closed_port(backend: NetworkBackend | None) -> None:
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
     await listener.aclose()  # nothing listens there now
-    async with UpstreamClient(config(), timeouts()) as client:
+    async with UpstreamClient(config(), timeouts(), backend=backend) as client:
         with pytest.raises(UpstreamConnectError, match=f"127.0.0.1:{port}"):
             await client.request("GET", f"http://127.0.0.1:{port}/", [])
 
@@ -222,13 +248,16 @@ class ConnectProxy:
                 tg.start_soon(pump, up, stream)
 
 
-async def test_connect_proxy_tunnels_tls_h2(ca: trustme.CA) -> None:
+async def test_connect_proxy_tunnels_tls_h2(
+    ca: trustme.CA, backend: NetworkBackend | None
+) -> None:
     origin = H2Origin()
     proxy = ConnectProxy()
     ctx = server_tls_context(ca, ["h2", "http/1.1"])
     async with listen(tls_server(None, origin.serve, ctx)) as port, listen(proxy.serve) as pport:
         cfg = config(proxy=f"http://user:p%40ss@127.0.0.1:{pport}")
-        async with UpstreamClient(cfg, timeouts(), ssl_context=client_tls_context(ca)) as client:
+        tls = client_tls_context(ca)
+        async with UpstreamClient(cfg, timeouts(), ssl_context=tls, backend=backend) as client:
             for _ in range(2):
                 r = await client.request("GET", f"https://localhost:{port}/via", [])
                 assert r.http_version == "HTTP/2" and await r.read() == b"/via|"
@@ -245,3 +274,45 @@ async def test_connect_proxy_refusal_is_a_connect_error() -> None:
         async with UpstreamClient(cfg, timeouts()) as client:
             with pytest.raises(UpstreamConnectError, match=r"refused CONNECT .*: 403"):
                 await client.request("GET", "http://origin.invalid:8046/", [])
+
+
+async def test_untrusted_certificate_is_a_tls_connect_error(
+    ca: trustme.CA, backend: NetworkBackend | None
+) -> None:
+    ctx = server_tls_context(ca, ["h2"])
+    async with listen(tls_server(None, H2Origin().serve, ctx)) as port:
+        stranger = client_tls_context(trustme.CA())
+        client = UpstreamClient(config(), timeouts(), ssl_context=stranger, backend=backend)
+        async with client:
+            with pytest.raises(UpstreamConnectError, match=r"TLS .*certificate verify failed"):
+                await client.request("GET", f"https://localhost:{port}/", [])
+            assert "conns=[]" in repr(client)
+
+
+async def test_each_timeout_over_loopback(backend: NetworkBackend | None) -> None:
+    async def app(req: OriginRequest, reply: Any) -> None:
+        if req.path == b"/silent":
+            await anyio.sleep(10)
+        await reply.start(200, [])
+        await reply.send(b"first")
+        await anyio.sleep(10)
+
+    origin = H1Origin(app)
+    t = timeouts(upstream_headers_s=0.1, upstream_read_idle_s=0.1, upstream_write_s=0.2)
+    cfg = config(cleartext_http2="off")
+    # A listening socket nobody accepts from: the kernel completes the handshake, then the
+    # socket buffers fill and stay full (an anyio server would read eagerly into memory).
+    with socket.socket() as deaf:
+        deaf.bind(("127.0.0.1", 0))
+        deaf.listen(4)
+        deaf_port = deaf.getsockname()[1]
+        async with listen(origin.serve) as port, UpstreamClient(cfg, t, backend=backend) as client:
+            with pytest.raises(UpstreamHeadersTimeout):
+                await client.request("GET", f"http://127.0.0.1:{port}/silent", [])
+            r = await client.request("GET", f"http://127.0.0.1:{port}/stall", [])
+            with pytest.raises(UpstreamReadTimeout):
+                await r.read()
+            with pytest.raises(UpstreamWriteTimeout):
+                big = b"w" * (32 * 1024 * 1024)  # more than the socket buffers take
+                await client.request("POST", f"http://127.0.0.1:{deaf_port}/", [], big)
+            assert "conns=[]" in repr(client)
