@@ -203,6 +203,7 @@ def result_json(
         "loadgen_cpu_util": cpu_s / elapsed if elapsed > 0 else 0.0,
         # Requests per CPU-second of this process: its speed even when it shares its core.
         "rps_per_cpu_s": ok / cpu_s if cpu_s > 0 else 0.0,
+        "loadgen_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loop": loop,
         "proto": spec.proto,
         "mode": spec.mode,

@@ -388,6 +388,9 @@ def run_loadgen(
     try:
         out = p.stdout.read()
         p.wait()
+    except BaseException:  # Ctrl-C / SIGTERM: the load generator goes first, at once
+        _kill_group(p)
+        raise
     finally:
         timer.cancel()
         t.join(5.0)
