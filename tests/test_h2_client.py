@@ -15,6 +15,7 @@ from rawgate.errors import (
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamHeadersTimeout,
+    UpstreamProtocolError,
     UpstreamReadTimeout,
     UpstreamWriteTimeout,
 )
@@ -448,3 +449,14 @@ async def test_tls_untrusted_certificate_is_a_connect_error(ca: trustme.CA) -> N
         async with client:
             with pytest.raises(UpstreamConnectError, match=r"TLS .*certificate verify failed"):
                 await client.request("GET", "https://origin.test/", [])
+
+
+async def test_invalid_request_header_is_refused_before_anything_is_sent() -> None:
+    async with env() as e:
+        for bad in ([(b"x-goog-api-key", b"secret\r\nx: y")], [(b"Upper", b"v")]):
+            with pytest.raises(UpstreamProtocolError) as info:
+                await e.client.request("GET", URL, bad)
+            assert b"secret" not in str(info.value).encode()
+        assert e.origin.stats.requests == 0
+        assert "IDLE streams=0/100 requests=0" in repr(e.pool)
+        assert await (await e.client.request("GET", URL, [(b"x-ok", b"fine")])).read()
