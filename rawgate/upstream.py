@@ -199,7 +199,10 @@ class UpstreamClient:
         if tg is None:
             return None
         tg.cancel_scope.cancel()
-        return await tg.__aexit__(exc_type, exc, tb)
+        # The body's own exception is not the task group's: passing it in would come back
+        # wrapped in an ExceptionGroup. Connection tasks never raise, so nothing is lost.
+        await tg.__aexit__(None, None, None)
+        return None
 
     async def aclose(self) -> None:
         """Close every pool and connection; in-flight requests fail with UpstreamClosed."""

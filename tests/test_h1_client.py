@@ -391,3 +391,10 @@ async def test_client_must_be_entered() -> None:
     client = UpstreamClient(config(), timeouts())
     with pytest.raises(RuntimeError, match="async with"):
         await client.request("GET", URL, [])
+
+
+async def test_errors_leave_the_client_block_unwrapped() -> None:
+    async with MockBackend() as net:
+        with pytest.raises(UpstreamConnectError):  # not an ExceptionGroup
+            async with h1_client(net) as client:
+                await client.request("GET", "http://nowhere/", [])

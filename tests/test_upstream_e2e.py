@@ -9,11 +9,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 import trustme
 from anyio.abc import ByteStream, SocketStream
 
+from rawgate import emulator
 from rawgate.backends import AnyIOBackend, NetworkBackend
+from rawgate.emulator import RunningEmulator, Settings, emulator_config
 from rawgate.errors import (
     UpstreamConnectError,
     UpstreamHeadersTimeout,
@@ -316,3 +319,102 @@ async def test_each_timeout_over_loopback(backend: NetworkBackend | None) -> Non
                 big = b"w" * (32 * 1024 * 1024)  # more than the socket buffers take
                 await client.request("POST", f"http://127.0.0.1:{deaf_port}/", [], big)
             assert "conns=[]" in repr(client)
+
+
+# ---- against the real Gemini emulator (rawgate's own listener: HTTP/1.1, h2c, TLS h2) ------
+
+GEN = "/v1beta/models/gemini-2.5-flash:generateContent"
+STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+
+
+def gemini_request(text: str) -> bytes:
+    return orjson.dumps({"contents": [{"role": "user", "parts": [{"text": text}]}]})
+
+
+def key_headers(emu: RunningEmulator) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"x-goog-api-key", emu.api_key.encode())]
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+async def test_emulator_unary_and_stream_over_h2c_and_http1(mode: str) -> None:
+    async with emulator.serve(port=0) as emu:
+        async with UpstreamClient(config(cleartext_http2=mode), timeouts()) as client:
+            version = "HTTP/2" if mode == "auto" else "HTTP/1.1"
+            r = await client.request(
+                "POST", emu.base_url + GEN, key_headers(emu), gemini_request("ping pong")
+            )
+            assert (r.status, r.http_version) == (200, version)
+            doc = orjson.loads(await r.read())
+            assert "ping pong" in doc["candidates"][0]["content"]["parts"][0]["text"]
+            r = await client.request(
+                "POST", emu.base_url + STREAM, key_headers(emu), gemini_request("a b c d e f")
+            )
+            assert r.status == 200
+            assert (r.header(b"content-type") or b"").startswith(b"text/event-stream")
+            body = b"".join([c async for c in r.aiter_bytes()])
+            events = [e for e in body.split(b"\r\n\r\n") if e]
+            assert len(events) >= 2 and all(e.startswith(b"data: ") for e in events)
+            r = await client.request("POST", emu.base_url + GEN, [], gemini_request("no key"))
+            assert r.status in (400, 401, 403) and b"error" in await r.read()
+            one = (
+                "<H2Connection #1 IDLE streams=0/100 requests=3>"
+                if mode == "auto"
+                else "<H1Connection #1 IDLE requests=3>"
+            )
+            assert f"conns=[{one}]" in repr(client)  # one connection, reused, nothing leaked
+
+
+async def test_emulator_tls_h2(ca: trustme.CA) -> None:
+    ctx = server_tls_context(ca, ["h2", "http/1.1"])
+    async with emulator.serve(port=0, ssl_context=ctx) as emu:
+        url = f"https://localhost:{emu.port}{GEN}"
+        async with UpstreamClient(config(), timeouts(), ssl_context=client_tls_context(ca)) as c:
+            r = await c.request("POST", url, key_headers(emu), gemini_request("over tls"))
+            assert (r.status, r.http_version) == (200, "HTTP/2")
+            assert b"over tls" in await r.read()
+
+
+async def test_emulator_200_streams_on_one_connection_then_an_abandoned_one() -> None:
+    n = 200
+    slow = Settings(chunks=3, chunk_delay_s=0.05, stall_max_s=5)
+    cfg = emulator_config(h2_max_streams=256)
+    async with emulator.serve(port=0, settings=slow, config=cfg) as emu:
+        up = config(cleartext_http2="prior_knowledge", h2_max_streams_per_connection=n)
+        async with UpstreamClient(up, timeouts()) as client:
+            first_seen = 0
+            everyone = anyio.Event()
+            sizes: list[int] = []
+
+            async def one(i: int) -> None:
+                nonlocal first_seen
+                url = emu.base_url + STREAM
+                r = await client.request("POST", url, key_headers(emu), gemini_request(f"s{i}"))
+                got = 0
+                async for chunk in r.aiter_bytes():
+                    if not got:
+                        first_seen += 1
+                        if first_seen == n:
+                            everyone.set()
+                        with anyio.fail_after(10):
+                            await everyone.wait()  # all 200 streams open at the same time
+                    got += len(chunk)
+                sizes.append(got)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(one, i)
+                with anyio.fail_after(10):
+                    await everyone.wait()
+                assert f"streams={n}/{n}" in repr(client)
+            assert len(sizes) == n and min(sizes) > 0
+            (pool,) = client.pools
+            assert repr(pool.conns) == f"[<H2Connection #1 IDLE streams=0/{n} requests={n}>]"
+
+            # a caller that goes away mid-stream: reset, slot back, connection kept
+            long = gemini_request("long [[emu:chunks n=50]]")
+            r = await client.request("POST", emu.base_url + STREAM, key_headers(emu), long)
+            assert await r.aiter_bytes().__anext__()
+            await r.aclose()
+            assert repr(pool.conns) == f"[<H2Connection #1 IDLE streams=0/{n} requests={n + 1}>]"
+            r = await client.request("POST", emu.base_url + GEN, key_headers(emu), long)
+            assert r.status == 200 and await r.read()
