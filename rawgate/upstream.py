@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ssl
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import anyio
 
@@ -32,7 +33,7 @@ from rawgate.backends import (
     set_alpn,
     split_host_port,
 )
-from rawgate.errors import UpstreamClosed, UpstreamProtocolError
+from rawgate.errors import UpstreamClosed, UpstreamConnectError, UpstreamProtocolError
 from rawgate.h1_client import H1Connection
 from rawgate.h2_client import H2Connection, NotHTTP2
 from rawgate.pool import Limits, OriginPool, StaleConnection
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["UpstreamClient", "UpstreamResponse"]
 
 Header = tuple[bytes, bytes]
+# Characters a request target keeps as they are when a non-ASCII one is percent-encoded.
+_TARGET_SAFE = "/?&=:%+@!$'()*,;~-._"
 _METHODS = {m: m.encode() for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
 
 
@@ -257,8 +260,6 @@ class UpstreamClient:
 
     def _route(self, url: str) -> tuple[Origin, bytes]:
         i = url.find("://")
-        if i <= 0:
-            raise ValueError(f"not an absolute http(s) URL: {url[:64]!r}")
         j = url.find("/", i + 3)
         q = url.find("?", i + 3)
         if j < 0 or 0 <= q < j:
@@ -266,16 +267,28 @@ class UpstreamClient:
         prefix = url[:j]
         hit = self._origins.get(prefix)  # one dict lookup per request instead of urlsplit
         if hit is None:
-            scheme = url[:i].lower()
-            if scheme not in ("http", "https"):
-                raise ValueError(f"unsupported URL scheme {scheme!r}")
-            origin = Origin(scheme, url[i + 3 : j])
-            origin.pool = self._new_pool(origin)
-            hit = self._origins[prefix] = origin
+            scheme = url[:i].lower() if i > 0 else ""
+            hit = self._origins[prefix] = self._new_origin(scheme, url[i + 3 : j])
         target = url[j:]
         if not target or target[0] == "?":
             target = "/" + target
-        return hit, target.encode()
+        if target.isascii():
+            return hit, target.encode()
+        return hit, quote(target, safe=_TARGET_SAFE).encode()
+
+    def _new_origin(self, scheme: str, authority: str) -> Origin:
+        # Messages name the authority only: a URL's query may carry a key (?key=...).
+        if scheme not in ("http", "https") or not authority or "@" in authority:
+            raise UpstreamConnectError(
+                "the upstream URL must look like http(s)://host[:port]/path "
+                "(see upstream.gemini_base_url / code_assist_base_url)"
+            )
+        try:
+            origin = Origin(scheme, authority)
+        except (ValueError, UnicodeError) as e:
+            raise UpstreamConnectError(f"bad upstream URL: {e}") from None
+        origin.pool = self._new_pool(origin)
+        return origin
 
     def _new_pool(self, origin: Origin) -> OriginPool:
         cfg = self.cfg

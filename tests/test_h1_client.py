@@ -398,3 +398,25 @@ async def test_errors_leave_the_client_block_unwrapped() -> None:
         with pytest.raises(UpstreamConnectError):  # not an ExceptionGroup
             async with h1_client(net) as client:
                 await client.request("GET", "http://nowhere/", [])
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://origin/x", "origin/x", "http:///x", "http://u:secret@origin/", "http://o:99999/"]
+)
+async def test_bad_upstream_urls_are_clear_errors_without_secrets(url: str) -> None:
+    async with MockBackend() as net, h1_client(net) as client:
+        with pytest.raises(UpstreamConnectError) as info:
+            await client.request("GET", url + "?key=secret", [])
+        assert "secret" not in str(info.value)
+
+
+async def test_non_ascii_target_is_percent_encoded() -> None:
+    seen: list[bytes] = []
+
+    async def app(req: OriginRequest, reply: Any) -> None:
+        seen.append(req.path)
+        await reply.respond(200, [], b"")
+
+    async with env(app) as e:
+        await (await e.client.request("GET", "http://origin/models/gémini?alt=sse", [])).read()
+    assert seen == [b"/models/g%C3%A9mini?alt=sse"]
