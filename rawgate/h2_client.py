@@ -159,6 +159,8 @@ class _Encoder:
 class _H2(_H2Base):
     """h2 with a draining GOAWAY and an O(1) open-stream count."""
 
+    sweep_at = 100  # set to the connection's stream cap
+
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Event]]:
         # h2 moves the connection to CLOSED here and clears our output, after which every
         # DATA frame of the streams the server still finishes is a ProtocolError. Report the
@@ -199,8 +201,10 @@ class _H2(_H2Base):
         # h2 recounts (and sweeps) every stream on each send_headers: O(streams) per request.
         # The pool never exceeds the peer's limit, so the dict size is a good enough upper
         # bound until it reaches the limit (200 concurrent streams: ~40k dict visits saved).
+        # The threshold is rawgate's own cap too: h2 forgets closed streams only in that
+        # recount, so a peer advertising no limit would otherwise make the dict grow forever.
         n = len(self.streams)
-        if n < self.remote_settings.max_concurrent_streams:
+        if n < min(self.remote_settings.max_concurrent_streams, self.sweep_at):
             return n
         return int(super().open_outbound_streams)
 
@@ -252,6 +256,7 @@ class H2Connection:
             },
         )
         self._h2.decoder.max_header_list_size = cfg.max_response_header_bytes
+        self._h2.sweep_at = self._cap
         self._h2.encoder = _Encoder()  # type: ignore[assignment]  # duck-typed: encode() + size
         self._wakeup = wakeup_factory()
         # Credit is returned once a quarter of a window is used: a 256 KiB stream window gets
@@ -400,8 +405,13 @@ class H2Connection:
             await anyio.sleep(max(0.0, self._last_recv + interval - time.monotonic()))
             if time.monotonic() - self._last_recv < interval:
                 continue
+            if self.state is ConnState.CLOSED:
+                return
             ack = self._ping_ack = anyio.Event()
-            self._h2.ping(_PING)
+            try:
+                self._h2.ping(_PING)
+            except ProtocolError:
+                return
             self._wake_writer()
             with anyio.move_on_after(self._cfg.ping_timeout_s):
                 await ack.wait()
@@ -573,7 +583,10 @@ class H2Connection:
                     )
                 continue
             n = min(window, h.max_outbound_frame_size, total - off)
-            h.send_data(sid, view[off : off + n], end_stream=off + n == total)
+            try:
+                h.send_data(sid, view[off : off + n], end_stream=off + n == total)
+            except ProtocolError:  # reset or ended by the peer meanwhile: _wait_head tells
+                return
             off += n
             self._wake_writer()
 

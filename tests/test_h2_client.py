@@ -460,3 +460,12 @@ async def test_invalid_request_header_is_refused_before_anything_is_sent() -> No
         assert e.origin.stats.requests == 0
         assert "IDLE streams=0/100 requests=0" in repr(e.pool)
         assert await (await e.client.request("GET", URL, [(b"x-ok", b"fine")])).read()
+
+
+async def test_closed_streams_are_forgotten_even_when_the_peer_sets_no_limit() -> None:
+    async with env(origin_kw={"max_streams": 2**31 - 1}, h2_max_streams_per_connection=4) as e:
+        for _ in range(50):
+            assert await (await e.client.request("GET", URL, [])).read()
+        (conn,) = e.pool.conns
+        assert len(conn._h2.streams) <= 5  # h2 keeps closed streams until its recount
+        assert "IDLE streams=0/4 requests=50" in repr(conn)
