@@ -418,3 +418,24 @@ async def test_emulator_200_streams_on_one_connection_then_an_abandoned_one() ->
             assert repr(pool.conns) == f"[<H2Connection #1 IDLE streams=0/{n} requests={n + 1}>]"
             r = await client.request("POST", emu.base_url + GEN, key_headers(emu), long)
             assert r.status == 200 and await r.read()
+
+
+async def test_ca_file_replaces_the_system_trust_store(ca: trustme.CA, tmp_path: Any) -> None:
+    pem = tmp_path / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(pem))
+    origin = H2Origin()
+    async with listen(tls_server(None, origin.serve, server_tls_context(ca, ["h2"]))) as port:
+        async with UpstreamClient(config(ca_file=str(pem)), timeouts()) as client:
+            r = await client.request("GET", f"https://localhost:{port}/ca", [])
+            assert r.http_version == "HTTP/2" and await r.read() == b"/ca|"
+
+
+async def test_connect_proxy_tunnels_cleartext_http1() -> None:
+    origin = H1Origin()
+    proxy = ConnectProxy()
+    async with listen(origin.serve) as port, listen(proxy.serve) as pport:
+        cfg = config(proxy=f"http://127.0.0.1:{pport}", cleartext_http2="off")
+        async with UpstreamClient(cfg, timeouts()) as client:
+            r = await client.request("POST", f"http://127.0.0.1:{port}/plain", [], b"p")
+            assert r.http_version == "HTTP/1.1" and await r.read() == b"/plain|p"
+    assert proxy.heads == [b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d" % (port, port)]
