@@ -119,9 +119,10 @@ class _Encoder:
     """HPACK without a dynamic table: each field is static-indexed or a literal never indexed,
     so its bytes never depend on what was sent before and are cached per (name, value).
     Request headers repeat almost entirely (method, scheme, authority, content-type, the
-    account's key, a handful of paths): hpack's encoder spent ~50 us per request walking its
-    table; the cached join costs ~2 us. Keys stay out of the compression context, as RFC 7541
-    7.1 advises for secrets; upstream requests get ~150 bytes bigger."""
+    account's key, a handful of paths): hpack's encoder takes ~16 us for a typical 7-field
+    request, the cached join ~1 us. content-length changes with every body, so it is written
+    directly instead of filling the cache. Keys stay out of the compression context, as RFC
+    7541 7.1 advises for secrets; upstream requests get ~130 bytes bigger."""
 
     MAX_CACHED = 4096  # distinct fields; then the cache starts over (accounts x models)
 
@@ -148,6 +149,10 @@ class _Encoder:
         self._update = b""
         for field in headers:
             b = cache.get(field)
+            if b is None and field[0] == b"content-length" and len(field[1]) < 127:
+                # literal never indexed, static name 28 (0x1f 0x0d), raw digits
+                out.append(b"\x1f\x0d" + bytes((len(field[1]),)) + field[1])
+                continue
             if b is None:
                 if len(cache) >= self.MAX_CACHED:
                     cache.clear()

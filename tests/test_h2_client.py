@@ -469,3 +469,24 @@ async def test_closed_streams_are_forgotten_even_when_the_peer_sets_no_limit() -
         (conn,) = e.pool.conns
         assert len(conn._h2.streams) <= 5  # h2 keeps closed streams until its recount
         assert "IDLE streams=0/4 requests=50" in repr(conn)
+
+
+def test_stateless_hpack_encoder_round_trips_and_never_uses_the_table() -> None:
+    from hpack import Decoder
+
+    from rawgate.h2_client import _Encoder
+
+    enc, dec = _Encoder(), Decoder()
+    fields = [
+        (b":method", b"POST"),
+        (b":path", b"/v1beta/models/m:generateContent"),
+        (b"x-goog-api-key", b"AIza-secret"),
+        (b"content-length", b"12345"),
+    ]
+    first = enc.encode(fields)
+    assert dec.decode(first, raw=True) == fields
+    assert enc.encode(fields) == first  # same bytes whatever was sent before
+    assert dec.header_table.current_size == 0  # nothing was indexed (keys stay out)
+    enc.header_table_size = 0  # the peer shrank its table: the next block announces it
+    again = enc.encode([(b"content-length", b"7")])
+    assert again[:1] == b"\x20" and dec.decode(again, raw=True) == [(b"content-length", b"7")]
