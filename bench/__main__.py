@@ -62,6 +62,8 @@ RAWGATE_START_S = 30.0
 # A run whose load generator + upstream used more than this share of their core is flagged:
 # the client side, not the gateway, may have been the limit (reliability.md 5.3).
 CLIENT_BOUND_UTIL = 0.85
+# rawgate's upstream connection cap against an HTTP/1.1-only emulator: one per open stream.
+H1_UPSTREAM_CONNECTIONS = 2048
 RAWGATE_CMD = "{python} -m rawgate serve --host 127.0.0.1 --port {port}"
 # Special scenarios handled here rather than by the load generator alone.
 CEILING = "loadgen-ceiling"
@@ -169,6 +171,14 @@ class Bench:
             "RAWGATE_AUTH_MODE": "off",
             "RAWGATE_LOG_LEVEL": "warning",
         }
+        if self.upstream.kind == "emulator" and self.args.emulator_engine == "fast":
+            # The fast engine speaks HTTP/1.1 only, so every open stream holds one upstream
+            # connection; Google's h2 carries 100 streams on each of the default 32. Without
+            # this, 1,000 slow streams queue behind 32 connections and time out.
+            env |= {"RAWGATE_UPSTREAM_MAX_CONNECTIONS": str(H1_UPSTREAM_CONNECTIONS),
+                    "RAWGATE_UPSTREAM_MAX_KEEPALIVE_CONNECTIONS": str(H1_UPSTREAM_CONNECTIONS)}
+            self.note(f"rawgate: upstream.max_connections = {H1_UPSTREAM_CONNECTIONS} "
+                      "(the fast emulator speaks HTTP/1.1 only: one connection per open stream)")
         reason = ""
         add = subprocess.run(
             [sys.executable, "-m", "rawgate", "accounts", "add", "--api-key",

@@ -174,6 +174,8 @@ def fmt_num(v: float, digits: int = 0) -> str:
 def fmt_value(v: float) -> str:
     """A measured value at a sensible precision: 63,500 / 85.6 / 3.97 / 0.412."""
     a = abs(v)
+    if v == int(v) and a < 1e15:
+        return f"{int(v):,}"
     if a >= 1000:
         return f"{v:,.0f}"
     if a >= 10:

@@ -414,7 +414,7 @@ def test_goals_state_met_and_missed_by_how_much() -> None:
 
 def test_goal_verdict_for_an_upper_bound() -> None:
     g = report.Goal("x", "<= 150 MB", 180.0, 150.0, False, "MB")
-    assert g.verdict() == "missed by 20 % (30.0 MB over)"
+    assert g.verdict() == "missed by 20 % (30 MB over)"
 
 
 def test_full_report_lists_failures_and_notes() -> None:
