@@ -361,6 +361,26 @@ def goals_table(gs: Sequence[Goal]) -> str:
     return "\n".join(rows)
 
 
+def external_table(records: Sequence[dict[str, Any]]) -> str:
+    """wrk / h2load cross-checks: their req/s and latency next to the load generator's own
+    number for the same target and request (the `chat` case, or the trivial server)."""
+    rows = ["| scenario | case | tool | req/s | latency | errors |", "|---|---|---|---:|---|---:|"]
+    for r in records:
+        if r.get("kind") != "external":
+            continue
+        res = r["result"]
+        if res["tool"] == "wrk":
+            lat = res.get("latency_ms", {})
+            latency = ", ".join(f"{k} {fmt_ms(v)} ms" for k, v in lat.items()
+                                if k in ("p50", "p99"))
+        else:
+            req = res.get("request_ms", {})
+            latency = f"mean {fmt_ms(req['mean'])} ms, max {fmt_ms(req['max'])} ms" if req else ""
+        rows.append(f"| {r['scenario']} | {r['case']} | {r['tool']} | {fmt_num(res['rps'])} "
+                    f"| {latency} | {res.get('errors', '-')} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def notes_section(notes: Sequence[str]) -> str:
     return "\n".join(f"- {n}" for n in notes)
 
@@ -389,6 +409,9 @@ def full_report(
         "",
         goals_table(goals(aggs, gateway)),
     ]
+    ext = external_table(records)
+    if ext:
+        parts += ["", "### Cross-checks (wrk, h2load: no body checks)", "", ext]
     if notes:
         parts += ["", "### Notes", "", notes_section(notes)]
     errs = [(k, a) for k, a in aggs.items() if a.samples]

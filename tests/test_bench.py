@@ -534,3 +534,14 @@ def test_profile_summary_shares() -> None:
                                     "map (rawgate/mapping.py:5)": 0.3}
     assert "60.0 %  send (anyio/a.py:3)" in profile.render(s)
     assert profile.summarize([])["samples"] == 0
+
+
+def test_external_table_lists_cross_checks() -> None:
+    recs = [{"kind": "external", "scenario": "xcheck", "case": "c=16 rawgate",
+             "tool": "wrk", "result": external.parse_wrk(WRK_OUT)},
+            {"kind": "external", "scenario": "xcheck", "case": "c=16 rawgate",
+             "tool": "h2load-h1", "result": external.parse_h2load(H2LOAD_OUT)}]
+    table = report.external_table(recs)
+    assert "| xcheck | c=16 rawgate | wrk | 28,807 | p50 0.210 ms, p99 5.62 ms | 15 |" in table
+    assert "| h2load-h1 | 73,598 | mean 0.217 ms, max 16.24 ms | 0 |" in table
+    assert report.external_table([]) == ""
