@@ -130,6 +130,10 @@ def litellm_proc(
         "LITELLM_MODE": "PRODUCTION",
         "LITELLM_TELEMETRY": "False",
         "NO_DOCKER": "True",
+        # The same upstream connection allowance rawgate gets against the HTTP/1.1 emulator
+        # (LiteLLM's default is 500 per host).
+        "AIOHTTP_CONNECTOR_LIMIT": "4096",
+        "AIOHTTP_CONNECTOR_LIMIT_PER_HOST": "2048",
     }
     argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
             "--num_workers", str(workers)]
