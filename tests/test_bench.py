@@ -405,9 +405,9 @@ def test_goals_state_met_and_missed_by_how_much() -> None:
     assert p50.value == pytest.approx(0.4) and p50.met
     rps = next(g for n, g in gs.items() if n.startswith("non-stream chat req/s"))
     assert rps.value == 2500 and rps.met
-    lite = gs["throughput vs litellm"]
+    lite = gs["throughput vs litellm (best level of each)"]
     assert lite.value == pytest.approx(12.5) and lite.met
-    pk = gs["throughput vs portkey"]
+    pk = gs["throughput vs portkey (best level of each)"]
     assert not pk.met and pk.verdict().startswith("missed by 7 %")
     assert gs["1,000 open streams: errors"].verdict() == "not measured"
 
@@ -545,3 +545,29 @@ def test_external_table_lists_cross_checks() -> None:
     assert "| xcheck | c=16 rawgate | wrk | 28,807 | p50 0.210 ms, p99 5.62 ms | 15 |" in table
     assert "| h2load-h1 | 73,598 | mean 0.217 ms, max 16.24 ms | 0 |" in table
     assert report.external_table([]) == ""
+
+
+def test_cli_rejects_unknown_scenarios_and_knows_the_special_ones() -> None:
+    from bench.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["no-such-scenario"])
+    args = parse_args(["chat", "loadgen-ceiling", "--case", "c=1", "--pin"])
+    assert args.scenarios == ["chat", "loadgen-ceiling"] and args.case == ["c=1"] and args.pin
+
+
+def test_exit_status_fails_only_on_harness_breakage() -> None:
+    from types import SimpleNamespace
+
+    from bench.__main__ import exit_status
+
+    ok = {"kind": "run", "target": "direct", "result": {"ok": 5, "error_total": 0}}
+    bad = {"kind": "run", "target": "rawgate", "result": {"ok": 0, "error_total": 7}}
+    quick = SimpleNamespace(quick=True, strict=False)
+    b: Any = SimpleNamespace(broken=[], records=[ok, bad])
+    assert exit_status(b, quick) == 0  # rawgate's errors are numbers, not breakage
+    assert exit_status(b, SimpleNamespace(quick=False, strict=True)) == 1
+    b.records = [bad]
+    assert exit_status(b, quick) == 1  # the direct path answered nothing
+    b.broken = ["chat c=4 direct: loadgen exited with 1"]
+    assert exit_status(b, SimpleNamespace(quick=False, strict=False)) == 1
