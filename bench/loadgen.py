@@ -281,14 +281,17 @@ class H1Parser:
                     return False
                 self._head(buf[:end])
                 buf = buf[end + 4 :]
-            elif mode == 1:
+            elif mode == 1 or mode == 3:  # n more body bytes: all of it, or one chunk's data
                 n = self._remaining
                 if len(buf) < n:
                     self._take(buf)
                     self._remaining = n - len(buf)
                     return False
                 self._take(buf[:n])
-                return self._finish(buf[n:])
+                buf = buf[n:]
+                if mode == 1:
+                    return self._finish(buf)
+                self._mode = 4
             elif mode == 2:
                 end = buf.find(b"\r\n")
                 if end < 0:
@@ -304,15 +307,6 @@ class H1Parser:
                 else:
                     self._remaining = size
                     self._mode = 3
-            elif mode == 3:
-                n = self._remaining
-                if len(buf) < n:
-                    self._take(buf)
-                    self._remaining = n - len(buf)
-                    return False
-                self._take(buf[:n])
-                buf = buf[n:]
-                self._mode = 4
             elif mode == 4:
                 if len(buf) < 2:
                     self._buf = buf
