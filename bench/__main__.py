@@ -302,9 +302,10 @@ class Bench:
                 "upstream_chunks_per_s": (ok * case.workload.chunks / res["elapsed_s"]
                                           if case.workload.stream and res["elapsed_s"] else None),
             }
-            client_util = res["loadgen_cpu_util"] + (0 if same else upc / wall if wall else 0)
+            # CPU 0 carries the load generator and the upstream (for `direct`, the target).
+            client_util = res["loadgen_cpu_util"] + (upc / wall if wall else 0.0)
             srv["client_core_util"] = client_util
-            if self.pin and client_util > CLIENT_BOUND_UTIL and t.kind != "direct":
+            if self.pin and client_util > CLIENT_BOUND_UTIL:
                 srv["client_bound"] = True
         rec["server"] = srv
         self.emit(rec)
