@@ -455,6 +455,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="exit 1 on any counted error")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
     p.add_argument("--report", metavar="FILE", help="re-print the report of a JSON-lines file")
+    p.add_argument("--baseline", metavar="FILE",
+                   help="a previous run's JSON lines: rawgate's numbers side by side with it")
     args = p.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in names]
     if unknown:
@@ -480,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         notes = [r["text"] for r in recs if r.get("kind") == "note"]
         gw = next((r["target"] for r in recs if r.get("target") in ("rawgate", "standin")),
                   "rawgate")
-        print(report.full_report(recs, meta, notes, gw))
+        print(report.full_report(recs, meta, notes, gw, _baseline(args)))
         return 0
     table = quick_scenarios() if args.quick else all_scenarios()
     chosen = args.scenarios or ([*table] if args.quick else [*table, CEILING, XCHECK])
@@ -513,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop_all()
         if b.json_out is not None:
             b.json_out.close()
-    text = report.full_report(b.records, b.meta, b.notes, b.gateway_name)
+    text = report.full_report(b.records, b.meta, b.notes, b.gateway_name, _baseline(args))
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
@@ -526,6 +528,10 @@ def main(argv: list[str] | None = None) -> int:
             for path in plots.write_all(b.records, Path(args.plot), b.gateway_name):
                 print(f"bench: wrote {path}", file=sys.stderr)
     return exit_status(b, args)
+
+
+def _baseline(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return report.load_records(Path(args.baseline)) if args.baseline else []
 
 
 def exit_status(b: Bench, args: argparse.Namespace) -> int:

@@ -382,13 +382,41 @@ def external_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+def compare_table(
+    new: dict[tuple[str, str, str], Agg], old: dict[tuple[str, str, str], Agg], target: str
+) -> str:
+    """`target`'s medians in this run against a baseline run, case by case (speed work)."""
+
+    def cell(a: Sequence[float], b: Sequence[float], fmt: Callable[[float], str]) -> str:
+        if not a or not b:
+            return "-"
+        x, y = median(b), median(a)
+        pct = (y - x) / x * 100 if x else float("nan")
+        return f"{fmt(x)} -> {fmt(y)} ({pct:+.0f} %)"
+
+    rows = [
+        "| scenario | case | req/s | p50 ms | p99 ms | CPU ms/req | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (sc, case, tgt), a in new.items():
+        b = old.get((sc, case, tgt))
+        if tgt != target or b is None:
+            continue
+        rows.append(
+            f"| {sc} | {case} | {cell(a.rps, b.rps, fmt_num)} | {cell(a.p50, b.p50, fmt_ms)} "
+            f"| {cell(a.p99, b.p99, fmt_ms)} | {cell(a.cpu_ms_req, b.cpu_ms_req, fmt_ms)} "
+            f"| {cell(a.rss_mb, b.rss_mb, fmt_num)} |"
+        )
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def notes_section(notes: Sequence[str]) -> str:
     return "\n".join(f"- {n}" for n in notes)
 
 
 def full_report(
     records: Sequence[dict[str, Any]], meta: dict[str, Any], notes: Sequence[str],
-    gateway: str = "rawgate",
+    gateway: str = "rawgate", baseline: Sequence[dict[str, Any]] = (),
 ) -> str:
     aggs = aggregate(records)
     parts = [
@@ -410,6 +438,12 @@ def full_report(
         "",
         goals_table(goals(aggs, gateway)),
     ]
+    if baseline:
+        base_meta = next((r["meta"] for r in baseline if "meta" in r), {})
+        cmp = compare_table(aggs, aggregate(baseline), gateway)
+        parts += ["", f"### {gateway} against the baseline (commit "
+                  f"`{base_meta.get('commit', '?')}`, {base_meta.get('timestamp', '?')})", "",
+                  cmp or "_no case in common with the baseline_"]
     ext = external_table(records)
     if ext:
         parts += ["", "### Cross-checks (wrk, h2load: no body checks)", "", ext]

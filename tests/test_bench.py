@@ -571,3 +571,13 @@ def test_exit_status_fails_only_on_harness_breakage() -> None:
     assert exit_status(b, quick) == 1  # the direct path answered nothing
     b.broken = ["chat c=4 direct: loadgen exited with 1"]
     assert exit_status(b, SimpleNamespace(quick=False, strict=False)) == 1
+
+
+def test_compare_table_against_a_baseline() -> None:
+    old = report.aggregate([_run("chat", "c=16", "rawgate", 1000, 2.0, 4.0, cpu=0.5)])
+    new = report.aggregate([_run("chat", "c=16", "rawgate", 1500, 1.0, 4.0, cpu=0.25),
+                            _run("chat", "c=16", "litellm", 50, 9.0, 9.0)])
+    table = report.compare_table(new, old, "rawgate")
+    assert "| chat | c=16 | 1,000 -> 1,500 (+50 %) | 2.00 -> 1.00 (-50 %) " in table
+    assert "litellm" not in table
+    assert report.compare_table(new, {}, "rawgate") == ""
