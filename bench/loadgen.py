@@ -510,6 +510,8 @@ class H2Client:
         self.streams: dict[int, _H2Stream] = {}
         self.send_lock = anyio.Lock()
         self.window_open = anyio.Event()
+        self.stream_freed = anyio.Event()  # set (and replaced) whenever a stream closes
+        self.settings_seen = anyio.Event()  # the server's first SETTINGS (its stream limit)
         self.dead: ResponseError | None = None
 
     async def connect(self, tg: anyio.abc.TaskGroup) -> None:
@@ -543,6 +545,8 @@ class H2Client:
 
     def _fail_all(self, err: ResponseError) -> None:
         self.dead = err
+        self.stream_freed.set()
+        self.settings_seen.set()
         for st in self.streams.values():
             if st.error is None:
                 st.error = err
@@ -589,13 +593,18 @@ class H2Client:
                         st = self.streams.pop(e.stream_id, None)
                         if st is not None:
                             st.done.set()
+                        self._freed()
                     elif t is ev.StreamReset:
                         st = self.streams.pop(e.stream_id, None)
                         if st is not None:
                             st.error = ResponseError("stream_reset", f"code {e.error_code}")
                             st.done.set()
+                        self._freed()
                     elif t is ev.WindowUpdated:
                         self.window_open.set()
+                    elif t is ev.RemoteSettingsChanged:
+                        self.settings_seen.set()
+                        self._freed()  # the stream limit may have grown
                     elif t is ev.ConnectionTerminated:
                         self._fail_all(
                             ResponseError("goaway", f"code {e.error_code} {e.additional_data!r}")
@@ -607,12 +616,24 @@ class H2Client:
         except Exception as e:  # never let one connection's failure kill the whole run
             self._fail_all(ResponseError("client_error", repr(e)))
 
+    def _freed(self) -> None:
+        self.stream_freed.set()
+        self.stream_freed = anyio.Event()
+
     async def exchange(
         self, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> tuple[int, bytes, float]:
         if self.dead is not None:
             raise self.dead
         h2c = self.h2
+        if not self.settings_seen.is_set():
+            await self.settings_seen.wait()
+        # More workers than the server's MAX_CONCURRENT_STREAMS on this connection: wait for a
+        # stream to close rather than have h2 refuse the new one.
+        while h2c.open_outbound_streams >= h2c.remote_settings.max_concurrent_streams:
+            await self.stream_freed.wait()
+            if self.dead is not None:
+                raise self.dead
         sid = h2c.get_next_available_stream_id()
         st = _H2Stream()
         self.streams[sid] = st
@@ -713,6 +734,8 @@ class Runner:
             kind, detail, keep = e.kind, e.detail, False
         except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as e:
             kind, detail, keep = "connection_error", repr(e), False
+        except Exception as e:  # e.g. an h2 state error: counted, and the run goes on
+            kind, detail, keep = "client_error", repr(e), False
         if kind is None:
             kind = self.check(status, body)
             if kind is not None:

@@ -581,3 +581,19 @@ def test_compare_table_against_a_baseline() -> None:
     assert "| chat | c=16 | 1,000 -> 1,500 (+50 %) | 2.00 -> 1.00 (-50 %) " in table
     assert "litellm" not in table
     assert report.compare_table(new, {}, "rawgate") == ""
+
+
+@pytest.mark.anyio
+async def test_h2_client_waits_for_a_free_stream_beyond_the_servers_limit() -> None:
+    async def go(port: int, tg: anyio.abc.TaskGroup) -> None:
+        runner = Runner(_spec(port, "h2", False))
+        runner.measuring = True
+        client = H2Client("127.0.0.1", port)
+        await client.connect(tg)
+        async with anyio.create_task_group() as inner:
+            for _ in range(130):  # the stand-in's h2 allows 100 concurrent streams
+                inner.start_soon(runner.one, client, 0.0)
+        await client.close()
+        assert runner.stats.errors == {} and runner.stats.ok == 130
+
+    await _with_standin(go)
