@@ -439,7 +439,7 @@ def full_report(
         goals_table(goals(aggs, gateway)),
     ]
     if baseline:
-        base_meta = next((r["meta"] for r in baseline if "meta" in r), {})
+        base_meta: dict[str, Any] = next((r["meta"] for r in baseline if "meta" in r), {})
         cmp = compare_table(aggs, aggregate(baseline), gateway)
         parts += ["", f"### {gateway} against the baseline (commit "
                   f"`{base_meta.get('commit', '?')}`, {base_meta.get('timestamp', '?')})", "",
