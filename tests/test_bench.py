@@ -597,3 +597,22 @@ async def test_h2_client_waits_for_a_free_stream_beyond_the_servers_limit() -> N
         assert runner.stats.errors == {} and runner.stats.ok == 130
 
     await _with_standin(go)
+
+
+def test_bench_quick_runs_end_to_end(tmp_path: Any) -> None:
+    """`python -m bench --quick`, the harness's smoke test, as CI runs it (issue 6): real
+    emulator + rawgate + load generator processes; fails only when the harness breaks."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "quick.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    assert any(r.get("target") == "rawgate" for r in rows), rows[:3]
