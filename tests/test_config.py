@@ -47,3 +47,20 @@ def test_bad_config_names_key_and_value(raw: dict[str, object], needle: str) -> 
 def test_env_unknown_key_is_an_error() -> None:
     with pytest.raises(ConfigError, match="RAWGATE_SERVER_PROT"):
         build_config({}, {"RAWGATE_SERVER_PROT": "1"}, {})
+
+
+def test_every_config_key_is_documented_in_the_readme() -> None:
+    import re
+    from pathlib import Path
+
+    import msgspec
+
+    from rawgate.config import Config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    sections = re.split(r"\n`\[(\w+)\]`\n", readme)
+    documented = {sections[i]: sections[i + 1] for i in range(1, len(sections) - 1, 2)}
+    for f in msgspec.structs.fields(Config):
+        assert f.name in documented, f"README lacks the [{f.name}] table"
+        for g in msgspec.structs.fields(f.type):
+            assert f"| `{g.name}` |" in documented[f.name], f"README lacks {f.name}.{g.name}"
