@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import httpx2 as httpx
 import openai
 import pytest
@@ -142,3 +143,29 @@ async def test_responses_tool_call_round_trip_with_previous_response_id(tmp_path
         with pytest.raises(openai.BadRequestError) as ei:
             await c.responses.create(model=model, previous_response_id="resp_nope", input="x")
         assert ei.value.code == "previous_response_not_found"
+
+
+async def test_accounts_added_while_running_are_picked_up(tmp_path: Path) -> None:
+    from rawgate.accounts import AccountStore
+
+    async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
+        r = await c.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "a"}]
+        )
+        assert r.headers["x-account-email"] == "emulator-demo"
+        key = "key-hot-reload-aaaaaaaaaaaaaaa"
+        run.emulator.core.creds.api_keys.add(key)  # the emulator learns it like Google would
+        AccountStore(tmp_path / "accounts.json").add_api_key(key, label="hot")
+        seen = ""
+        for _ in range(40):  # the server polls accounts.json every second
+            await anyio.sleep(0.1)
+            r = await c.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "b"}]
+            )
+            seen = r.headers["x-account-email"]
+            if seen == "hot":
+                break
+        assert seen == "hot"
+        # Counters are written back in batches (and on shutdown) without tearing the file.
+    stored = AccountStore(tmp_path / "accounts.json").load()
+    assert stored[0].requests >= 1
