@@ -7,8 +7,13 @@ OpenAI base_url to point SDKs at, the emulator (its test hooks) and the gateway 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from rawgate.gateway import Gateway
 from rawgate.listener import Server, open_server
 from rawgate.stack import open_stack
 
-__all__ = ["Running", "gateway_stack"]
+__all__ = ["Running", "gateway_stack", "serve_process"]
 
 
 @dataclass
@@ -59,3 +64,32 @@ async def gateway_stack(
         assert st.emulator is not None
         async with open_server(st.app, st.cfg, host="127.0.0.1", port=0, state=state) as server:
             yield Running(server, st.emulator, st.gateway, st.cfg)
+
+
+@contextmanager
+def serve_process(home: Path, *args: str) -> Iterator[str]:
+    """A real `rawgate serve --emulate --port 0 ARGS` process; yields its http:// origin.
+    Stopped with SIGTERM on exit, which must end it with status 0 (graceful shutdown)."""
+    env = {**os.environ, "RAWGATE_HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rawgate", "serve", "--emulate", "--port", "0", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"listening on (http://\S+)", line)
+        assert m, f"no start-up line: {line!r}"
+        yield m.group(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()

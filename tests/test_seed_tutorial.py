@@ -7,12 +7,9 @@ driven by the openai SDK exactly as the tutorial writes it, and by curl when it 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,35 +17,13 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from tests.helpers_gateway import serve_process
+
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "RAWGATE_HOME": str(home)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rawgate", "serve", "--emulate", "--port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        m = re.search(r"listening on (http://\S+)", line)
-        assert m, f"no start-up line: {line!r} {proc.stderr.read() if proc.poll() else ''}"
-        yield m.group(1)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=15) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            for f in (proc.stdout, proc.stderr):
-                if f is not None:
-                    f.close()
+    with serve_process(tmp_path_factory.mktemp("home")) as origin:
+        yield origin
 
 
 def test_step1_health_and_models(gateway: str) -> None:
