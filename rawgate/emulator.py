@@ -12,8 +12,9 @@ Invariants:
 - A deliberate fault (reset before the head, drop after chunk k, an exhausted stall) raises
   `ConnectionCut`, a `ClientDisconnected`: the drivers treat it like a dead peer, i.e. they close
   the HTTP/1.1 connection or reset the h2 stream without finishing the response, quietly.
-- `engine="fast"` serves the same core through a minimal asyncio HTTP/1.1 protocol
-  (emulator_fast.py) for benchmarks, where the shared drivers would be the bottleneck.
+- `engine="fast"` serves the same core through a minimal asyncio HTTP/1.1 + h2c protocol
+  (emulator_fast.py, emulator_fast_h2.py) for benchmarks, where the shared drivers would be the
+  bottleneck.
 - Nothing here outlives the `serve()` block: listeners, connections and stream tasks close with it.
 """
 
@@ -207,14 +208,15 @@ async def serve(
     """Run the emulator until the block exits.
 
     engine="standard": rawgate's listener (HTTP/1.1, h2c, and h2 by ALPN under TLS).
-    engine="fast": the benchmark-only asyncio HTTP/1.1 server (asyncio event loop required).
+    engine="fast": the benchmark-only asyncio server, HTTP/1.1 and h2c (asyncio loop required).
     """
     core = core or Emulator(settings)
     scheme = "https" if ssl_context is not None else "http"
     if engine == "fast":
         from rawgate.emulator_fast import open_fast_server
 
-        async with open_fast_server(core, host, port, ssl_context) as bound:
+        streams = (config or emulator_config()).limits.h2_max_concurrent_streams
+        async with open_fast_server(core, host, port, ssl_context, streams) as bound:
             yield RunningEmulator(core, host, bound, scheme)
         return
     from rawgate.listener import open_server

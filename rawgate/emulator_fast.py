@@ -1,4 +1,5 @@
-"""A minimal asyncio HTTP/1.1 server for the emulator, for benchmarks only (`engine="fast"`).
+"""A minimal asyncio HTTP/1.1 (+ h2c, emulator_fast_h2.py) server for the emulator, for
+benchmarks only (`engine="fast"`).
 
 Why: the shared h11 driver costs tens of microseconds per request, which would make the emulator
 a bottleneck of gateway benchmarks. This protocol parses only what the emulator needs (request
@@ -25,9 +26,10 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Generator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from rawgate.emulator_core import Emulator, Reply
+from rawgate.emulator_fast_h2 import PREFACE, H2Session
 from rawgate.emulator_state import Header
 from rawgate.errors import BadRequest
 from rawgate.target import parse_target
@@ -60,8 +62,12 @@ def _framed(chunk: bytes) -> bytes:
 
 
 class _H1(asyncio.Protocol):
-    def __init__(self, core: Emulator, loop: asyncio.AbstractEventLoop, conns: set[_H1]) -> None:
+    def __init__(self, core: Emulator, loop: asyncio.AbstractEventLoop, conns: set[_H1],
+                 h2_max_streams: int) -> None:
         self.core = core
+        self.h2_max_streams = h2_max_streams
+        self.h2: H2Session | None = None
+        self.sniffed = False  # the first bytes were compared with the HTTP/2 preface
         self.loop = loop
         self.conns = conns
         self.buf = bytearray()
@@ -75,12 +81,37 @@ class _H1(asyncio.Protocol):
     # -- asyncio callbacks --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.conns.add(self)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None and tls.selected_alpn_protocol() == "h2":
+            self._start_h2()
+
+    def _start_h2(self) -> H2Session:
+        assert self.transport is not None
+        self.sniffed = True
+        self.h2 = H2Session(self.core, self.loop, self.transport, self.h2_max_streams,
+                            self._h2_closed)
+        return self.h2
+
+    def _h2_closed(self) -> None:
+        self.closed = True
 
     def data_received(self, data: bytes) -> None:
+        if self.h2 is not None:
+            self.h2.feed(data)
+            return
         self.buf += data
+        if not self.sniffed:
+            if len(self.buf) < len(PREFACE) and PREFACE.startswith(self.buf):
+                return  # could still be the h2c preface: wait for more bytes
+            self.sniffed = True
+            if self.buf.startswith(PREFACE):
+                first = bytes(self.buf)
+                self.buf.clear()
+                self._start_h2().feed(first)
+                return
         if self.script is None:
             self._process()
 
@@ -100,6 +131,8 @@ class _H1(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.h2 is not None:
+            self.h2.close()
         self.conns.discard(self)
         if self.timer is not None:
             self.timer.cancel()
@@ -277,17 +310,17 @@ class _H1(asyncio.Protocol):
 
 @asynccontextmanager
 async def open_fast_server(
-    core: Emulator, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    core: Emulator, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+    h2_max_streams: int = 100,
 ) -> AsyncIterator[int]:
     """Serve `core` on host:port (0 = any free port); yields the bound port.
 
-    Under TLS the context's ALPN is set to http/1.1 only (this engine speaks nothing else).
+    Cleartext: HTTP/1.1, or h2c when the client starts with the HTTP/2 preface. TLS: whatever the
+    context's ALPN negotiates (h2 or http/1.1).
     """
     loop = asyncio.get_running_loop()
     conns: set[_H1] = set()
-    if ssl_context is not None:
-        ssl_context.set_alpn_protocols(["http/1.1"])
-    server = await loop.create_server(lambda: _H1(core, loop, conns), host, port,
+    server = await loop.create_server(lambda: _H1(core, loop, conns, h2_max_streams), host, port,
                                       ssl=ssl_context, backlog=1024, reuse_address=True)
     try:
         sock: Any = server.sockets[0]
