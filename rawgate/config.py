@@ -280,6 +280,21 @@ def _check_semantics(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: server.workers = {s.workers}: must be >= 1")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key must be set together")
+    up = cfg.upstream
+    for key in ("gemini_base_url", "code_assist_base_url", "oauth_token_url"):
+        url = getattr(up, key)
+        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
+            raise ConfigError(f"{source}: upstream.{key} = {url!r}: must be an http(s):// URL")
+    if up.proxy:
+        from rawgate.backends import parse_proxy  # config must not import the I/O layer eagerly
+
+        try:
+            parse_proxy(up.proxy)
+        except ValueError:
+            # The value may carry proxy credentials: name the key, not the value.
+            raise ConfigError(
+                f"{source}: upstream.proxy must look like http://[user:password@]host:port"
+            ) from None
     if cfg.routing.max_attempts < 1:
         raise ConfigError(
             f"{source}: routing.max_attempts = {cfg.routing.max_attempts}: must be >= 1"

@@ -64,3 +64,17 @@ def test_every_config_key_is_documented_in_the_readme() -> None:
         assert f.name in documented, f"README lacks the [{f.name}] table"
         for g in msgspec.structs.fields(f.type):
             assert f"| `{g.name}` |" in documented[f.name], f"README lacks {f.name}.{g.name}"
+
+
+def test_upstream_urls_and_proxy_are_checked_without_echoing_credentials() -> None:
+    import pytest
+
+    from rawgate.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"upstream\.gemini_base_url"):
+        build_config({"upstream": {"gemini_base_url": "generativelanguage.googleapis.com"}}, {}, {})
+    with pytest.raises(ConfigError, match=r"upstream\.proxy") as ei:
+        build_config({"upstream": {"proxy": "socks5://user:s3cret@host:1080"}}, {}, {})
+    assert "s3cret" not in str(ei.value)
+    cfg = build_config({"upstream": {"proxy": "http://user:pw@127.0.0.1:3128"}}, {}, {})
+    assert cfg.upstream.proxy.endswith(":3128")
