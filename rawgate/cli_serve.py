@@ -65,13 +65,16 @@ _PARENT_POLL_S = 1.0  # how often a worker checks that its parent is still there
 
 @asynccontextmanager
 async def build_app(
-    cfg: Config, state: ServerState, *, emulate: bool, share_cooldowns: bool = False
+    cfg: Config, state: ServerState, *, emulate: bool, share_cooldowns: bool = True
 ) -> AsyncIterator[App]:
     """THE seam: the running App every connection is served by (rawgate.stack.open_stack: the
     gateway routes over the upstream pool and, with `emulate`, the in-process Gemini emulator).
     The gateway's own background tasks (accounts hot reload, counters, shared cooldowns) live as
-    long as the block. Raises ConfigError for settings the application refuses (auth on without
-    keys ...) and AccountStoreError for an unreadable accounts.json.
+    long as the block. Cooldowns always go through $RAWGATE_HOME/cooldowns.json: the workers of
+    --workers N share them, `rawgate accounts list` shows them, and a restart keeps them (no 429
+    storm against an upstream that asked for quiet). Raises ConfigError for settings the
+    application refuses (auth on without keys ...) and AccountStoreError for an unreadable
+    accounts.json.
     """
     async with open_stack(cfg, state, emulate=emulate, share_cooldowns=share_cooldowns) as stack:
         yield stack.app
@@ -231,7 +234,7 @@ async def serve(
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         state = ServerState()
         async with (
-            build_app(cfg, state, emulate=emulate, share_cooldowns=reuse_port) as app,
+            build_app(cfg, state, emulate=emulate, share_cooldowns=True) as app,
             open_server(
                 app, cfg, ssl_context=ssl_context, reuse_port=reuse_port, state=state
             ) as server,
