@@ -1,0 +1,68 @@
+"""`rawgate emulate`: flags map onto Settings, and the command serves and stops on SIGINT."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from rawgate.__main__ import build_parser
+from rawgate.cli_emulate import build_settings
+from rawgate.emulator import DEMO_ACCOUNT, DEMO_API_KEY
+
+
+def test_flags_map_onto_settings() -> None:
+    args = build_parser().parse_args([
+        "emulate", "--api-key", "k1", "--api-key", "k2", "--refresh-token", "r1",
+        "--quota", "5", "--quota-window", "10", "--chunks", "7", "--chunk-delay-ms", "20",
+        "--first-byte-ms", "5", "--token-lifetime", "30", "--no-validate", "--model", "emu-x",
+    ])
+    s = build_settings(args)
+    assert s.api_keys == ("k1", "k2") and s.quota_requests == 5 and s.quota_window_s == 10
+    assert s.chunks == 7 and s.chunk_delay_s == 0.02 and s.first_byte_delay_s == 0.005
+    assert s.access_token_lifetime_s == 30 and not s.validate and s.extra_models == ("emu-x",)
+    assert [a.refresh_token for a in s.oauth_accounts] == ["r1"]
+    assert s.oauth_accounts[0].project == "emu-project-1"
+
+
+def test_defaults_are_the_demo_credentials() -> None:
+    s = build_settings(build_parser().parse_args(["emulate"]))
+    assert s.api_keys == (DEMO_API_KEY,) and s.oauth_accounts == (DEMO_ACCOUNT,)
+    assert s.quota_requests is None and s.validate and s.require_auth
+
+
+def test_every_flag_has_help() -> None:
+    sub = build_parser()._subparsers._group_actions[0].choices["emulate"]  # type: ignore[union-attr]
+    for action in sub._actions:
+        assert action.help, action.option_strings
+
+
+def test_tls_flags_go_together() -> None:
+    from rawgate.cli_emulate import run
+
+    assert run(build_parser().parse_args(["emulate", "--tls-cert", "x.pem"])) == 2
+
+
+@pytest.mark.parametrize("engine", ["standard", "fast"])
+def test_serves_and_stops_on_sigint(engine: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "rawgate", "emulate", "--port", "0",
+                             "--engine", engine], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", first)
+        assert m, first
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/healthz", timeout=10) as r:
+            assert r.status == 200 and r.read() == b"rawgate Gemini emulator\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
