@@ -333,7 +333,10 @@ class Emulator:
                 if plan.stream_error is not None:
                     after, err = plan.stream_error
                     events = events[:after]
-                chunks = (encode_sse if sse else encode_array)(events, trace, err)
+                if sse:
+                    chunks = encode_sse(events, trace, err, plan.quirks)
+                else:
+                    chunks = encode_array(events, trace, err)
                 parts = [c.split(_RID_B) for c in chunks]
                 if sse:
                     prep.sse = parts

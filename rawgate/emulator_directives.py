@@ -41,6 +41,7 @@ DIRECTIVES: dict[str, frozenset[str]] = {
     "drip": frozenset({"ms"}),
     "chunks": frozenset({"n"}),
     "chunk_chars": frozenset({"n"}),
+    "quirk": frozenset({"kind"}),
 }
 
 

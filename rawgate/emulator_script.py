@@ -28,6 +28,7 @@ import orjson
 from rawgate.emulator_directives import Directive, ScriptError, int_arg, ms_arg, parse_directives
 
 __all__ = [
+    "QUIRKS",
     "SIGNATURE_PREFIX",
     "Options",
     "Plan",
@@ -40,6 +41,9 @@ __all__ = [
     "prompt_tokens",
 ]
 
+# SSE framing oddities seen from proxies and Code Assist (reliability.md 3.7), for parser tests.
+QUIRKS = ("lf", "keepalive", "done", "no_finish", "bad_json", "multiline", "event_lines",
+          "non_utf8")
 # Google's per-image token figure (258); used for every non-text media part.
 MEDIA_PART_TOKENS = 258
 # Output larger than this from `reply chars=` is refused: the emulator must stay cheap to run.
@@ -96,6 +100,7 @@ class Plan:
     drip_s: float = 0.0
     directives: list[Directive] = field(default_factory=list)
     prompt: str = ""  # the last user turn's text, directives included (keys `times=` counters)
+    quirks: tuple[str, ...] = ()  # SSE framing oddities (QUIRKS), applied by encode_sse
 
 
 # ---- tokens -------------------------------------------------------------------------------------
@@ -269,6 +274,11 @@ def build_plan(
             chunks, chunk_chars = int_arg(d, "n", 3, 1, MAX_CHUNKS), 0
         elif n == "chunk_chars":
             chunk_chars = int_arg(d, "n", 16, 1, MAX_REPLY_CHARS)
+        elif n == "quirk":
+            kind = str(a.get("kind", ""))
+            if kind not in QUIRKS:
+                raise ScriptError(f"quirk: kind must be one of {', '.join(QUIRKS)}")
+            plan.quirks += (kind,)
     if calls and not any(d.name == "reply" for d in directives):
         text = None  # a tool-call turn carries no text unless asked for
 
@@ -285,6 +295,11 @@ def build_plan(
     thoughts_tokens = count_tokens(thought) if thought is not None else (8 if thinking else 0)
     _fill(plan, body, model, response_id, text, thought, thought_sig, calls, finish, finish_msg,
           block, thoughts_tokens, max(1, chunks), chunk_chars, gen)
+    if "no_finish" in plan.quirks and plan.events:
+        last = dict(plan.events[-1])
+        last["candidates"] = [{k: v for k, v in c.items() if k != "finishReason"}
+                              for c in last.get("candidates", ())]
+        plan.events[-1] = last
     return plan
 
 
@@ -498,11 +513,29 @@ def _error_json(error: dict[str, Any] | None) -> bytes:
 
 
 def encode_sse(
-    events: list[dict[str, Any]], trace: str | None = None, error: dict[str, Any] | None = None
+    events: list[dict[str, Any]], trace: str | None = None, error: dict[str, Any] | None = None,
+    quirks: tuple[str, ...] = (),
 ) -> list[bytes]:
     """One `data: <json>\r\n\r\n` frame per event (CRLF framing, no [DONE], protocols.md A5),
-    then `error` (if any) as a raw JSON object."""
-    out = [b"data: " + j + b"\r\n\r\n" for j in _wrap(events, trace)]
+    then `error` (if any) as a raw JSON object; `quirks` bend the framing (QUIRKS)."""
+    js = _wrap(events, trace)
+    if "multiline" in quirks:  # pretty JSON over several data: lines (reliability.md 3.7)
+        out = [b"".join(b"data: " + line + b"\r\n" for line in orjson.dumps(
+            orjson.loads(j), option=orjson.OPT_INDENT_2).split(b"\n")) + b"\r\n" for j in js]
+    else:
+        out = [b"data: " + j + b"\r\n\r\n" for j in js]
+    if "lf" in quirks:
+        out = [c.replace(b"\r\n", b"\n") for c in out]
+    if "keepalive" in quirks:
+        out = [p for c in out for p in (b": keepalive\r\n\r\n", c)]
+    if "event_lines" in quirks:
+        out = [b"event: message\r\nid: 1\r\n" + c for c in out]
+    if "bad_json" in quirks:
+        out.insert(1, b"data: {not json\r\n\r\n")
+    if "non_utf8" in quirks:
+        out.insert(1, b'data: {"candidates":[{"content":{"parts":[{"text":"\xff\xfe"}]}}]}\r\n\r\n')
+    if "done" in quirks:
+        out.append(b"data: [DONE]\r\n\r\n")
     if error is not None:
         out.append(_error_json(error))
     return out

@@ -627,3 +627,22 @@ async def test_recent_requests_are_kept_for_inspection(app: EmulatorApp) -> None
     method, path, _query, headers, body = app.core.recent[-1]
     assert (method, path) == ("POST", GEN.split("?")[0]) and b"look at me" in body
     assert (b"x-goog-api-key", DEMO_API_KEY.encode()) in headers
+
+
+@pytest.mark.parametrize(("kind", "check"), [
+    ("lf", lambda b: b"\r" not in b and b.count(b"\n\n") == 3),
+    ("keepalive", lambda b: b.count(b": keepalive\r\n\r\n") == 3),
+    ("done", lambda b: b.endswith(b"data: [DONE]\r\n\r\n")),
+    ("bad_json", lambda b: b"data: {not json\r\n\r\n" in b),
+    ("multiline", lambda b: b'data: {\r\ndata:   "candidates": [\r\n' in b),
+    ("event_lines", lambda b: b.count(b"event: message\r\nid: 1\r\n") == 3),
+    ("non_utf8", lambda b: b"\xff\xfe" in b),
+    ("no_finish", lambda b: b"finishReason" not in b and b.count(b"data: ") == 3),
+])
+async def test_sse_quirks(app: EmulatorApp, kind: str, check: Any) -> None:
+    s = await gen(app, f"abc def [[emu:quirk kind={kind}]]", SSE)
+    assert s.status == 200 and check(s.body), s.body
+
+
+async def test_unknown_quirk_is_a_400(app: EmulatorApp) -> None:
+    assert (await gen(app, "[[emu:quirk kind=weird]]", SSE)).status == 400
