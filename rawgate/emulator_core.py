@@ -34,15 +34,7 @@ import orjson
 
 from rawgate.emulator_directives import ScriptError
 from rawgate.emulator_models import CATALOG, ModelSpec, extra_model, model_object
-from rawgate.emulator_script import (
-    Options,
-    Plan,
-    build_plan,
-    encode_array,
-    encode_sse,
-    google_error,
-    prompt_tokens,
-)
+from rawgate.emulator_script import Options, Plan, build_plan, prompt_tokens
 from rawgate.emulator_state import (
     MAX_TABLE_ENTRIES,
     Credentials,
@@ -51,6 +43,7 @@ from rawgate.emulator_state import (
     Settings,
 )
 from rawgate.emulator_validate import Invalid, validate_request
+from rawgate.emulator_wire import encode_array, encode_sse, google_error
 
 __all__ = ["JSON_HEADERS", "SSE_HEADERS", "Emulator", "Reply"]
 

@@ -1,4 +1,4 @@
-"""Sans-IO core of the Gemini emulator's replies: prompt directives -> a reply plan -> wire bytes.
+"""Sans-IO core of the Gemini emulator's replies: prompt directives -> a reply plan (records).
 
 Invariants:
 - Pure: a validated GenerateContentRequest (dict) and a few options in, a `Plan` out; no clock, no
@@ -13,8 +13,7 @@ Invariants:
   delta) and the last one the finishReason, as the real API does (protocols.md A4/A5).
 - Token counts are deterministic: ceil(chars / 4) per text, 258 per inline/file part (Gemini's
   per-image figure). Nobody should assert real tokenizer numbers against the emulator.
-- Wire encoders frame what the plan says and nothing more: SSE `data: <json>\\r\\n\\r\\n` (no
-  [DONE]), the non-alt JSON array, the Code Assist `{"response": ..., "traceId": ...}` wrap.
+- The wire bytes are emulator_wire.py's job.
 """
 
 from __future__ import annotations
@@ -26,47 +25,24 @@ from typing import Any
 import orjson
 
 from rawgate.emulator_directives import Directive, ScriptError, int_arg, ms_arg, parse_directives
+from rawgate.emulator_wire import QUIRKS, google_error
 
 __all__ = [
-    "QUIRKS",
     "SIGNATURE_PREFIX",
     "Options",
     "Plan",
     "build_plan",
     "count_tokens",
-    "encode_array",
-    "encode_sse",
-    "google_error",
     "make_signature",
     "prompt_tokens",
 ]
 
-# SSE framing oddities seen from proxies and Code Assist (reliability.md 3.7), for parser tests.
-QUIRKS = ("lf", "keepalive", "done", "no_finish", "bad_json", "multiline", "event_lines",
-          "non_utf8")
 # Google's per-image token figure (258); used for every non-text media part.
 MEDIA_PART_TOKENS = 258
 # Output larger than this from `reply chars=` is refused: the emulator must stay cheap to run.
 MAX_REPLY_CHARS = 8 * 1024 * 1024
 MAX_CHUNKS = 10_000
 
-STATUS_NAMES = {
-    200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-    404: "NOT_FOUND", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
-    500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
-}
-_STOCK_MESSAGES = {
-    400: "Request contains an invalid argument.",
-    401: "Request had invalid authentication credentials. Expected OAuth 2 access token, login "
-    "cookie or other valid authentication credential. See "
-    "https://developers.google.com/identity/sign-in/web/devconsole-project.",
-    403: "The caller does not have permission",
-    404: "Requested entity was not found.",
-    500: "An internal error has occurred. Please retry or report in "
-    "https://developers.generativeai.google/guide/troubleshooting",
-    503: "The model is overloaded. Please try again later.",
-    504: "The request timed out. Please try again.",
-}
 _FINISH_REASONS = frozenset({
     "STOP", "MAX_TOKENS", "SAFETY", "RECITATION", "LANGUAGE", "OTHER", "BLOCKLIST",
     "PROHIBITED_CONTENT", "SPII", "MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL",
@@ -148,23 +124,6 @@ SIGNATURE_PREFIX = b"emu-sig:"
 def make_signature(model: str, tag: str) -> str:
     """A deterministic thought signature the emulator recognises as its own (base64)."""
     return base64.b64encode(SIGNATURE_PREFIX + f"{model}:{tag}".encode()).decode()
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-
-def google_error(
-    code: int, message: str | None = None, details: list[dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    """A google.rpc.Status error envelope `{"error": {code, message, status, details?}}`."""
-    err: dict[str, Any] = {
-        "code": code,
-        "message": message or _STOCK_MESSAGES.get(code, "Error."),
-        "status": STATUS_NAMES.get(code, "UNKNOWN"),
-    }
-    if details:
-        err["details"] = details
-    return {"error": err}
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -494,62 +453,3 @@ def _many(cand: dict[str, Any], n: int) -> list[dict[str, Any]]:
     if n <= 1:
         return [cand]
     return [cand] + [{**cand, "index": i} for i in range(1, n)]
-
-
-# ---- wire encoders ------------------------------------------------------------------------------
-
-
-def _wrap(events: list[dict[str, Any]], trace: str | None) -> list[bytes]:
-    if trace is None:
-        return [orjson.dumps(e) for e in events]
-    tail = b',"traceId":"' + trace.encode() + b'"}'
-    return [b'{"response":' + orjson.dumps(e) + tail for e in events]
-
-
-def _error_json(error: dict[str, Any] | None) -> bytes:
-    # After the 200 head Google writes the error as raw, pretty-printed JSON without `data:`
-    # (protocols.md A5 rule 9); python-genai reassembles it by brace counting.
-    return orjson.dumps(error, option=orjson.OPT_INDENT_2) + b"\n"
-
-
-def encode_sse(
-    events: list[dict[str, Any]], trace: str | None = None, error: dict[str, Any] | None = None,
-    quirks: tuple[str, ...] = (),
-) -> list[bytes]:
-    """One `data: <json>\r\n\r\n` frame per event (CRLF framing, no [DONE], protocols.md A5),
-    then `error` (if any) as a raw JSON object; `quirks` bend the framing (QUIRKS)."""
-    js = _wrap(events, trace)
-    if "multiline" in quirks:  # pretty JSON over several data: lines (reliability.md 3.7)
-        out = [b"".join(b"data: " + line + b"\r\n" for line in orjson.dumps(
-            orjson.loads(j), option=orjson.OPT_INDENT_2).split(b"\n")) + b"\r\n" for j in js]
-    else:
-        out = [b"data: " + j + b"\r\n\r\n" for j in js]
-    if "lf" in quirks:
-        out = [c.replace(b"\r\n", b"\n") for c in out]
-    if "keepalive" in quirks:
-        out = [p for c in out for p in (b": keepalive\r\n\r\n", c)]
-    if "event_lines" in quirks:
-        out = [b"event: message\r\nid: 1\r\n" + c for c in out]
-    if "bad_json" in quirks:
-        out.insert(1, b"data: {not json\r\n\r\n")
-    if "non_utf8" in quirks:
-        out.insert(1, b'data: {"candidates":[{"content":{"parts":[{"text":"\xff\xfe"}]}}]}\r\n\r\n')
-    if "done" in quirks:
-        out.append(b"data: [DONE]\r\n\r\n")
-    if error is not None:
-        out.append(_error_json(error))
-    return out
-
-
-def encode_array(
-    events: list[dict[str, Any]], trace: str | None = None, error: dict[str, Any] | None = None
-) -> list[bytes]:
-    """The non-alt stream: one JSON array written element by element (`error` last, if any)."""
-    js = _wrap(events, trace)
-    if error is not None:
-        js.append(orjson.dumps(error))
-    if not js:
-        return [b"[]"]
-    out = [b"[" + js[0]] + [b",\r\n" + j for j in js[1:]]
-    out[-1] += b"]"
-    return out

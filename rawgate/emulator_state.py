@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from rawgate.emulator_script import google_error
+from rawgate.emulator_wire import google_error
 
 __all__ = [
     "DEMO_ACCOUNT",
