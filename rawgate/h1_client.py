@@ -53,6 +53,7 @@ class H1Connection:
     capacity = 1
 
     __slots__ = (
+        "_error",
         "_h11",
         "_idle_s",
         "_stream",
@@ -88,6 +89,7 @@ class H1Connection:
         self.in_use = 0
         self.idle_since = time.monotonic()
         self.requests = 0
+        self._error: UpstreamClosed | None = None  # met after data: raised by the next read
 
     def is_stale(self) -> bool:
         # Idle and readable means the server sent EOF (or junk) between exchanges.
@@ -166,25 +168,51 @@ class H1Connection:
                 raise UpstreamClosed("upstream closed the connection before answering")
             # InformationalResponse (100 Continue, 103 Early Hints): wait for the real one.
 
-    async def _receive(self) -> bytes:
-        """The next body chunk; b"" once the body ended (the connection is then released)."""
+    async def _receive(self) -> tuple[bytes, bool]:
+        """(body bytes, ended): every Data event h11 can already parse, joined, before waiting
+        for the next read; ended once EndOfMessage was seen (the connection is then released
+        and must not be touched again by this exchange).
+
+        (1) One piece per read instead of one per chunked-encoding chunk: an SSE stream whose
+        events arrive together costs the caller one async step and one downstream write per
+        read, not one per event (stream-chat c=16 over an HTTP/1.1 upstream: 100 steps per
+        stream -> ~3). An error met after some data is kept and raised by the next call, so
+        the data parsed before it still reaches the caller first."""
         h = self._h11
+        err = self._error
+        if err is not None:
+            self._error = None
+            raise err
+        parts: list[bytes] = []
         while True:
             try:
                 ev = h.next_event()
             except h11.RemoteProtocolError as e:
-                raise UpstreamClosed(f"upstream response body cut short: {e}") from None
-            if ev is _NEED_DATA:
-                data = await self._stream.read(READ_BYTES, self._idle_s)
-                h.receive_data(data)
-                continue
-            if type(ev) is h11.Data:
-                return bytes(ev.data)
-            if type(ev) is h11.EndOfMessage:
-                await self._finish()
-                return b""
-            if type(ev) is h11.ConnectionClosed:
-                raise UpstreamClosed("upstream closed the connection mid-body")
+                err = UpstreamClosed(f"upstream response body cut short: {e}")
+            else:
+                tp = type(ev)
+                if tp is h11.Data:
+                    if ev.data:  # type: ignore[union-attr]
+                        parts.append(ev.data)  # type: ignore[union-attr]
+                    continue
+                if ev is _NEED_DATA:
+                    if parts:
+                        break
+                    data = await self._stream.read(READ_BYTES, self._idle_s)
+                    h.receive_data(data)
+                    continue
+                if tp is h11.EndOfMessage:
+                    await self._finish()
+                    return _join(parts), True
+                if tp is h11.ConnectionClosed:
+                    err = UpstreamClosed("upstream closed the connection mid-body")
+                else:
+                    continue
+            if not parts:
+                raise err from None
+            self._error = err
+            break
+        return _join(parts), False
 
     async def _finish(self) -> None:
         h = self._h11
@@ -199,6 +227,13 @@ class H1Connection:
         self.state = ConnState.CLOSED
         await self._stream.aclose()  # shielded inside
         await self.pool.release(self)  # bookkeeping first; closes inside are shielded
+
+
+def _join(parts: list[bytes]) -> bytes:
+    # h11 hands out bytes or bytearray slices; the caller gets immutable bytes either way.
+    if len(parts) == 1:
+        return bytes(parts[0])
+    return b"".join(parts)
 
 
 class H1Exchange:
@@ -217,12 +252,12 @@ class H1Exchange:
         if self.done:
             return b""
         try:
-            data = await self._conn._receive()
+            data, ended = await self._conn._receive()
         except BaseException:
             self.done = True
             await self._conn._drop()
             raise
-        if not data:
+        if ended:
             self.done = True
         return data
 

@@ -699,7 +699,15 @@ class H2Stream:
             while True:
                 chunks = self.chunks
                 if chunks:
-                    data = chunks.popleft()
+                    # (1) Every DATA frame already buffered, joined: one piece per read of the
+                    # connection instead of one per frame (Gemini sends one SSE event per
+                    # frame), so the caller makes one async step and one downstream write per
+                    # batch. Bounded by the stream window (what may be buffered at all).
+                    if len(chunks) == 1:
+                        data = chunks.popleft()
+                    else:
+                        data = b"".join(chunks)
+                        chunks.clear()
                     conn._credit(self, len(data))
                     return data
                 if self.error is not None:

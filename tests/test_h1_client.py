@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import h11
 import pytest
 
 from rawgate.errors import (
@@ -151,6 +152,38 @@ async def test_streaming_hands_over_chunks_as_they_arrive() -> None:
             steps[len(got) - 1].set()
         assert got == [b"data: 0\r\n\r\n", b"data: 1\r\n\r\n", b"data: 2\r\n\r\n"]
         assert "IDLE" in repr(e.pool)
+
+
+async def test_chunks_that_arrived_together_come_as_one_piece() -> None:
+    async def app(req: OriginRequest, reply: Any) -> None:
+        # Three chunked-encoding chunks and the end in one socket write.
+        await reply.start(200, [])
+        h = reply._h
+        data = [h.send(h11.Data(data=d)) for d in (b"ab\n", b"cd", b"e")]
+        await reply.raw(b"".join([*data, h.send(h11.EndOfMessage())]))
+
+    async with env(app) as e:
+        r = await e.client.request("GET", URL, [])
+        got = [chunk async for chunk in r.aiter_bytes()]
+        assert got == [b"ab\ncde"]
+        assert "IDLE" in repr(e.pool)  # the exchange ended cleanly: reusable
+        r = await e.client.request("GET", URL, [])
+        assert await r.read() == b"ab\ncde"
+        assert e.origin.stats.connections == 1
+
+
+async def test_data_before_a_broken_chunk_is_delivered_before_the_error() -> None:
+    async def app(req: OriginRequest, reply: Any) -> None:
+        await reply.raw(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await reply.raw(b"2\r\nab\r\n1\r\nc\r\nzz\r\n")  # "zz" is no chunk size
+
+    async with env(app) as e:
+        r = await e.client.request("GET", URL, [])
+        body = r.aiter_bytes()
+        assert await body.__anext__() == b"abc"
+        with pytest.raises(UpstreamClosed, match="cut short"):
+            await body.__anext__()
+        assert "conns=[]" in repr(e.pool)
 
 
 async def test_server_closed_idle_connection_is_detected_and_replaced(e: Env) -> None:

@@ -269,6 +269,24 @@ async def test_slow_consumer_buffers_at_most_one_window_and_credits_as_it_reads(
         assert "IDLE streams=0/100" in repr(e.pool)
 
 
+async def test_frames_already_buffered_come_as_one_piece() -> None:
+    async def app(req: OriginRequest, reply: Any) -> None:
+        await reply.start(200, [])
+        for part in (b"data: 1\r\n\r\n", b"data: 2\r\n\r\n", b"data: 3\r\n\r\n"):
+            await reply.send(part)  # one DATA frame each
+        await reply.end()
+
+    async with env(app) as e:
+        r = await e.client.request("GET", URL, [])
+        s = stream_of(r)
+        await wait_until(lambda: s.ended, "whole body buffered")
+        assert len(s.chunks) == 3 and s.buffered == 33
+        got = [chunk async for chunk in r.aiter_bytes()]
+        assert got == [b"data: 1\r\n\r\ndata: 2\r\n\r\ndata: 3\r\n\r\n"]
+        assert s.buffered == 0
+        assert "IDLE streams=0/100" in repr(e.pool)
+
+
 async def test_one_slow_consumer_does_not_stall_the_connection() -> None:
     big = b"s" * (256 * KiB)
 
