@@ -14,7 +14,8 @@ Invariants:
 - Backpressure: while the transport is paused, no further chunk is written and no further
   pipelined request is handled.
 - Bounded input: head <= MAX_HEAD_BYTES (431), body <= MAX_BODY_BYTES (413); chunked request
-  bodies are refused (411). Any of these closes the connection.
+  bodies are refused (411). Any of these closes the connection. While a timed reply plays, at
+  most MAX_PIPELINED_BYTES are buffered, then reading pauses.
 - Faults: reset/drop -> transport.abort() (RST, the client sees a broken connection); stall/hang
   -> silence until `stall_max_s`, then abort.
 - Everything is closed when `open_fast_server` exits.
@@ -38,6 +39,8 @@ __all__ = ["open_fast_server"]
 
 MAX_HEAD_BYTES = 64 * 1024  # same as rawgate's limits.max_header_bytes
 MAX_BODY_BYTES = 32 * 1024 * 1024  # same as limits.max_body_bytes
+# Pipelined bytes kept while a timed reply plays; past it the socket is not read.
+MAX_PIPELINED_BYTES = MAX_HEAD_BYTES + MAX_BODY_BYTES
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
             404: b"Not Found", 411: b"Length Required", 413: b"Payload Too Large",
             429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
@@ -77,6 +80,7 @@ class _H1(asyncio.Protocol):
         self.paused = False
         self.waiting = False  # the script waits for resume_writing
         self.closed = False
+        self.reading_paused = False
 
     # -- asyncio callbacks --
 
@@ -114,6 +118,9 @@ class _H1(asyncio.Protocol):
                 return
         if self.script is None:
             self._process()
+        elif len(self.buf) > MAX_PIPELINED_BYTES and self.transport is not None:
+            self.transport.pause_reading()  # a timed reply is playing: stop buffering requests
+            self.reading_paused = True
 
     def eof_received(self) -> bool | None:
         return None  # close when the peer half-closes
@@ -245,6 +252,9 @@ class _H1(asyncio.Protocol):
             delay = next(script)
         except StopIteration:
             self.script = None
+            if self.reading_paused and self.transport is not None and not self.closed:
+                self.reading_paused = False
+                self.transport.resume_reading()
             if not self.closed:
                 self._process()
             return
