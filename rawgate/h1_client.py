@@ -26,6 +26,8 @@ from rawgate.errors import (
     UpstreamClosed,
     UpstreamHeadersTimeout,
     UpstreamProtocolError,
+    UpstreamReadTimeout,
+    UpstreamTimeout,
 )
 from rawgate.pool import ConnState, StaleConnection
 
@@ -54,6 +56,7 @@ class H1Connection:
 
     __slots__ = (
         "_error",
+        "_gap_end",
         "_h11",
         "_idle_s",
         "_stream",
@@ -90,6 +93,7 @@ class H1Connection:
         self.idle_since = time.monotonic()
         self.requests = 0
         self._error: UpstreamClosed | None = None  # met after data: raised by the next read
+        self._gap_end = 0.0  # when the current silence hits upstream_read_idle_s (0: no gap)
 
     def is_stale(self) -> bool:
         # Idle and readable means the server sent EOF (or junk) between exchanges.
@@ -168,10 +172,11 @@ class H1Connection:
                 raise UpstreamClosed("upstream closed the connection before answering")
             # InformationalResponse (100 Continue, 103 Early Hints): wait for the real one.
 
-    async def _receive(self) -> tuple[bytes, bool]:
+    async def _receive(self, quiet_s: float | None) -> tuple[bytes, bool] | None:
         """(body bytes, ended): every Data event h11 can already parse, joined, before waiting
         for the next read; ended once EndOfMessage was seen (the connection is then released
-        and must not be touched again by this exchange).
+        and must not be touched again by this exchange). None: nothing arrived for quiet_s
+        (upstream_read_idle_s still counts from the last data).
 
         (1) One piece per read instead of one per chunked-encoding chunk: an SSE stream whose
         events arrive together costs the caller one async step and one downstream write per
@@ -198,8 +203,14 @@ class H1Connection:
                 if ev is _NEED_DATA:
                     if parts:
                         break
-                    data = await self._stream.read(READ_BYTES, self._idle_s)
-                    h.receive_data(data)
+                    if quiet_s is None:
+                        h.receive_data(await self._stream.read(READ_BYTES, self._idle_s))
+                        continue
+                    got = await self._read_within(quiet_s)
+                    if got is None:
+                        return None
+                    self._gap_end = 0.0
+                    h.receive_data(got)
                     continue
                 if tp is h11.EndOfMessage:
                     await self._finish()
@@ -214,6 +225,22 @@ class H1Connection:
             break
         return _join(parts), False
 
+    async def _read_within(self, quiet_s: float) -> bytes | None:
+        idle = self._idle_s
+        now = time.monotonic()
+        if not self._gap_end:
+            self._gap_end = now + idle
+        left = self._gap_end - now
+        if quiet_s < left:
+            try:
+                return await self._stream.read(READ_BYTES, quiet_s, _Quiet)
+            except _Quiet:
+                return None
+        try:
+            return await self._stream.read(READ_BYTES, max(0.0, left))
+        except UpstreamReadTimeout:
+            raise UpstreamReadTimeout(f"upstream sent nothing for {idle:g} s") from None
+
     async def _finish(self) -> None:
         h = self._h11
         if h.our_state is h11.DONE and h.their_state is h11.DONE:
@@ -227,6 +254,10 @@ class H1Connection:
         self.state = ConnState.CLOSED
         await self._stream.aclose()  # shielded inside
         await self.pool.release(self)  # bookkeeping first; closes inside are shielded
+
+
+class _Quiet(UpstreamTimeout):
+    """A quiet period the caller asked about ended (not an error: never leaves this module)."""
 
 
 def _join(parts: list[bytes]) -> bytes:
@@ -249,14 +280,21 @@ class H1Exchange:
         self.done = False
 
     async def receive(self) -> bytes:
+        return await self.receive_within(None) or b""
+
+    async def receive_within(self, quiet_s: float | None) -> bytes | None:
+        """receive(), or None when nothing arrived for quiet_s (the exchange stays open)."""
         if self.done:
             return b""
         try:
-            data, ended = await self._conn._receive()
+            got = await self._conn._receive(quiet_s)
         except BaseException:
             self.done = True
             await self._conn._drop()
             raise
+        if got is None:
+            return None
+        data, ended = got
         if ended:
             self.done = True
         return data

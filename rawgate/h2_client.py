@@ -613,6 +613,7 @@ class H2Stream:
 
     __slots__ = (
         "_conn",
+        "_gap_end",
         "_released",
         "_unacked",
         "_waiter",
@@ -640,6 +641,7 @@ class H2Stream:
         self._waiter: Wakeup | None = None
         self._unacked = 0
         self._released = False
+        self._gap_end = 0.0  # when the current silence hits upstream_read_idle_s (0: no gap)
 
     @property
     def done(self) -> bool:
@@ -671,14 +673,16 @@ class H2Stream:
             self.error = UpstreamClosed(f"upstream reset the stream ({name})")
         self._wake()
 
-    async def _wait(self, timeout: float, error: type[UpstreamTimeout], what: str) -> None:
+    async def _wait(
+        self, timeout: float, error: type[UpstreamTimeout], what: str, limit: float = 0.0
+    ) -> None:
         w = self._waiter = self._conn._wakeup()
         try:
             ok = await w.wait(max(0.0, timeout))
         finally:
             self._waiter = None
         if not ok:
-            raise error(f"upstream sent no {what} for {timeout:g} s")
+            raise error(f"upstream sent no {what} for {limit or timeout:g} s")
 
     async def _wait_head(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -694,6 +698,12 @@ class H2Stream:
 
     async def receive(self) -> bytes:
         """The next body chunk; b"" at the end. Errors release the stream before raising."""
+        return await self.receive_within(None) or b""
+
+    async def receive_within(self, quiet_s: float | None) -> bytes | None:
+        """receive(), or None when nothing arrived for quiet_s (the stream stays open: the
+        gateway sends a heartbeat then). upstream_read_idle_s still counts from the last data,
+        across such returns."""
         conn = self._conn
         try:
             while True:
@@ -709,6 +719,7 @@ class H2Stream:
                         data = b"".join(chunks)
                         chunks.clear()
                     conn._credit(self, len(data))
+                    self._gap_end = 0.0
                     return data
                 if self.error is not None:
                     raise self.error
@@ -719,7 +730,24 @@ class H2Stream:
                     return b""
                 if self._released:
                     return b""
-                await self._wait(conn._t.upstream_read_idle_s, UpstreamReadTimeout, "data")
+                idle = conn._t.upstream_read_idle_s
+                if quiet_s is None:
+                    await self._wait(idle, UpstreamReadTimeout, "data")
+                    continue
+                now = time.monotonic()
+                if not self._gap_end:
+                    self._gap_end = now + idle
+                left = self._gap_end - now
+                if quiet_s >= left:
+                    await self._wait(left, UpstreamReadTimeout, "data", idle)
+                    continue
+                w = self._waiter = conn._wakeup()
+                try:
+                    woken = await w.wait(max(0.0, quiet_s))
+                finally:
+                    self._waiter = None
+                if not woken:
+                    return None
         except BaseException:
             await self._release()
             raise

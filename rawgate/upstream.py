@@ -2,9 +2,11 @@
 
 Invariants:
 - `request()` returns once the response head arrived; the body is pulled by the caller
-  (`read()` bounded, or `aiter_bytes()` chunk by chunk as they arrive). Each response holds one
-  pool slot until its body ended, failed, or `aclose()` was called; a response that raised has
-  already given its slot back. Callers use `async with` or `aclose()` in a `finally`.
+  (`read()` bounded, or `aiter_bytes()` / `receive_within()` piece by piece as they arrive;
+  a piece is everything already received, never one per h11 chunk or h2 DATA frame). Each
+  response holds one pool slot until its body ended, failed, or `aclose()` was called; a
+  response that raised has already given its slot back. Callers use `async with` or
+  `aclose()` in a `finally`.
 - Protocol choice per origin: https -> ALPN (h2, http/1.1; only http/1.1 when upstream.http2 is
   false); http -> upstream.cleartext_http2 ("auto" = h2c prior knowledge, falling back to
   HTTP/1.1 for good when the origin does not answer the preface with SETTINGS).
@@ -111,6 +113,13 @@ class UpstreamResponse:
             await ex.aclose()
             raise
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def receive_within(self, quiet_s: float | None) -> bytes | None:
+        """The next body chunk (everything that already arrived, joined), b"" at the end, or
+        None when nothing arrived for quiet_s seconds (the body stays open: a streaming caller
+        sends its heartbeat and calls again). upstream_read_idle_s counts from the last data
+        whatever quiet_s is; None waits like aiter_bytes()."""
+        return await self._ex.receive_within(quiet_s)
 
     def aiter_bytes(self) -> _Body:
         """Body chunks as they arrive (each waits at most upstream_read_idle_s)."""

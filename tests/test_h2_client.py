@@ -385,6 +385,31 @@ async def test_read_idle_timeout_is_a_gap_not_a_total() -> None:
         assert "IDLE streams=0/100" in repr(e.pool)
 
 
+async def test_receive_within_reports_quiet_and_keeps_the_idle_limit() -> None:
+    go = anyio.Event()
+
+    async def app(req: OriginRequest, reply: Any) -> None:
+        await reply.start(200, [])
+        await reply.send(b"one")
+        await go.wait()
+        await reply.send(b"two")
+        await anyio.sleep(10)  # then silent past the idle limit
+        await reply.end()
+
+    async with env(app, t={"upstream_read_idle_s": 0.3}) as e:
+        r = await e.client.request("GET", URL, [])
+        assert await r.receive_within(1.0) == b"one"
+        assert await r.receive_within(0.01) is None  # quiet: the body stays open
+        go.set()
+        assert await r.receive_within(1.0) == b"two"
+        quiet = 0
+        with pytest.raises(UpstreamReadTimeout):
+            for _ in range(1000):  # 10 ms quiet periods do not reset the 300 ms idle limit
+                assert await r.receive_within(0.01) is None
+                quiet += 1
+        assert quiet >= 1
+
+
 async def test_write_timeout_when_the_peer_gives_no_window() -> None:
     async with env(origin_kw={"window": 0}, t={"upstream_write_s": 0.05}) as e:
         with pytest.raises(UpstreamWriteTimeout):
