@@ -181,7 +181,7 @@ async def test_data_before_a_broken_chunk_is_delivered_before_the_error() -> Non
         r = await e.client.request("GET", URL, [])
         body = r.aiter_bytes()
         assert await body.__anext__() == b"abc"
-        with pytest.raises(UpstreamClosed, match="cut short"):
+        with pytest.raises(UpstreamProtocolError, match="bad chunk size"):
             await body.__anext__()
         assert "conns=[]" in repr(e.pool)
 
