@@ -141,7 +141,9 @@ class SSEDecoder:
         tail = blocks.pop()
         out: list[bytes] = []
         for k, block in enumerate(blocks):
-            if b"\n" not in block and b"\r" not in block and len(block) <= self._max:
+            # (4) int needles: `10 in b` is a memchr (26 ns on a 330 B event), `b"\n" in b`
+            # goes through the general substring search (250 ns): 0.45 us per event.
+            if 10 not in block and 13 not in block and len(block) <= self._max:
                 if block.startswith(b"data: "):
                     payload = block[6:]
                     if len(payload) > 16 or payload.strip() != _DONE_PAYLOAD:
