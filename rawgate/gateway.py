@@ -92,6 +92,8 @@ ACCOUNTS_POLL_S = 1.0
 STATS_FLUSH_S = 10.0
 # How often a worker of `serve --workers N` exchanges cooldowns with the others (cooldowns.py).
 COOLDOWN_SYNC_S = 0.25
+# Bound of the X-Account-Email cache (one entry per account display name; cleared when full).
+ACCOUNT_HEADER_CACHE = 1024
 # Upstream error bodies are short JSON; a proxy's HTML page is not. Read at most this much.
 ERROR_BODY_MAX_BYTES = 64 * 1024
 # Listed when no account can list models (Code Assist accounts only, or the listing failed).
@@ -151,6 +153,10 @@ class Gateway:
         self._gemini_base = up.gemini_base_url.rstrip("/") + "/v1beta/models/"
         self._ca_base = up.code_assist_base_url.rstrip("/") + "/v1internal:"
         self._expose_account = r.expose_account_header
+        # Only sticky scheduling reads the conversation key: the others skip hashing it.
+        self._key = r.scheduling == "sticky"
+        # X-Account-Email values by display name: percent-escaping it is ~3 us per request.
+        self._account_headers: dict[str, Header] = {}
         self._max_depth = cfg.limits.max_json_depth
         self._heartbeat_s = cfg.limits.sse_heartbeat_s
         self._max_event_bytes = cfg.limits.upstream_max_event_bytes
@@ -316,12 +322,12 @@ class Gateway:
 
     async def chat(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_chat(req.body, max_depth=self._max_depth)
-        call = mapping.chat_to_gemini(body, self._resolve(req, body.model))
+        call = mapping.chat_to_gemini(body, self._resolve(req, body.model), key=self._key)
         await self._proxy(req, sink, call)
 
     async def completions(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_completion(req.body, max_depth=self._max_depth)
-        call = mapping.completion_to_gemini(body, self._resolve(req, body.model))
+        call = mapping.completion_to_gemini(body, self._resolve(req, body.model), key=self._key)
         await self._proxy(req, sink, call)
 
     async def responses_route(self, req: Request, sink: ResponseSink) -> None:
@@ -337,7 +343,7 @@ class Gateway:
                     code="previous_response_not_found",
                     headers=self._headers(req, None),
                 )
-        call = mapping.responses_to_gemini(body, model, history)
+        call = mapping.responses_to_gemini(body, model, history, key=self._key)
         await self._proxy(req, sink, call)
 
     async def models(self, req: Request, sink: ResponseSink) -> None:
@@ -366,7 +372,13 @@ class Gateway:
         if req.mapped_model:
             h.append((b"x-mapped-model", req.mapped_model.encode()))
         if acc is not None and self._expose_account:
-            h.append((b"x-account-email", _header_text(acc.display_name())))
+            name = acc.display_name()
+            value = self._account_headers.get(name)
+            if value is None:
+                if len(self._account_headers) >= ACCOUNT_HEADER_CACHE:
+                    self._account_headers.clear()
+                value = self._account_headers[name] = (b"x-account-email", _header_text(name))
+            h.append(value)
         return h
 
     async def _proxy(self, req: Request, sink: ResponseSink, call: GeminiCall) -> None:
@@ -411,6 +423,7 @@ class Gateway:
         sched.acquire(acc)
         self._in_flight += 1
         resp: UpstreamResponse | None = None
+        read_all = False  # a non-stream answer was read to its end and sent
         try:
             try:
                 url, headers, body = await self._upstream_request(acc, call)
@@ -450,12 +463,18 @@ class Gateway:
             tin, tout = _usage_counts(reply)
             sched.report_success(acc, call.model, time.monotonic(), tin, tout)
             self._count(acc, tin, tout, None)
+            read_all = True
         finally:
             self._in_flight -= 1
             sched.release(acc)
             if resp is not None:
-                with anyio.CancelScope(shield=True):
+                if read_all:
+                    # Closing a fully read response is bookkeeping that never waits (the
+                    # client's aclose is cancellation-safe); a shield scope costs ~6 us.
                     await resp.aclose()
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await resp.aclose()
 
     def _failed(self, acc: Account, model: str, err: RawgateError) -> None:
         """Teach the scheduler what this failure says about the account."""

@@ -456,6 +456,7 @@ class _Conn:
         "_buffered",
         "_cur",
         "_h",
+        "_h_used",
         "_head_s",
         "_head_t",
         "_idle_s",
@@ -510,6 +511,7 @@ class _Conn:
         # it sleeps is never seen late (a new deadline is at least that far in the future).
         self._tick = min(self._head_s, self._body_s, self._idle_s, self._write_s)
         self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        self._h_used = False  # h11 parsed a head: the next cycle needs a fresh h11.Connection
         self._queue: deque[_Exchange] = deque()
         self._cur: _Exchange | None = None  # receiving its body
         self._length_left = 0  # Content-Length body bytes still to come for _cur (0: chunked)
@@ -613,6 +615,7 @@ class _Conn:
                 if type(ev) is not h11.Request:  # cannot happen: no EOF is ever fed to h11
                     self._fail(BadRequest("unexpected HTTP/1.1 event"))
                     return
+                self._h_used = True
                 self._on_head(ev, before - len(h._receive_buffer))
                 continue
             left = self._length_left
@@ -661,10 +664,13 @@ class _Conn:
         # (1) The next cycle parses with a fresh h11.Connection that takes over this one's buffer
         # (private attribute): pipelined bytes are moved, not copied, so n pipelined requests in
         # one read cost O(n), not O(n^2) as trailing_data's copies would.
-        h = self._h
-        nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
-        nxt._receive_buffer = h._receive_buffer
-        self._h = nxt
+        # (10) After a fast-parsed head h11 saw no event and is still IDLE: it is kept.
+        if self._h_used:
+            self._h_used = False
+            h = self._h
+            nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+            nxt._receive_buffer = h._receive_buffer
+            self._h = nxt
         if ex.event is not None:
             ex.event.set()
 

@@ -11,7 +11,9 @@ import h11
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from rawgate.events import Request, ResponseSink
 from rawgate.h1_server import _fast_head
+from tests.helpers_h1 import h1_serving
 
 PLAIN = (
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -166,3 +168,41 @@ def test_one_byte_off_a_valid_head_agrees_with_h11(pos: int, byte: int, op: str)
     else:
         data = _VALID[:pos] + _VALID[pos + 1 :]
     test_agrees_with_h11.hypothesis.inner_test(data)  # type: ignore[attr-defined]
+
+
+class _Echo:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, bytes, bytes | None]] = []
+
+    async def __call__(self, request: Request, sink: ResponseSink) -> None:
+        self.seen.append((request.method, request.path, request.body, request.header(b"x-n")))
+        await sink.respond(200, [(b"content-type", b"text/plain")], request.body or b"-")
+
+
+@pytest.mark.anyio
+async def test_fast_and_h11_heads_pipelined_on_one_connection() -> None:
+    """Fast heads, chunked and 100-continue heads (h11's) and folded headers alternate in one
+    write; every one is answered in order with its own body."""
+    raw = b"".join(
+        [
+            b"POST /a HTTP/1.1\r\nHost: t\r\nX-N: 1\r\nContent-Length: 3\r\n\r\none",
+            b"POST /b HTTP/1.1\r\nHost: t\r\nX-N: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\ntwo\r\n0\r\n\r\n",
+            b"GET /c HTTP/1.1\r\nHost: t\r\nX-N: 3\r\n\r\n",
+            b"GET /d HTTP/1.1\r\nHost: t\r\nX-N: 4\r\n folded\r\n\r\n",
+            b"POST /e HTTP/1.1\r\nHost: t\r\nX-N: 5\r\nContent-Length: 4\r\n\r\nfive",
+        ]
+    )
+    app = _Echo()
+    async with h1_serving(app) as c:
+        await c.send(raw)
+        rs = await c.responses(5)
+    assert [r.status for r in rs] == [200] * 5
+    assert [r.body for r in rs] == [b"one", b"two", b"-", b"-", b"five"]
+    assert app.seen == [
+        ("POST", "/a", b"one", b"1"),
+        ("POST", "/b", b"two", b"2"),
+        ("GET", "/c", b"", b"3"),
+        ("GET", "/d", b"", b"4 folded"),
+        ("POST", "/e", b"five", b"5"),
+    ]
