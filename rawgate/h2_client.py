@@ -24,13 +24,14 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from h2.config import H2Configuration
-from h2.connection import H2Connection as _H2Base
+from h2.connection import ConnectionState, H2Connection as _H2Base
 from h2.errors import ErrorCodes, _error_code_from_int
 from h2.events import (
     ConnectionTerminated,
@@ -51,6 +52,7 @@ from h2.exceptions import (
     TooManyStreamsError,
 )
 from h2.settings import SettingCodes, Settings
+from h2.stream import StreamState
 from hpack import Encoder, NeverIndexedHeaderTuple
 from hpack.hpack import encode_integer
 from hyperframe.frame import RstStreamFrame
@@ -161,10 +163,85 @@ class _Encoder:
         return b"".join(out)
 
 
+_DATA_OK = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # where DATA may arrive
+_CLIENT_OPEN = ConnectionState.CLIENT_OPEN
+# length (24 bit as 8 + 16), type, flags, stream id (with the reserved bit): RFC 9113 4.1
+_FRAME_HEAD = struct.Struct(">BHBBI").unpack_from
+
+
+class _Data:
+    """What the DATA fast path reports instead of h2's DataReceived (1.1 us to build; this
+    0.3 us). The same three fields."""
+
+    __slots__ = ("data", "flow_controlled_length", "stream_id")
+
+    def __init__(self, stream_id: int, data: bytes, flow_controlled_length: int) -> None:
+        self.stream_id = stream_id
+        self.data = data
+        self.flow_controlled_length = flow_controlled_length
+
+
 class _H2(_H2Base):
-    """h2 with a draining GOAWAY and an O(1) open-stream count."""
+    """h2 with a draining GOAWAY, an O(1) open-stream count and a DATA fast path."""
 
     sweep_at = 100  # set to the connection's stream cap
+    fast_data = True  # tests turn the fast path off to compare with plain h2
+
+    def receive_data(self, data: Any) -> list[Any]:
+        """h2's receive_data, with the plain DATA frames taken here.
+
+        (7) h2 spends ~10 us per DATA frame (FrameBuffer 4 us, two state machines, flag sets,
+        events); Gemini sends one per SSE event, so that was twice the cost of transcoding the
+        event. A DATA frame qualifies when it is complete, unpadded, without END_STREAM, within
+        the frame size limit and both windows, on a stream in OPEN/HALF_CLOSED_LOCAL whose head
+        arrived and that has no Content-Length to check; then the only effects h2 would have are
+        the two windows shrinking and one DataReceived, which is all this does (~1.5 us). Any
+        other complete frame goes to h2 on its own, in order, and once h2 holds a partial frame
+        or a header block (or the connection is not open) the rest goes to h2 as it is: every
+        error path stays h2's."""
+        if not self.fast_data:
+            return super().receive_data(data)
+        fb = self.incoming_buffer
+        data = bytes(data)
+        end = len(data)
+        pos = 0
+        events: list[Any] = []
+        streams = self.streams
+        conn_win = self._inbound_flow_control_window_manager
+        max_len = self.max_inbound_frame_size
+        while pos < end:
+            if fb._data or fb._headers_buffer or self.state_machine.state is not _CLIENT_OPEN:
+                break
+            if end - pos < 9:
+                break
+            high, low, kind, flags, sid = _FRAME_HEAD(data, pos)
+            length = (high << 16) | low
+            stop = pos + 9 + length
+            if stop > end:
+                break  # a partial frame: h2 buffers it
+            # DATA (type 0) without END_STREAM (0x1) or PADDED (0x8)
+            if not kind and not flags & 0x09 and length <= max_len:
+                st = streams.get(sid & 0x7FFFFFFF)
+                if st is not None:
+                    sm = st.state_machine
+                    win = st._inbound_window_manager
+                    if (
+                        sm.state in _DATA_OK
+                        and sm.headers_received
+                        and st._expected_content_length is None
+                        and length <= win.current_window_size
+                        and length <= conn_win.current_window_size
+                    ):
+                        conn_win.current_window_size -= length
+                        win.current_window_size -= length
+                        events.append(_Data(st.stream_id, data[pos + 9 : stop], length))
+                        pos = stop
+                        continue
+            events.extend(super().receive_data(data[pos:stop]))  # one frame, h2's way
+            pos = stop
+        if pos < end:
+            events.extend(super().receive_data(data[pos:] if pos else data))
+        return events
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Event]]:
         # h2 moves the connection to CLOSED here and clears our output, after which every
@@ -460,10 +537,10 @@ class H2Connection:
 
     # ---- events -----------------------------------------------------------------------------
 
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: list[Any]) -> None:
         streams = self.streams
         for ev in events:
-            if isinstance(ev, DataReceived):
+            if type(ev) is _Data or isinstance(ev, DataReceived):
                 n = ev.flow_controlled_length
                 self._conn_unacked += n
                 s = streams.get(ev.stream_id)
