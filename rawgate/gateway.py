@@ -544,7 +544,8 @@ class Gateway:
         upstream_error: RawgateError | None = None
         # (3) The heartbeat is the upstream read's own quiet timeout, not a task beside the
         # pump: no task group, task, lock or sleep timer per stream (those cost ~5 % of a
-        # 100-chunk stream's CPU), and a single writer needs no lock.
+        # 100-chunk stream's CPU), and a single writer needs no lock. The wait counts from the
+        # last downstream write, so upstream data that made no frame does not put it off.
         beat = self._heartbeat_s if self._heartbeat_s > 0 else None
         last = time.monotonic()  # the last downstream write
         receive = resp.receive_within

@@ -187,6 +187,8 @@ class _H2(_H2Base):
     sweep_at = 100  # set to the connection's stream cap
     fast_data = True  # tests turn the fast path off to compare with plain h2
 
+    _partial = b""  # the start of a frame that has not fully arrived (fast path only)
+
     def receive_data(self, data: Any) -> list[Any]:
         """h2's receive_data, with the plain DATA frames taken here.
 
@@ -195,14 +197,20 @@ class _H2(_H2Base):
         event. A DATA frame qualifies when it is complete, unpadded, without END_STREAM, within
         the frame size limit and both windows, on a stream in OPEN/HALF_CLOSED_LOCAL whose head
         arrived and that has no Content-Length to check; then the only effects h2 would have are
-        the two windows shrinking and one DataReceived, which is all this does (~1.5 us). Any
-        other complete frame goes to h2 on its own, in order, and once h2 holds a partial frame
-        or a header block (or the connection is not open) the rest goes to h2 as it is: every
-        error path stays h2's."""
+        the two windows shrinking and one DataReceived, which is all this does (~2.8 us). Any
+        other frame goes to h2 on its own, complete and in order; a DATA frame cut by the read
+        waits here (one frame at most: its length was checked), so h2 holds no partial frame
+        that would keep the fast path off until a read happens to end on a frame boundary.
+        While h2 holds a header block (HEADERS without END_HEADERS), or the connection is not
+        open, the rest goes to h2 as it is: every error path stays h2's."""
         if not self.fast_data:
             return super().receive_data(data)
         fb = self.incoming_buffer
-        data = bytes(data)
+        if self._partial:
+            data = self._partial + bytes(data)
+            self._partial = b""
+        else:
+            data = bytes(data)
         end = len(data)
         pos = 0
         events: list[Any] = []
@@ -213,12 +221,16 @@ class _H2(_H2Base):
             if fb._data or fb._headers_buffer or self.state_machine.state is not _CLIENT_OPEN:
                 break
             if end - pos < 9:
-                break
+                self._partial = data[pos:]  # part of a frame header
+                return events
             high, low, kind, flags, sid = _FRAME_HEAD(data, pos)
             length = (high << 16) | low
             stop = pos + 9 + length
             if stop > end:
-                break  # a partial frame: h2 buffers it
+                if kind or not sid & 0x7FFFFFFF or length > max_len:
+                    break  # not a DATA frame we could take: h2 buffers (and judges) it
+                self._partial = data[pos:]
+                return events
             # DATA (type 0) without END_STREAM (0x1) or PADDED (0x8)
             if not kind and not flags & 0x09 and length <= max_len:
                 st = streams.get(sid & 0x7FFFFFFF)

@@ -169,3 +169,18 @@ def test_plain_data_frames_take_the_fast_path() -> None:
 def test_protocol_errors_stay_h2s(kind: str) -> None:
     _, wire = _traffic([("head", 0, 0, False), ("data", 0, 10, False), (kind, 1, 10, False)])
     assert _run(True, wire, []) == _run(False, wire, [])
+
+
+def test_a_frame_cut_by_the_read_keeps_the_fast_path() -> None:
+    _, wire = _traffic([("head", 0, 0, False)] + [("data", 0, 100, False)] * 4)
+    c = _client(True)
+    for i in range(3):
+        c.send_headers(1 + 2 * i, [(b":method", b"GET"), (b":scheme", b"http"),
+                                   (b":authority", b"x"), (b":path", b"/")], end_stream=True)
+    cut = len(wire) - 2 * 109 + 50  # inside the third DATA frame (9 + 100 bytes each)
+    first = c.receive_data(wire[:cut])
+    assert c.incoming_buffer._data == b""  # h2 holds nothing: the cut frame waits in _H2
+    rest = c.receive_data(wire[cut:])
+    got = [e for e in first + rest if type(e) is _Data]
+    assert [len(e.data) for e in got] == [100] * 4
+    assert [type(e) for e in rest] == [_Data, _Data]
