@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 
@@ -49,6 +50,7 @@ from h2.events import (
 )
 from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
+from hpack.table import HeaderTable
 from hyperframe.frame import Frame, GoAwayFrame
 
 from rawgate.errors import (
@@ -111,6 +113,144 @@ def _date() -> Header:
         _date_second = now
         _date_header = (b"date", formatdate(now, usegmt=True).encode("ascii"))
     return _date_header
+
+
+def _hpack_int(value: int, bits: int, flags: int) -> bytes:
+    """An HPACK integer with a `bits`-bit prefix, OR-ed with the representation's flag bits."""
+    top = (1 << bits) - 1
+    if value < top:
+        return bytes((flags | value,))
+    out = bytearray((flags | top,))
+    value -= top
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_str(b: bytes) -> bytes:
+    return _hpack_int(len(b), 7, 0) + b  # raw octets: no Huffman to code or to decode
+
+
+_STATIC_FIELD: dict[tuple[bytes, bytes], int] = {}
+_STATIC_NAME: dict[bytes, int] = {}
+for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, 1):
+    _STATIC_FIELD.setdefault((_n, _v), _i)
+    _STATIC_NAME.setdefault(_n, _i)
+del _i, _n, _v
+
+
+class _Encoder:
+    """HPACK for responses, written for what rawgate sends.
+
+    h2's encoder searches its tables, Huffman-codes and inserts every field, and each unique
+    x-request-id churns its dynamic table: ~10 % of an h2 response's CPU on the bench box (a
+    quarter of h2_server's own share). Here:
+    - fields whose names are in INDEXED (date, server, content-type, x-mapped-model, ...) enter
+      the dynamic table once and are one byte (an index) in every later response, as with h2;
+    - every other field (x-request-id, content-length, error details) is a literal without
+      indexing: it never touches the table; its bytes are cached unless its name is PER_RESPONSE;
+    - strings are raw octets: no Huffman coding here, none to undo in the client's decoder.
+    The table follows RFC 7541 (entry size 32 + name + value, oldest evicted first, max size
+    min(peer's SETTINGS_HEADER_TABLE_SIZE, 4096), size updates at the start of the next block).
+    """
+
+    INDEXED = frozenset(
+        {
+            b"date", b"server", b"content-type", b"cache-control", b"x-accel-buffering",
+            b"x-mapped-model", b"x-account-email", b"vary", b"www-authenticate",
+            b"access-control-allow-origin", b"access-control-expose-headers",
+            b"access-control-allow-methods", b"access-control-allow-headers",
+            b"access-control-max-age",
+        }
+    )  # fmt: skip
+    PER_RESPONSE = frozenset(
+        {b"x-request-id", b"content-length", b"retry-after", b"retry-after-ms"}
+    )
+    MAX_TABLE = 4096  # HPACK's default; a peer may ask for less, never makes us use more
+    MAX_CACHED = 1024  # cached literal fields; then the cache starts over
+
+    def __init__(self) -> None:
+        self._max = self.MAX_TABLE
+        self._size = 0
+        self._entries: deque[tuple[tuple[bytes, bytes], int, int]] = deque()  # oldest first
+        self._seq: dict[tuple[bytes, bytes], int] = {}  # field -> insertion number
+        self._inserted = 0
+        self._literal: dict[tuple[bytes, bytes], bytes] = {}
+        self._updates: list[int] = []  # table size updates owed to the peer
+
+    @property
+    def header_table_size(self) -> int:
+        return self._max
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # Called by h2 when the peer's SETTINGS_HEADER_TABLE_SIZE changes.
+        new = min(value, self.MAX_TABLE)
+        if new == self._max and not self._updates:
+            return
+        self._max = new
+        self._evict()
+        # RFC 7541 4.2: the smallest size since the last block, then the final one.
+        self._updates = [min([*self._updates, new]), new]
+
+    def _evict(self) -> None:
+        while self._size > self._max:
+            field, size, seq = self._entries.popleft()
+            self._size -= size
+            if self._seq.get(field) == seq:
+                del self._seq[field]
+
+    def encode(self, headers: list[Header], huffman: bool = True) -> bytes:
+        out: list[bytes] = []
+        if self._updates:
+            low, final = self._updates
+            out.append(_hpack_int(low, 5, 0x20))
+            if final != low:
+                out.append(_hpack_int(final, 5, 0x20))
+            self._updates = []
+        literal = self._literal
+        for field in headers:
+            b = literal.get(field)
+            if b is not None:
+                out.append(b)
+                continue
+            i = _STATIC_FIELD.get(field)
+            if i is not None:
+                out.append(_hpack_int(i, 7, 0x80))
+                continue
+            name, value = field
+            if name in self.INDEXED:
+                seq = self._seq.get(field)
+                if seq is not None:
+                    out.append(_hpack_int(62 + self._inserted - 1 - seq, 7, 0x80))
+                    continue
+                size = 32 + len(name) + len(value)
+                if size <= self._max:
+                    out.append(self._name(name, 6, 0x40) + _hpack_str(value))
+                    self._insert(field, size)
+                    continue
+            b = self._name(name, 4, 0x00) + _hpack_str(value)
+            if name not in self.PER_RESPONSE:
+                if len(literal) >= self.MAX_CACHED:
+                    literal.clear()
+                literal[field] = b
+            out.append(b)
+        return b"".join(out)
+
+    def _name(self, name: bytes, bits: int, flags: int) -> bytes:
+        i = _STATIC_NAME.get(name)
+        if i is not None:
+            return _hpack_int(i, bits, flags)
+        return bytes((flags,)) + _hpack_str(name)
+
+    def _insert(self, field: tuple[bytes, bytes], size: int) -> None:
+        self._entries.append((field, size, self._inserted))
+        self._size += size
+        self._seq[field] = self._inserted
+        self._inserted += 1
+        self._evict()
 
 
 class _GuardedH2(H2Connection):
@@ -198,6 +338,7 @@ def _new_h2(limits: LimitsConfig) -> _GuardedH2:
         normalize_outbound_headers=False,
     )
     h2 = _GuardedH2(config, limits)
+    h2.encoder = _Encoder()  # type: ignore[assignment]
     advertised = max(1, limits.h2_max_concurrent_streams)
     settings: dict[SettingCodes | int, int] = {
         SettingCodes.MAX_CONCURRENT_STREAMS: advertised,
