@@ -13,6 +13,7 @@ from rawgate.pool import (
     Limits,
     OriginPool,
     PendingConnection,
+    Plan,
     Waiter,
     assign,
 )
@@ -235,6 +236,92 @@ def test_plan_invariants(conns: list[Fake], n_waiters: int, max_conns: int, expe
     # only idle (expired, stale, over the keep-alive cap) or drained connections get closed
     for c in plan.closed:
         assert c.state is ConnState.IDLE or (c.state is ConnState.DRAINING and c.in_use == 0)
+
+
+def _reference_assign(conns: list[Fake], ws: list[Waiter], lim: Limits, expect: int) -> Plan:
+    """assign() as first written: every waiter one by one (O(waiters) per call)."""
+    from rawgate.pool import _USABLE, _pick
+
+    plan = Plan()
+    live: list[Fake] = []
+    idle: list[Fake] = []
+    for c in conns:
+        if c.state is ConnState.CLOSED:
+            plan.dropped.append(c)
+        elif (c.state is ConnState.IDLE and NOW - c.idle_since >= lim.keepalive_expiry_s) or (
+            c.state is ConnState.DRAINING and c.in_use == 0
+        ):
+            plan.closed.append(c)
+        else:
+            live.append(c)
+            if c.state is ConnState.IDLE:
+                idle.append(c)
+    excess = len(idle) - lim.max_keepalive
+    if excess > 0:
+        idle.sort(key=lambda c: c.idle_since)
+        for c in idle[:excess]:
+            plan.closed.append(c)
+            live.remove(c)
+    free = [c.capacity - c.in_use if c.state in _USABLE else 0 for c in live]
+    absorb = sum(max(0, expect - c.in_use) for c in live if c.state is ConnState.CONNECTING)
+    total = sum(1 for c in live if c.state is not ConnState.DRAINING)
+    for w in ws:
+        if w.fresh and total < lim.max_connections:
+            plan.opened.append(w)
+            total += 1
+            absorb += expect - 1
+            continue
+        i = _pick(live, free)  # type: ignore[arg-type]
+        while i >= 0 and live[i].state is ConnState.IDLE and live[i].is_stale():
+            plan.closed.append(live[i])
+            free[i] = 0
+            total -= 1
+            i = _pick(live, free)  # type: ignore[arg-type]
+        if i >= 0:
+            free[i] -= 1
+            plan.assigned.append((w, live[i]))
+        elif absorb > 0:
+            absorb -= 1
+        elif total < lim.max_connections:
+            plan.opened.append(w)
+            total += 1
+            absorb += expect - 1
+        else:
+            break
+    return plan
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    conns=st.lists(conn_st, max_size=8),
+    fresh=st.lists(st.booleans(), max_size=40),
+    max_conns=st.integers(1, 8),
+    expect=st.integers(1, 12),
+)
+def test_plan_equals_the_one_by_one_reference(
+    conns: list[Fake], fresh: list[bool], max_conns: int, expect: int
+) -> None:
+    for c in conns:
+        c.in_use = min(c.in_use, c.capacity)
+        if c.state is ConnState.IDLE:
+            c.in_use = 0
+    lim = Limits(max_connections=max_conns, max_keepalive=3, keepalive_expiry_s=60.0)
+    ws = [Waiter(f) for f in fresh]
+    got = assign(conns, ws, lim, NOW, expect)
+    want = _reference_assign(conns, ws, lim, expect)
+    for field in ("assigned", "opened", "closed", "dropped"):
+        assert getattr(got, field) == getattr(want, field), field
+
+
+def test_a_burst_behind_connections_being_opened_is_one_step() -> None:
+    # 10 h2 connections being opened absorb 990 waiters: the next 10 open 10 more, the rest
+    # wait, and FIFO order holds.
+    pending = [PendingConnection(i) for i in range(10)]
+    ws = waiters(1200)
+    lim = Limits(max_connections=12, max_keepalive=12, keepalive_expiry_s=60.0)
+    plan = assign(pending, ws, lim, NOW, expect=100)
+    assert plan.opened == [ws[990], ws[1090]]
+    assert plan.assigned == []
 
 
 # ---- the driver -----------------------------------------------------------------------------
