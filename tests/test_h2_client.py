@@ -410,6 +410,30 @@ async def test_receive_within_reports_quiet_and_keeps_the_idle_limit() -> None:
         assert quiet >= 1
 
 
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        [(b"content-type", b"text/plain")],  # no :status
+        [(b":status", b"2000")],
+        [(b":status", b"abc")],
+        [(b":status", b"200"), (b":status", b"200")],
+        [(b":status", b"200"), (b":path", b"/")],
+    ],
+)
+async def test_malformed_response_head_is_a_protocol_error(head: list[tuple[bytes, bytes]]) -> None:
+    async def app(req: OriginRequest, reply: Any) -> None:
+        h = reply._c.h
+        h.config.validate_outbound_headers = False  # send what a broken upstream would
+        h.send_headers(reply.sid, head)
+        await reply._c.flush()
+        await anyio.sleep(10)
+
+    async with env(app) as e:
+        with anyio.fail_after(5), pytest.raises(UpstreamProtocolError, match="malformed"):
+            await e.client.request("GET", URL, [])
+        await wait_until(lambda: e.origin.resets == [(1, CANCEL)], "reset")
+
 async def test_write_timeout_when_the_peer_gives_no_window() -> None:
     async with env(origin_kw={"window": 0}, t={"upstream_write_s": 0.05}) as e:
         with pytest.raises(UpstreamWriteTimeout):
