@@ -10,7 +10,8 @@ Invariants:
   arrived (at most max_bytes), raises EndOfStream at a clean EOF, BrokenResourceError after a
   reset, ClosedResourceError after aclose(); send() returns only once the kernel took every
   byte (the write-buffer high-water mark is 0, as anyio sets it), so a stalled client blocks the
-  writer and the drivers' write timeouts see it; send_eof() half-closes; aclose() aborts the
+  writer and the drivers' write timeouts see it (or `send_timeout`: TimeoutError after that many
+  seconds without the kernel taking the rest); send_eof() half-closes; aclose() aborts the
   transport and never raises. Extra attributes: SocketAttribute.* like anyio's.
 - One reader and one writer at a time (the drivers' own rule): each waits on its own future.
 - Reading is paused only while more than READ_BUFFER_BYTES wait in the buffer, so an idle
@@ -90,10 +91,15 @@ def _wake(fut: asyncio.Future[None] | None) -> None:
         fut.set_result(None)
 
 
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no write progress"))
+
+
 class ServerStream(ByteStream):
     """An accepted TCP connection (see the module invariants)."""
 
-    __slots__ = ("_closed", "_loop", "_p", "_peer", "_t")
+    __slots__ = ("_closed", "_loop", "_p", "_peer", "_t", "send_timeout")
 
     def __init__(self, transport: asyncio.Transport, protocol: _Protocol, peer: Any) -> None:
         self._t = transport
@@ -101,6 +107,10 @@ class ServerStream(ByteStream):
         self._peer = peer
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        # Seconds a send() may wait for the kernel to take its bytes before TimeoutError (None:
+        # no limit). The timer exists only while a send waits, so a driver that sets this skips
+        # a fail_after per write (~12 us on the bench box) for the common send that never waits.
+        self.send_timeout: float | None = None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         p = self._p
@@ -148,7 +158,15 @@ class ServerStream(ByteStream):
         self._t.write(item)
         drain = p.drain
         if drain is not None and not drain.done():
-            await drain  # the kernel did not take it all: wait until it did (or the peer died)
+            # The kernel did not take it all: wait until it did (or the peer died).
+            timer = None
+            if self.send_timeout is not None:
+                timer = self._loop.call_later(self.send_timeout, _expire, drain)
+            try:
+                await drain
+            finally:
+                if timer is not None:
+                    timer.cancel()
             if self._closed:
                 raise anyio.ClosedResourceError
             if p.closed:

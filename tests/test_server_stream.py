@@ -172,3 +172,11 @@ async def test_reading_pauses_while_the_buffer_is_full(
             except BlockingIOError:
                 pass
     assert got == sent and not p.paused
+
+
+async def test_send_timeout_only_while_waiting(pair: tuple[ServerStream, socket.socket]) -> None:
+    srv, _ = pair
+    srv.send_timeout = 0.2
+    await srv.send(b"small")  # taken at once: no timer at all
+    with anyio.fail_after(5), pytest.raises(TimeoutError):
+        await srv.send(b"x" * (64 << 20))  # the client never reads
