@@ -119,6 +119,10 @@ def all_scenarios() -> dict[str, Scenario]:
             (
                 Case("c=1", _chat(**_STREAM100), Load(concurrency=1), x=1),
                 Case("c=16", _chat(**_STREAM100), Load(), x=16),
+                # A 1 us gap makes the emulator write every event on its own, as Gemini does
+                # (one h2 DATA frame per event); without it a burst merges into a few 16 KiB
+                # frames and the per-frame path of the upstream client is not measured.
+                Case("c=16 framed", _chat(**_STREAM100, delay_ms=0.001), Load(), x=16),
             ),
         ),
         Scenario(
