@@ -335,6 +335,7 @@ _OPEN_CLOSE = bytes.maketrans(b"[{]}", b"(())")
 # C pass; a `[0-9]{19,}` regex search is about ten times slower (it restarts at every byte).
 _DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0000000000")
 _LONG_RUN = b"0" * 19
+_NOT_BRACKET_OR_DIGIT = bytes(b for b in range(256) if b not in b"[{0123456789")
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},:]', re.DOTALL)
 _BYTE_AT = re.compile(r"\(byte (\d+)\)")
 # A high surrogate escape not followed by a low one, or a low one not preceded by a high one.
@@ -454,9 +455,14 @@ def _validation_error(e: msgspec.ValidationError) -> BadRequest:
 
 
 def _decode(dec: msgspec.json.Decoder[Any], body: bytes, max_depth: int) -> Any:
-    if not body or not body.strip():
+    if not body or body.isspace():
         raise BadRequest("The request body is empty; a JSON object is required.")
-    if _too_deep(body, max_depth):
+    # One C pass keeps only brackets and digits; both pre-checks first read that small residue
+    # and scan the body again only when it could fail them: 20 KB of prompt text went from
+    # ~40 us of scans (two counts, a digit translate + find) to ~9 us on the bench box.
+    skim = body.translate(None, _NOT_BRACKET_OR_DIGIT)
+    brackets = skim.count(b"[") + skim.count(b"{")
+    if brackets > max_depth and _too_deep(body, max_depth):
         raise BadRequest(f"The JSON body nests deeper than {max_depth} levels.")
     try:
         obj = dec.decode(body)
@@ -479,7 +485,8 @@ def _decode(dec: msgspec.json.Decoder[Any], body: bytes, max_depth: int) -> Any:
         raise BadRequest(f"The JSON body nests deeper than {max_depth} levels.")
     # Typed int fields are bounded by their Meta; free-form fields (schemas, arguments) are not,
     # and orjson refuses big ints. The digit scan is a C search that almost never hits.
-    if body.translate(_DIGITS_TO_ZERO).find(_LONG_RUN) >= 0:
+    digits = len(skim) - brackets  # fewer than a long run's length: no long run anywhere
+    if digits >= len(_LONG_RUN) and body.translate(_DIGITS_TO_ZERO).find(_LONG_RUN) >= 0:
         found = _find_big_int(_ANY.decode(body), [])
         if found is not None:
             raise BadRequest(
