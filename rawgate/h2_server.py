@@ -623,6 +623,8 @@ class _Conn:
         "_drained",
         "_draining",
         "_idle_s",
+        "_idle_t",
+        "_idle_timer",
         "_idle_workers",
         "_info",
         "_lim",
@@ -678,6 +680,8 @@ class _Conn:
         self._out_ready = _Wakeup()  # reused: an anyio.Event per write cycle costs ~5 us
         self._drained: anyio.Event | None = None
         self._read_scope = anyio.CancelScope()
+        self._idle_t = 0.0  # loop time the connection last became idle (asyncio timer only)
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._tg: TaskGroup | None = None
         self.close_code: int | None = None
         self.closing = False
@@ -750,10 +754,32 @@ class _Conn:
     # ---- input ----------------------------------------------------------------------------
 
     def _set_idle_deadline(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            # asyncio: a lazy timer. Moving the read scope's deadline at every busy/idle change
+            # reschedules a timer twice per request at c=1 (~3.5 % of an h2 request there);
+            # this stores a float and re-arms a timer at most once per idle period.
+            if self._active or not self._idle_s:
+                return  # the timer, if armed, finds the connection busy and lapses
+            self._idle_t = loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = loop.call_at(self._idle_t + self._idle_s, self._idle_check)
+            return
         if self._active or not self._idle_s:
             self._read_scope.deadline = math.inf
         else:
             self._read_scope.deadline = anyio.current_time() + self._idle_s
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        loop = self._loop
+        if self._active or loop is None:
+            return  # busy: the next idle moment arms a new timer
+        due = self._idle_t + self._idle_s
+        if loop.time() >= due:
+            self._read_scope.cancel()  # _read_loop ends: idle, GOAWAY(NO_ERROR)
+        else:
+            self._idle_timer = loop.call_at(due, self._idle_check)
 
     async def _read_loop(self, initial: bytes) -> None:
         scope = self._read_scope
@@ -1105,6 +1131,9 @@ class _Conn:
                 tg.cancel_scope.cancel()
         finally:
             self.closing = True
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
             await self._close_stream()
 
     async def _close_stream(self) -> None:

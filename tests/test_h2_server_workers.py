@@ -6,6 +6,7 @@ import asyncio
 
 import anyio
 import pytest
+from h2.errors import ErrorCodes
 
 from rawgate.events import Request, ResponseSink
 from tests.test_h2_server import Recorder, client_for, make_cfg
@@ -65,3 +66,22 @@ async def test_bursts_reuse_at_most_the_stream_limit_of_workers() -> None:
     assert len(app.tasks) == 4  # 12 streams, 4 worker tasks
     assert tasks_after[0] == tasks_after[1] == tasks_after[2]  # idle workers do not pile up
 
+
+
+async def test_a_stream_longer_than_the_idle_timeout_is_not_cut() -> None:
+    """The idle timer armed before the request fires while the stream is open: it must lapse,
+    and the connection closes only after being idle again."""
+    cfg = make_cfg(keepalive_idle_s=0.1)
+    app = Recorder()
+    app.expect = 1
+    async with client_for(app, cfg) as (c, h):
+        sid = await c.open_stream("GET", "/block")
+        with anyio.fail_after(5):
+            await app.arrived_event.wait()
+        await anyio.sleep(0.35)  # several idle periods while the stream is open
+        assert not h.done.is_set() and c.goaway is None
+        app.release.set()
+        assert (await c.response(sid)).status == 200
+        with anyio.fail_after(5):
+            await h.done.wait()  # then idle: GOAWAY and close
+        assert c.goaway is not None and c.goaway.error_code == ErrorCodes.NO_ERROR
