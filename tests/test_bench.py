@@ -247,7 +247,8 @@ def test_prompt_is_seeded_and_sized() -> None:
 
 
 def test_emulator_directives_parse_with_the_emulators_parser() -> None:
-    directives = pytest.importorskip("rawgate.emulator_directives")
+    from rawgate import emulator_directives as directives
+
     w = scenarios.Workload(stream=True, chunks=100, chunk_bytes=16, delay_ms=250)
     found, _rest = directives.parse_directives(scenarios.prompt(UP_EMU, w))
     assert {d.name: d.args for d in found} == {
