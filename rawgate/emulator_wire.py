@@ -108,6 +108,9 @@ def encode_array(
         js.append(orjson.dumps(error))
     if not js:
         return [b"[]"]
-    out = [b"[" + js[0]] + [b",\r\n" + j for j in js[1:]]
-    out[-1] += b"]"
+    # Google's own framing: `[{...}` then `\n,\r\n{...}` per element, `\n]` at the end.
+    # Clients that parse the array incrementally (Portkey's gateway) split on exactly these
+    # separators and strip exactly `\n]` from the last element.
+    out = [b"[" + js[0]] + [b"\n,\r\n" + j for j in js[1:]]
+    out[-1] += b"\n]"
     return out

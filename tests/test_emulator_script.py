@@ -68,8 +68,8 @@ def test_encoders_frame_exactly() -> None:
     events = [{"a": 1}, {"b": 2}]
     assert encode_sse(events) == [b'data: {"a":1}\r\n\r\n', b'data: {"b":2}\r\n\r\n']
     assert encode_sse(events, "t")[0] == b'data: {"response":{"a":1},"traceId":"t"}\r\n\r\n'
-    assert encode_array(events) == [b'[{"a":1}', b',\r\n{"b":2}]']
-    assert b"".join(encode_array([], None, {"error": {}})) == b'[{"error":{}}]'
+    assert encode_array(events) == [b'[{"a":1}', b'\n,\r\n{"b":2}\n]']
+    assert b"".join(encode_array([], None, {"error": {}})) == b'[{"error":{}}\n]'
     assert encode_array([]) == [b"[]"]
     err = encode_sse(events[:1], None, {"error": {"code": 503}})
     assert err[1] == b'{\n  "error": {\n    "code": 503\n  }\n}\n'
