@@ -342,6 +342,18 @@ class AsyncioStream:
         if p.exc is not None:
             raise UpstreamClosed(f"upstream connection lost while sending: {_why(p.exc)}")
 
+    def can_write_now(self) -> bool:
+        """True when write_now() would hand bytes to a healthy transport without any wait.
+
+        For callers that are not the connection's writer task (see h2_client._flush): a write
+        that needs no wait saves the wake-up of the writer task, one cold event-loop hop per
+        request at concurrency 1."""
+        return self._p.exc is None and not self._p.write_paused and not self._t.is_closing()
+
+    def write_now(self, data: bytes) -> None:
+        """Give `data` to the transport (after can_write_now() said yes); never blocks."""
+        self._t.write(data)
+
     async def start_tls(
         self, ctx: ssl.SSLContext, server_hostname: str, timeout: float | None
     ) -> AsyncioStream:

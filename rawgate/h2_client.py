@@ -101,6 +101,10 @@ _MAX_VALID = 4096
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 
 
+def _never() -> bool:
+    return False
+
+
 def _valid_field(field: Header) -> bool:
     name, value = field
     if not name or not _TOKEN.issuperset(name):
@@ -530,6 +534,25 @@ class H2Connection:
             self._writer_wake = None
             w.set()
 
+    def _flush(self) -> None:
+        """A request task's output: written right here when the writer task is idle (it is
+        waiting, so nothing is half written and frame order is kept) and the transport takes
+        it without blocking; else the writer is woken as usual. A synchronous write cannot be
+        cut by cancellation, so the module's invariant still holds. Saves one event-loop hop
+        per request (measured on non-stream chat at c=1 over h2c: see bench/README.md)."""
+        # Only the asyncio backend (backends.AsyncioStream) can write without awaiting.
+        stream: Any = self._stream
+        if (
+            self._writer_wake is not None
+            and self.state is not ConnState.CLOSED
+            and getattr(stream, "can_write_now", _never)()
+        ):
+            data = self._h2.data_to_send()
+            if data:
+                stream.write_now(data)
+            return
+        self._wake_writer()
+
     def _wake_senders(self) -> None:
         if self._window_waiters:
             ws, self._window_waiters = self._window_waiters, []
@@ -649,7 +672,8 @@ class H2Connection:
         s = H2Stream(self, sid)
         self.streams[sid] = s
         self.requests += 1
-        self._wake_writer()
+        if not body:
+            self._flush()
         try:
             if body:
                 await self._send_body(s, body)
@@ -686,7 +710,7 @@ class H2Connection:
             except ProtocolError:  # reset or ended by the peer meanwhile: _wait_head tells
                 return
             off += n
-            self._wake_writer()
+            self._flush()  # headers + the first DATA frames leave in one write
 
     def _credit(self, s: H2Stream, n: int) -> None:
         """The caller consumed n bytes of s: hand the window back in quarter-window steps."""
