@@ -43,7 +43,7 @@ from rawgate.errors import (
     PermissionDenied,
     RawgateError,
 )
-from rawgate.events import ClientDisconnected, Request, ResponseSink
+from rawgate.events import ClientDisconnected, Request, ResponseSink, is_disconnect
 from rawgate.logs import log_access
 from rawgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, method_label
 from rawgate.respond import error_response, json_response
@@ -337,7 +337,7 @@ class GatewayApp:
                 status = CLIENT_CLOSED
                 raise
             except Exception as exc:
-                if _is_disconnect(exc):
+                if is_disconnect(exc):
                     status = CLIENT_CLOSED
                     raise
                 err = _as_rawgate_error(exc)
@@ -540,13 +540,6 @@ def _query_key(query: str) -> bytes | None:
             found = unquote_to_bytes(value)
     return found
 
-
-def _is_disconnect(exc: BaseException) -> bool:
-    """A task group that failed only because the client went away (not worth an error log)."""
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(ClientDisconnected)
-        return matched is not None and rest is None
-    return isinstance(exc, ClientDisconnected)
 
 
 def _as_rawgate_error(exc: BaseException) -> RawgateError | None:

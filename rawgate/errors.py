@@ -139,6 +139,11 @@ class PayloadTooLarge(RawgateError):
     type = "invalid_request_error"
     default_code = "request_too_large"
 
+    @classmethod
+    def body_over(cls, limit: int) -> PayloadTooLarge:
+        """The one message both HTTP drivers give for a body over `limits.max_body_bytes`."""
+        return cls(f"request body larger than {limit} bytes")
+
 
 class URITooLong(RawgateError):
     status = 414

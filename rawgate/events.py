@@ -17,11 +17,19 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["App", "ClientDisconnected", "Request", "ResponseSink"]
+__all__ = ["App", "ClientDisconnected", "Request", "ResponseSink", "is_disconnect"]
 
 
 class ClientDisconnected(Exception):
     """The downstream peer went away; nothing more can be sent to it."""
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """`exc` (or a task group's ExceptionGroup) only says the client went away: not worth a log."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(ClientDisconnected)
+        return matched is not None and rest is None
+    return isinstance(exc, ClientDisconnected)
 
 
 class Request:

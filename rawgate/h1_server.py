@@ -57,8 +57,9 @@ from rawgate.errors import (
     RequestTimeout,
     URITooLong,
 )
-from rawgate.events import ClientDisconnected, Request
+from rawgate.events import ClientDisconnected, Request, is_disconnect
 from rawgate.respond import error_response
+from rawgate.server_stream import CONNECTION_GONE
 from rawgate.target import parse_target
 
 if TYPE_CHECKING:
@@ -77,12 +78,6 @@ Header = tuple[bytes, bytes]
 # One receive() is at most this much: it bounds what one read can add to the parser's buffer.
 _READ_BYTES = 64 * 1024
 _INF = math.inf
-_CONNECTION_GONE = (
-    anyio.EndOfStream,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    OSError,
-)
 # Closing a TLS stream may try to send close_notify to a peer that does not read: bounded.
 _CLOSE_S = 1.0
 # h11's error messages may quote the offending bytes; an error body must stay small.
@@ -224,16 +219,6 @@ def _says_close(value: bytes) -> bool:
     return any(t.strip() == b"close" for t in value.lower().split(b","))
 
 
-def _is_disconnect(e: BaseException) -> bool:
-    if isinstance(e, ClientDisconnected):
-        return True
-    if isinstance(e, BaseExceptionGroup):
-        return all(_is_disconnect(x) for x in e.exceptions)
-    return False
-
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body larger than {limit} bytes")
 
 
 class _Wakeup:
@@ -537,7 +522,7 @@ class _Conn:
         self._write_deadline = time.monotonic() + self._write_s
         try:
             await self._stream.send(data)
-        except _CONNECTION_GONE:
+        except CONNECTION_GONE:
             self.dead = True
             raise ClientDisconnected("connection lost") from None
         finally:
@@ -566,7 +551,7 @@ class _Conn:
                 continue
             try:
                 data = await receive(_READ_BYTES)
-            except _CONNECTION_GONE:
+            except CONNECTION_GONE:
                 # EOF or reset: the client is gone. Whatever runs for it stops now.
                 self.dead = True
                 self._cancel()
@@ -651,7 +636,7 @@ class _Conn:
         ex.body_size += n
         self._buffered += n
         if ex.body_size > self._max_body:
-            self._body_error(ex, _too_large(self._max_body))
+            self._body_error(ex, PayloadTooLarge.body_over(self._max_body))
             return False
         ex.body.append(data)
         return True
@@ -754,7 +739,7 @@ class _Conn:
             # Two framings at once is the request-smuggling shape; h11 would let TE win.
             err = BadRequest("both Content-Length and Transfer-Encoding sent")
         elif size > self._max_body:
-            err = _too_large(self._max_body)
+            err = PayloadTooLarge.body_over(self._max_body)
         else:
             try:
                 ex.path, ex.query = parse_target(target)
@@ -925,7 +910,7 @@ class _Conn:
             with anyio.move_on_after(self._linger_s):
                 try:
                     await self._stream.send_eof()
-                except (NotImplementedError, *_CONNECTION_GONE):
+                except (NotImplementedError, *CONNECTION_GONE):
                     pass  # TLS has no half-close: the client sees connection: close
                 await anyio.sleep(self._linger_s)  # the reader's EOF cancels this early
 
@@ -951,7 +936,7 @@ class _Conn:
         try:
             await self._app(request, ex)
         except Exception as e:
-            if _is_disconnect(e) or self.dead:
+            if is_disconnect(e) or self.dead:
                 ex.close = True
                 return
             log.exception("h1 handler failed: %s", request)
@@ -986,7 +971,7 @@ class _Conn:
             with anyio.move_on_after(_CLOSE_S):
                 try:
                     await self._stream.aclose()
-                except _CONNECTION_GONE:
+                except CONNECTION_GONE:
                     pass
                 return
             await anyio.aclose_forcefully(self._stream)

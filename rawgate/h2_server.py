@@ -71,10 +71,10 @@ from rawgate.errors import (
     RequestTimeout,
     URITooLong,
 )
-from rawgate.events import ClientDisconnected, Request
+from rawgate.events import ClientDisconnected, Request, is_disconnect
 from rawgate.h1_server import _Wakeup
 from rawgate.respond import error_response
-from rawgate.server_stream import ServerStream
+from rawgate.server_stream import CONNECTION_GONE, ServerStream
 from rawgate.target import parse_target
 
 if TYPE_CHECKING:
@@ -98,12 +98,6 @@ _DEFAULT_WINDOW = 65535
 # Connection errors we report as abuse rather than a broken peer.
 _CALM = int(ErrorCodes.ENHANCE_YOUR_CALM)
 _NO_ERROR = int(ErrorCodes.NO_ERROR)
-_CONNECTION_GONE = (
-    anyio.EndOfStream,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    OSError,
-)
 
 # Built once: every response starts with these, and h2 takes tuples as they are.
 _STATUS: dict[int, Header] = {s: (b":status", str(s).encode()) for s in range(100, 600)}
@@ -411,13 +405,6 @@ def _connection_error_code(e: ProtocolError) -> int:
         return _CALM
     return int(e.error_code)
 
-
-def _is_disconnect(e: BaseException) -> bool:
-    if isinstance(e, ClientDisconnected):
-        return True
-    if isinstance(e, BaseExceptionGroup):
-        return all(_is_disconnect(x) for x in e.exceptions)
-    return False
 
 
 class _Stream:
@@ -742,7 +729,7 @@ class _Conn:
                 if drained is not None:
                     self._drained = None
                     drained.set()
-        except (TimeoutError, *_CONNECTION_GONE):
+        except (TimeoutError, *CONNECTION_GONE):
             self._dead = True
             self.closing = True
             drained = self._drained
@@ -798,7 +785,7 @@ class _Conn:
                         return
                 try:
                     data = await receive(_READ_BYTES)
-                except _CONNECTION_GONE:
+                except CONNECTION_GONE:
                     self._peer_gone = True
                     return
                 if not self._feed(data):
@@ -903,7 +890,7 @@ class _Conn:
         if data and st.error is None:
             st.body_size += len(data)
             if st.body_size > self._lim.max_body_bytes:
-                st.error = _too_large(self._lim.max_body_bytes)
+                st.error = PayloadTooLarge.body_over(self._lim.max_body_bytes)
                 st.body.clear()
             else:
                 st.body.append(data)
@@ -1011,7 +998,7 @@ class _Conn:
                 log.error("handler returned without a response: %s", request)
                 await error_response(st, InternalError("the handler sent no response"))
         except Exception as e:
-            if _is_disconnect(e):
+            if is_disconnect(e):
                 return
             log.exception("h2 handler failed on stream %d", st.sid)
             if not st._started and not st.reset and not self.closing:
@@ -1052,7 +1039,7 @@ class _Conn:
         for k, v in headers:
             if k == b"content-length":
                 if int(v) > lim.max_body_bytes:  # h2 already checked it is a number
-                    raise _too_large(lim.max_body_bytes)
+                    raise PayloadTooLarge.body_over(lim.max_body_bytes)
             elif k == b"host":
                 has_host = True
         if len(target) > lim.max_url_bytes:
@@ -1141,14 +1128,11 @@ class _Conn:
             with anyio.move_on_after(self._cfg.timeouts.h2_goaway_flush_s):
                 try:
                     await self._stream.aclose()
-                except _CONNECTION_GONE:
+                except CONNECTION_GONE:
                     pass
                 return
             await anyio.aclose_forcefully(self._stream)
 
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body larger than {limit} bytes")
 
 
 async def serve_h2(

@@ -42,7 +42,7 @@ from rawgate.config import Config, ConfigError
 from rawgate.conn import ConnInfo, ServerState
 from rawgate.h1_server import serve_h1
 from rawgate.h2_server import serve_h2
-from rawgate.server_stream import accept as accept_asyncio
+from rawgate.server_stream import CONNECTION_GONE, accept as accept_asyncio
 
 if TYPE_CHECKING:
     from anyio.abc import ByteStream, SocketListener
@@ -67,7 +67,6 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _OVERLOAD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF_S = 0.1  # trio's SLEEP_TIME: long enough for a few connections to close
 _SNIFF_READ_BYTES = 64 * 1024
-_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
 class BindError(OSError):
@@ -113,7 +112,7 @@ async def sniff(stream: ByteStream, timeout_s: float) -> tuple[str, bytes] | Non
         while True:
             try:
                 buf += await stream.receive(_SNIFF_READ_BYTES)
-            except _GONE:
+            except CONNECTION_GONE:
                 return None
             n = min(len(buf), len(H2_PREFACE))
             if buf[:n] != H2_PREFACE[:n]:
@@ -288,7 +287,7 @@ class Server:
                 tls = await TLSStream.wrap(
                     stream, server_side=True, ssl_context=ctx, standard_compatible=False
                 )
-        except (TimeoutError, ssl.SSLError, *_GONE) as e:
+        except (TimeoutError, ssl.SSLError, *CONNECTION_GONE) as e:
             log.debug("TLS handshake with %s failed: %r", client, e)
             await anyio.aclose_forcefully(stream)
             return

@@ -32,7 +32,16 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["READ_BUFFER_BYTES", "ServerStream", "accept"]
+__all__ = ["CONNECTION_GONE", "READ_BUFFER_BYTES", "ServerStream", "accept"]
+
+# What a receive/send/close on an accepted connection (this stream or anyio's) raises once the
+# peer is gone: the drivers and the listener treat these alike, as a quiet end of the connection.
+CONNECTION_GONE = (
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    OSError,
+)
 
 # Bytes a connection may hold unread before reading pauses: a few reads of 64 KiB.
 READ_BUFFER_BYTES = 256 * 1024
