@@ -23,6 +23,7 @@ __all__ = [
     "HeadersTooLarge",
     "InternalError",
     "MethodNotAllowed",
+    "ModelFailed",
     "NoAccountAvailable",
     "NotFound",
     "Overloaded",
@@ -194,6 +195,16 @@ class UpstreamError(RawgateError):
     status = 502
     type = "server_error"
     default_code = "upstream_error"
+
+
+class ModelFailed(UpstreamError):
+    """Gemini answered, but with an unusable turn (MALFORMED_FUNCTION_CALL, ...).
+
+    A 502 the SDKs retry, and the gateway may try another account; it is the model's failure, not
+    the account's, so it never puts the account in a cooldown (stream or not).
+    """
+
+    default_code = "model_failed"
 
 
 class UpstreamConnectError(UpstreamError):

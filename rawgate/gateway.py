@@ -39,6 +39,7 @@ from rawgate.cooldowns import CooldownBoard
 from rawgate.errors import (
     AuthenticationError,
     BadRequest,
+    ModelFailed,
     NotFound,
     PermissionDenied,
     RateLimited,
@@ -666,6 +667,10 @@ def _retryable(err: RawgateError) -> bool:
 
 
 def _failure_kind(err: RawgateError) -> FailureKind | None:
+    """What `err` says about the account that got it; None: nothing (the request's fault, or
+    the model's, such as a stream that ends in MALFORMED_FUNCTION_CALL)."""
+    if isinstance(err, ModelFailed):
+        return None
     if isinstance(err, RateLimited) or err.status == 429:
         return "rate_limited"
     if isinstance(err, AuthenticationError | PermissionDenied) or err.status in (401, 403):

@@ -48,6 +48,7 @@ import orjson
 from rawgate.errors import (
     AuthenticationError,
     BadRequest,
+    ModelFailed,
     NotFound,
     PermissionDenied,
     RateLimited,
@@ -261,13 +262,13 @@ def finish_kind(reason: str) -> str:
     return "stop"
 
 
-def finish_error(reason: str, finish_message: str | None) -> UpstreamError:
+def finish_error(reason: str, finish_message: str | None) -> ModelFailed:
     """The error for an "error" finishReason: a 502 the SDKs retry, naming what Gemini did."""
     detail = _clean(finish_message or "")
     if len(detail) > 300:
         detail = detail[:300] + "..."
     msg = f"Gemini stopped with {reason}" + (f": {detail}" if detail else ".")
-    return UpstreamError(msg, code=reason.lower())
+    return ModelFailed(msg, code=reason.lower())
 
 
 def chat_usage(u: Usage) -> dict[str, Any]:

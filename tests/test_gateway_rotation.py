@@ -107,6 +107,35 @@ async def test_mid_stream_failure_is_not_retried(tmp_path: Path) -> None:
         assert run.emulator.stats.get("stream", 0) == 1
 
 
+MALFORMED = "[[emu:finish reason=MALFORMED_FUNCTION_CALL]] call the tool"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_malformed_turn_is_the_models_failure_not_the_accounts(
+    tmp_path: Path, stream: bool
+) -> None:
+    async with gateway_stack(tmp_path, api_keys=TWO_KEYS) as run, httpx.AsyncClient() as h:
+        body = {
+            "model": "gemini-2.5-flash",
+            "stream": stream,
+            "messages": [{"role": "user", "content": MALFORMED}],
+        }
+        r = await h.post(run.base_url + "/chat/completions", json=body)
+        if stream:
+            assert r.status_code == 200
+            assert b"malformed_function_call" in r.content
+        else:
+            assert r.status_code == 502
+            assert r.json()["error"]["code"] == "malformed_function_call"
+        # Neither account is blamed: no breaker streak, no cooldown, both keep answering.
+        snap = run.gateway.scheduler.snapshot(time.monotonic())
+        assert [s["consecutive_failures"] for s in snap] == [0, 0]
+        assert all(s["breaker"] == "closed" for s in snap)
+        async with _client(run.base_url) as c:
+            seen = {(await _chat(c, "plain"))[0] for _ in range(4)}
+        assert seen == {"A", "B"}
+
+
 async def test_oauth_refresh_once_under_50_concurrent_requests(tmp_path: Path) -> None:
     AccountStore(tmp_path / "accounts.json").add_oauth(
         DEMO_ACCOUNT.refresh_token, email=DEMO_ACCOUNT.email
