@@ -47,15 +47,12 @@ from h2.events import (
 from h2.exceptions import (
     NoAvailableStreamIDError,
     ProtocolError,
-    StreamClosedError,
-    StreamIDTooLowError,
     TooManyStreamsError,
 )
 from h2.settings import SettingCodes, Settings
 from h2.stream import StreamState
 from hpack import Encoder, NeverIndexedHeaderTuple
 from hpack.hpack import encode_integer
-from hyperframe.frame import RstStreamFrame
 
 from rawgate.backends import wakeup_factory
 from rawgate.errors import (
@@ -69,6 +66,7 @@ from rawgate.errors import (
     UpstreamTimeout,
     UpstreamWriteTimeout,
 )
+from rawgate.h2_frames import dispatch_frame
 from rawgate.pool import ConnState, StaleConnection
 
 if TYPE_CHECKING:
@@ -270,29 +268,7 @@ class _H2(_H2Base):
         return [], [ev]
 
     def _receive_frame(self, frame: Any) -> list[Event]:
-        # h2's own version starts with `logger.trace("...", repr(frame))`: the repr (which
-        # re-serialises the frame) is built for every frame whatever the log level, ~10% of a
-        # streamed response. Same dispatch and the same two stream-error rules, without it.
-        try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
-        except StreamClosedError as e:
-            if not self._stream_is_closed_by_reset(e.stream_id):
-                raise
-            rst = RstStreamFrame(e.stream_id)
-            rst.error_code = e.error_code
-            self._prepare_for_sending([rst])
-            return list(e._events)
-        except StreamIDTooLowError as e:
-            if self._stream_is_closed_by_reset(e.stream_id):
-                rst = RstStreamFrame(e.stream_id)
-                rst.error_code = ErrorCodes.STREAM_CLOSED
-                self._prepare_for_sending([rst])
-                return []
-            if self._stream_is_closed_by_end(e.stream_id):
-                raise StreamClosedError(e.stream_id) from e
-            raise
-        self._prepare_for_sending(frames)
-        return list(events)
+        return dispatch_frame(self, frame)  # h2's, without its per-frame repr (h2_frames)
 
     @property
     def open_outbound_streams(self) -> int:

@@ -54,13 +54,11 @@ from h2.events import (
 from h2.exceptions import (
     DenialOfServiceError,
     ProtocolError,
-    StreamClosedError,
-    StreamIDTooLowError,
     TooManyStreamsError,
 )
 from h2.settings import SettingCodes, Settings
 from hpack.table import HeaderTable
-from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
+from hyperframe.frame import Frame, GoAwayFrame
 
 from rawgate.errors import (
     BadRequest,
@@ -73,6 +71,7 @@ from rawgate.errors import (
 )
 from rawgate.events import ClientDisconnected, Request, is_disconnect
 from rawgate.h1_server import _Wakeup
+from rawgate.h2_frames import dispatch_frame
 from rawgate.respond import error_response
 from rawgate.server_stream import CONNECTION_GONE, ServerStream
 from rawgate.target import parse_target
@@ -315,32 +314,7 @@ class _GuardedH2(H2Connection):
                 self._count_noop()
         elif t == 0x2 or t > 0x9:  # PRIORITY, ALTSVC from a client, unknown extension types
             self._count_noop()
-        return self._dispatch(frame)
-
-    def _dispatch(self, frame: Frame) -> list[Event]:
-        # h2's _receive_frame, minus its first line: `logger.trace("...", repr(frame))` builds
-        # the repr (it re-serialises the frame) for every frame whatever the log level, ~3 % of
-        # an h2 request here. The same dispatch and the same two stream-error rules.
-        try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
-        except StreamClosedError as e:
-            if not self._stream_is_closed_by_reset(e.stream_id):
-                raise
-            rst = RstStreamFrame(e.stream_id)
-            rst.error_code = e.error_code
-            self._prepare_for_sending([rst])
-            return list(e._events)
-        except StreamIDTooLowError as e:
-            if self._stream_is_closed_by_reset(e.stream_id):
-                rst = RstStreamFrame(e.stream_id)
-                rst.error_code = ErrorCodes.STREAM_CLOSED
-                self._prepare_for_sending([rst])
-                return []
-            if self._stream_is_closed_by_end(e.stream_id):
-                raise StreamClosedError(e.stream_id) from e
-            raise
-        self._prepare_for_sending(frames)
-        return list(events)
+        return dispatch_frame(self, frame)
 
     @property
     def open_inbound_streams(self) -> int:
