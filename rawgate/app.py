@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import logging
@@ -500,6 +501,12 @@ class GatewayApp:
                 f"It looks like your {shown}; set base_url to {base_url}"
                 f" (the client appends '{tail}' itself)."
             )
+        # A typo of a fixed route ("/v1/chat/completion", "/v1/response"): name the route.
+        # Only on this 404 path, so the cost (a few us for ~10 routes) never touches a request.
+        fixed = sorted({p for _, p in self.router.listing() if "{" not in p})
+        close = difflib.get_close_matches(path, fixed, n=1, cutoff=0.85)
+        if close:
+            return f"Did you mean '{close[0]}'?"
         return ""
 
     def _host(self, request: Request) -> str:

@@ -399,6 +399,9 @@ async def test_404_lists_routes() -> None:
         ("/v1/models/", "Did you mean '/v1/models' (no trailing slash)?"),
         ("/v1/chat/completions/", "Did you mean '/v1/chat/completions'"),
         ("/V1/Chat/Completions", "case-sensitive: did you mean '/v1/chat/completions'"),
+        ("/v1/chat/completion", "Did you mean '/v1/chat/completions'?"),
+        ("/v1/response", "Did you mean '/v1/responses'?"),
+        ("/v1/model", "Did you mean '/v1/models'?"),
     ],
 )
 async def test_404_base_url_hints(target: str, fragment: str) -> None:
@@ -409,6 +412,16 @@ async def test_404_base_url_hints(target: str, fragment: str) -> None:
     assert fragment in msg
     if "base_url" in fragment:
         assert "set base_url to http://gw.local:9000/v1" in msg
+
+
+@pytest.mark.parametrize("target", ["/v1/embeddings", "/v1/audio/speech", "/v1/chat"])
+async def test_404_guesses_no_route_for_a_path_unlike_any(target: str) -> None:
+    app, _ = make_app()
+    sink = await call(app, "POST", target, [("host", "gw.local:9000")])
+    assert sink.status == 404
+    msg = sink.json()["error"]["message"]  # type: ignore[index]
+    assert "Did you mean" not in msg and "base_url" not in msg
+    assert msg.startswith(f"Unknown path '{target}'. Valid routes: ")
 
 
 async def test_hint_host_falls_back_when_host_header_is_odd() -> None:
