@@ -283,6 +283,37 @@ class _H2(_H2Base):
         return int(super().open_outbound_streams)
 
 
+def new_h2(cfg: UpstreamConfig, stream_cap: int) -> _H2:
+    """The h2 state machine of one upstream connection, configured as rawgate runs it (also
+    what bench/h2_budget.py measures)."""
+    h = _H2(
+        H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            # Our request headers are lower-case bytes by contract and filtered by start():
+            # h2's per-header outbound checks would cost ~10% of a small request.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            # (9) Response headers are never forwarded to the client; H2Stream._head checks
+            # the one rawgate relies on (:status). h2's generator chain per header was
+            # ~26 of the ~100 us a response head + end of stream cost.
+            validate_inbound_headers=False,
+        )
+    )
+    h.local_settings = Settings(
+        client=True,
+        initial_values={
+            SettingCodes.ENABLE_PUSH: 0,
+            SettingCodes.INITIAL_WINDOW_SIZE: cfg.h2_stream_window_bytes,
+            SettingCodes.MAX_HEADER_LIST_SIZE: cfg.max_response_header_bytes,
+        },
+    )
+    h.decoder.max_header_list_size = cfg.max_response_header_bytes
+    h.sweep_at = stream_cap
+    h.encoder = _Encoder()  # type: ignore[assignment]  # duck-typed: encode() + size
+    return h
+
+
 class H2Connection:
     http2 = True
 
@@ -311,31 +342,7 @@ class H2Connection:
         self._cap = max(1, cfg.h2_max_streams_per_connection)
         self.capacity = self._cap
         self.streams: dict[int, H2Stream] = {}
-        self._h2 = _H2(
-            H2Configuration(
-                client_side=True,
-                header_encoding=None,
-                # Our request headers are lower-case bytes by contract and filtered below:
-                # h2's per-header outbound checks would cost ~10% of a small request.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                # (9) Response headers are never forwarded to the client; H2Stream._head checks
-                # the one rawgate relies on (:status). h2's generator chain per header was
-                # ~26 of the ~100 us a response head + end of stream cost.
-                validate_inbound_headers=False,
-            )
-        )
-        self._h2.local_settings = Settings(
-            client=True,
-            initial_values={
-                SettingCodes.ENABLE_PUSH: 0,
-                SettingCodes.INITIAL_WINDOW_SIZE: cfg.h2_stream_window_bytes,
-                SettingCodes.MAX_HEADER_LIST_SIZE: cfg.max_response_header_bytes,
-            },
-        )
-        self._h2.decoder.max_header_list_size = cfg.max_response_header_bytes
-        self._h2.sweep_at = self._cap
-        self._h2.encoder = _Encoder()  # type: ignore[assignment]  # duck-typed: encode() + size
+        self._h2 = new_h2(cfg, self._cap)
         self._wakeup = wakeup_factory()
         # Credit is returned once a quarter of a window is used: a 256 KiB stream window gets
         # one WINDOW_UPDATE per 64 KiB consumed, not one per DATA frame.
