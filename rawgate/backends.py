@@ -27,10 +27,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
-import sniffio
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from rawgate.aio import on_asyncio
 from rawgate.errors import (
     UpstreamClosed,
     UpstreamConnectError,
@@ -417,7 +417,7 @@ class AsyncioBackend:
 
 def default_backend() -> NetworkBackend:
     """The asyncio-native backend on asyncio (uvloop included), anyio's everywhere else."""
-    if sniffio.current_async_library() == "asyncio":
+    if on_asyncio():
         return AsyncioBackend()
     return AnyIOBackend()
 
@@ -626,7 +626,7 @@ class _AnyIOWakeup:
 
 def wakeup_factory() -> Callable[[], Wakeup]:
     """The cheapest Wakeup for the running event loop; call it from inside the loop."""
-    if sniffio.current_async_library() == "asyncio":
+    if on_asyncio():
         loop = asyncio.get_running_loop()
         return lambda: _AsyncioWakeup(loop)
     return _AnyIOWakeup

@@ -37,7 +37,6 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 
 import anyio
-import sniffio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -60,6 +59,7 @@ from h2.settings import SettingCodes, Settings
 from hpack.table import HeaderTable
 from hyperframe.frame import Frame, GoAwayFrame
 
+from rawgate.aio import on_asyncio
 from rawgate.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -630,7 +630,7 @@ class _Conn:
         self._streams: dict[int, _Stream] = {}
         self._idle_workers: list[asyncio.Future[_Stream]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        if sniffio.current_async_library() == "asyncio":
+        if on_asyncio():
             self._loop = asyncio.get_running_loop()
         self._active = 0
         self._requests = 0

@@ -34,10 +34,10 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, cast
 
 import anyio
-import sniffio
 from anyio.abc import SocketAttribute, TaskGroup, TaskStatus
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from rawgate.aio import on_asyncio
 from rawgate.config import Config, ConfigError
 from rawgate.conn import ConnInfo, ServerState
 from rawgate.h1_server import serve_h1
@@ -216,7 +216,7 @@ class Server:
         # anyio's per-send checkpoint and per-receive pause/resume were ~15 % of a proxied
         # request's CPU. Other backends keep anyio's.
         raw = None
-        if sniffio.current_async_library() == "asyncio":
+        if on_asyncio():
             raw = listener.extra(SocketAttribute.raw_socket, None)
         while True:
             await slots.acquire()  # over max_connections: wait, the kernel keeps the backlog
