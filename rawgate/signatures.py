@@ -27,7 +27,14 @@ import string
 
 import orjson
 
-__all__ = ["SKIP_SIGNATURE", "mint_call_id", "pack_reasoning", "split_call_id", "unpack_reasoning"]
+__all__ = [
+    "SKIP_SIGNATURE",
+    "mint_call_id",
+    "pack_reasoning",
+    "random_alnum",
+    "split_call_id",
+    "unpack_reasoning",
+]
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 _MARK = ".ts."
@@ -46,6 +53,9 @@ _TO_ALNUM = bytes(ord(_ALPHABET[i % len(_ALPHABET)]) for i in range(256))
 
 def _rand(n: int) -> str:
     return secrets.token_bytes(n).translate(_TO_ALNUM).decode("ascii")
+
+
+random_alnum = _rand  # n random letters and digits, for ids of other fronts
 
 
 def mint_call_id(signature: str | None = None) -> str:
