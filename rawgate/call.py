@@ -23,7 +23,7 @@ class ToolOrigin:
 
 @dataclass(slots=True)
 class GeminiCall:
-    api: Literal["chat", "completions", "responses"]
+    api: Literal["chat", "completions", "responses", "messages"]
     model: str  # the Gemini model to call (router output, no "models/" prefix)
     client_model: str  # the model name the client asked for (echoed in replies)
     stream: bool
