@@ -61,6 +61,7 @@ def _point_at(cfg: Config, emu: RunningEmulator) -> Config:
         gemini_base_url=emu.base_url,
         code_assist_base_url=emu.base_url,
         oauth_token_url=emu.token_url,
+        oauth_auth_url=emu.auth_url,
         oauth_client_id=up.oauth_client_id or emu.client_id,
         oauth_client_secret=up.oauth_client_secret or emu.client_secret,
     )
