@@ -122,6 +122,9 @@ class Credentials:
         self._clock = clock
         self.offset_s = 0.0
         self.api_keys = set(settings.api_keys)
+        # Asked about a key not (yet) in api_keys; a yes is remembered. `serve --emulate` points
+        # it at the gateway's accounts, so keys added while it runs are accepted at once.
+        self.key_source: Callable[[str], bool] | None = None
         self.accounts = {a.refresh_token: a for a in settings.oauth_accounts}
         self.onboarded = {a.email for a in settings.oauth_accounts if a.onboarded}
         self.revoked: set[str] = set()
@@ -144,6 +147,9 @@ class Credentials:
             key = key.decode("latin-1")
         if key is not None:
             if key in self.api_keys or not self.settings.require_auth:
+                return key
+            if self.key_source is not None and self.key_source(key):
+                self.api_keys.add(key)
                 return key
             msg = "API key not valid. Please pass a valid API key."
             raise Rejected(400, google_error(400, msg, [

@@ -9,8 +9,10 @@ Invariants:
   reverse order, so requests that are draining still have an upstream.
 - With `emulate`, every upstream URL (Developer API, Code Assist, OAuth token endpoint) points at
   the emulator, and the OAuth client id/secret default to the emulator's demo client. The
-  emulator accepts its demo key and every API key in accounts.json; while accounts.json holds
-  no account, the gateway uses a built-in demo account on the emulator: the zero-set-up path.
+  emulator accepts its demo key and every API key in accounts.json, also one added while it runs
+  (it asks the gateway's current accounts about a key it does not know); while accounts.json
+  holds no account, the gateway uses a built-in demo account on the emulator: the zero-set-up
+  path.
 """
 
 from __future__ import annotations
@@ -109,5 +111,9 @@ async def open_stack(
             share_cooldowns=share_cooldowns,
         )
         await stack.enter_async_context(gateway)
+        if emu is not None:
+            emu.core.creds.key_source = lambda key: any(
+                a.kind == "api_key" and a.api_key == key for a in gateway.accounts
+            )
         gateway.install(app)
         yield Stack(app, gateway, cfg, emu)
