@@ -20,7 +20,9 @@ import anyio
 import orjson
 import pytest
 
+from rawgate import emulator
 from rawgate.accounts import AccountStore
+from rawgate.cli_login import has_display
 from rawgate.emulator import Emulator, RunningEmulator
 from rawgate.oauth import LoginRequest, OAuthError, code_from_redirect, parse_code_response
 from tests.helpers_gateway import gateway_stack
@@ -85,13 +87,14 @@ async def _chat_as(base_url: str) -> tuple[int, str, dict[str, Any]]:
     return await anyio.to_thread.run_sync(post)
 
 
-@pytest.mark.parametrize("mode", ["loopback", "paste"])
+@pytest.mark.parametrize("mode", ["loopback", "paste", "paste-no-display"])
 async def test_login_subprocess_then_chat_uses_the_account(tmp_path: Path, mode: str) -> None:
     async with gateway_stack(tmp_path) as run:
         emu = run.emulator
         argv = [sys.executable, "-m", "rawgate", "accounts", "login", "--label", "signed-in"]
         if mode == "paste":
             argv.append("--no-browser")
+        # "paste-no-display": no flag, no DISPLAY: paste mode by itself.
         async with await anyio.open_process(argv, env=_env(tmp_path, emu, mode == "loopback"),
                                             stdin=-1, stdout=-1, stderr=-1) as proc:
             assert proc.stdout is not None and proc.stdin is not None
@@ -105,6 +108,10 @@ async def test_login_subprocess_then_chat_uses_the_account(tmp_path: Path, mode:
             assert len(q["state"][0]) >= 32
             if mode == "loopback":
                 await _read_until(proc.stdout, r"Waiting for the browser", out)
+                # A redirect with another state (a forged one) is refused; the wait goes on.
+                forged = q["redirect_uri"][0] + "?code=4/0forged&state=not-ours"
+                status, _, page = await anyio.to_thread.run_sync(_open, forged, True)
+                assert status == 400 and "Refused" in page
                 # The browser follows Google's redirect to the loopback port of the subprocess.
                 status, final, page = await anyio.to_thread.run_sync(_open, url, True)
                 assert status == 200 and final.startswith(q["redirect_uri"][0]), (status, final)
@@ -139,6 +146,22 @@ async def test_login_subprocess_then_chat_uses_the_account(tmp_path: Path, mode:
         status, who, doc = await _chat_as(run.base_url)
         assert status == 200 and who == "user1@rawgate.invalid"
         assert doc["choices"][0]["message"]["content"]
+
+
+async def test_login_gives_up_after_timeout(tmp_path: Path) -> None:
+    async with emulator.serve() as emu:
+        r = await anyio.run_process([sys.executable, "-m", "rawgate", "accounts", "login",
+                                     "--no-browser", "--timeout", "0.5"], input=b"",
+                                    env=_env(tmp_path, emu, False), check=False)
+    assert r.returncode == 1 and b"no sign-in within 0.5 s" in r.stderr
+    assert not (tmp_path / "accounts.json").exists()
+
+
+def test_has_display() -> None:
+    assert has_display({}, "darwin") and has_display({}, "win32")
+    assert not has_display({}, "linux") and not has_display({"DISPLAY": ""}, "linux")
+    assert has_display({"DISPLAY": ":0"}, "linux")
+    assert has_display({"WAYLAND_DISPLAY": "w"}, "linux")
 
 
 async def test_login_without_client_fails_clearly(tmp_path: Path) -> None:
