@@ -172,8 +172,12 @@ async def login(
         waiter.state = req.state
         _say(out, "Sign in with the Google account to add (Code Assist), at this URL:\n\n"
                   f"  {req.url}\n")
-        if not paste and not open_browser(req.url):
-            paste = True
+        if not paste:
+            try:
+                opened = open_browser(req.url)
+            except Exception:  # webbrowser.Error, a broken $BROWSER: the paste flow still works
+                opened = False
+            paste = not opened
         if paste:
             _say(out, "After you approve, the browser goes to "
                       f"{redirect_uri}?... which may not load on another machine: paste that "
