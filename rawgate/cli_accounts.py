@@ -10,7 +10,6 @@ the formats documented at `parse_import` (pure: bytes in, Account records out).
 from __future__ import annotations
 
 import argparse
-import base64
 import sys
 import time
 from typing import Any
@@ -26,8 +25,9 @@ from rawgate.accounts import (
     decode_store,
     mask_secret,
 )
-from rawgate.config import rawgate_home
+from rawgate.config import ConfigError, load_config, rawgate_home
 from rawgate.cooldowns import CooldownBoard
+from rawgate.oauth import email_from_id_token
 
 __all__ = ["add_parser", "parse_import", "run"]
 
@@ -61,6 +61,27 @@ def add_parser(sub: Any) -> None:
         "--project", default="", metavar="ID", help="Cloud project id (else discovered)"
     )
     o.add_argument("--label", default="", metavar="NAME", help="a name shown in listings")
+
+    lg = cmds.add_parser(
+        "login",
+        help="add a Code Assist account by signing in with Google (installed-app OAuth)",
+        description="Sign in with a Google account in a browser and add it as a Code Assist "
+        "account: rawgate prints a URL, the browser comes back to a loopback port on this "
+        "machine, the refresh token is stored and the Cloud project discovered. Without a "
+        "display (or with --no-browser) open the URL anywhere and paste back the address the "
+        "browser ends on. Needs upstream.oauth_client_id / oauth_client_secret.",
+    )
+    lg.add_argument("--no-browser", action="store_true",
+                    help="do not open a browser; paste the redirect address (or code) back")
+    lg.add_argument("--email", default="", metavar="ADDR",
+                    help="the account to sign in with (a hint to Google; shown in listings)")
+    lg.add_argument("--project", default="", metavar="ID",
+                    help="Cloud project id (else discovered)")
+    lg.add_argument("--label", default="", metavar="NAME", help="a name shown in listings")
+    lg.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="give up when the sign-in takes longer (default 300)")
+    lg.add_argument("--config", default=None, metavar="PATH",
+                    help="TOML config file (default: $RAWGATE_HOME/config.toml)")
 
     ls = cmds.add_parser("list", help="list accounts (secrets masked), status and counters")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -121,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
             token = _secret_arg(args.refresh_token, "the refresh token")
             acc = store.add_oauth(token, email=args.email, project=args.project, label=args.label)
             print(f"added account {_summary(acc)}")
+        elif cmd == "login":
+            return _login(store, args)
         elif cmd == "list":
             return _list(store, board, as_json=args.json)
         elif cmd == "disable":
@@ -142,6 +165,32 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{e.filename or home}: {e.strerror}")
+    return 0
+
+
+def _login(store: AccountStore, args: argparse.Namespace) -> int:
+    import anyio
+
+    from rawgate.cli_login import LoginOptions, login
+    from rawgate.errors import RawgateError
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        return _fail(str(e))
+    if not args.timeout > 0:
+        return _fail("--timeout must be > 0")
+    opts = LoginOptions(no_browser=args.no_browser, email=args.email.strip(),
+                        project=args.project.strip(), label=args.label, timeout_s=args.timeout)
+    try:
+        acc, warning = anyio.run(login, cfg, store, opts)
+    except RawgateError as e:
+        return _fail(e.message)
+    except KeyboardInterrupt:
+        return _fail("sign-in interrupted")
+    if warning:
+        print(f"rawgate accounts: warning: {warning}", file=sys.stderr)
+    print(f"added account {_summary(acc)}" + (f", project {acc.project}" if acc.project else ""))
     return 0
 
 
@@ -216,19 +265,6 @@ def _looks_like_refresh_token(s: str) -> bool:
     return s.startswith("1//")  # Google OAuth refresh tokens start so; API keys with "AIza"
 
 
-def _email_from_id_token(id_token: object) -> str:
-    """The unverified `email` claim of a JWT: a label for display only, never trusted."""
-    if not isinstance(id_token, str) or id_token.count(".") != 2:
-        return ""
-    payload = id_token.split(".")[1]
-    try:
-        claims = msgspec.json.decode(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, msgspec.DecodeError):
-        return ""
-    email = claims.get("email") if isinstance(claims, dict) else None
-    return email if isinstance(email, str) else ""
-
-
 def _str(d: dict[str, Any], *keys: str) -> str:
     for k in keys:
         v = d.get(k)
@@ -254,7 +290,7 @@ def _from_item(item: object, now: int, where: str) -> Account:
     email = (
         _str(item, "email")
         or _str(tok, "email")
-        or _email_from_id_token(item.get("id_token") or tok.get("id_token"))
+        or email_from_id_token(item.get("id_token") or tok.get("id_token"))
     )
     label = _str(item, "label", "name")
     project = _str(item, "project", "project_id", "projectId") or _str(tok, "project_id")

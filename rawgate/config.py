@@ -42,6 +42,8 @@ class UpstreamConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gemini_base_url: str = "https://generativelanguage.googleapis.com"  # /v1beta appended
     code_assist_base_url: str = "https://cloudcode-pa.googleapis.com"  # /v1internal appended
     oauth_token_url: str = "https://oauth2.googleapis.com/token"
+    # Where `rawgate accounts login` sends the browser (Google's installed-app consent page).
+    oauth_auth_url: str = "https://accounts.google.com/o/oauth2/v2/auth"
     oauth_client_id: str = ""  # supplied by the user for Code Assist accounts
     oauth_client_secret: str = ""
     proxy: str = ""  # http://host:port, CONNECT tunnel
@@ -281,7 +283,7 @@ def _check_semantics(cfg: Config, source: str) -> None:
     if bool(s.tls_cert) != bool(s.tls_key):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key must be set together")
     up = cfg.upstream
-    for key in ("gemini_base_url", "code_assist_base_url", "oauth_token_url"):
+    for key in ("gemini_base_url", "code_assist_base_url", "oauth_token_url", "oauth_auth_url"):
         url = getattr(up, key)
         if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
             raise ConfigError(f"{source}: upstream.{key} = {url!r}: must be an http(s):// URL")

@@ -163,6 +163,11 @@ class RunningEmulator:
         return self.base_url + "/token"
 
     @property
+    def auth_url(self) -> str:
+        """The consent page of `rawgate accounts login` (Google's /o/oauth2/v2/auth)."""
+        return self.base_url + "/o/oauth2/v2/auth"
+
+    @property
     def api_key(self) -> str:
         keys = self.core.settings.api_keys
         return keys[0] if keys else ""

@@ -183,6 +183,13 @@ class Emulator:
             self.count("token")
             status, obj = self.creds.token(headers, body)
             return _json(status, obj)
+        if path == "/o/oauth2/v2/auth" and method == "GET":
+            self.count("authorize")
+            status, location, text = self.creds.authorize(_query(query))
+            page = (f"<!DOCTYPE html><meta charset=utf-8><title>Sign in - Google Accounts"
+                    f"</title><p id=msg>{html.escape(text)}</p>").encode()
+            loc: tuple[Header, ...] = ((b"location", location.encode()),) if location else ()
+            return Reply(status, (*HTML_HEADERS, *loc), page)
         if path in ("/", "/healthz") and method in ("GET", "HEAD"):
             return Reply(200, TEXT_HEADERS, b"rawgate Gemini emulator\n")
         return _not_found_html(path)

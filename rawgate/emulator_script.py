@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from rawgate.emulator_directives import Directive, ScriptError, int_arg, ms_arg, parse_directives
+from rawgate.emulator_sample import sample
 from rawgate.emulator_wire import QUIRKS, google_error
 
 __all__ = [
@@ -181,6 +182,7 @@ def build_plan(
     gen = body.get("generationConfig") or body.get("generation_config") or {}
     chunks, chunk_chars = opts.chunks, opts.chunk_chars
     text: str | None = echo
+    given = False  # an explicit `reply text=`: returned as given, even in JSON mode
     thought: str | None = None
     thought_sig: str | None = None
     calls: list[dict[str, Any]] = []
@@ -195,7 +197,7 @@ def build_plan(
                 size = int_arg(d, "chars", 0, 0, MAX_REPLY_CHARS)
                 text = ("lorem ipsum dolor sit amet " * (size // 27 + 1))[:size]
             else:
-                text = str(a.get("text", ""))
+                text, given = str(a.get("text", "")), True
         elif n == "echo_request":
             text = orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode()
         elif n == "thought":
@@ -242,7 +244,7 @@ def build_plan(
         text = None  # a tool-call turn carries no text unless asked for
 
     if text is not None:
-        text, finish = _apply_generation_config(text, gen, finish, calls)
+        text, finish = _apply_generation_config(text, gen, finish, calls, given)
         if finish == "MAX_TOKENS":
             calls = []
     tc = gen.get("thinkingConfig") or gen.get("thinking_config") or {}
@@ -284,13 +286,15 @@ def _tool_call(d: Directive, model: str, index: int, thinking: bool) -> dict[str
 
 
 def _apply_generation_config(
-    text: str, gen: dict[str, Any], finish: str, calls: list[dict[str, Any]]
+    text: str, gen: dict[str, Any], finish: str, calls: list[dict[str, Any]], given: bool = False
 ) -> tuple[str, str]:
     mime = gen.get("responseMimeType") or gen.get("response_mime_type")
-    if mime == "application/json":
+    if given:
+        pass  # the test wrote the exact text (valid JSON or deliberately not)
+    elif mime == "application/json":
         schema = (gen.get("responseJsonSchema") or gen.get("response_json_schema")
                   or gen.get("responseSchema") or gen.get("response_schema"))
-        value = _sample(schema, text, 0) if isinstance(schema, dict) else {"echo": text}
+        value = sample(schema, text) if isinstance(schema, dict) else {"echo": text}
         text = orjson.dumps(value).decode()
     elif mime == "text/x.enum":
         schema = gen.get("responseSchema") or gen.get("response_schema") or {}
@@ -306,41 +310,6 @@ def _apply_generation_config(
         text = text[: limit * 4]
         finish = "MAX_TOKENS"
     return text, finish
-
-
-def _sample(schema: dict[str, Any], text: str, depth: int) -> Any:
-    """A value that satisfies a (response) schema, strings filled with the echo text."""
-    if depth > 8:
-        return None
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum:
-        return enum[0]
-    if "const" in schema:
-        return schema["const"]
-    for key in ("anyOf", "any_of", "oneOf"):
-        alts = schema.get(key)
-        if isinstance(alts, list) and alts and isinstance(alts[0], dict):
-            return _sample(alts[0], text, depth + 1)
-    t = schema.get("type", "object" if "properties" in schema else "string")
-    if isinstance(t, list):
-        t = next((x for x in t if x != "null"), "null")
-    t = str(t).lower()
-    if t == "object":
-        props = schema.get("properties") or {}
-        return {k: _sample(v, text, depth + 1) for k, v in props.items() if isinstance(v, dict)}
-    if t == "array":
-        items = schema.get("items")
-        n = max(1, int(schema.get("minItems") or schema.get("min_items") or 1))
-        return [_sample(items, text, depth + 1) if isinstance(items, dict) else text] * min(n, 8)
-    if t == "integer":
-        return int(schema.get("minimum") or 0)
-    if t == "number":
-        return float(schema.get("minimum") or 0)
-    if t == "boolean":
-        return True
-    if t == "null":
-        return None
-    return text
 
 
 def _split(text: str, chunks: int, chunk_chars: int) -> list[str]:

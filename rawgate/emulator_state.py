@@ -10,18 +10,25 @@ Invariants:
 - Quotas are fixed windows per credential label (the API key itself, or the OAuth account's
   email): `quota_requests` calls per `quota_window_s`, per-label overrides in `key_quotas`
   (0 = no quota at all, the "limit: 0" case). The 429 carries the remaining window as RetryInfo.
-- Tables that grow with traffic (access tokens, quota windows) are capped at MAX_TABLE_ENTRIES,
-  oldest first out. Secrets never go into messages.
+- The consent page (`authorize`, Google's /o/oauth2/v2/auth) approves at once: it mints a
+  single-use code bound to the client, the redirect_uri and the PKCE challenge, for the account
+  named by `login_hint` or, without one, a new account (fresh refresh token and project, not yet
+  onboarded, so login exercises onboardUser). The token endpoint's authorization_code grant
+  checks all three, as Google does, and answers with a refresh token that then works.
+- Tables that grow with traffic (access tokens, quota windows, codes) are capped at
+  MAX_TABLE_ENTRIES, oldest first out. Secrets never go into messages.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 
@@ -48,6 +55,8 @@ DEMO_CLIENT_ID = "rawgate-emulator.apps.googleusercontent.com"
 DEMO_CLIENT_SECRET = "emulator-demo-secret"
 # Tables that grow with traffic stop here; past it the oldest entries go first.
 MAX_TABLE_ENTRIES = 10_000
+# Google's authorization codes are short-lived; the emulator keeps them 10 minutes.
+AUTH_CODE_LIFETIME_S = 600.0
 _SCOPE = ("https://www.googleapis.com/auth/cloud-platform "
           "https://www.googleapis.com/auth/userinfo.email "
           "https://www.googleapis.com/auth/userinfo.profile")
@@ -113,11 +122,16 @@ class Credentials:
         self._clock = clock
         self.offset_s = 0.0
         self.api_keys = set(settings.api_keys)
+        # Asked about a key not (yet) in api_keys; a yes is remembered. `serve --emulate` points
+        # it at the gateway's accounts, so keys added while it runs are accepted at once.
+        self.key_source: Callable[[str], bool] | None = None
         self.accounts = {a.refresh_token: a for a in settings.oauth_accounts}
         self.onboarded = {a.email for a in settings.oauth_accounts if a.onboarded}
         self.revoked: set[str] = set()
         self.access: dict[str, tuple[str, float]] = {}  # token -> (refresh token, expiry)
         self.windows: dict[str, list[float]] = {}  # label -> [window start, count]
+        self.codes: dict[str, _Code] = {}  # authorization code -> what it was issued for
+        self.logins = 0  # accounts minted by the consent page
 
     def now(self) -> float:
         return self._clock() + self.offset_s
@@ -133,6 +147,9 @@ class Credentials:
             key = key.decode("latin-1")
         if key is not None:
             if key in self.api_keys or not self.settings.require_auth:
+                return key
+            if self.key_source is not None and self.key_source(key):
+                self.api_keys.add(key)
                 return key
             msg = "API key not valid. Please pass a valid API key."
             raise Rejected(400, google_error(400, msg, [
@@ -242,10 +259,93 @@ class Credentials:
                      "OnboardUserResponse",
             "cloudaicompanionProject": {"id": account.project, "name": account.project}}}
 
+    # ---- the consent page (installed-app flow) ----
+
+    def authorize(self, q: dict[str, str]) -> tuple[int, str, str]:
+        """GET /o/oauth2/v2/auth -> (status, Location or "", HTML text). Approves at once.
+
+        Like Google: a bad client or redirect_uri is an error page (no redirect, the caller
+        cannot be trusted with one); other faults redirect back with `error=`.
+        """
+        s = self.settings
+        if q.get("client_id") != s.oauth_client_id:
+            return 401, "", "Error 401: invalid_client. The OAuth client was not found."
+        redirect = q.get("redirect_uri", "")
+        parts = urlsplit(redirect)
+        if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            return 400, "", ("Error 400: invalid_request. redirect_uri must be a loopback "
+                             "address for an installed app: " + redirect[:200])
+        state = q.get("state")
+        back: dict[str, str] = {"state": state} if state is not None else {}
+        if q.get("response_type") != "code":
+            return self._back(redirect, {**back, "error": "unsupported_response_type"})
+        challenge = q.get("code_challenge", "")
+        method = q.get("code_challenge_method", "plain")
+        if not challenge or method not in ("S256", "plain"):
+            return self._back(redirect, {**back, "error": "invalid_request",
+                                         "error_description": "code_challenge is required "
+                                                              "(S256 or plain)"})
+        if "cloud-platform" not in q.get("scope", ""):
+            return self._back(redirect, {**back, "error": "invalid_scope"})
+        account = self._login_account(q.get("login_hint", ""))
+        now = self.now()
+        if len(self.codes) >= MAX_TABLE_ENTRIES:
+            self.codes = {c: e for c, e in self.codes.items() if e.expiry > now}
+            while len(self.codes) >= MAX_TABLE_ENTRIES:
+                self.codes.pop(next(iter(self.codes)))
+        code = "4/0emu-" + secrets.token_urlsafe(24)
+        self.codes[code] = _Code(q["client_id"], redirect, challenge, method, account,
+                                 now + AUTH_CODE_LIFETIME_S)
+        return self._back(redirect, {"code": code, "scope": _SCOPE, **back},
+                          f"Signed in as {account.email}. Your code: {code}")
+
+    def _back(self, redirect: str, params: dict[str, str],
+              text: str = "Redirecting back to the application.") -> tuple[int, str, str]:
+        sep = "&" if "?" in redirect else "?"
+        return 302, redirect + sep + urlencode(params), text
+
+    def _login_account(self, hint: str) -> OAuthAccount:
+        """The account signing in (refresh_token empty: one is issued per code exchange)."""
+        for a in self.accounts.values():
+            if a.email == hint:
+                return OAuthAccount(a.email, "", a.project, a.onboarded)
+        self.logins += 1
+        n = self.logins
+        return OAuthAccount(hint or f"user{n}@rawgate.invalid", "", f"emu-login-project-{n}",
+                            onboarded=False)
+
+    def _code_grant(self, form: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        entry = self.codes.get(str(form.get("code", "")))
+        if entry is None or entry.expiry <= self.now():
+            return 400, _oauth_error("invalid_grant", "Malformed auth code.")
+        if form.get("redirect_uri") != entry.redirect_uri:
+            return 400, _oauth_error("redirect_uri_mismatch", "Bad Request")
+        verifier = str(form.get("code_verifier", ""))
+        if not verifier:
+            return 400, _oauth_error("invalid_request", "Missing code verifier.")
+        if entry.method == "S256":
+            digest = hashlib.sha256(verifier.encode()).digest()
+            computed = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        else:
+            computed = verifier
+        if not secrets.compare_digest(computed, entry.challenge):
+            return 400, _oauth_error("invalid_grant", "Invalid code verifier.")
+        del self.codes[form["code"]]  # single use
+        # A new refresh token per consent, as Google issues (older ones keep working).
+        refresh = "1//emu-" + secrets.token_urlsafe(24)
+        a = entry.account
+        self.accounts[refresh] = OAuthAccount(a.email, refresh, a.project, a.onboarded)
+        status, out = self._access(refresh)
+        claims = {"iss": "https://accounts.google.com", "aud": entry.client_id,
+                  "email": a.email, "email_verified": True}
+        seg = [base64.urlsafe_b64encode(orjson.dumps(x)).rstrip(b"=").decode()
+               for x in ({"alg": "none", "typ": "JWT"}, claims)]
+        return status, {**out, "refresh_token": refresh, "id_token": ".".join((*seg, "emu"))}
+
     # ---- the OAuth token endpoint ----
 
     def token(self, headers: list[Header], body: bytes) -> tuple[int, dict[str, Any]]:
-        """POST /token (grant_type=refresh_token) -> (status, JSON body), Google's shapes."""
+        """POST /token (refresh_token and authorization_code grants) -> (status, JSON body)."""
         ctype = next((v for k, v in headers if k == b"content-type"), b"")
         form: dict[str, Any] = {}
         try:
@@ -257,18 +357,24 @@ class Credentials:
         except (orjson.JSONDecodeError, UnicodeDecodeError):
             pass
         grant = form.get("grant_type")
-        if grant != "refresh_token":
+        if grant not in ("refresh_token", "authorization_code"):
             return 400, _oauth_error("unsupported_grant_type", f"Invalid grant_type: {grant}")
         s = self.settings
         if (form.get("client_id") != s.oauth_client_id
                 or form.get("client_secret") != s.oauth_client_secret):
             return 401, _oauth_error("invalid_client", "The OAuth client was not found.")
+        if grant == "authorization_code":
+            return self._code_grant(form)
         refresh = form.get("refresh_token")
         if not refresh:
             return 400, _oauth_error("invalid_request",
                                      "Missing required parameter: refresh_token")
         if refresh not in self.accounts or refresh in self.revoked:
             return 400, _oauth_error("invalid_grant", "Token has been expired or revoked.")
+        return self._access(refresh)
+
+    def _access(self, refresh: str) -> tuple[int, dict[str, Any]]:
+        s = self.settings
         now = self.now()
         if len(self.access) >= MAX_TABLE_ENTRIES:
             self.access = {t: e for t, e in self.access.items() if e[1] > now}
@@ -278,6 +384,16 @@ class Credentials:
         self.access[token] = (refresh, now + s.access_token_lifetime_s)
         return 200, {"access_token": token, "expires_in": int(s.access_token_lifetime_s),
                      "scope": _SCOPE, "token_type": "Bearer"}
+
+
+@dataclass(slots=True, frozen=True)
+class _Code:
+    client_id: str
+    redirect_uri: str
+    challenge: str
+    method: str
+    account: OAuthAccount  # refresh_token "" until the exchange issues one
+    expiry: float
 
 
 def _oauth_error(error: str, description: str) -> dict[str, Any]:

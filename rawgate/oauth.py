@@ -16,15 +16,23 @@ Invariants:
   ever contains the refresh token, the client secret or an access token.
 - The HTTP call is injected (`post_form`, `post_json`): this module decides, the gateway's
   upstream client does the I/O.
+- The installed-app login (`rawgate accounts login`, driven by cli_login.py) is pure here:
+  a PKCE S256 pair and a `state` per attempt, the authorization URL, reading the redirect
+  (or what the user pasted back), and deciding on the code exchange. A redirect whose `state`
+  differs from ours is refused (a forged redirect); a bare pasted code carries no state, the
+  user typed it themselves.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
 import msgspec
@@ -33,11 +41,17 @@ from rawgate.accounts import Account
 from rawgate.errors import RawgateError, UpstreamError
 
 __all__ = [
+    "LOGIN_SCOPES",
     "AccountRevoked",
     "CodeAssistSetupError",
+    "LoginGrant",
+    "LoginRequest",
     "OAuthError",
     "TokenManager",
+    "code_from_redirect",
     "discover_project",
+    "email_from_id_token",
+    "parse_code_response",
     "parse_token_response",
 ]
 
@@ -420,3 +434,140 @@ async def discover_project(
         f"Code Assist onboarding of account {who} did not finish within "
         f"{max_polls * poll_s:g} s; try again later"
     )
+
+
+# ---- installed-app login (RFC 8252 loopback redirect, RFC 7636 PKCE; protocols.md B4) ---------
+
+# gemini-cli's scopes: Code Assist needs cloud-platform; the email names the account.
+LOGIN_SCOPES = (
+    "https://www.googleapis.com/auth/cloud-platform",
+    "https://www.googleapis.com/auth/userinfo.email",
+    "https://www.googleapis.com/auth/userinfo.profile",
+)
+
+
+@dataclass(slots=True, frozen=True)
+class LoginRequest:
+    """One login attempt: its secrets and the URL the user opens."""
+
+    url: str
+    redirect_uri: str
+    state: str
+    verifier: str  # PKCE code_verifier: sent only to the token endpoint
+
+    @classmethod
+    def new(
+        cls, auth_url: str, client_id: str, redirect_uri: str, login_hint: str = ""
+    ) -> LoginRequest:
+        # 64 random bytes -> 86 characters of [A-Za-z0-9_-]: inside RFC 7636's 43..128.
+        verifier = secrets.token_urlsafe(64)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+        state = secrets.token_urlsafe(32)
+        params = {
+            "client_id": client_id,
+            "redirect_uri": redirect_uri,
+            "response_type": "code",
+            "scope": " ".join(LOGIN_SCOPES),
+            "access_type": "offline",  # a refresh token, not only an access token
+            "prompt": "consent",  # Google sends a refresh token again on a repeated login
+            "code_challenge": challenge.rstrip(b"=").decode(),
+            "code_challenge_method": "S256",
+            "state": state,
+        }
+        if login_hint:
+            params["login_hint"] = login_hint
+        sep = "&" if "?" in auth_url else "?"
+        return cls(auth_url + sep + urlencode(params), redirect_uri, state, verifier)
+
+    def token_fields(self, code: str, client_id: str, client_secret: str) -> dict[str, str]:
+        """The form of the authorization_code exchange."""
+        return {
+            "grant_type": "authorization_code",
+            "code": code,
+            "code_verifier": self.verifier,
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "redirect_uri": self.redirect_uri,
+        }
+
+
+def code_from_redirect(text: str, state: str) -> str:
+    """The authorization code in a redirect: a full URL, its query string, or a bare code.
+
+    Raises OAuthError when the redirect carries an error, or a `state` other than ours.
+    """
+    text = text.strip()
+    if not text:
+        raise OAuthError("nothing was pasted", status=400, code="oauth_login_failed")
+    query = urlsplit(text).query if "://" in text else text.lstrip("?")
+    if "=" not in query:
+        return text  # a bare code, as typed by the user
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    if params.get("state") != state:
+        raise OAuthError(
+            "the redirect's state does not match this login (an old or forged redirect); "
+            "start `rawgate accounts login` again",
+            status=400,
+            code="oauth_state_mismatch",
+        )
+    if params.get("error"):
+        detail = params.get("error_description") or params["error"]
+        raise OAuthError(
+            f"Google refused the sign-in: {_quote(detail)}", status=400, code="oauth_login_failed"
+        )
+    code = params.get("code", "")
+    if not code:
+        raise OAuthError("the redirect carries no code", status=400, code="oauth_login_failed")
+    return code
+
+
+def email_from_id_token(id_token: object) -> str:
+    """The unverified `email` claim of a JWT: a label for display only, never trusted."""
+    if not isinstance(id_token, str) or id_token.count(".") != 2:
+        return ""
+    payload = id_token.split(".")[1]
+    try:
+        claims = msgspec.json.decode(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, msgspec.DecodeError):
+        return ""
+    email = claims.get("email") if isinstance(claims, dict) else None
+    return email if isinstance(email, str) else ""
+
+
+@dataclass(slots=True, frozen=True)
+class LoginGrant:
+    access_token: str
+    refresh_token: str
+    email: str  # from the id_token, "" when there is none
+
+
+def parse_code_response(
+    status: int, body: bytes, now: float, secrets: tuple[str, ...] = ()
+) -> LoginGrant:
+    """Decide on the token endpoint's answer to an authorization_code exchange (pure)."""
+    try:
+        doc = msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        doc = {}
+    if status != 200:
+        error = doc.get("error")
+        desc = doc.get("error_description")
+        code = _quote(error, secrets) if isinstance(error, str) else f"HTTP {status}"
+        detail = f" ({_quote(desc, secrets)})" if isinstance(desc, str) and desc else ""
+        hint = ""
+        if error in ("invalid_client", "unauthorized_client"):
+            hint = "; check upstream.oauth_client_id and upstream.oauth_client_secret"
+        raise OAuthError(
+            f"the token endpoint refused the sign-in code: {code}{detail}{hint}",
+            status=400,
+            code="oauth_login_failed",
+        )
+    tok = parse_token_response(status, body, now, "being added", secrets)
+    if not tok.new_refresh_token:
+        raise OAuthError(
+            "the token endpoint sent no refresh token (was access_type=offline dropped?)",
+            code="oauth_login_failed",
+        )
+    return LoginGrant(tok.value, tok.new_refresh_token, email_from_id_token(doc.get("id_token")))

@@ -9,8 +9,10 @@ Invariants:
   reverse order, so requests that are draining still have an upstream.
 - With `emulate`, every upstream URL (Developer API, Code Assist, OAuth token endpoint) points at
   the emulator, and the OAuth client id/secret default to the emulator's demo client. The
-  emulator accepts its demo key and every API key in accounts.json; while accounts.json holds
-  no account, the gateway uses a built-in demo account on the emulator: the zero-set-up path.
+  emulator accepts its demo key and every API key in accounts.json, also one added while it runs
+  (it asks the gateway's current accounts about a key it does not know); while accounts.json
+  holds no account, the gateway uses a built-in demo account on the emulator: the zero-set-up
+  path.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def _point_at(cfg: Config, emu: RunningEmulator) -> Config:
         gemini_base_url=emu.base_url,
         code_assist_base_url=emu.base_url,
         oauth_token_url=emu.token_url,
+        oauth_auth_url=emu.auth_url,
         oauth_client_id=up.oauth_client_id or emu.client_id,
         oauth_client_secret=up.oauth_client_secret or emu.client_secret,
     )
@@ -108,5 +111,9 @@ async def open_stack(
             share_cooldowns=share_cooldowns,
         )
         await stack.enter_async_context(gateway)
+        if emu is not None:
+            emu.core.creds.key_source = lambda key: any(
+                a.kind == "api_key" and a.api_key == key for a in gateway.accounts
+            )
         gateway.install(app)
         yield Stack(app, gateway, cfg, emu)
