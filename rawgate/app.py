@@ -344,7 +344,9 @@ class GatewayApp:
         origin = slots[1]
         host = slots[7] if slots[7] is not None else slots[8]
         foreign = origin is not None and not self._same_origin(request, origin, host)
-        cors_ok = origin is not None and (not foreign or self._cors_allows(origin))
+        cors_ok = origin is not None and (
+            not foreign or (self._cors_allows(origin) and not _admin_path(request.path))
+        )
         if cors_ok:
             assert origin is not None
             if self._cors_any:
@@ -372,9 +374,8 @@ class GatewayApp:
                         " [server] allowed_hosts.",
                         code="host_not_allowed",
                     )
-                if foreign:
-                    assert origin is not None
-                    self._check_origin(request, origin, cors_ok)
+                if foreign and not cors_ok:
+                    raise _foreign_origin(request.path)
                 if request.method == "OPTIONS" and origin is not None and slots[5] is not None:
                     await self._preflight(out, cors_ok, slots[6])
                     return
@@ -508,22 +509,6 @@ class GatewayApp:
         n = len(scheme)
         return o[:n] == scheme and o[n : n + 3] == b"://" and o[n + 3 :] == host.lower()
 
-    def _check_origin(self, request: Request, origin: bytes, allowed: bool) -> None:
-        """A foreign Origin: refused on admin paths always, elsewhere unless configured."""
-        path = request.path
-        if any(path == p or path.startswith(p + "/") for p in _ADMIN_PATHS):
-            raise PermissionDenied(
-                f"{path} does not answer cross-origin requests (a web page must not read"
-                " rawgate's metrics or admin API).",
-                code="origin_not_allowed",
-            )
-        if not allowed:
-            raise PermissionDenied(
-                "This Origin is not allowed to use rawgate: a web page may call it only if its"
-                " origin is in [server] cors_allowed_origins.",
-                code="origin_not_allowed",
-            )
-
     def _host_allowed(self, host: bytes) -> bool:
         m = _HOST_PORT.match(host)
         if m is None:
@@ -644,6 +629,25 @@ def _query_key(query: str) -> bytes | None:
             found = unquote_to_bytes(value)
     return found
 
+
+
+def _admin_path(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in _ADMIN_PATHS)
+
+
+def _foreign_origin(path: str) -> PermissionDenied:
+    """The 403 for a foreign Origin: admin paths always, elsewhere unless configured."""
+    if _admin_path(path):
+        return PermissionDenied(
+            f"{path} does not answer cross-origin requests (a web page must not read rawgate's"
+            " metrics or admin API).",
+            code="origin_not_allowed",
+        )
+    return PermissionDenied(
+        "This Origin is not allowed to use rawgate: a web page may call it only if its origin"
+        " is in [server] cors_allowed_origins.",
+        code="origin_not_allowed",
+    )
 
 
 def _check_json(content_type: bytes) -> None:
