@@ -368,6 +368,9 @@ class GatewayApp:
                     raise Overloaded(
                         "rawgate is handling too many requests; retry shortly", headers=[_RETRY_1]
                     )
+                # Matched first (pure, no I/O) so that every refusal below is shaped for the
+                # route it was aimed at.
+                route = self.router.match(request.method, request.path)
                 if self._host_check and host is not None and not self._host_allowed(host):
                     raise PermissionDenied(
                         "Host header not allowed: rawgate listens on loopback and answers only"
@@ -381,7 +384,6 @@ class GatewayApp:
                 if request.method == "OPTIONS" and origin is not None and slots[5] is not None:
                     await self._preflight(out, cors_ok, slots[6])
                     return
-                route = self.router.match(request.method, request.path)
                 if self.auth_mode != "off" and not self._exempt(route):
                     self._authenticate(request, route, slots)
                 if route is None:

@@ -333,6 +333,17 @@ def _check_semantics(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: routing.max_attempts = {cfg.routing.max_attempts}: must be >= 1"
         )
+    # Model names go into upstream URLs: a bad mapping or target is a start-up line (exit 2),
+    # not a traceback when the gateway is built.
+    from rawgate.router import ModelRouter  # the router imports this module
+
+    r = cfg.routing
+    try:
+        ModelRouter(
+            r.default_model, dict(r.custom_mapping), pro_model=r.pro_model, lite_model=r.lite_model
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     for sec in (cfg.limits, cfg.timeouts):
         for f in msgspec.structs.fields(type(sec)):
             v = getattr(sec, f.name)

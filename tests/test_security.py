@@ -154,6 +154,12 @@ def test_mapping_targets_must_be_gemini_ids(target: str) -> None:
         kw = {"default_model": "gemini-2.5-flash", tier: target}
         with pytest.raises(ConfigError, match="Gemini model id"):
             ModelRouter(kw.pop("default_model"), {}, **kw)
+        # ... and a start-up line from the config, before any server is built.
+        env = {f"RAWGATE_ROUTING_{tier.upper()}": target}
+        with pytest.raises(ConfigError, match=f"^env: routing: the {tier[:-6]} model"):
+            build_config({}, env, {}, source="env")
+    with pytest.raises(ConfigError, match=r"^cfg: routing\.custom_mapping: value of 'gpt-x'"):
+        build_config({"routing": {"custom_mapping": {"gpt-x": target}}}, {}, {}, source="cfg")
 
 
 @pytest.mark.parametrize(
