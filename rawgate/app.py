@@ -6,9 +6,25 @@ Invariants:
   registered `auth="public"` (always) or `auth="health"` (mode all_except_health). Anything else,
   including unknown paths, needs a valid key when auth is on, so `/healthz/../v1/models`,
   `//v1/models`, `/v1%2Fmodels`, `/V1/models`, `/healthz/` can never reach a protected handler.
-- Order per request: in-flight cap (503) -> CORS preflight -> auth (401) -> route (404/405) ->
-  handler. With auth on, an unauthenticated client learns nothing about which paths exist (401
-  for all); the 404 that lists routes and base_url hints goes only to authenticated clients.
+- Order per request: in-flight cap (503) -> Host check (403) -> Origin check (403) -> CORS
+  preflight -> auth (401) -> route (404/405) -> Content-Type (415) -> handler. With auth on, an
+  unauthenticated client learns nothing about which paths exist (401 for all); the 404 that
+  lists routes and base_url hints goes only to authenticated clients.
+- Browsers (issue 12.8): any web page can make the user's browser send requests to 127.0.0.1,
+  and a "simple" request (a text/plain POST) is sent without a preflight, so hiding the answer
+  with CORS is not enough: it still spends quota. Hence, whatever the route:
+  - Host: while rawgate listens on loopback only (or whenever server.allowed_hosts is set), the
+    Host / :authority must name localhost, 127.0.0.1, [::1] (any port) or an allowed host, else
+    403 host_not_allowed: a DNS-rebinding page reaches 127.0.0.1 under its own name. 403, not
+    421: this is a policy refusal, and RFC 9110 invites a client to retry a 421 elsewhere.
+    No Host at all (HTTP/1.0 tools) is not a browser and passes.
+  - Origin: a request carrying an Origin that is neither rawgate's own (scheme://Host) nor in
+    server.cors_allowed_origins is refused with 403 origin_not_allowed before auth or handler
+    run; admin paths (/metrics, /admin..., /ui...) accept no Origin but their own.
+  - A POST/PUT/PATCH body must be JSON: Content-Type application/json (parameters such as
+    charset allowed) or none at all, else 415. No Content-Type is accepted because browsers
+    always send Origin with a cross-origin POST, which the Origin rule already refused; curl -d
+    without -H sends application/x-www-form-urlencoded and gets the 415 with the fix.
 - Keys are compared in constant time on bytes: SHA-256 of the presented key against the digest
   of every configured key, no early exit; non-ASCII bytes are just bytes.
 - Every response carries x-request-id (and CORS headers for an allowed Origin), whatever answered.
@@ -23,6 +39,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import time
@@ -43,6 +60,7 @@ from rawgate.errors import (
     Overloaded,
     PermissionDenied,
     RawgateError,
+    UnsupportedMediaType,
 )
 from rawgate.events import ClientDisconnected, Request, ResponseSink, is_disconnect
 from rawgate.logs import log_access
@@ -65,6 +83,16 @@ CLIENT_CLOSED = 499
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}\Z")
 _SANE_HOST = re.compile(rb"[A-Za-z0-9.\-:\[\]]{1,255}\Z")
 _SANE_HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~\-, \t]{1,1024}\Z")
+# Host / :authority: a name or [IPv6] and an optional port; group 1 is the host part.
+_HOST_PORT = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::[0-9]{1,5})?\Z")
+# An Origin as browsers send it: scheme://host[:port]; group 1 is scheme://host.
+_ORIGIN = re.compile(rb"(https?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+))(?::[0-9]{1,5})?\Z")
+_LOOPBACK_NAMES = frozenset((b"localhost", b"127.0.0.1", b"[::1]"))
+# Paths that never answer a foreign Origin, even one in cors_allowed_origins.
+_ADMIN_PATHS = ("/metrics", "/admin", "/ui")
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+HOST_MEMO_MAX = 256  # distinct Host values whose verdict is remembered
+_JSON_TYPE = b"application/json"
 _BEARER = b"bearer"
 
 _HEALTH_BODY = b'{"status":"ok","version":"' + __version__.encode() + b'"}'
@@ -91,8 +119,11 @@ _SLOT = {
     b"x-goog-api-key": 4,
     b"access-control-request-method": 5,
     b"access-control-request-headers": 6,
+    b"host": 7,
+    b":authority": 8,
+    b"content-type": 9,
 }
-_N_SLOTS = 7
+_N_SLOTS = 10
 _DUPLICATE = b"\x00dup"  # a repeated credential header: ambiguous, never accepted
 
 
@@ -279,7 +310,17 @@ class GatewayApp:
         self._key_digests = [hashlib.sha256(k.encode()).digest() for k in cfg.auth.api_keys]
         origins = cfg.server.cors_allowed_origins
         self._cors_any = "*" in origins
-        self._cors_origins = frozenset(o.encode() for o in origins if o != "*")
+        self._cors_origins = frozenset(
+            o.encode().lower() for o in origins if o != "*" and not o.endswith(":*")
+        )
+        # "scheme://host:*" entries: scheme://host with any port (or none).
+        self._cors_any_port = frozenset(
+            o[:-2].encode().lower() for o in origins if o.endswith(":*")
+        )
+        hosts = cfg.server.allowed_hosts
+        self._host_check = "*" not in hosts and (bool(hosts) or _loopback_only(cfg))
+        self._hosts = _LOOPBACK_NAMES | {h.encode().lower() for h in hosts}
+        self._host_memo: dict[bytes, bool] = {}
         self._cors_max_age = str(cfg.server.cors_max_age_s).encode()
         self._fallback_host = f"{cfg.server.host or '127.0.0.1'}:{cfg.server.port}"
         self.router.add("GET", "/healthz", self._health, auth="health")
@@ -303,7 +344,11 @@ class GatewayApp:
         request.request_id = rid
         extra: list[Header] = [(b"x-request-id", rid.encode("ascii"))]
         origin = slots[1]
-        cors_ok = origin is not None and self._cors_allows(origin)
+        host = slots[7] if slots[7] is not None else slots[8]
+        foreign = origin is not None and not self._same_origin(request, origin, host)
+        cors_ok = origin is not None and (
+            not foreign or (self._cors_allows(origin) and not _admin_path(request.path))
+        )
         if cors_ok:
             assert origin is not None
             if self._cors_any:
@@ -323,14 +368,29 @@ class GatewayApp:
                     raise Overloaded(
                         "rawgate is handling too many requests; retry shortly", headers=[_RETRY_1]
                     )
+                # Matched first (pure, no I/O) so that every refusal below is shaped for the
+                # route it was aimed at.
+                route = self.router.match(request.method, request.path)
+                if self._host_check and host is not None and not self._host_allowed(host):
+                    raise PermissionDenied(
+                        "Host header not allowed: rawgate listens on loopback and answers only"
+                        " requests addressed to localhost, 127.0.0.1 or [::1] (a web page can"
+                        " reach 127.0.0.1 under its own DNS name). Add the name you use to"
+                        " [server] allowed_hosts.",
+                        code="host_not_allowed",
+                    )
+                if foreign and not cors_ok:
+                    raise _foreign_origin(request.path)
                 if request.method == "OPTIONS" and origin is not None and slots[5] is not None:
                     await self._preflight(out, cors_ok, slots[6])
                     return
-                route = self.router.match(request.method, request.path)
                 if self.auth_mode != "off" and not self._exempt(route):
                     self._authenticate(request, route, slots)
                 if route is None:
                     raise self._no_route(request)
+                ct = slots[9]
+                if ct is not None and ct != _JSON_TYPE and request.method in _BODY_METHODS:
+                    _check_json(ct)
                 await route.handler(request, out)
                 if not out.started:
                     raise RuntimeError(f"handler for {route.label} returned without responding")
@@ -435,7 +495,44 @@ class GatewayApp:
     # ---- CORS ------------------------------------------------------------------------------
 
     def _cors_allows(self, origin: bytes) -> bool:
-        return self._cors_any or origin in self._cors_origins
+        if self._cors_any:
+            return True
+        o = origin.lower()
+        if o in self._cors_origins:
+            return True
+        if not self._cors_any_port:
+            return False
+        m = _ORIGIN.match(o)
+        return m is not None and m.group(1) in self._cors_any_port
+
+    def _same_origin(self, request: Request, origin: bytes, host: bytes | None) -> bool:
+        """Whether `origin` is rawgate itself (its own pages, such as /ui, calling it)."""
+        if host is None or _ORIGIN.match(origin) is None:  # echoed in ACAO: only a clean one
+            return False
+        scheme = request.scheme.encode()
+        o = origin.lower()
+        n = len(scheme)
+        return o[:n] == scheme and o[n : n + 3] == b"://" and o[n + 3 :] == host.lower()
+
+    def _host_allowed(self, host: bytes) -> bool:
+        # Memoised: a client sends the same Host every time (one dict lookup instead of a regex
+        # and two lower()s); bounded, as the values come from clients.
+        ok = self._host_memo.get(host)
+        if ok is None:
+            if len(self._host_memo) >= HOST_MEMO_MAX:
+                self._host_memo.clear()
+            ok = self._host_memo[host] = self._host_allowed_uncached(host)
+        return ok
+
+    def _host_allowed_uncached(self, host: bytes) -> bool:
+        m = _HOST_PORT.match(host)
+        if m is None:
+            return False
+        h = host.lower()
+        if h in self._hosts:  # an allowed_hosts entry with its port, or the bare name
+            return True
+        name = m.group(1).lower()
+        return name in self._hosts or name.rstrip(b".") in self._hosts
 
     async def _preflight(self, sink: _Sink, allowed: bool, req_headers: bytes | None) -> None:
         if not allowed:
@@ -547,6 +644,49 @@ def _query_key(query: str) -> bytes | None:
             found = unquote_to_bytes(value)
     return found
 
+
+
+def _admin_path(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in _ADMIN_PATHS)
+
+
+def _foreign_origin(path: str) -> PermissionDenied:
+    """The 403 for a foreign Origin: admin paths always, elsewhere unless configured."""
+    if _admin_path(path):
+        return PermissionDenied(
+            f"{path} does not answer cross-origin requests (a web page must not read rawgate's"
+            " metrics or admin API).",
+            code="origin_not_allowed",
+        )
+    return PermissionDenied(
+        "This Origin is not allowed to use rawgate: a web page may call it only if its origin"
+        " is in [server] cors_allowed_origins.",
+        code="origin_not_allowed",
+    )
+
+
+def _check_json(content_type: bytes) -> None:
+    """415 unless the media type is application/json (parameters such as charset ignored)."""
+    media = content_type.split(b";", 1)[0].strip(b" \t").lower()
+    if media != _JSON_TYPE:
+        shown = media[:60].decode("ascii", "replace")
+        raise UnsupportedMediaType(
+            f"Content-Type '{shown}' is not supported: send the body as JSON with"
+            " 'Content-Type: application/json' (curl: -H 'Content-Type: application/json')."
+        )
+
+
+def _loopback_only(cfg: Config) -> bool:
+    """Whether rawgate listens on loopback addresses only (what server.host says)."""
+    h = cfg.server.host
+    if not h:
+        return not cfg.server.allow_lan_access
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, do not guess
 
 
 def _as_rawgate_error(exc: BaseException) -> RawgateError | None:

@@ -10,14 +10,30 @@ Invariants:
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+# server.cors_allowed_origins entries and server.allowed_hosts entries (checked at start-up).
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:(\*|[0-9]{1,5}))?\Z")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(:[0-9]{1,5})?\Z")
+
 KiB = 1024
 MiB = 1024 * KiB
+
+
+# Browser pages served from this machine, on any port (dev servers): the CORS default.
+LOOPBACK_ORIGINS = (
+    "http://localhost:*",
+    "http://127.0.0.1:*",
+    "http://[::1]:*",
+    "https://localhost:*",
+    "https://127.0.0.1:*",
+    "https://[::1]:*",
+)
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -27,8 +43,14 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: int = 1
     tls_cert: str = ""  # both set: TLS with ALPN h2, http/1.1
     tls_key: str = ""
-    # CORS: origins allowed to call rawgate from a browser. "*" = any origin, no credentials.
-    cors_allowed_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    # CORS: browser origins allowed to call rawgate ("scheme://host[:port]"; ":*" = any port;
+    # "*" = any origin). Default: pages served from this machine only; a foreign Origin is a 403.
+    cors_allowed_origins: list[str] = msgspec.field(
+        default_factory=lambda: list(LOOPBACK_ORIGINS)
+    )
+    # Host names (or host:port) accepted besides localhost, 127.0.0.1 and [::1]. Checked while
+    # listening on loopback only, or whenever this is set (DNS rebinding); "*" = no check.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
     # How long a browser may cache a preflight answer; 10 min (Chromium's own cap is 2 h).
     cors_max_age_s: int = 600
 
@@ -282,6 +304,18 @@ def _check_semantics(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: server.workers = {s.workers}: must be >= 1")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise ConfigError(f"{source}: server.tls_cert and server.tls_key must be set together")
+    for o in s.cors_allowed_origins:
+        if o != "*" and not _ORIGIN.match(o):
+            raise ConfigError(
+                f"{source}: server.cors_allowed_origins: {o!r} must be \"*\" or an origin"
+                " like http://localhost:3000 (\":*\" for any port), without a path"
+            )
+    for h in s.allowed_hosts:
+        if h != "*" and not _HOST.match(h):
+            raise ConfigError(
+                f"{source}: server.allowed_hosts: {h!r} must be \"*\" or a host name or"
+                " address, optionally with :port (no scheme, no path)"
+            )
     up = cfg.upstream
     for key in ("gemini_base_url", "code_assist_base_url", "oauth_token_url", "oauth_auth_url"):
         url = getattr(up, key)
@@ -301,6 +335,17 @@ def _check_semantics(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: routing.max_attempts = {cfg.routing.max_attempts}: must be >= 1"
         )
+    # Model names go into upstream URLs: a bad mapping or target is a start-up line (exit 2),
+    # not a traceback when the gateway is built.
+    from rawgate.router import ModelRouter  # the router imports this module
+
+    r = cfg.routing
+    try:
+        ModelRouter(
+            r.default_model, dict(r.custom_mapping), pro_model=r.pro_model, lite_model=r.lite_model
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     for sec in (cfg.limits, cfg.timeouts):
         for f in msgspec.structs.fields(type(sec)):
             v = getattr(sec, f.name)

@@ -34,6 +34,7 @@ __all__ = [
     "RequestTimeout",
     "ServiceUnavailable",
     "URITooLong",
+    "UnsupportedMediaType",
     "UpstreamClosed",
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
@@ -144,6 +145,12 @@ class PayloadTooLarge(RawgateError):
     def body_over(cls, limit: int) -> PayloadTooLarge:
         """The one message both HTTP drivers give for a body over `limits.max_body_bytes`."""
         return cls(f"request body larger than {limit} bytes")
+
+
+class UnsupportedMediaType(RawgateError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class URITooLong(RawgateError):

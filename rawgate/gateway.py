@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 import anyio
 import orjson
@@ -492,7 +492,10 @@ class Gateway:
         if acc.kind == "api_key":
             method = ":streamGenerateContent?alt=sse" if call.stream else ":generateContent"
             headers = [_UPSTREAM_JSON, _USER_AGENT, (b"x-goog-api-key", acc.api_key.encode())]
-            return self._gemini_base + call.model + method, headers, mapping.gemini_body(call)
+            # The model is one escaped path segment (router.resolve already allows only
+            # [A-Za-z0-9._-]; quoting keeps that true should a future caller skip it).
+            url = self._gemini_base + quote(call.model, safe="") + method
+            return url, headers, mapping.gemini_body(call)
         token = await self.tokens.access_token(acc, time.time())
         known = acc.project
         project = await self.tokens.project_for(acc, token, self._post_json_ca)

@@ -199,7 +199,7 @@ def _common_lines() -> bytes:
 
 
 def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
-    """A response head. Raises ValueError for a bad status or a header holding CR/LF."""
+    """A response head. Raises ValueError for a bad status or a header holding CR/LF/NUL."""
     line = _STATUS_LINE.get(status)
     if line is None or status < 200:
         raise ValueError(f"response status {status} is not a final status (200..599)")
@@ -209,8 +209,8 @@ def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
     # up as one more than the separators in the block.
     block = b"\r\n".join(map(b": ".join, headers))
     n = len(headers) - 1
-    if block.count(b"\n") != n or block.count(b"\r") != n:
-        raise ValueError("response header name or value contains CR or LF")
+    if block.count(b"\n") != n or block.count(b"\r") != n or b"\0" in block:
+        raise ValueError("response header name or value contains CR, LF or NUL")
     return b"".join((line, _common_lines(), block, b"\r\n", framing))
 
 

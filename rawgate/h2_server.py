@@ -23,7 +23,8 @@ Invariants:
   GOAWAY it refuses to send on open streams, which would make a graceful drain impossible.
 - Request headers are fully validated by h2. Response headers are not (h2's outbound validation
   and normalisation cost ~10% of a small response): handlers must pass lower-case names and no
-  hop-by-hop headers, as events.py already requires.
+  hop-by-hop headers, as events.py already requires. Only CR, LF and NUL are checked (one join):
+  a header holding one is a ValueError before the stream starts, never a PROTOCOL_ERROR.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import math
 import time
 from collections import deque
 from email.utils import formatdate
+from itertools import chain
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -117,6 +119,15 @@ def _date() -> Header:
         _date_second = now
         _date_header = (b"date", formatdate(now, usegmt=True).encode("ascii"))
     return _date_header
+
+
+def _check_header_bytes(headers: list[Header]) -> None:
+    """CR, LF or NUL in a response header is a ValueError before anything is sent (so the app
+    can still answer a clean 500): h2's outbound validation is off, and a peer receiving one
+    kills the stream with PROTOCOL_ERROR (RFC 9113 8.2.1). One C-level join, ~0.3 us."""
+    block = b"".join(chain.from_iterable(headers))
+    if b"\r" in block or b"\n" in block or b"\0" in block:
+        raise ValueError("response header name or value contains CR, LF or NUL")
 
 
 def _hpack_int(value: int, bits: int, flags: int) -> bytes:
@@ -451,6 +462,7 @@ class _Stream:
         self._status = status
 
     async def start(self, status: int, headers: list[Header]) -> None:
+        _check_header_bytes(headers)
         self._begin(status)
         c = self._c
         try:
@@ -461,6 +473,7 @@ class _Stream:
         c.flush()
 
     async def respond(self, status: int, headers: list[Header], body: bytes) -> None:
+        _check_header_bytes(headers)
         self._begin(status)
         c = self._c
         h2 = c.h2

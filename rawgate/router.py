@@ -28,15 +28,25 @@ Custom mapping always wins over the table, so any line of it can be overridden i
 Invariants: patterns are validated at construction (ConfigError naming the key); `resolve` is
 pure and O(number of patterns), memoised for repeated names (a bounded dict: names come from
 clients). `list_models` returns OpenAI model objects without duplicates, in a stable order.
+
+Model names are client input that ends up in an upstream URL path (`/v1beta/models/{model}:
+generateContent`, with the pool's credentials attached) and in the X-Mapped-Model header, so
+`resolve` is also the gate: the client's name must be 1..256 printable characters without
+whitespace, and what it resolves to must be a Gemini model id (GEMINI_MODEL: a letter or digit,
+then letters, digits, ".", "-", "_"; at most 128). Anything else (":countTokens", "?key=",
+"../", CR/LF) is InvalidModel, a 400 naming param "model", before any account is touched.
+Every target a mapping or [routing] can produce is checked the same way at start-up.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rawgate.config import ConfigError
+from rawgate.errors import BadRequest
 
-__all__ = ["BUILTIN_ALIASES", "MODELS_CREATED", "ModelRouter"]
+__all__ = ["BUILTIN_ALIASES", "GEMINI_MODEL", "MODELS_CREATED", "InvalidModel", "ModelRouter"]
 
 DEFAULT_PRO_MODEL = "gemini-2.5-pro"
 DEFAULT_LITE_MODEL = "gemini-2.5-flash-lite"
@@ -47,6 +57,9 @@ MODELS_CREATED = 1_704_067_200
 RESOLVE_CACHE_MAX = 4096
 # A name or pattern longer than this is not a model name.
 MAX_NAME_CHARS = 256
+# What Google accepts as a model id in `models/{id}` (gemini-2.5-flash, gemini-3-pro-preview,
+# gemini-2.5-flash-preview-05-20, embedding-001, ...): one path segment, no ":" "?" "/" "%".
+GEMINI_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}\Z")
 
 # (pattern, target) with target in {"default", "pro", "lite"}.
 BUILTIN_ALIASES: tuple[tuple[str, str], ...] = (
@@ -105,6 +118,25 @@ LISTED_ALIASES: tuple[str, ...] = (
 )
 
 
+class InvalidModel(BadRequest):
+    """A model name that is not one (see the module docstring): 400, param "model"."""
+
+    default_code = "invalid_model"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
+
+
+def _client_name_ok(name: str) -> bool:
+    # isprintable() is False for control characters (CR, LF, NUL, DEL, C1) and for Unicode
+    # separators other than the ASCII space, which the whitespace test excludes.
+    return (
+        0 < len(name) <= MAX_NAME_CHARS
+        and name.isprintable()
+        and not any(c.isspace() for c in name)
+    )
+
+
 class _Pattern:
     __slots__ = ("parts", "rank", "target", "text")
 
@@ -160,8 +192,11 @@ class ModelRouter:
     ) -> None:
         targets = {"default": default_model, "pro": pro_model, "lite": lite_model}
         for tier, model in targets.items():
-            if not model or "*" in model:
-                raise ConfigError(f"routing: the {tier} model {model!r} must be a model name")
+            if not GEMINI_MODEL.match(model.removeprefix("models/")):
+                raise ConfigError(
+                    f"routing: the {tier} model {model!r} must be a Gemini model id"
+                    " (letters, digits, '.', '-', '_')"
+                )
         self.default_model = default_model.removeprefix("models/")
         self._exact: dict[str, str] = {}
         patterns: list[_Pattern] = []
@@ -180,6 +215,12 @@ class ModelRouter:
                     "matches any run of characters)"
                 )
             nkey, target = _norm(key), value.removeprefix("models/")
+            if not GEMINI_MODEL.match(target):
+                raise ConfigError(
+                    f"routing.custom_mapping: value of {key!r} is {value!r}; a target must be a"
+                    " Gemini model id (letters, digits, '.', '-', '_'), as it goes into the"
+                    " upstream URL"
+                )
             if not nkey:
                 raise ConfigError(f"routing.custom_mapping: key {key!r} names no model")
             if "*" in nkey:
@@ -201,11 +242,26 @@ class ModelRouter:
         self._memo: dict[str, str] = {}
 
     def resolve(self, name: str) -> str:
-        """The Gemini model to call for the client's `name` (see the module docstring)."""
+        """The Gemini model to call for the client's `name` (see the module docstring).
+
+        Raises InvalidModel for a name that is not a model name or resolves to no Gemini id;
+        only valid names are memoised, so a hit needs no check.
+        """
         hit = self._memo.get(name)
         if hit is not None:
             return hit
+        if not _client_name_ok(name):
+            raise InvalidModel(
+                f"Invalid model name {name[:80]!r}: expected 1 to {MAX_NAME_CHARS} printable"
+                " characters without spaces, such as 'gemini-2.5-flash' or 'gpt-4o'."
+            )
         out = self._resolve(name)
+        if not GEMINI_MODEL.match(out):
+            raise InvalidModel(
+                f"Invalid model name {name[:80]!r}: a Gemini model id has only letters,"
+                " digits, '.', '-' and '_' (e.g. 'gemini-2.5-flash'); no ':', '/', '?' or"
+                " '%'. Map other names in [routing.custom_mapping]."
+            )
         if len(self._memo) >= RESOLVE_CACHE_MAX:
             self._memo.clear()
         self._memo[name] = out

@@ -55,10 +55,13 @@ def make_app(
     *,
     lan: bool = False,
     origins: tuple[str, ...] = ("*",),
+    hosts: tuple[str, ...] = (),
     max_in_flight: int = 1024,
 ) -> tuple[GatewayApp, Calls]:
     cfg = Config(
-        server=ServerConfig(allow_lan_access=lan, cors_allowed_origins=list(origins)),
+        server=ServerConfig(
+            allow_lan_access=lan, cors_allowed_origins=list(origins), allowed_hosts=list(hosts)
+        ),
         auth=AuthConfig(mode=mode, api_keys=list(keys)),  # type: ignore[arg-type]
         limits=LimitsConfig(max_in_flight=max_in_flight),
     )
@@ -405,7 +408,7 @@ async def test_404_lists_routes() -> None:
     ],
 )
 async def test_404_base_url_hints(target: str, fragment: str) -> None:
-    app, _ = make_app()
+    app, _ = make_app(hosts=("gw.local",))
     sink = await call(app, "POST", target, [("host", "gw.local:9000")])
     assert sink.status == 404
     msg = sink.json()["error"]["message"]  # type: ignore[index]
@@ -416,7 +419,7 @@ async def test_404_base_url_hints(target: str, fragment: str) -> None:
 
 @pytest.mark.parametrize("target", ["/v1/embeddings", "/v1/audio/speech", "/v1/chat"])
 async def test_404_guesses_no_route_for_a_path_unlike_any(target: str) -> None:
-    app, _ = make_app()
+    app, _ = make_app(hosts=("gw.local:9000",))
     sink = await call(app, "POST", target, [("host", "gw.local:9000")])
     assert sink.status == 404
     msg = sink.json()["error"]["message"]  # type: ignore[index]
@@ -425,7 +428,7 @@ async def test_404_guesses_no_route_for_a_path_unlike_any(target: str) -> None:
 
 
 async def test_hint_host_falls_back_when_host_header_is_odd() -> None:
-    app, _ = make_app()
+    app, _ = make_app(hosts=("*",))  # the Host check off: the hint must still not echo it
     sink = await call(app, "POST", "/chat/completions", [("host", "evil\"host'<x>")])
     msg = sink.json()["error"]["message"]  # type: ignore[index]
     assert "http://127.0.0.1:8045/v1" in msg
@@ -538,7 +541,7 @@ async def test_cors_restricted_origins() -> None:
     sink = await call(app, "GET", "/healthz", [("origin", "https://ok.example")])
     assert sink.header("access-control-allow-origin") == b"https://ok.example"
     sink = await call(app, "GET", "/healthz", [("origin", "https://evil.example")])
-    assert sink.status == 200
+    assert sink.status == 403  # a foreign Origin is refused, not merely left without CORS
     assert sink.header("access-control-allow-origin") is None
 
 

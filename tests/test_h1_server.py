@@ -759,8 +759,9 @@ async def test_draining_closes_an_idle_connection() -> None:
 
 async def test_gateway_app_over_h1() -> None:
     from rawgate.app import GatewayApp
+    from rawgate.config import ServerConfig
 
-    cfg = Config()
+    cfg = Config(server=ServerConfig(allowed_hosts=["test"]))  # get() sends Host: test
     state = ServerState()
     app = GatewayApp(cfg, state)
     async with h1_serving(app, cfg, state) as c:

@@ -48,7 +48,7 @@ def make_cfg(**sections: dict[str, Any]) -> Config:
 
 
 def get(path: str, *extra: str) -> bytes:
-    return ("\r\n".join([f"GET {path} HTTP/1.1", "Host: t", *extra]) + "\r\n\r\n").encode()
+    return ("\r\n".join([f"GET {path} HTTP/1.1", "Host: localhost", *extra]) + "\r\n\r\n").encode()
 
 
 class App:
