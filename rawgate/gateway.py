@@ -477,7 +477,7 @@ class Gateway:
         log.debug(
             "rid=%s attempt %d/%d account=%s model=%s status=%s error=%s%s decision=%s",
             req.request_id, attempt, attempts, safe_text(acc.display_name()), safe_text(model),
-            tr.status or "-", (err.code or type(err).__name__) if err is not None else "-",
+            tr.status or "-", (err.code or err.type) if err is not None else "-",
             block, decision,
         )  # fmt: skip
 
