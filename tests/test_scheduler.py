@@ -597,3 +597,19 @@ def test_board_publishers_in_two_processes_lose_nothing(tmp_path: Path) -> None:
         assert p.wait(timeout=50) == 0
     got = {c.account for c in CooldownBoard(path).entries(time.time())}
     assert got == {f"{w}-{i}" for w in ("w1", "w2") for i in range(100)}
+
+
+def test_retry_budget_settings_reach_the_scheduler_and_are_checked(tmp_path: Path) -> None:
+    from rawgate.config import ConfigError, build_config
+    from rawgate.gateway import Gateway
+
+    env = {"RAWGATE_ROUTING_RETRY_BUDGET_MIN": "0", "RAWGATE_ROUTING_RETRY_BUDGET_WINDOW_S": "2.5"}
+    cfg = build_config({}, env, {})
+    s = Gateway(cfg, home=tmp_path).scheduler
+    assert (s.retry_budget_min, s.retry_budget_window_s, s.retry_budget_ratio) == (0, 2.5, 0.2)
+    assert not s.may_retry(4, 0.0)  # 20 % of 4 in flight rounds down to 0, and no floor
+    assert s.may_retry(5, 0.0)
+    with pytest.raises(ConfigError, match="retry_budget_min"):
+        build_config({"routing": {"retry_budget_min": -1}}, {}, {})
+    with pytest.raises(ConfigError, match="retry_budget_window_s"):
+        build_config({"routing": {"retry_budget_window_s": 0}}, {}, {})
