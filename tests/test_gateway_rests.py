@@ -93,6 +93,7 @@ async def test_requests_go_to_the_resting_account_while_the_other_has_a_real_429
     monkeypatch.setattr(sched_mod, "SERVER_REST_S", 30.0)
     async with gateway_stack(tmp_path, api_keys=KEYS[:2]) as run, httpx.AsyncClient() as h:
         cool_a = f"[[emu:error status=429 retry_delay=30s limit=10 for={KEY_A}]] a"
+        t0 = time.monotonic()
         for _ in range(2):  # whichever account round robin starts with, A answers 429 once
             assert (await _post(h, run, cool_a)).status_code == 200
         r = await _post(h, run, "[[emu:error status=500 times=1]] b")  # B rests after one 5xx
@@ -103,9 +104,11 @@ async def test_requests_go_to_the_resting_account_while_the_other_has_a_real_429
         assert [r.status_code for r in rs] == [200] * 50
         assert _who(rs) == {"B"}
         assert run.emulator.stats.get("quota_429", 0) == quota_429  # A's 429 stays exact
-        snap = {s["name"]: s for s in run.gateway.scheduler.snapshot(time.monotonic())}
+        now = time.monotonic()
+        snap = {s["name"]: s for s in run.gateway.scheduler.snapshot(now)}
         assert snap["A"]["cooldowns"][M]["reason"] == "rate_limited"
-        assert 25 < snap["A"]["cooldowns"][M]["remaining_s"] <= 30
+        # Exactly the upstream's 30 s from the moment of the 429 (which came after t0).
+        assert 30.0 - (now - t0) - 0.01 <= snap["A"]["cooldowns"][M]["remaining_s"] <= 30.0
 
 
 # ---- item 11: rotations that cost the upstream nothing are free ------------------------------
@@ -175,7 +178,8 @@ async def test_sequential_requests_with_short_429s_on_one_account_never_get_a_42
 
 async def test_a_5xx_storm_is_still_limited_by_the_retry_budget(tmp_path: Path) -> None:
     n = 20
-    async with gateway_stack(tmp_path, api_keys=KEYS) as run, httpx.AsyncClient() as h:
+    cfg = {"routing": {"retry_budget_window_s": 3600.0}}  # one window, however slow the machine
+    async with gateway_stack(tmp_path, api_keys=KEYS, config=cfg) as run, httpx.AsyncClient() as h:
         statuses = [(await _post(h, run, f"[[emu:error status=500]] storm {i}")).status_code
                     for i in range(n)]  # fmt: skip
         assert all(s >= 500 for s in statuses)
@@ -185,7 +189,7 @@ async def test_a_5xx_storm_is_still_limited_by_the_retry_budget(tmp_path: Path) 
         assert sched.retries_allowed <= sched_mod.RETRY_BUDGET_MIN
         assert sched.retries_denied >= 1
         assert run.emulator.stats.get("status_500", 0) <= n + sched_mod.RETRY_BUDGET_MIN
-        assert all(s["breaker"] == "open" for s in sched.snapshot(time.monotonic()))
+        assert all(s["breaker"] != "closed" for s in sched.snapshot(time.monotonic()))
 
 
 # ---- issue 11: the DEBUG attempt log ---------------------------------------------------------
@@ -207,7 +211,7 @@ async def test_debug_log_tells_each_attempt_and_never_a_secret(tmp_path: Path) -
     store.add_oauth(oauth.refresh_token, email=oauth.email, project=oauth.project)
     store.add_api_key(key_b, label="team-b")
     # The OAuth account has no quota at all: every call gets 429 with RetryInfo (window left).
-    settings = Settings(oauth_accounts=(oauth,), key_quotas={oauth.email: 0}, quota_window_s=20)
+    settings = Settings(oauth_accounts=(oauth,), key_quotas={oauth.email: 0}, quota_window_s=600)
     logger = logging.getLogger("rawgate")
     cap = _Capture()
     old_level = logger.level
@@ -231,10 +235,11 @@ async def test_debug_log_tells_each_attempt_and_never_a_secret(tmp_path: Path) -
     assert len(lines) == 2, cap.lines
     first, second = lines
     assert "attempt 1/2 account=ops@rawgate.invalid model=gemini-2.5-flash status=429" in first
-    assert "error=rate_limit_exceeded cooldown=rate_limited:" in first
+    # A 10-minute wait reads as a spent quota to the client; to the scheduler it is a 429.
+    assert "error=insufficient_quota cooldown=rate_limited:" in first
     assert first.endswith(":gemini-2.5-flash decision=rotate")
     left = float(first.split("cooldown=rate_limited:")[1].split("s:")[0])
-    assert 15.0 < left <= 20.0  # the upstream's RetryInfo, exactly
+    assert 590.0 < left <= 600.0  # the upstream's RetryInfo (the window left), not a guess
     assert second.endswith(
         "attempt 2/2 account=team-b model=gemini-2.5-flash status=200 error=- decision=answer"
     )
