@@ -6,11 +6,12 @@ Invariants:
   orchestrates and does the I/O.
 - Retries happen only before the first byte went to the client, at most
   `scheduler.attempts_allowed()` (routing.max_attempts bounded by the enabled accounts); never
-  after the client has gone (the driver cancels the handler). Only re-sends after a 5xx, a timeout
-  or a connection failure spend the scheduler's retry budget: rotating off a 429 or an account
-  whose credentials were refused costs the upstream nothing. 4xx answers other than 401/403/429
-  are the request's fault and return at once. The client always learns the real cause: the error
-  of the last attempt, never a 429 for a 5xx.
+  after the client has gone (the driver cancels the handler). Only re-sends after a model call
+  that went out and met a 5xx, a timeout or a connection failure spend the scheduler's retry
+  budget: rotating off a 429, a refused credential, or an account that failed before its call
+  left (token refresh refused or failing, Code Assist set-up) costs the upstream nothing. 4xx
+  answers other than 401/403/429 are the request's fault and return at once. The client always
+  learns the real cause: the error of the last attempt, never a 429 for a 5xx.
 - At DEBUG, one line per attempt: request id, attempt number, account label, model, upstream
   status, error code, the block it set and the decision (answer, rotate, give_up + why). Never a
   key, token or upstream message (Google's can quote the request URL).
@@ -424,7 +425,7 @@ class Gateway:
                     why = "not_retryable"
                 elif attempt >= attempts:
                     why = "max_attempts"
-                elif _charges_budget(e) and not sched.may_retry(
+                elif tr.sent and _charges_budget(e) and not sched.may_retry(
                     self._in_flight, time.monotonic()
                 ):
                     why = "retry_budget"
@@ -494,6 +495,7 @@ class Gateway:
         try:
             try:
                 url, headers, body = await self._upstream_request(acc, call)
+                tr.sent = True
                 resp = await self.client.request("POST", url, headers, body)
                 tr.status = resp.status
                 if resp.status == 401 and acc.kind == "oauth":
@@ -739,9 +741,12 @@ class Gateway:
 class _Try:
     """What one attempt learned, for the DEBUG attempt log (never a secret)."""
 
-    __slots__ = ("answered", "block", "error", "status")
+    __slots__ = ("answered", "block", "error", "sent", "status")
 
     def __init__(self) -> None:
+        # The model call went out (or tried to connect). False: the account failed before it
+        # (token refresh, Code Assist set-up), so moving on re-sends nothing to the upstream.
+        self.sent = False
         self.status = 0  # the upstream's HTTP status; 0: no answer (connect error, refused token)
         self.block: Cooldown | None = None  # the block the failure set on the account
         self.answered = False  # a stream went out and then failed: the client has its answer
@@ -749,10 +754,11 @@ class _Try:
 
 
 def _charges_budget(err: RawgateError) -> bool:
-    """Whether retrying after `err` spends the retry budget: re-sending after a 5xx, a timeout or
-    a connection failure may pile work on a failing upstream. Rotating off an account the
-    upstream rate-limited or whose credentials it refused, or whose token refresh was refused
-    (the request never left), costs the upstream nothing."""
+    """Whether retrying after `err` (from a model call that went out) spends the retry budget:
+    re-sending after a 5xx, a timeout or a connection failure may pile work on a failing
+    upstream. Rotating off an account the upstream rate-limited or whose credentials it refused
+    costs the upstream nothing, and so does a dead refresh token (AccountRevoked, also when a
+    401 made rawgate refresh mid-attempt). A call that never went out is free too (_Try.sent)."""
     if isinstance(err, AccountRevoked):
         return False
     return _failure_kind(err) not in ("rate_limited", "auth")

@@ -329,3 +329,27 @@ def test_serve_log_level_debug_logs_a_real_rotation(tmp_path: Path) -> None:
         secret = key.removeprefix("key-")
         for i in range(len(secret) - 7):
             assert secret[i : i + 8] not in log
+
+
+async def test_an_account_that_fails_before_its_call_leaves_rotates_for_free(
+    tmp_path: Path,
+) -> None:
+    # The OAuth client secret is wrong: the token endpoint refuses every refresh (invalid_client),
+    # so the model call never leaves; with no retry budget at all the request still moves on.
+    store = AccountStore(tmp_path / "accounts.json")
+    oauth = _oauth_accounts(1)[0]
+    store.add_oauth(oauth.refresh_token, email=oauth.email, project=oauth.project)
+    for key, label in KEYS[:2]:
+        store.add_api_key(key, label=label)
+    cfg = {
+        "upstream": {"oauth_client_secret": "not-the-right-secret"},
+        "routing": {"retry_budget_ratio": 0.0, "retry_budget_min": 0},
+    }
+    settings = Settings(oauth_accounts=(oauth,))
+    async with gateway_stack(tmp_path, settings=settings, config=cfg) as run:
+        async with httpx.AsyncClient() as h:
+            rs = await _burst(h, run, 12)
+        assert [r.status_code for r in rs] == [200] * 12
+        assert _who(rs) == {"A", "B"}
+        assert run.emulator.stats.get("token", 0) >= 1  # the OAuth account was tried
+        assert run.gateway.scheduler.retries_denied == 0
