@@ -107,9 +107,12 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scheduling: Literal["round_robin", "least_loaded", "sticky"] = "round_robin"
     max_attempts: int = 3  # per request, bounded by the number of usable accounts
     expose_account_header: bool = True  # X-Account-Email
-    # Retries may add at most this fraction of in-flight requests (min 3) so a failing
-    # upstream is not hammered (Envoy's retry budget).
+    # Re-sends after 5xx, timeouts and connection failures may add at most this fraction of
+    # in-flight requests (Envoy's retry budget) so a failing upstream is not hammered. Moving a
+    # request off a rate-limited account, or one that never received it, is not charged.
     retry_budget_ratio: float = 0.2
+    retry_budget_min: int = 3  # re-sends always allowed per window, however quiet the gateway
+    retry_budget_window_s: float = 10.0  # the budget's sliding window
     custom_mapping: dict[str, str] = msgspec.field(default_factory=dict)
 
 
@@ -346,6 +349,14 @@ def _check_semantics(cfg: Config, source: str) -> None:
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    if r.retry_budget_ratio < 0 or r.retry_budget_min < 0:
+        raise ConfigError(
+            f"{source}: routing.retry_budget_ratio and routing.retry_budget_min must be >= 0"
+        )
+    if not r.retry_budget_window_s > 0:
+        raise ConfigError(
+            f"{source}: routing.retry_budget_window_s = {r.retry_budget_window_s}: must be > 0"
+        )
     for sec in (cfg.limits, cfg.timeouts):
         for f in msgspec.structs.fields(type(sec)):
             v = getattr(sec, f.name)

@@ -5,10 +5,16 @@ Invariants:
   Every step but the upstream call is sans-IO and lives in its own module; this module only
   orchestrates and does the I/O.
 - Retries happen only before the first byte went to the client, at most
-  `scheduler.attempts_allowed()` (routing.max_attempts bounded by the enabled accounts) and within
-  the scheduler's retry budget; never after the client has gone (the driver cancels the handler).
-  4xx answers other than 401/403/429 are the request's fault and return at once. The client always
+  `scheduler.attempts_allowed()` (routing.max_attempts bounded by the enabled accounts); never
+  after the client has gone (the driver cancels the handler). Only re-sends after a model call
+  that went out and met a 5xx, a timeout or a connection failure spend the scheduler's retry
+  budget: rotating off a 429, a refused credential, or an account that failed before its call
+  left (token refresh refused or failing, Code Assist set-up) costs the upstream nothing. 4xx
+  answers other than 401/403/429 are the request's fault and return at once. The client always
   learns the real cause: the error of the last attempt, never a 429 for a 5xx.
+- At DEBUG, one line per attempt: request id, attempt number, account label, model, upstream
+  status, error code, the block it set and the decision (answer, rotate, give_up + why). Never a
+  key, token or upstream message (Google's can quote the request URL).
 - Non-stream requests use the upstream's non-stream call; stream requests send the response head
   as soon as the upstream answered 200, then one downstream write per upstream read (every frame
   that read completed), with SSE comment heartbeats while the upstream is silent.
@@ -49,6 +55,7 @@ from rawgate.errors import (
     UpstreamError,
 )
 from rawgate.gemini import Reply, decode_reply, error_from_upstream
+from rawgate.logs import safe_text
 from rawgate.oauth import AccountRevoked, TokenManager
 from rawgate.response_store import ResponseStore
 from rawgate.router import ModelRouter
@@ -131,7 +138,11 @@ class Gateway:
         self._own_client = client is None
         r = cfg.routing
         self.scheduler = Scheduler(
-            r.scheduling, max_attempts=r.max_attempts, retry_budget_ratio=r.retry_budget_ratio
+            r.scheduling,
+            max_attempts=r.max_attempts,
+            retry_budget_ratio=r.retry_budget_ratio,
+            retry_budget_min=r.retry_budget_min,
+            retry_budget_window_s=r.retry_budget_window_s,
         )
         self.router = ModelRouter(
             r.default_model,
@@ -385,41 +396,97 @@ class Gateway:
     async def _proxy(self, req: Request, sink: ResponseSink, call: GeminiCall) -> None:
         """Attempts with rotation; the first usable answer goes to the client."""
         sched = self.scheduler
-        tried: set[str] = set()
-        last: RawgateError | None = None
-        acc: Account | None = None
+        model = call.model
+        debug = log.isEnabledFor(logging.DEBUG)
+        try:
+            acc = sched.pick(model, time.monotonic(), key=call.conversation_key)
+        except RawgateError as e:
+            if debug:
+                log.debug(
+                    "rid=%s model=%s no account: %s (retry after %.2f s)",
+                    req.request_id, safe_text(model), e.code, e.retry_after_s or 0.0,
+                )  # fmt: skip
+            e.headers.extend(self._headers(req, None))
+            raise
+        tried = {acc.id}
         attempts = sched.attempts_allowed()
-        for attempt in range(attempts):
-            now = time.monotonic()
-            if attempt and not sched.may_retry(self._in_flight, now):
-                break
-            try:
-                acc = sched.pick(call.model, now, exclude=tried, key=call.conversation_key)
-            except RawgateError as e:
-                # Nothing left to rotate to: the last upstream error is the truthful cause.
-                if last is None:
-                    e.headers.extend(self._headers(req, None))
-                    raise
-                break
-            tried.add(acc.id)
+        attempt = 0
+        while True:
+            attempt += 1
             req.account = acc.display_name()
+            tr = _Try()
             try:
-                await self._attempt(req, sink, call, acc)
-                return
+                await self._attempt(req, sink, call, acc, tr)
             except RawgateError as e:
+                nxt: Account | None = None
                 if sink.started:
+                    why = "after_first_byte"
+                elif not _retryable(e):
+                    why = "not_retryable"
+                elif attempt >= attempts:
+                    why = "max_attempts"
+                elif tr.sent and _charges_budget(e) and not sched.may_retry(
+                    self._in_flight, time.monotonic()
+                ):
+                    why = "retry_budget"
+                else:
+                    try:
+                        nxt = sched.pick(
+                            model, time.monotonic(), exclude=tried, key=call.conversation_key
+                        )
+                        why = ""
+                    except RawgateError as pe:
+                        # Nothing left to rotate to: the last upstream error is the truthful
+                        # cause, not the scheduler's "all cooling".
+                        why = f"no_account:{pe.code}"
+                if debug:
+                    self._log_attempt(req, attempt, attempts, acc, model, tr, e, why)
+                if nxt is None:
+                    if not sink.started:
+                        e.headers.extend(self._headers(req, acc))
                     raise
-                last = e
-                if not _retryable(e):
-                    break
-        assert last is not None
-        last.headers.extend(self._headers(req, acc))
-        raise last
+                acc = nxt
+                tried.add(acc.id)
+                continue
+            if debug:
+                self._log_attempt(req, attempt, attempts, acc, model, tr, tr.error, "")
+            return
+
+    @staticmethod
+    def _log_attempt(
+        req: Request,
+        attempt: int,
+        attempts: int,
+        acc: Account,
+        model: str,
+        tr: _Try,
+        err: RawgateError | None,
+        why: str,
+    ) -> None:
+        """The attempt log line (DEBUG). Labels and codes only: never a secret or a message."""
+        if err is None or tr.answered:
+            decision = "answer"
+        elif why:
+            decision = "give_up:" + why
+        else:
+            decision = "rotate"
+        block = ""
+        if tr.block is not None:
+            left = max(0.0, tr.block.until - time.monotonic())
+            scope = safe_text(tr.block.model) if tr.block.model else "*"
+            block = f" cooldown={tr.block.reason}:{left:.2f}s:{scope}"
+        log.debug(
+            "rid=%s attempt %d/%d account=%s model=%s status=%s error=%s%s decision=%s",
+            req.request_id, attempt, attempts, safe_text(acc.display_name()), safe_text(model),
+            tr.status or "-", (err.code or err.type) if err is not None else "-",
+            block, decision,
+        )  # fmt: skip
 
     async def _attempt(
-        self, req: Request, sink: ResponseSink, call: GeminiCall, acc: Account
+        self, req: Request, sink: ResponseSink, call: GeminiCall, acc: Account, tr: _Try
     ) -> None:
-        """One upstream call on one account; raises a RawgateError when it failed."""
+        """One upstream call on one account; raises a RawgateError when it failed. `tr` learns
+        the upstream status and the block the failure set (for the attempt log)."""
         sched = self.scheduler
         sched.acquire(acc)
         self._in_flight += 1
@@ -428,7 +495,9 @@ class Gateway:
         try:
             try:
                 url, headers, body = await self._upstream_request(acc, call)
+                tr.sent = True
                 resp = await self.client.request("POST", url, headers, body)
+                tr.status = resp.status
                 if resp.status == 401 and acc.kind == "oauth":
                     # An access token can die before its expiry (revoked, clock skew): get a
                     # fresh one and try this account once more before blaming it.
@@ -437,6 +506,7 @@ class Gateway:
                     self.tokens.invalidate_if(acc, _bearer_of(headers))
                     url, headers, body = await self._upstream_request(acc, call)
                     resp = await self.client.request("POST", url, headers, body)
+                    tr.status = resp.status
                 if resp.status != 200:
                     raw = await resp.read(ERROR_BODY_MAX_BYTES)
                     raise error_from_upstream(resp.status, raw, resp.headers)
@@ -447,11 +517,11 @@ class Gateway:
                 self._count(acc, 0, 0, e.message)
                 raise
             except RawgateError as e:
-                self._failed(acc, call.model, e)
+                tr.block = self._failed(acc, call.model, e)
                 raise
             head = self._headers(req, acc)
             if call.stream:
-                await self._stream(sink, call, resp, head, acc)
+                await self._stream(sink, call, resp, head, acc, tr)
                 return
             try:
                 out = self._render(call, reply)
@@ -477,14 +547,18 @@ class Gateway:
                     with anyio.CancelScope(shield=True):
                         await resp.aclose()
 
-    def _failed(self, acc: Account, model: str, err: RawgateError) -> None:
-        """Teach the scheduler what this failure says about the account."""
+    def _failed(self, acc: Account, model: str, err: RawgateError) -> Cooldown | None:
+        """Teach the scheduler what this failure says about the account; the block it set."""
         kind = _failure_kind(err)
+        block = None
         if kind is not None:
             if kind == "auth" and acc.kind == "oauth":
                 self.tokens.invalidate(acc)
-            self.scheduler.report_failure(acc, model, time.monotonic(), kind, err.retry_after_s)
+            block = self.scheduler.report_failure(
+                acc, model, time.monotonic(), kind, err.retry_after_s
+            )
         self._count(acc, 0, 0, err.message)
+        return block
 
     async def _upstream_request(
         self, acc: Account, call: GeminiCall
@@ -528,8 +602,11 @@ class Gateway:
         resp: UpstreamResponse,
         head: list[Header],
         acc: Account,
+        tr: _Try,
     ) -> None:
-        """Pump upstream SSE events to the client, one write per upstream read."""
+        """Pump upstream SSE events to the client, one write per upstream read. A failure after
+        the head went out is reported to the scheduler here and recorded in `tr` (the client
+        already has its answer: an error event)."""
         decoder = SSEDecoder(self._max_event_bytes)
         rs: ResponsesStream | None = None
         cs: ChatStream | None = None
@@ -604,10 +681,12 @@ class Gateway:
         if upstream_error is not None:
             kind = _failure_kind(upstream_error)
             if kind is not None:
-                self.scheduler.report_failure(
+                tr.block = self.scheduler.report_failure(
                     acc, call.model, now, kind, upstream_error.retry_after_s
                 )
             self._count(acc, tin, tout, upstream_error.message)
+            tr.answered = True
+            tr.error = upstream_error
             return
         self.scheduler.report_success(acc, call.model, now, tin, tout)
         self._count(acc, tin, tout, None)
@@ -660,6 +739,32 @@ class Gateway:
             names = list(FALLBACK_MODELS)
         self._models_cache = (now, names)
         return names
+
+
+class _Try:
+    """What one attempt learned, for the DEBUG attempt log (never a secret)."""
+
+    __slots__ = ("answered", "block", "error", "sent", "status")
+
+    def __init__(self) -> None:
+        # The model call went out (or tried to connect). False: the account failed before it
+        # (token refresh, Code Assist set-up), so moving on re-sends nothing to the upstream.
+        self.sent = False
+        self.status = 0  # the upstream's HTTP status; 0: no answer (connect error, refused token)
+        self.block: Cooldown | None = None  # the block the failure set on the account
+        self.answered = False  # a stream went out and then failed: the client has its answer
+        self.error: RawgateError | None = None  # that stream's failure
+
+
+def _charges_budget(err: RawgateError) -> bool:
+    """Whether retrying after `err` (from a model call that went out) spends the retry budget:
+    re-sending after a 5xx, a timeout or a connection failure may pile work on a failing
+    upstream. Rotating off an account the upstream rate-limited or whose credentials it refused
+    costs the upstream nothing, and so does a dead refresh token (AccountRevoked, also when a
+    401 made rawgate refresh mid-attempt). A call that never went out is free too (_Try.sent)."""
+    if isinstance(err, AccountRevoked):
+        return False
+    return _failure_kind(err) not in ("rate_limited", "auth")
 
 
 def _retryable(err: RawgateError) -> bool:

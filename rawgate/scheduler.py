@@ -5,15 +5,22 @@ Invariants:
   no file, no clock read. One scheduler per worker process; the event loop is its only thread.
 - `pick()` is O(1) amortised for round_robin and sticky (a cursor; a bounded key -> account map
   over rendezvous hashing) and O(accounts) at worst (many accounts cooling, least_loaded).
-- An account is usable for model M when it is enabled, not in `exclude`, and no block applies:
-  a cooldown for (account, M), an account-wide rest (connect failure, auth failure, a cooldown
-  learned from another worker), or an open circuit breaker. A half-open breaker admits exactly
-  one probe request; its result closes or re-opens the breaker.
+- An account is usable for model M when it is enabled, not in `exclude`, and no block applies.
+  Blocks are hard or soft. Hard: a cooldown for (account, M) the upstream asked for (429, or a
+  5xx with a retry hint), an auth failure, a block learned from another worker, an open circuit
+  breaker or a half-open one whose single probe is in flight. Soft: rawgate's own short rest
+  after one hint-less 5xx (per model) or connect failure (account-wide). A half-open breaker
+  admits exactly one probe request; its result closes or re-opens the breaker.
+- Soft rests steer, they never refuse (Envoy's panic threshold): `pick()` prefers accounts with
+  no block at all; when every remaining candidate is only resting, it picks the one whose rest
+  ends first. So one 5xx moves the retry of that request elsewhere, and a single-account pool
+  keeps serving; a failing account is refused only once its breaker opens.
 - Cooldowns come from the upstream's own words first: RetryInfo.retryDelay / Retry-After (the
-  gateway passes them as `retry_after_s`), honoured up to COOLDOWN_MAX_S (a day: quota resets).
-  Without a hint, repeated failures back off exponentially. There is no "reset all cooldowns"
-  shortcut (the seed's "optimistic reset" turned every exhaustion into a 429 storm): when every
-  account is blocked, `pick()` raises with Retry-After = the soonest end, rounded up.
+  gateway passes them as `retry_after_s`), honoured exactly up to COOLDOWN_MAX_S (a day: quota
+  resets). Without a hint, repeated 429s back off exponentially. There is no "reset all
+  cooldowns" shortcut (the seed's "optimistic reset" turned every exhaustion into a 429 storm):
+  when every candidate has a hard block, `pick()` raises with Retry-After = the soonest end,
+  rounded up.
 - The client learns the real cause: all blocked with at least one rate limit -> 429
   (AccountsCooling); all blocked by failures only -> 503 (AccountsFailing), both with
   Retry-After; none configured or all disabled -> 503 NoAccountAvailable saying how to add one.
@@ -21,8 +28,10 @@ Invariants:
 - Bookkeeping is keyed by account id, so a hot reload of accounts.json (new Account objects)
   keeps in-flight counts, cooldowns and breakers. Re-enabling a disabled account clears its
   health state (a human said it is fixed).
-- Retry budget (Envoy/Finagle style): retries in the last RETRY_BUDGET_WINDOW_S may not exceed
-  max(RETRY_BUDGET_MIN, ratio x in-flight requests), so a failing upstream is not hammered.
+- Retry budget (Envoy/Finagle style): re-sends in the last `retry_budget_window_s` may not exceed
+  max(retry_budget_min, ratio x in-flight requests), so a failing upstream is not hammered. The
+  gateway spends it only on re-sends after 5xx, timeouts and connection failures; moving a
+  request off a rate-limited account, or one that never received it, costs the upstream nothing.
 """
 
 from __future__ import annotations
@@ -59,10 +68,12 @@ RATE_LIMIT_BACKOFF_MAX_S = 640.0
 # ("900ms"), and daily quotas say "retry in 51820s"; longer than a day is a bogus value.
 COOLDOWN_MIN_S = 0.25
 COOLDOWN_MAX_S = 86_400.0
-# One 5xx rests that (account, model) briefly so the retry rotates instead of re-hitting it.
-SERVER_COOLDOWN_S = 1.0
-# One connect failure rests the whole account briefly (it is not model-specific).
-CONNECT_COOLDOWN_S = 1.0
+# One hint-less 5xx rests that (account, model) briefly so the retry rotates instead of
+# re-hitting it; a soft block (see the module docstring): other requests still get the account
+# when nothing else is usable.
+SERVER_REST_S = 1.0
+# One connect failure rests the whole account briefly (it is not model-specific); soft too.
+CONNECT_REST_S = 1.0
 # Circuit breaker per account over consecutive server/connect failures (any model): opens at
 # the threshold for BREAKER_OPEN_S, doubling per further failure up to the cap; then half-open.
 BREAKER_THRESHOLD = 3
@@ -73,7 +84,8 @@ HALF_OPEN_WAIT_S = 1.0
 # 401/403: the key or token is bad for a while (it rarely heals by itself): 60 s doubling to 1 h.
 AUTH_COOLDOWN_S = 60.0
 AUTH_COOLDOWN_MAX_S = 3_600.0
-# Retry budget: sliding window and the floor that lets a quiet gateway still retry.
+# Retry budget defaults (routing.retry_budget_window_s / retry_budget_min): the sliding window
+# and the floor that lets a quiet gateway still retry.
 RETRY_BUDGET_WINDOW_S = 10.0
 RETRY_BUDGET_MIN = 3
 # Model names are client-controlled: bound the per-account cooldown table.
@@ -105,10 +117,11 @@ class Cooldown:
 
 @dataclass(slots=True)
 class _ModelCooldown:
-    until: float
+    until: float  # hard block: the upstream asked for it (429, 5xx with a hint)
     reason: str
     streak: int = 0  # consecutive hint-less 429s (exponential backoff)
     local: bool = True  # learned here (exported) or imported from another worker
+    rest_until: float = 0.0  # soft block: rawgate's own short rest after a hint-less 5xx
 
 
 @dataclass(slots=True)
@@ -117,7 +130,7 @@ class _State:
     id_bytes: bytes
     in_flight: int = 0
     cooldowns: dict[str, _ModelCooldown] = field(default_factory=dict)
-    rest_until: float = 0.0  # connect failure (local, short)
+    rest_until: float = 0.0  # connect failure (local, short, soft)
     auth_until: float = 0.0
     auth_streak: int = 0
     remote_until: float = 0.0  # account-wide block learned from another worker
@@ -149,12 +162,16 @@ class Scheduler:
         *,
         max_attempts: int = 3,
         retry_budget_ratio: float = 0.2,
+        retry_budget_min: int = RETRY_BUDGET_MIN,
+        retry_budget_window_s: float = RETRY_BUDGET_WINDOW_S,
     ) -> None:
         if mode not in ("round_robin", "least_loaded", "sticky"):
             raise ValueError(f"unknown scheduling mode {mode!r}")
         self.mode: Mode = mode
         self.max_attempts = max(1, max_attempts)
         self.retry_budget_ratio = retry_budget_ratio
+        self.retry_budget_min = max(0, retry_budget_min)
+        self.retry_budget_window_s = retry_budget_window_s
         self._states: list[_State] = []
         self._by_id: dict[str, _State] = {}
         self._cursor = 0
@@ -162,6 +179,7 @@ class Scheduler:
         self._retries: deque[float] = deque()
         self.retries_allowed = 0
         self.retries_denied = 0
+        self.resting_picks = 0  # attempts sent to a resting account because none was free
         self.cooldowns_dirty = False  # a local cooldown was learned since the last export
 
     # ---- the pool ----------------------------------------------------------------------------
@@ -198,11 +216,9 @@ class Scheduler:
 
     # ---- picking -----------------------------------------------------------------------------
 
-    def _blocked_until(self, st: _State, model: str, now: float) -> float:
-        """When `st` becomes usable for `model`; 0.0 if it is usable now."""
-        until = st.rest_until
-        if st.auth_until > until:
-            until = st.auth_until
+    def _hard_until(self, st: _State, model: str, now: float) -> float:
+        """When the hard blocks on `st` for `model` end; 0.0 if none applies now."""
+        until = st.auth_until
         if st.remote_until > until:
             until = st.remote_until
         cd = st.cooldowns.get(model)
@@ -215,9 +231,25 @@ class Scheduler:
                 until = max(until, now + HALF_OPEN_WAIT_S)
         return until if until > now else 0.0
 
+    @staticmethod
+    def _soft_until(st: _State, model: str) -> float:
+        """When rawgate's own short rests on `st` for `model` end (may be in the past)."""
+        cd = st.cooldowns.get(model)
+        if cd is not None and cd.rest_until > st.rest_until:
+            return cd.rest_until
+        return st.rest_until
+
+    def _blocked_until(self, st: _State, model: str, now: float) -> float:
+        """When `st` becomes free for `model` (hard and soft blocks); 0.0 if it is free now."""
+        until = max(self._hard_until(st, model, now), self._soft_until(st, model))
+        return until if until > now else 0.0
+
     def _usable(self, st: _State, model: str, now: float, exclude: Exclude) -> bool:
         return (
-            st.acc.enabled and st.acc.id not in exclude and not self._blocked_until(st, model, now)
+            st.acc.enabled
+            and st.acc.id not in exclude
+            and self._soft_until(st, model) <= now
+            and not self._hard_until(st, model, now)
         )
 
     def pick(
@@ -239,6 +271,8 @@ class Scheduler:
                 chosen = self._pick_least_loaded(model, now, exclude)
             else:
                 chosen = self._pick_round_robin(model, now, exclude)
+            if chosen is None:
+                chosen = self._pick_resting(model, now, exclude)
         if chosen is None:
             raise self._exhausted(model, now, exclude)
         if chosen.failures >= BREAKER_THRESHOLD:
@@ -304,6 +338,21 @@ class Scheduler:
             return None
         return max(usable, key=lambda st: _rendezvous(key, st))
 
+    def _pick_resting(self, model: str, now: float, exclude: Exclude) -> _State | None:
+        # Panic threshold: nothing is free, but a rest is rawgate's own guess, not the
+        # upstream's word; the account whose rest ends first serves rather than nobody.
+        best: _State | None = None
+        best_end = 0.0
+        for st in self._states:
+            if not st.acc.enabled or st.acc.id in exclude or self._hard_until(st, model, now):
+                continue
+            end = self._soft_until(st, model)
+            if best is None or end < best_end:
+                best, best_end = st, end
+        if best is not None:
+            self.resting_picks += 1
+        return best
+
     def _exhausted(
         self, model: str, now: float, exclude: Exclude
     ) -> RawgateError:
@@ -361,6 +410,7 @@ class Scheduler:
         cd = st.cooldowns.get(model)
         if cd is not None:
             cands.append((cd.until, cd.reason))
+            cands.append((cd.rest_until, "server"))
         if st.failures >= BREAKER_THRESHOLD and (st.open_until > now or st.probing):
             cands.append((max(st.open_until, now + HALF_OPEN_WAIT_S), "breaker"))
         return max(cands)[1]
@@ -394,9 +444,12 @@ class Scheduler:
         st.open_until = 0.0
         st.probing = False
         st.auth_streak = 0
+        st.rest_until = 0.0  # it answered: the short rests were wrong or are over
         cd = st.cooldowns.get(model)
-        if cd is not None and cd.until <= now:
-            del st.cooldowns[model]
+        if cd is not None:
+            cd.rest_until = 0.0
+            if cd.until <= now:
+                del st.cooldowns[model]
 
     def report_failure(
         self,
@@ -405,11 +458,17 @@ class Scheduler:
         now: float,
         kind: FailureKind,
         retry_after_s: float | None = None,
-    ) -> None:
-        """Learn from a failed attempt. `retry_after_s` is the upstream's own hint, if any."""
+    ) -> Cooldown | None:
+        """Learn from a failed attempt. `retry_after_s` is the upstream's own hint, if any.
+
+        Returns the block this set that ends last (for the attempt log): reason "rate_limited",
+        "auth", "server" (hinted 5xx), "server_rest" / "connect_rest" (soft) or "breaker_open";
+        `model` "" when it covers every model.
+        """
         st = self._by_id.get(acc.id)
         if st is None:
-            return
+            return None
+        aid = acc.id
         st.requests += 1
         st.errors += 1
         hint = retry_after_s if retry_after_s is not None and retry_after_s >= 0 else None
@@ -421,38 +480,52 @@ class Scheduler:
             else:
                 length = min(RATE_LIMIT_DEFAULT_S * 2 ** (streak - 1), RATE_LIMIT_BACKOFF_MAX_S)
             self._cool(st, model, now + length, "rate_limited", streak)
-        elif kind == "auth":
+            return Cooldown(aid, model, now + length, "rate_limited")
+        if kind == "auth":
             length = min(AUTH_COOLDOWN_S * 2**st.auth_streak, AUTH_COOLDOWN_MAX_S)
             st.auth_streak += 1
             st.auth_until = max(st.auth_until, now + length)
             self.cooldowns_dirty = True
-        elif kind in ("server", "connect"):
-            if kind == "server":
-                length = _clamp(hint, COOLDOWN_MIN_S, COOLDOWN_MAX_S) if hint else SERVER_COOLDOWN_S
-                self._cool(st, model, now + length, "server", 0)
-            else:
-                st.rest_until = max(st.rest_until, now + CONNECT_COOLDOWN_S)
-            st.failures += 1
-            st.probing = False
-            if st.failures >= BREAKER_THRESHOLD:
-                extra = st.failures - BREAKER_THRESHOLD
-                st.open_until = now + min(BREAKER_OPEN_S * 2 ** min(extra, 16), BREAKER_OPEN_MAX_S)
-        else:
+            return Cooldown(aid, "", now + length, "auth")
+        if kind not in ("server", "connect"):
             raise ValueError(f"unknown failure kind {kind!r}")
+        if kind == "connect":
+            st.rest_until = max(st.rest_until, now + CONNECT_REST_S)
+            out = Cooldown(aid, "", now + CONNECT_REST_S, "connect_rest")
+        elif hint:  # the upstream said how long: a hard block, honoured as given
+            length = _clamp(hint, COOLDOWN_MIN_S, COOLDOWN_MAX_S)
+            self._cool(st, model, now + length, "server", 0)
+            out = Cooldown(aid, model, now + length, "server")
+        else:
+            cd = self._entry(st, model)
+            cd.rest_until = max(cd.rest_until, now + SERVER_REST_S)
+            out = Cooldown(aid, model, now + SERVER_REST_S, "server_rest")
+        st.failures += 1
+        st.probing = False
+        if st.failures >= BREAKER_THRESHOLD:
+            extra = st.failures - BREAKER_THRESHOLD
+            st.open_until = now + min(BREAKER_OPEN_S * 2 ** min(extra, 16), BREAKER_OPEN_MAX_S)
+            if st.open_until > out.until:
+                out = Cooldown(aid, "", st.open_until, "breaker_open")
+        return out
 
-    def _cool(self, st: _State, model: str, until: float, reason: str, streak: int) -> None:
+    def _entry(self, st: _State, model: str) -> _ModelCooldown:
+        """The (account, model) entry, created empty if needed (the table stays bounded)."""
         cds = st.cooldowns
         cd = cds.get(model)
         if cd is None:
             if len(cds) >= MODEL_COOLDOWNS_MAX:
                 # Drop the entry that ends first (expired ones first of all).
-                del cds[min(cds, key=lambda m: cds[m].until)]
-            cds[model] = _ModelCooldown(until, reason, streak)
-        else:
-            # Latest end wins: a short hint never shortens a longer cooldown already learned.
-            if until >= cd.until:
-                cd.until, cd.reason = until, reason
-            cd.streak, cd.local = streak, True
+                del cds[min(cds, key=lambda m: max(cds[m].until, cds[m].rest_until))]
+            cd = cds[model] = _ModelCooldown(0.0, "")
+        return cd
+
+    def _cool(self, st: _State, model: str, until: float, reason: str, streak: int) -> None:
+        cd = self._entry(st, model)
+        # Latest end wins: a short hint never shortens a longer cooldown already learned.
+        if until >= cd.until:
+            cd.until, cd.reason = until, reason
+        cd.streak, cd.local = streak, True
         if reason == "rate_limited":
             self.cooldowns_dirty = True
 
@@ -461,10 +534,10 @@ class Scheduler:
     def may_retry(self, in_flight: int, now: float) -> bool:
         """True (and one retry spent) when the budget allows another attempt right now."""
         window = self._retries
-        cutoff = now - RETRY_BUDGET_WINDOW_S
+        cutoff = now - self.retry_budget_window_s
         while window and window[0] <= cutoff:
             window.popleft()
-        allowed = max(RETRY_BUDGET_MIN, int(self.retry_budget_ratio * in_flight))
+        allowed = max(self.retry_budget_min, int(self.retry_budget_ratio * in_flight))
         if len(window) >= allowed:
             self.retries_denied += 1
             return False
@@ -552,9 +625,13 @@ class Scheduler:
                     "breaker": breaker,
                     "blocked": account_block,
                     "cooldowns": {
-                        m: {"remaining_s": round(cd.until - now, 3), "reason": cd.reason}
+                        m: (
+                            {"remaining_s": round(cd.until - now, 3), "reason": cd.reason}
+                            if cd.until > now
+                            else {"remaining_s": round(cd.rest_until - now, 3), "reason": "server"}
+                        )
                         for m, cd in st.cooldowns.items()
-                        if cd.until > now
+                        if cd.until > now or cd.rest_until > now
                     },
                 }
             )
@@ -591,6 +668,9 @@ class Scheduler:
                 ({"outcome": "denied"}, self.retries_denied),
             ]
 
+        def resting() -> list[Sample]:
+            return [({}, self.resting_picks)]
+
         return [
             ("rawgate_account_up", "gauge",
              "1 when the account is enabled and not resting account-wide.", per_account(up)),
@@ -598,7 +678,8 @@ class Scheduler:
              per_account(lambda st, now: st.in_flight)),
             ("rawgate_account_cooling_models", "gauge",
              "Models this account is cooling down for.",
-             per_account(lambda st, now: sum(1 for c in st.cooldowns.values() if c.until > now))),
+             per_account(lambda st, now: sum(
+                1 for c in st.cooldowns.values() if c.until > now or c.rest_until > now))),
             ("rawgate_account_requests_total", "counter", "Upstream attempts per account.",
              per_account(lambda st, now: st.requests)),
             ("rawgate_account_errors_total", "counter", "Failed upstream attempts per account.",
@@ -607,4 +688,7 @@ class Scheduler:
              tokens),
             ("rawgate_retries_total", "counter", "Retries the retry budget allowed or denied.",
              retries),
+            ("rawgate_resting_picks_total", "counter",
+             "Attempts sent to an account in its short rest because no account was free.",
+             resting),
         ]  # fmt: skip

@@ -211,22 +211,96 @@ def test_all_cooling_raises_429_with_soonest_retry_after() -> None:
 def test_all_failing_is_503_not_429() -> None:
     s, pool = make(2)
     for a in pool:
-        s.report_failure(a, M, 0.0, "server")
+        s.report_failure(a, M, 0.0, "server", 4.0)  # the upstream asked for 4 s: a hard block
     with pytest.raises(AccountsFailing) as ei:
         s.pick(M, 0.5)
     assert ei.value.status == 503 and isinstance(ei.value, ServiceUnavailable)
-    assert header(ei.value, b"retry-after") == b"1"
+    assert header(ei.value, b"retry-after") == b"4"
     assert "resting after upstream failures" in ei.value.message
 
 
 def test_mixed_causes_report_both() -> None:
     s, pool = make(2)
     s.report_failure(pool[0], M, 0.0, "rate_limited", 20.0)
-    s.report_failure(pool[1], M, 0.0, "connect")
+    s.report_failure(pool[1], M, 0.0, "auth")
     with pytest.raises(AccountsCooling) as ei:
         s.pick(M, 0.1)
     assert "1 rate limited" in ei.value.message and "1 resting" in ei.value.message
-    assert header(ei.value, b"retry-after") == b"1"
+    assert header(ei.value, b"retry-after") == b"20"
+
+
+# ---- short rests steer, they never refuse (panic threshold) -----------------------------------
+
+
+def test_one_5xx_on_the_only_account_does_not_refuse_the_next_requests() -> None:
+    s, pool = make(1)
+    blk = s.report_failure(pool[0], M, 0.0, "server")  # one INTERNAL, no hint
+    assert blk is not None and blk.reason == "server_rest" and blk.until == 1.0
+    # Inside the 1 s rest every request still gets the account (it is all there is).
+    assert [s.pick(M, t).id for t in (0.0, 0.1, 0.5, 0.99)] == ["a0"] * 4
+    assert s.resting_picks == 4
+    assert s.snapshot(0.5)[0]["cooldowns"][M] == {"remaining_s": 0.5, "reason": "server"}
+    s.report_success(pool[0], M, 0.6)  # it answered: the rest is over
+    assert s.snapshot(0.7)[0]["cooldowns"] == {}
+    s.pick(M, 0.7)
+    assert s.resting_picks == 4
+
+
+def test_a_rest_steers_to_a_free_account_and_the_retry_never_repeats() -> None:
+    s, pool = make(2)
+    s.report_failure(pool[0], M, 0.0, "server")
+    assert {s.pick(M, 0.1).id for _ in range(4)} == {"a1"}  # free accounts first
+    assert s.pick(M, 0.1, exclude={"a0"}).id == "a1"
+    with pytest.raises(NoAccountAvailable, match="already tried"):  # a retry never goes back
+        s.pick(M, 0.1, exclude={"a0", "a1"})
+    assert s.resting_picks == 0
+    assert s.pick(P, 0.1).id in {"a0", "a1"}  # the rest is per model
+
+
+def test_when_all_rest_the_soonest_end_serves() -> None:
+    s, pool = make(3)
+    s.report_failure(pool[0], M, 0.3, "server")  # rest ends 1.3
+    s.report_failure(pool[1], M, 0.1, "connect")  # account-wide rest ends 1.1
+    s.report_failure(pool[2], M, 0.2, "server")  # ends 1.2
+    assert s.pick(M, 0.5).id == "a1"
+    assert s.pick(M, 0.5, exclude={"a1"}).id == "a2"
+    assert s.pick(M, 0.5, exclude={"a1", "a2"}).id == "a0"
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "least_loaded", "sticky"])
+def test_a_real_429_is_exact_and_a_resting_account_serves_instead(mode: sched_mod.Mode) -> None:
+    s, pool = make(2, mode)
+    s.report_failure(pool[0], M, 0.0, "rate_limited", 2.0)  # the upstream's RetryInfo
+    s.report_failure(pool[1], M, 0.0, "server")  # one 5xx, no hint
+    for t in (0.0, 0.5, 1.9):
+        assert s.pick(M, t, key="conv-1").id == "a1"
+    with pytest.raises(AccountsCooling) as ei:  # the 429 is never overridden
+        s.pick(M, 0.5, exclude={"a1"}, key="conv-1")
+    assert ei.value.retry_after_s == pytest.approx(1.5)
+    assert s.pick(M, 2.0, exclude={"a1"}, key="conv-1").id == "a0"  # exactly when it ends
+
+
+def test_hard_blocks_are_never_overridden_by_the_panic_pick() -> None:
+    s, pool = make(3)
+    s.report_failure(pool[0], M, 0.0, "auth")
+    for _ in range(BREAKER_THRESHOLD):  # consecutive 5xx: the breaker opens
+        s.report_failure(pool[1], M, 0.0, "server")
+    s.import_cooldowns([Cooldown("a2", M, 30.0, "rate_limited")], 0.0)
+    with pytest.raises(AccountsCooling):
+        s.pick(M, 0.5)
+    assert s.resting_picks == 0
+
+
+def test_report_failure_returns_the_block_it_set() -> None:
+    s, pool = make(2)
+    a = pool[0]
+    limited = s.report_failure(a, M, 0.0, "rate_limited", 2.5)
+    assert limited == Cooldown("a0", M, 2.5, "rate_limited")
+    assert s.report_failure(a, M, 0.0, "server", 4.0) == Cooldown("a0", M, 4.0, "server")
+    assert s.report_failure(a, M, 0.0, "connect") == Cooldown("a0", "", 1.0, "connect_rest")
+    opened = s.report_failure(a, M, 0.0, "server")  # the third in a row
+    assert opened == Cooldown("a0", "", BREAKER_OPEN_S, "breaker_open")
+    assert s.report_failure(pool[1], M, 0.0, "auth") == Cooldown("a1", "", 60.0, "auth")
 
 
 def test_no_accounts_and_all_disabled_say_how_to_fix() -> None:
@@ -379,6 +453,14 @@ def test_attempts_allowed_is_bounded_by_the_pool() -> None:
 # ---- retry budget ----------------------------------------------------------------------------
 
 
+def test_retry_budget_floor_and_window_are_settings() -> None:
+    s = Scheduler(retry_budget_ratio=0.0, retry_budget_min=1, retry_budget_window_s=2.0)
+    assert [s.may_retry(0, 0.0), s.may_retry(0, 1.0)] == [True, False]
+    assert s.may_retry(0, 2.1)
+    off = Scheduler(retry_budget_ratio=0.0, retry_budget_min=0)
+    assert not off.may_retry(50, 0.0)
+
+
 def test_retry_budget_floor_ratio_and_window() -> None:
     s, _ = make(3)
     assert [s.may_retry(0, 0.0) for _ in range(RETRY_BUDGET_MIN + 1)] == [True] * 3 + [False]
@@ -515,3 +597,19 @@ def test_board_publishers_in_two_processes_lose_nothing(tmp_path: Path) -> None:
         assert p.wait(timeout=50) == 0
     got = {c.account for c in CooldownBoard(path).entries(time.time())}
     assert got == {f"{w}-{i}" for w in ("w1", "w2") for i in range(100)}
+
+
+def test_retry_budget_settings_reach_the_scheduler_and_are_checked(tmp_path: Path) -> None:
+    from rawgate.config import ConfigError, build_config
+    from rawgate.gateway import Gateway
+
+    env = {"RAWGATE_ROUTING_RETRY_BUDGET_MIN": "0", "RAWGATE_ROUTING_RETRY_BUDGET_WINDOW_S": "2.5"}
+    cfg = build_config({}, env, {})
+    s = Gateway(cfg, home=tmp_path).scheduler
+    assert (s.retry_budget_min, s.retry_budget_window_s, s.retry_budget_ratio) == (0, 2.5, 0.2)
+    assert not s.may_retry(4, 0.0)  # 20 % of 4 in flight rounds down to 0, and no floor
+    assert s.may_retry(5, 0.0)
+    with pytest.raises(ConfigError, match="retry_budget_min"):
+        build_config({"routing": {"retry_budget_min": -1}}, {}, {})
+    with pytest.raises(ConfigError, match="retry_budget_window_s"):
+        build_config({"routing": {"retry_budget_window_s": 0}}, {}, {})
