@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import inspect
 import re
 import textwrap
@@ -39,7 +40,12 @@ from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event, RequestReceived, ResponseReceived
-from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
+from h2.exceptions import (
+    DenialOfServiceError,
+    ProtocolError,
+    StreamClosedError,
+    TooManyStreamsError,
+)
 from h2.settings import SettingCodes
 from hpack import Encoder
 from hyperframe.frame import (
@@ -58,10 +64,10 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from rawgate.config import UpstreamConfig
+from rawgate.config import LimitsConfig, UpstreamConfig
 from rawgate.h2_client import _H2, new_h2
 from rawgate.h2_frames import dispatch_frame
-from rawgate.h2_server import _CALM, _connection_error_code
+from rawgate.h2_server import _CALM, _connection_error_code, _new_h2
 
 ROOT = Path(__file__).resolve().parent.parent
 RAWGATE = ROOT / "rawgate"
@@ -102,7 +108,8 @@ def failure_message(c: Canary, problem: str) -> str:
         f"  installed: {c.lib} {version}\n"
         f"  relied on by: {mods} ({c.assumes})\n"
         f"  what to do: pin {c.lib} below {version} in pyproject.toml (\"{c.lib}<{version}\") "
-        f"or update {mods} for {c.lib} {version}"
+        f"or update {mods} for {c.lib} {version} (if {version} is older than the versions "
+        f"rawgate was tested on, raise the lower bound above it instead)"
     )
 
 
@@ -613,6 +620,25 @@ def check_decoder_header_list_limit() -> None:
     raise Moved("a header block over max_header_list_size was accepted")
 
 
+def check_local_settings_replaced() -> None:
+    # h2_server._new_h2 advertises h2_max_concurrent_streams, then swaps local_settings for a
+    # harder cap that h2 enforces: the SETTINGS frame already queued must keep the first value.
+    c = _new_h2(LimitsConfig(h2_max_concurrent_streams=1))
+    sent = [f for f in _frames(c.data_to_send()) if isinstance(f, SettingsFrame)]
+    expect(len(sent) == 1 and sent[0].settings.get(SettingCodes.MAX_CONCURRENT_STREAMS) == 1,
+           f"the SETTINGS sent do not advertise the first local_settings: {sent!r}")
+    ack = SettingsFrame(0, flags=["ACK"]).serialize()
+    c.receive_data(PREFACE + SettingsFrame(0).serialize() + ack)
+    cap = c.stream_cap
+    c.receive_data(b"".join(_headers(1 + 2 * i, end=False) for i in range(cap)))
+    expect(len(c.streams) == cap, f"{len(c.streams)} streams open, not the hard cap {cap}")
+    try:
+        c.receive_data(_headers(1 + 2 * cap, end=False))
+    except TooManyStreamsError:
+        return
+    raise Moved("a stream past the replacing local_settings' limit was accepted")
+
+
 def check_continuation_flood_text() -> None:
     c = _server()
     flood = _headers(1, end_headers=False) + ContinuationFrame(1, data=b"").serialize() * 70
@@ -855,6 +881,10 @@ CANARIES: tuple[Canary, ...] = (
            "rawgate's own HPACK encoders stand in", check_encoder_protocol),
     Canary("hpack.Decoder.max_header_list_size", "hpack", ("h2_server", "h2_client"), (),
            "h2 refuses a header block over it", check_decoder_header_list_limit),
+    Canary("h2.H2Connection.local_settings (replaced after initiate_connection)", "h2",
+           ("h2_server",), (),
+           "the SETTINGS frame advertises the first value, h2 enforces the replacement",
+           check_local_settings_replaced),
     Canary("h2 CONTINUATION flood error text", "h2", ("h2_server",), (),
            "the 'too many continuation frames' ProtocolError is told apart by its text",
            check_continuation_flood_text),
@@ -1053,14 +1083,15 @@ def _defined_names(trees: Iterable[ast.AST]) -> set[str]:
     return out
 
 
-def _library_private_names() -> set[str]:
+@functools.cache
+def _library_private_names() -> frozenset[str]:
     trees: list[ast.AST] = []
     for lib in LIBS:
         spec = import_util.find_spec(lib)
         assert spec is not None and spec.origin is not None
         trees.extend(ast.parse(p.read_text(encoding="utf-8"))
                      for p in Path(spec.origin).parent.rglob("*.py"))
-    return {n for n in _defined_names(trees) if _private(n)}
+    return frozenset(n for n in _defined_names(trees) if _private(n))
 
 
 def _lib_of(module: str | None) -> str | None:
@@ -1153,14 +1184,19 @@ def uncovered_message(missing: dict[tuple[str, str], list[int]]) -> str:
             "attribute in OWN_TOUCHES there")
 
 
+@functools.cache
+def _rawgate_touches() -> dict[tuple[str, str], list[int]]:
+    return scan_private_touches(_rawgate_sources())
+
+
 def test_every_private_touch_has_a_canary() -> None:
-    found = scan_private_touches(_rawgate_sources())
+    found = _rawgate_touches()
     missing = {k: found[k] for k in uncovered(found)}
     assert not missing, uncovered_message(missing)
 
 
 def test_no_canary_lists_a_touch_that_is_gone() -> None:
-    found = scan_private_touches(_rawgate_sources())
+    found = _rawgate_touches()
     gone = [f"{c.id}: rawgate/{m}.py no longer has {t!r}"
             for c in CANARIES for m in c.users for t in c.touches if (m, t) not in found]
     gone += [f"OWN_TOUCHES: rawgate/{m}.py no longer has {t!r}"
