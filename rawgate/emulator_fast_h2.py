@@ -29,6 +29,7 @@ import asyncio
 import struct
 from collections.abc import Callable, Generator
 
+from hpack import HPACKError
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
@@ -249,7 +250,7 @@ class H2Session:
                 self._frame_in(kind, flags, sid, payload)
                 if self.transport.is_closing():  # GOAWAY received or sent
                     return
-        except (ValueError, IndexError, struct.error):
+        except (ValueError, IndexError, struct.error, HPACKError):  # a bad Huffman string too
             self._goaway(_PROTOCOL_ERROR)
             return
         del buf[:pos]
