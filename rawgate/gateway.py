@@ -147,8 +147,14 @@ class Gateway:
             self._post_form,
             on_refresh_token=self._on_refresh_token,
         )
+        lim = cfg.limits
         self.responses = ResponseStore(
-            cfg.limits.response_store_max_count, cfg.limits.response_store_max_age_s
+            lim.response_store_max_count,
+            lim.response_store_max_age_s,
+            lim.response_store_max_bytes,
+        )
+        self.tool_schemas = mapping.ToolSchemas(
+            lim.tool_schema_cache_max_bytes, lim.tool_schema_max_work
         )
         self.board = CooldownBoard(home / "cooldowns.json") if share_cooldowns else None
         self._gemini_base = up.gemini_base_url.rstrip("/") + "/v1beta/models/"
@@ -323,7 +329,9 @@ class Gateway:
 
     async def chat(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_chat(req.body, max_depth=self._max_depth)
-        call = mapping.chat_to_gemini(body, self._resolve(req, body.model), key=self._key)
+        call = mapping.chat_to_gemini(
+            body, self._resolve(req, body.model), key=self._key, schemas=self.tool_schemas
+        )
         await self._proxy(req, sink, call)
 
     async def completions(self, req: Request, sink: ResponseSink) -> None:
@@ -344,7 +352,9 @@ class Gateway:
                     code="previous_response_not_found",
                     headers=self._headers(req, None),
                 )
-        call = mapping.responses_to_gemini(body, model, history, key=self._key)
+        call = mapping.responses_to_gemini(
+            body, model, history, key=self._key, schemas=self.tool_schemas
+        )
         await self._proxy(req, sink, call)
 
     async def models(self, req: Request, sink: ResponseSink) -> None:
