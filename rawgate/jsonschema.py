@@ -17,6 +17,14 @@ Invariants of `to_gemini_parameters`:
   exclusive bounds, `propertyNames`, `title`; `format` only where Gemini allows it.
 - `$ref` is inlined (local JSON pointers); a reference cycle becomes a plain `object` at the point
   it recurs, and the total output is capped at MAX_SCHEMA_NODES, so a schema cannot explode.
+  Nesting once inlined is capped at MAX_SCHEMA_DEPTH (the cleaner recurses per level).
+- Work is linear and counted: one unit per node cleaned, per $ref step (each distinct pointer is
+  resolved once) and per value copied (enum values, `required` names, keys merged from $ref
+  siblings or `allOf` parts, TEXT_UNIT_CHARS of text built). The cycle guard is a set of the refs
+  on the current path (O(1) a step; a chain of N refs costs ~2N units), and merges happen once
+  per node, never per step. Over `max_work` the cleaner stops with SchemaBudgetError, so the
+  caller (mapping.ToolSchemas, one budget per request) bounds a request's schema CPU by its
+  budget; worst case ~1 us a unit on one core.
 - `const` -> one-value `enum`; `["T", "null"]` and null branches -> `nullable: true`; `oneOf` ->
   `anyOf`; `allOf` merged; one-branch `anyOf` collapsed. Non-string enums (Gemini takes strings
   only) are dropped and listed in the description instead, so the model still sees them.

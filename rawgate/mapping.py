@@ -305,6 +305,9 @@ class ToolSchemas:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def holds(self, raw: bytes) -> bool:
+        return hashlib.blake2b(raw, digest_size=16).digest() in self._entries
+
     def clean(self, raw: bytes, work_left: int) -> tuple[dict[str, Any] | None, int]:
         """The cleaned schema for the schema JSON `raw` and the work it costs, at most
         `work_left` (else SchemaBudgetError, and nothing is kept)."""
