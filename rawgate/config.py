@@ -135,9 +135,13 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tool_schema_cache_max_bytes: int = 64 * MiB
     # Work for all tool schemas of one request: one unit per schema node, per $ref followed and
     # per value copied (enum values, required names, merged keys; 256 characters of built text).
-    # ~1 us per unit: it bounds one request's schema CPU on the event loop to ~0.1 s, about what
-    # decoding a max_body_bytes body costs. Over it: 400 naming the tool.
+    # ~1 us per unit: it bounds one request's schema CPU to ~0.1 s, about what decoding a
+    # max_body_bytes body costs. Over it: 400 naming the tool.
     tool_schema_max_work: int = 100_000
+    # Of that, the cleaning (memo misses) done on the event loop; a request needing more is mapped
+    # again in a worker thread (the memo keeps what was done), so it holds other requests up for
+    # ~5 ms at most.
+    tool_schema_inline_work: int = 5_000
 
 
 class TimeoutsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import threading
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -67,6 +68,7 @@ from rawgate.thinking import family, thinking_config
 
 __all__ = [
     "DEFAULT_SCHEMA_CACHE_BYTES",
+    "SchemasOffLoop",
     "ToolSchemas",
     "chat_to_gemini",
     "code_assist_body",
@@ -275,6 +277,12 @@ def _safe_name(name: str) -> str:
     return s
 
 
+class SchemasOffLoop(Exception):
+    """Cleaning this request's new tool schemas needs more than the `inline_work` it was given:
+    map it again in a worker thread (without `inline_work`), where only the request's budget
+    applies. What was cleaned so far stays memoised, so the second run repeats none of it."""
+
+
 class ToolSchemas:
     """Cleaned tool schemas, memoised, plus the work budget of one request's schemas.
 
@@ -286,9 +294,11 @@ class ToolSchemas:
     Every entry remembers the work its cleaning took, and a hit charges that same work to the
     request's budget (`max_work` per request), so whether a request is refused never depends on
     what other requests left in the memo. Results are shared: nobody may mutate a request body.
+    Thread-safe (the gateway maps heavy requests in worker threads): the memo's bookkeeping is
+    under a lock, cleaning is not.
     """
 
-    __slots__ = ("_entries", "bytes", "max_bytes", "max_entries", "max_work")
+    __slots__ = ("_entries", "_lock", "bytes", "max_bytes", "max_entries", "max_work")
 
     def __init__(
         self,
@@ -301,6 +311,7 @@ class ToolSchemas:
         self.max_entries = max_entries
         self.bytes = 0  # held by the entries, as deep_size counts it
         self._entries: OrderedDict[bytes, tuple[dict[str, Any] | None, int, int]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -308,26 +319,40 @@ class ToolSchemas:
     def holds(self, raw: bytes) -> bool:
         return hashlib.blake2b(raw, digest_size=16).digest() in self._entries
 
-    def clean(self, raw: bytes, work_left: int) -> tuple[dict[str, Any] | None, int]:
-        """The cleaned schema for the schema JSON `raw` and the work it costs, at most
-        `work_left` (else SchemaBudgetError, and nothing is kept)."""
+    def clean(
+        self, raw: bytes, work_left: int, fresh_left: int | None = None
+    ) -> tuple[dict[str, Any] | None, int, int]:
+        """(cleaned schema, work charged, work done now) for the schema JSON `raw`. The charge is
+        at most `work_left`, else SchemaBudgetError; a miss also cleans at most `fresh_left`
+        units, else SchemasOffLoop. Nothing is kept for a schema that failed."""
         key = hashlib.blake2b(raw, digest_size=16).digest()
-        entry = self._entries.get(key)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
         if entry is not None:
-            self._entries.move_to_end(key)
             out, work, _ = entry
             if work > work_left:
                 raise SchemaBudgetError("no work left")
-            return out, work
-        out, work = clean_parameters(orjson.loads(raw), work_left)
+            return out, work, 0
+        inline = fresh_left is not None and fresh_left < work_left
+        limit = fresh_left if fresh_left is not None and inline else work_left
+        try:
+            out, work = clean_parameters(orjson.loads(raw), limit)
+        except SchemaBudgetError:
+            if inline:
+                raise SchemasOffLoop from None
+            raise
         size = deep_size(out) if out is not None else 0
         if size <= self.max_bytes and self.max_entries > 0:
-            entries = self._entries
-            entries[key] = (out, work, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes or len(entries) > self.max_entries:
-                self.bytes -= entries.popitem(last=False)[1][2]
-        return out, work
+            with self._lock:
+                entries = self._entries
+                if key not in entries:
+                    entries[key] = (out, work, size)
+                    self.bytes += size
+                while self.bytes > self.max_bytes or len(entries) > self.max_entries:
+                    self.bytes -= entries.popitem(last=False)[1][2]
+        return out, work, work
 
 
 _DEFAULT_SCHEMAS = ToolSchemas()
@@ -345,11 +370,14 @@ def _flat_name(name: str, namespace: str | None) -> str:
 class _Tools:
     """Function declarations plus the reverse map the transcoders need."""
 
-    __slots__ = ("by_client", "decls", "origins", "schemas", "search", "work_left")
+    __slots__ = ("by_client", "decls", "fresh_left", "origins", "schemas", "search", "work_left")
 
-    def __init__(self, schemas: ToolSchemas = _DEFAULT_SCHEMAS) -> None:
+    def __init__(
+        self, schemas: ToolSchemas = _DEFAULT_SCHEMAS, inline_work: int | None = None
+    ) -> None:
         self.schemas = schemas
         self.work_left = schemas.max_work  # shared by all the request's tool schemas
+        self.fresh_left = inline_work  # cleaning (memo misses) allowed in this call
         self.decls: list[dict[str, Any]] = []
         self.origins: dict[str, ToolOrigin] = {}
         self.by_client: dict[tuple[str | None, str], str] = {}
@@ -388,8 +416,11 @@ class _Tools:
             cleaned = None
             try:
                 if params:
-                    cleaned, work = self.schemas.clean(orjson.dumps(params), self.work_left)
+                    raw = orjson.dumps(params)
+                    cleaned, work, fresh = self.schemas.clean(raw, self.work_left, self.fresh_left)
                     self.work_left -= work
+                    if self.fresh_left is not None:
+                        self.fresh_left -= fresh
             except SchemaBudgetError:
                 raise BadRequest(
                     f"Tool '{name}': the request's tool schemas need more than"
@@ -666,8 +697,10 @@ def _body(
 # ---- chat completions ----------------------------------------------------------------------------
 
 
-def _chat_tools(req: ChatCompletionRequest, schemas: ToolSchemas) -> _Tools:
-    tools = _Tools(schemas)
+def _chat_tools(
+    req: ChatCompletionRequest, schemas: ToolSchemas, inline_work: int | None
+) -> _Tools:
+    tools = _Tools(schemas, inline_work)
     for i, t in enumerate(req.tools or ()):
         p = f"tools[{i}]"
         if t.type == "function":
@@ -764,11 +797,13 @@ def chat_to_gemini(
     *,
     key: bool = True,
     schemas: ToolSchemas = _DEFAULT_SCHEMAS,
+    inline_work: int | None = None,
 ) -> GeminiCall:
     """`key=False` skips the sticky-scheduling conversation key (a hash of the first turns,
     ~1.5 us + an orjson dump per request) when the scheduler does not use it. `schemas` is the
-    tool-schema memo and per-request budget (the gateway passes its own, built from config)."""
-    tools = _chat_tools(req, schemas)
+    tool-schema memo and per-request budget (the gateway passes its own, built from config);
+    `inline_work` caps the schema cleaning this call may do (else SchemasOffLoop)."""
+    tools = _chat_tools(req, schemas, inline_work)
     tool_config = _chat_tool_choice(req, tools)
     conv = _Conversation(tools)
     for i, m in enumerate(req.messages):
@@ -859,8 +894,10 @@ _SEARCH_TOOLS = frozenset({"web_search", "web_search_preview", "web_search_2025_
 _RESULT_TYPES = frozenset({"function_call_output", "custom_tool_call_output"})
 
 
-def _responses_tools(tools_in: list[ResponsesTool] | None, schemas: ToolSchemas) -> _Tools:
-    tools = _Tools(schemas)
+def _responses_tools(
+    tools_in: list[ResponsesTool] | None, schemas: ToolSchemas, inline_work: int | None
+) -> _Tools:
+    tools = _Tools(schemas, inline_work)
     wants_search = False
 
     def add(t: ResponsesTool, param: str, namespace: str | None) -> None:
@@ -1005,8 +1042,10 @@ def responses_to_gemini(
     *,
     key: bool = True,
     schemas: ToolSchemas = _DEFAULT_SCHEMAS,
+    inline_work: int | None = None,
 ) -> GeminiCall:
-    tools = _responses_tools(req.tools, schemas)
+    """`schemas` and `inline_work` as for `chat_to_gemini`."""
+    tools = _responses_tools(req.tools, schemas, inline_work)
     tool_config = _responses_tool_choice(req, tools)
     conv = _Conversation(tools)
     if req.instructions:

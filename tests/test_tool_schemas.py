@@ -6,6 +6,7 @@ never holds more than its byte budget. Work and memory are asserted as counts an
 from __future__ import annotations
 
 import gc
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from rawgate import jsonschema
 from rawgate.errors import BadRequest
-from rawgate.mapping import ToolSchemas, chat_to_gemini, responses_to_gemini
+from rawgate.mapping import SchemasOffLoop, ToolSchemas, chat_to_gemini, responses_to_gemini
 from rawgate.schemas import decode_chat, decode_responses
 from tests.helpers_gateway import gateway_stack
 
@@ -45,13 +46,15 @@ def fanout_request(n: int) -> bytes:
     return orjson.dumps({"model": "gpt-5", "input": "hi", "tools": tools})
 
 
-def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Sum of the work units every cleaner charges (the cleaner's own accounting)."""
+def _counting(monkeypatch: pytest.MonkeyPatch, thread: int | None = None) -> list[int]:
+    """Sum of the work units every cleaner charges (the cleaner's own accounting); with
+    `thread`, only those charged on that thread."""
     total = [0]
     real = jsonschema._Cleaner.charge
 
     def charge(self: Any, units: int) -> None:
-        total[0] += units
+        if thread is None or threading.get_ident() == thread:
+            total[0] += units
         real(self, units)
 
     monkeypatch.setattr(jsonschema._Cleaner, "charge", charge)
@@ -105,6 +108,24 @@ def test_a_request_within_the_budget_maps_and_pays_only_once_per_tool() -> None:
     assert len(schemas) == 8  # all hits
 
 
+def test_past_inline_work_the_caller_is_told_to_map_off_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    work = _counting(monkeypatch)
+    schemas = ToolSchemas()
+    body = decode_responses(fanout_request(500))
+    with pytest.raises(SchemasOffLoop):
+        responses_to_gemini(body, FLASH, schemas=schemas, inline_work=5_000)
+    assert work[0] <= 5_001  # the inline attempt stopped at its cap
+    assert len(schemas) == 0  # one fan-out tool is ~8,200 units: none fitted
+    # memo hits cost no cleaning, so a warm request within the budget stays inline
+    warm = decode_responses(fanout_request(3))
+    responses_to_gemini(warm, FLASH, schemas=schemas)
+    work[0] = 0
+    call = responses_to_gemini(warm, FLASH, schemas=schemas, inline_work=5_000)
+    assert work[0] == 0 and len(call.body["tools"][0]["functionDeclarations"]) == 3
+
+
 def _big_schema(i: int, chars: int) -> dict[str, Any]:
     desc = f"schema {i} ".ljust(chars, "x")
     return {"type": "object", "properties": {"q": {"type": "string", "description": desc}}}
@@ -119,7 +140,7 @@ def test_the_schema_memo_never_holds_more_than_its_byte_budget() -> None:
     try:
         base = tracemalloc.get_traced_memory()[0]
         for i in range(40):
-            out, _ = schemas.clean(orjson.dumps(_big_schema(i, 512 * 1024)), 100_000)
+            out, *_ = schemas.clean(orjson.dumps(_big_schema(i, 512 * 1024)), 100_000)
             assert out is not None and len(out["properties"]["q"]["description"]) == 512 * 1024
             del out
             assert schemas.bytes <= budget
@@ -131,7 +152,7 @@ def test_the_schema_memo_never_holds_more_than_its_byte_budget() -> None:
     assert held <= budget  # the estimate is an upper bound: what is really kept is less
     # a schema larger than the whole budget is cleaned but not kept, and evicts nothing
     before = (len(schemas), schemas.bytes)
-    out, _ = schemas.clean(orjson.dumps(_big_schema(99, 5 * 1024 * 1024)), 100_000)
+    out, *_ = schemas.clean(orjson.dumps(_big_schema(99, 5 * 1024 * 1024)), 100_000)
     assert out is not None and (len(schemas), schemas.bytes) == before
 
 
@@ -153,8 +174,11 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_the_gateway_answers_the_500_tool_request_with_a_400_naming_a_tool(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """...from a worker thread: the event loop's thread cleans at most tool_schema_inline_work."""
+    on_loop = _counting(monkeypatch, threading.get_ident())
+    everywhere = _counting(monkeypatch)
     async with gateway_stack(tmp_path) as run, httpx.AsyncClient(base_url=run.origin) as c:
         json_type = {"content-type": "application/json"}
         r = await c.post("/v1/responses", content=fanout_request(500), headers=json_type)
@@ -163,6 +187,8 @@ async def test_the_gateway_answers_the_500_tool_request_with_a_400_naming_a_tool
         assert err["type"] == "invalid_request_error"
         assert err["param"].startswith("tools[") and err["param"].endswith("].parameters")
         assert "Tool 't" in err["message"]
+        assert on_loop[0] <= run.cfg.limits.tool_schema_inline_work + 1
+        assert run.cfg.limits.tool_schema_max_work <= everywhere[0] - on_loop[0] <= 100_001
         assert (await c.get("/healthz")).status_code == 200
         ok = await c.post("/v1/responses", json={"model": "gpt-5", "input": "hi", "stream": False})
         assert ok.status_code == 200
