@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import sys
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -287,10 +288,10 @@ class ToolSchemas:
     """Cleaned tool schemas, memoised, plus the work budget of one request's schemas.
 
     Agents (Codex, Claude Code) resend the same tens of tool schemas every turn, and cleaning them
-    was ~40% of the mapping time, so results are kept by a digest of the schema's JSON. The
-    memo is bounded by entries (`max_entries`) and by bytes (`max_bytes`, `sizes.deep_size` of the
-    cleaned schema: the key is a 16-byte digest, not the schema); the least recently used entry
-    goes first, and a schema larger than `max_bytes` on its own is cleaned but not kept.
+    was ~40% of the mapping time, so results are kept by the schema's JSON (up to 1 KiB, else a
+    16-byte digest of it). The memo is bounded by entries (`max_entries`) and by bytes
+    (`max_bytes`: `sizes.deep_size` of the cleaned schema plus its key); the least recently used
+    entry goes first, and a schema larger than `max_bytes` on its own is cleaned but not kept.
     Every entry remembers the work its cleaning took, and a hit charges that same work to the
     request's budget (`max_work` per request), so whether a request is refused never depends on
     what other requests left in the memo. Results are shared: nobody may mutate a request body.
@@ -317,7 +318,7 @@ class ToolSchemas:
         return len(self._entries)
 
     def holds(self, raw: bytes) -> bool:
-        return hashlib.blake2b(raw, digest_size=16).digest() in self._entries
+        return _memo_key(raw) in self._entries
 
     def clean(
         self, raw: bytes, work_left: int, fresh_left: int | None = None
@@ -325,12 +326,13 @@ class ToolSchemas:
         """(cleaned schema, work charged, work done now) for the schema JSON `raw`. The charge is
         at most `work_left`, else SchemaBudgetError; a miss also cleans at most `fresh_left`
         units, else SchemasOffLoop. Nothing is kept for a schema that failed."""
-        key = hashlib.blake2b(raw, digest_size=16).digest()
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
+        key = _memo_key(raw)
+        entry = self._entries.get(key)  # one C-level operation each: atomic under the GIL
         if entry is not None:
+            try:
+                self._entries.move_to_end(key)
+            except KeyError:  # evicted by another thread meanwhile
+                pass
             out, work, _ = entry
             if work > work_left:
                 raise SchemaBudgetError("no work left")
@@ -343,7 +345,7 @@ class ToolSchemas:
             if inline:
                 raise SchemasOffLoop from None
             raise
-        size = deep_size(out) if out is not None else 0
+        size = (deep_size(out) if out is not None else 0) + sys.getsizeof(key)
         if size <= self.max_bytes and self.max_entries > 0:
             with self._lock:
                 entries = self._entries
@@ -353,6 +355,12 @@ class ToolSchemas:
                 while self.bytes > self.max_bytes or len(entries) > self.max_entries:
                     self.bytes -= entries.popitem(last=False)[1][2]
         return out, work, work
+
+
+def _memo_key(raw: bytes) -> bytes:
+    """A small schema is its own key (hashing it is ~0.2 us, a digest ~1 us); a large one is
+    keyed by a 16-byte digest, so the memo does not hold the schema's JSON as well."""
+    return raw if len(raw) <= 1024 else hashlib.blake2b(raw, digest_size=16).digest()
 
 
 _DEFAULT_SCHEMAS = ToolSchemas()
