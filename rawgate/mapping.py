@@ -350,6 +350,8 @@ class ToolSchemas:
             with self._lock:
                 entries = self._entries
                 if key not in entries:
+                    if key is raw:  # orjson's output keeps its spare capacity: keep a tight copy
+                        key = bytes(memoryview(raw))
                     entries[key] = (out, work, size)
                     self.bytes += size
                 while self.bytes > self.max_bytes or len(entries) > self.max_entries:

@@ -156,6 +156,27 @@ def test_the_schema_memo_never_holds_more_than_its_byte_budget() -> None:
     assert out is not None and (len(schemas), schemas.bytes) == before
 
 
+def test_small_schemas_count_their_keys_too() -> None:
+    """Schemas up to 1 KiB are their own memo key: 2,000 distinct ones through a 256 KiB memo
+    stay within it as measured by tracemalloc (orjson's output, kept as is, would hold ~4 KiB
+    of spare capacity per key)."""
+    budget = 256 * 1024
+    schemas = ToolSchemas(max_bytes=budget, max_entries=10_000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            schemas.clean(orjson.dumps(_big_schema(i, 500)), 100_000)
+            assert schemas.bytes <= budget
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert 50 <= len(schemas) < 2000
+    assert held <= budget
+
+
 def test_the_schema_memo_evicts_the_least_recently_used() -> None:
     raw = [orjson.dumps(_big_schema(i, 100_000)) for i in range(4)]
     one = ToolSchemas()
