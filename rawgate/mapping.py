@@ -28,6 +28,10 @@ Invariants:
   to one upstream call, so a list of several prompts is a 400 naming `prompt`.
 - `parallel_tool_calls` has no Gemini knob and is only echoed.
 - `GeminiCall.body` is read-only once built: cleaned tool schemas are memoised and shared.
+- A request's tool schemas share one work budget (`ToolSchemas.max_work`, charged for memo hits
+  as for misses, so a refusal never depends on the memo): over it, a 400 naming the tool. With
+  `inline_work`, cleaning past it raises SchemasOffLoop instead, for the caller to map the
+  request again off the event loop.
 """
 
 from __future__ import annotations
