@@ -10,6 +10,10 @@ What each line measures (best of --repeat runs of about --seconds each):
   naive dict-per-frame encoder, and for Responses the text-delta frame built both ways: the
   baselines the precomputed frame pieces are measured against.
 - chat / responses non-stream: one Gemini body -> the OpenAI JSON.
+- schema attacks (issue 12): decode + map of a 2.4 MB Responses request whose one tool is a
+  70,000-link $ref chain, and of 500 distinct fan-out tools (each ~4,000 nodes once inlined),
+  with a cold schema memo each time: the CPU one such request costs the event loop before its
+  400 (the budget, limits.tool_schema_max_work, stops both).
 
 The gateway targets >= 50,000 upstream chunks/s end to end through one worker; the transcoder
 pump must leave most of that budget to the network layers.
@@ -29,6 +33,7 @@ from typing import Any
 import orjson
 
 from rawgate import mapping, schemas
+from rawgate.errors import BadRequest
 from rawgate.gemini import decode_reply
 from rawgate.sse import SSEDecoder
 from rawgate.transcode_chat import ChatStream, chat_response
@@ -61,6 +66,41 @@ def _chat_request() -> bytes:
     msgs.append({"role": "user", "content": "And finally?"})
     body = {"model": "gpt-4o", "messages": msgs, "tools": tools, "stream": True}
     return orjson.dumps(body)
+
+
+def _responses_with_tools(tools: list[dict[str, Any]]) -> bytes:
+    return orjson.dumps({"model": "gpt-5", "input": "hi", "tools": tools})
+
+
+def ref_chain_request(n: int) -> bytes:
+    """One tool whose property goes through an n-link $ref chain (n=70,000: ~2.4 MB)."""
+    defs: dict[str, Any] = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(n)}
+    defs[f"d{n}"] = {"type": "string"}
+    params = {"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "$defs": defs}
+    return _responses_with_tools([{"type": "function", "name": "chain", "parameters": params}])
+
+
+def fanout_tools_request(n: int, depth: int = 11) -> bytes:
+    """n tools, each 2^(depth+1)-1 nodes once its $refs are inlined (under the per-tool cap) and
+    with a description of its own so that no memo helps (n=500: ~0.6 MB)."""
+    defs: dict[str, Any] = {"l0": {"type": "string"}}
+    for k in range(1, depth + 1):
+        prev = {"$ref": f"#/$defs/l{k - 1}"}
+        defs[f"l{k}"] = {"type": "object", "properties": {"a": prev, "b": prev}}
+    tools = [
+        {
+            "type": "function",
+            "name": f"t{i}",
+            "parameters": {
+                "type": "object",
+                "description": f"tool {i}",
+                "properties": {"r": {"$ref": f"#/$defs/l{depth}"}},
+                "$defs": defs,
+            },
+        }
+        for i in range(n)
+    ]
+    return _responses_with_tools(tools)
 
 
 def _chunk(i: int, text: str, last: bool = False) -> dict[str, Any]:
@@ -321,6 +361,30 @@ def run(seconds: float, repeat: int, chunks: int) -> list[tuple[str, float, str]
     add("chat non-stream (tool-call reply)", _bench(chat_whole, seconds, repeat), "resp/s")
     add(
         "responses non-stream (tool-call reply)", _bench(responses_whole, seconds, repeat), "resp/s"
+    )
+
+    def attack(body: bytes) -> Callable[[], int]:
+        def one() -> int:
+            try:  # a cold memo every time: the worst case
+                req = schemas.decode_responses(body)
+                mapping.responses_to_gemini(req, "gemini-2.5-flash", schemas=mapping.ToolSchemas())
+            except BadRequest:
+                pass
+            return 1
+
+        return one
+
+    chain = ref_chain_request(70_000)
+    add(
+        f"schema attack: $ref chain ({len(chain) / 1e6:.1f} MB)",
+        _bench(attack(chain), seconds, repeat),
+        "req/s",
+    )
+    fan = fanout_tools_request(500)
+    add(
+        f"schema attack: 500 fan-out tools ({len(fan) / 1e6:.1f} MB)",
+        _bench(attack(fan), seconds, repeat),
+        "req/s",
     )
     return results
 

@@ -153,6 +153,22 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # local gateway and bounds memory (the oldest go first).
     response_store_max_count: int = 1024
     response_store_max_age_s: float = 3600.0
+    # Bytes of the distinct items the store holds (a chain's shared history counts once); the
+    # oldest go first. A response larger than this alone is not stored: a later
+    # previous_response_id naming it gets 400 previous_response_not_found.
+    response_store_max_bytes: int = 256 * MiB
+    # Cleaned tool schemas memoised across requests (agents resend the same tools every turn);
+    # bounded by bytes held, least recently used first; a larger schema is cleaned, not kept.
+    tool_schema_cache_max_bytes: int = 64 * MiB
+    # Work for all tool schemas of one request: one unit per schema node, per $ref followed and
+    # per value copied (enum values, required names, merged keys; 256 characters of built text).
+    # ~1 us per unit: it bounds one request's schema CPU to ~0.1 s, about what decoding a
+    # max_body_bytes body costs. Over it: 400 naming the tool.
+    tool_schema_max_work: int = 100_000
+    # Of that, the cleaning (memo misses) done on the event loop; a request needing more is mapped
+    # again in a worker thread (the memo keeps what was done), so it holds other requests up for
+    # ~5 ms at most.
+    tool_schema_inline_work: int = 5_000
 
 
 class TimeoutsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -29,6 +29,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -67,6 +68,7 @@ from rawgate.upstream import UpstreamClient, UpstreamResponse
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Callable
 
     from rawgate.app import GatewayApp
     from rawgate.call import GeminiCall
@@ -158,9 +160,16 @@ class Gateway:
             self._post_form,
             on_refresh_token=self._on_refresh_token,
         )
+        lim = cfg.limits
         self.responses = ResponseStore(
-            cfg.limits.response_store_max_count, cfg.limits.response_store_max_age_s
+            lim.response_store_max_count,
+            lim.response_store_max_age_s,
+            lim.response_store_max_bytes,
         )
+        self.tool_schemas = mapping.ToolSchemas(
+            lim.tool_schema_cache_max_bytes, lim.tool_schema_max_work
+        )
+        self._inline_work = lim.tool_schema_inline_work
         self.board = CooldownBoard(home / "cooldowns.json") if share_cooldowns else None
         self._gemini_base = up.gemini_base_url.rstrip("/") + "/v1beta/models/"
         self._ca_base = up.code_assist_base_url.rstrip("/") + "/v1internal:"
@@ -334,7 +343,9 @@ class Gateway:
 
     async def chat(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_chat(req.body, max_depth=self._max_depth)
-        call = mapping.chat_to_gemini(body, self._resolve(req, body.model), key=self._key)
+        call = await self._map(
+            mapping.chat_to_gemini, body, self._resolve(req, body.model), key=self._key
+        )
         await self._proxy(req, sink, call)
 
     async def completions(self, req: Request, sink: ResponseSink) -> None:
@@ -355,8 +366,18 @@ class Gateway:
                     code="previous_response_not_found",
                     headers=self._headers(req, None),
                 )
-        call = mapping.responses_to_gemini(body, model, history, key=self._key)
+        call = await self._map(mapping.responses_to_gemini, body, model, history, key=self._key)
         await self._proxy(req, sink, call)
+
+    async def _map(self, fn: Callable[..., GeminiCall], *args: Any, **kw: Any) -> GeminiCall:
+        """Map on the loop while the request's new tool schemas cost at most
+        limits.tool_schema_inline_work units; past that, again in a worker thread, which hands
+        the GIL back every few ms: one request's schemas cannot hold the other requests up."""
+        kw["schemas"] = self.tool_schemas
+        try:
+            return fn(*args, inline_work=self._inline_work, **kw)
+        except mapping.SchemasOffLoop:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kw))
 
     async def models(self, req: Request, sink: ResponseSink) -> None:
         data = self.router.list_models(await self._upstream_models())

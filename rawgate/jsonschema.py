@@ -17,6 +17,14 @@ Invariants of `to_gemini_parameters`:
   exclusive bounds, `propertyNames`, `title`; `format` only where Gemini allows it.
 - `$ref` is inlined (local JSON pointers); a reference cycle becomes a plain `object` at the point
   it recurs, and the total output is capped at MAX_SCHEMA_NODES, so a schema cannot explode.
+  Nesting once inlined is capped at MAX_SCHEMA_DEPTH (the cleaner recurses per level).
+- Work is linear and counted: one unit per node cleaned, per $ref step (each distinct pointer is
+  resolved once) and per value copied (enum values, `required` names, keys merged from $ref
+  siblings or `allOf` parts, TEXT_UNIT_CHARS of text built). The cycle guard is a set of the refs
+  on the current path (O(1) a step; a chain of N refs costs ~2N units), and merges happen once
+  per node, never per step. Over `max_work` the cleaner stops with SchemaBudgetError, so the
+  caller (mapping.ToolSchemas, one budget per request) bounds a request's schema CPU by its
+  budget; worst case ~1 us a unit on one core.
 - `const` -> one-value `enum`; `["T", "null"]` and null branches -> `nullable: true`; `oneOf` ->
   `anyOf`; `allOf` merged; one-branch `anyOf` collapsed. Non-string enums (Gemini takes strings
   only) are dropped and listed in the description instead, so the model still sees them.
@@ -30,11 +38,27 @@ from typing import Any
 
 import orjson
 
-__all__ = ["MAX_SCHEMA_NODES", "SchemaError", "to_gemini_parameters", "to_response_schema"]
+__all__ = [
+    "DEFAULT_MAX_WORK",
+    "MAX_SCHEMA_DEPTH",
+    "MAX_SCHEMA_NODES",
+    "SchemaBudgetError",
+    "SchemaError",
+    "clean_parameters",
+    "to_gemini_parameters",
+    "to_response_schema",
+]
 
 # Output schema nodes per tool. Real tool schemas have tens to a few hundred; the cap stops a
 # small schema whose $refs fan out exponentially (each level referencing the previous twice).
 MAX_SCHEMA_NODES = 5000
+# Nesting once $refs are inlined (the JSON itself is capped by limits.max_json_depth, but a chain
+# of distinct refs nests without bound and the cleaner recurses per level).
+MAX_SCHEMA_DEPTH = 100
+# Units of work for all tool schemas of one request (config: limits.tool_schema_max_work).
+DEFAULT_MAX_WORK = 100_000
+# Text the cleaner builds (a description plus a note) costs one unit per this many characters.
+TEXT_UNIT_CHARS = 256
 
 _STRING_FORMATS = frozenset({"enum", "date-time"})
 _NUMBER_FORMATS = frozenset({"float", "double", "int32", "int64"})
@@ -45,65 +69,125 @@ _NUM_KEYS = ("minimum", "maximum")
 
 
 class SchemaError(ValueError):
-    """The schema cannot be made acceptable (too large after inlining)."""
+    """The schema cannot be made acceptable (too large or too deep after inlining)."""
+
+
+class SchemaBudgetError(SchemaError):
+    """The work allowed for the request's tool schemas (`max_work`) ran out on this schema."""
 
 
 class _Cleaner:
-    __slots__ = ("budget", "root")
+    """One tool's schema. `active` holds the $refs on the path from the root to the node being
+    cleaned (the cycle guard): refs are added when followed and removed when their subtree is
+    done, so the guard costs O(1) per step instead of a copied tuple per step."""
 
-    def __init__(self, root: dict[str, Any]) -> None:
+    __slots__ = ("active", "depth", "max_work", "nodes", "resolved", "root", "work")
+
+    def __init__(self, root: dict[str, Any], max_work: int) -> None:
         self.root = root
-        self.budget = MAX_SCHEMA_NODES
+        self.max_work = max_work
+        self.nodes = 0  # output nodes (capped by MAX_SCHEMA_NODES per tool)
+        self.work = 0  # nodes + $ref steps + values copied (capped by max_work)
+        self.depth = 0
+        self.active: set[str] = set()
+        self.resolved: dict[str, Any] = {}
+
+    def charge(self, units: int) -> None:
+        self.work += units
+        if self.work > self.max_work:
+            raise SchemaBudgetError(f"schema needs more than {self.max_work} units of work")
+
+    def node(self) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_SCHEMA_NODES:
+            raise SchemaError(f"schema exceeds {MAX_SCHEMA_NODES} nodes once $refs are inlined")
+        self.charge(1)
+
+    def text(self, s: str) -> str:
+        """A string built here (descriptions with a note): charged by its size."""
+        self.charge(len(s) // TEXT_UNIT_CHARS)
+        return s
 
     def resolve(self, ref: str) -> Any:
-        if not ref.startswith("#"):
-            return None  # remote refs are never fetched
+        """The target of a local JSON pointer, once per distinct ref (charged by its length)."""
+        if ref in self.resolved:
+            return self.resolved[ref]
+        self.charge(1 + len(ref) // TEXT_UNIT_CHARS)
         node: Any = self.root
-        for raw in ref[1:].lstrip("/").split("/") if ref != "#" else ():
-            key = raw.replace("~1", "/").replace("~0", "~")
-            if isinstance(node, dict) and key in node:
-                node = node[key]
-            elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-                node = node[int(key)]
-            else:
-                return None
+        if not ref.startswith("#"):
+            node = None  # remote refs are never fetched
+        else:
+            for raw in ref[1:].lstrip("/").split("/") if ref != "#" else ():
+                key = raw.replace("~1", "/").replace("~0", "~")
+                if isinstance(node, dict) and key in node:
+                    node = node[key]
+                elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+                    node = node[int(key)]
+                else:
+                    node = None
+                    break
+        self.resolved[ref] = node
         return node
 
-    def deref(self, node: Any, stack: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
-        """Follow $ref chains; sibling keywords override the target's (2019-09 semantics)."""
+    def deref(self, node: Any) -> tuple[Any, list[str]]:
+        """Follow a $ref chain; sibling keywords override the target's (2019-09 semantics).
+        The refs followed are added to `active` and returned: the caller removes them once the
+        node's subtree is cleaned. Linear in the chain: siblings are merged once, at the end."""
+        followed: list[str] = []
+        layers: list[dict[str, Any]] = []
         while isinstance(node, dict) and isinstance(node.get("$ref"), str):
             ref = node["$ref"]
-            if ref in stack:
-                return {"type": "object", "description": _cycle_note(node)}, stack
+            self.charge(1)
+            if len(node) > 1:
+                self.charge(len(node))
+                layers.append(node)
+            if ref in self.active:
+                desc = next((d["description"] for d in layers if "description" in d), None)
+                return {"type": "object", "description": self.text(_cycle_note(desc))}, followed
+            self.active.add(ref)
+            followed.append(ref)
             target = self.resolve(ref)
             if not isinstance(target, dict):
                 target = {"type": "string"} if target is None else {}
-            rest = {k: v for k, v in node.items() if k != "$ref"}
-            node = {**target, **rest}
-            stack = (*stack, ref)
-        return node, stack
+            node = target
+        if layers:
+            self.charge(len(node))
+            merged = dict(node)
+            for layer in reversed(layers):
+                merged.update(layer)
+            del merged["$ref"]
+            node = merged
+        return node, followed
 
-    def clean(self, node: Any, stack: tuple[str, ...]) -> dict[str, Any] | None:
-        self.budget -= 1
-        if self.budget < 0:
-            raise SchemaError(f"schema exceeds {MAX_SCHEMA_NODES} nodes once $refs are inlined")
+    def release(self, refs: list[str]) -> None:
+        for r in refs:
+            self.active.discard(r)
+
+    def clean(self, node: Any) -> dict[str, Any] | None:
+        self.node()
         if node is False:
             return None
         if not isinstance(node, dict):
             return {"type": "string"} if node is True else None
-        node, stack = self.deref(node, stack)
+        self.depth += 1
+        if self.depth > MAX_SCHEMA_DEPTH:
+            raise SchemaError(f"schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        node, followed = self.deref(node)
         if isinstance(node.get("allOf"), list):
-            node, stack = self.merge_all_of(node, stack)
+            node, more = self.merge_all_of(node)
+            followed += more
 
         out: dict[str, Any] = {}
         nullable = node.get("nullable") is True
         typ = node.get("type")
         if isinstance(typ, list):
+            self.charge(len(typ))
             names = [t for t in typ if isinstance(t, str) and t.lower() in _TYPES]
             nullable = nullable or any(t.lower() == "null" for t in names)
-            names = [t for t in names if t.lower() != "null"]
+            names = list(dict.fromkeys(t for t in names if t.lower() != "null"))
             if len(names) > 1:
                 # ["string", "integer"]: one branch per type, each with the shared keywords.
+                self.charge(len(node) * len(names))
                 base = {k: v for k, v in node.items() if k not in ("type", "description")}
                 split = [{**base, "type": t} for t in names]
                 node = {"anyOf": split, "description": node.get("description")}
@@ -117,7 +201,7 @@ class _Cleaner:
         if branches_in:
             branches: list[dict[str, Any]] = []
             for b in branches_in:
-                c = self.clean(b, stack)
+                c = self.clean(b)
                 if c is None:
                     continue
                 if c.get("type") == "null":
@@ -134,16 +218,20 @@ class _Cleaner:
                     out["type"] = typ
 
         if "const" in node:
+            self.charge(len(node))
             node = {**node, "enum": [node["const"]]}
         enum = node.get("enum")
         desc = node.get("description")
         if isinstance(enum, list) and enum:
+            self.charge(len(enum))
             if all(isinstance(v, str) for v in enum):
                 out["enum"] = list(enum)
                 typ = typ or "string"
             else:
                 values = ", ".join(orjson.dumps(v).decode() for v in enum)
-                desc = f"{desc} (allowed values: {values})" if desc else f"Allowed values: {values}"
+                desc = self.text(
+                    f"{desc} (allowed values: {values})" if desc else f"Allowed values: {values}"
+                )
                 if typ is None:
                     typ = _infer_enum_type(enum)
         if isinstance(desc, str) and desc:
@@ -159,14 +247,14 @@ class _Cleaner:
                 typ = "string"
         if typ is not None:
             out["type"] = typ
-            self.fill_typed(out, node, typ.lower(), stack)
+            self.fill_typed(out, node, typ.lower())
         if nullable:
             out["nullable"] = True
+        self.release(followed)
+        self.depth -= 1
         return out
 
-    def fill_typed(
-        self, out: dict[str, Any], node: dict[str, Any], typ: str, stack: tuple[str, ...]
-    ) -> None:
+    def fill_typed(self, out: dict[str, Any], node: dict[str, Any], typ: str) -> None:
         fmt = node.get("format")
         if isinstance(fmt, str) and (
             (typ == "string" and fmt in _STRING_FORMATS)
@@ -188,55 +276,73 @@ class _Cleaner:
             items = node.get("items")
             if isinstance(items, list):  # draft-4 tuple form: Gemini has one item schema
                 items = {"anyOf": items} if len(items) > 1 else (items[0] if items else True)
-            cleaned = self.clean(items if items is not None else True, stack)
+            cleaned = self.clean(items if items is not None else True)
             out["items"] = cleaned if cleaned is not None else {"type": "string"}
         elif typ == "object":
             props = node.get("properties")
             if isinstance(props, dict) and props:
                 cleaned_props: dict[str, Any] = {}
                 for name, sub in props.items():
-                    c = self.clean(sub, stack)
+                    c = self.clean(sub)
                     if c is not None:
                         cleaned_props[name] = c
                 if cleaned_props:
                     out["properties"] = cleaned_props
                     req = node.get("required")
                     if isinstance(req, list):
+                        self.charge(len(req))
                         names = [r for r in req if isinstance(r, str)]
                         seen = [r for r in dict.fromkeys(names) if r in cleaned_props]
                         if seen:
                             out["required"] = seen
                     order = node.get("propertyOrdering")
-                    if isinstance(order, list) and all(
-                        isinstance(o, str) and o in cleaned_props for o in order
-                    ):
-                        out["propertyOrdering"] = list(order)
+                    if isinstance(order, list):
+                        self.charge(len(order))
+                        if all(isinstance(o, str) and o in cleaned_props for o in order):
+                            out["propertyOrdering"] = list(order)
 
-    def merge_all_of(
-        self, node: dict[str, Any], stack: tuple[str, ...]
-    ) -> tuple[dict[str, Any], tuple[str, ...]]:
-        """One schema from an allOf; the refs followed join the cycle guard of what follows."""
+    def merge_all_of(self, node: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """One schema from an allOf. Each part is dereferenced against the path's refs (not its
+        siblings'); the refs all parts followed then join the cycle guard of what follows and
+        are returned for the caller to release. Linear: properties and required lists are
+        gathered and joined once (the node's own properties win, then earlier parts')."""
+        self.charge(len(node))
         merged = {k: v for k, v in node.items() if k != "allOf"}
-        seen = stack
+        own = merged.get("properties")
+        props: list[dict[str, Any]] = []
+        required: list[Any] = [*_list(merged.get("required"))]
+        followed: list[str] = []
         for part in node["allOf"]:
-            self.budget -= 1
-            if self.budget < 0:
-                raise SchemaError(f"schema exceeds {MAX_SCHEMA_NODES} nodes once $refs are inlined")
-            part, followed = self.deref(part, stack)
-            seen = (*seen, *followed[len(stack) :])
+            self.node()
+            part, refs = self.deref(part)
+            if isinstance(part, dict) and isinstance(part.get("allOf"), list):
+                part, more = self.merge_all_of(part)
+                refs += more
+            self.release(refs)
+            followed += refs
             if not isinstance(part, dict):
                 continue
-            if isinstance(part.get("allOf"), list):
-                part, followed = self.merge_all_of(part, followed)
-                seen = (*seen, *followed[len(stack) :])
+            self.charge(len(part))
             for k, v in part.items():
                 if k == "properties" and isinstance(v, dict):
-                    merged["properties"] = {**v, **_dict(merged.get("properties"))}
+                    self.charge(len(v))
+                    props.append(v)
                 elif k == "required" and isinstance(v, list):
-                    merged["required"] = [*_list(merged.get("required")), *v]
+                    self.charge(len(v))
+                    required += v
                 else:
                     merged.setdefault(k, v)
-        return merged, seen
+        if props:
+            joined: dict[str, Any] = {}
+            for p in reversed(props):
+                joined.update(p)
+            joined.update(_dict(own))
+            merged["properties"] = joined
+        if "required" in merged or len(required):
+            merged["required"] = required
+        pushed = [r for r in dict.fromkeys(followed) if r not in self.active]
+        self.active.update(pushed)
+        return merged, pushed
 
 
 def _list(v: Any) -> list[Any]:
@@ -247,8 +353,7 @@ def _dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
-def _cycle_note(node: dict[str, Any]) -> str:
-    desc = node.get("description")
+def _cycle_note(desc: Any) -> str:
     note = "A nested value of the same shape as its ancestor."
     return f"{desc} ({note})" if isinstance(desc, str) and desc else note
 
@@ -263,16 +368,25 @@ def _infer_enum_type(enum: list[Any]) -> str:
     return "string"
 
 
-def to_gemini_parameters(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+def to_gemini_parameters(
+    schema: dict[str, Any] | None, max_work: int = DEFAULT_MAX_WORK
+) -> dict[str, Any] | None:
     """The `parameters` Schema for a function declaration, or None when it takes none."""
+    return clean_parameters(schema, max_work)[0]
+
+
+def clean_parameters(
+    schema: dict[str, Any] | None, max_work: int = DEFAULT_MAX_WORK
+) -> tuple[dict[str, Any] | None, int]:
+    """`to_gemini_parameters` plus the units of work it took (at most `max_work`, else
+    SchemaBudgetError): the caller charges them to the request's budget."""
     if not schema:
-        return None
-    out = _Cleaner(schema).clean(schema, ())
-    if out is None:
-        return None
-    if out.get("type") == "object" and "properties" not in out:
-        return None
-    return out
+        return None, 0
+    cleaner = _Cleaner(schema, max_work)
+    out = cleaner.clean(schema)
+    if out is not None and out.get("type") == "object" and "properties" not in out:
+        out = None
+    return out, cleaner.work
 
 
 # responseJsonSchema accepts JSON Schema but only these keywords (Gemini structured-output docs);

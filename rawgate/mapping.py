@@ -28,14 +28,20 @@ Invariants:
   to one upstream call, so a list of several prompts is a 400 naming `prompt`.
 - `parallel_tool_calls` has no Gemini knob and is only echoed.
 - `GeminiCall.body` is read-only once built: cleaned tool schemas are memoised and shared.
+- A request's tool schemas share one work budget (`ToolSchemas.max_work`, charged for memo hits
+  as for misses, so a refusal never depends on the memo): over it, a 400 naming the tool. With
+  `inline_work`, cleaning past it raises SchemasOffLoop instead, for the caller to map the
+  request again off the event loop.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import re
+import sys
+import threading
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -44,7 +50,13 @@ import orjson
 
 from rawgate.call import GeminiCall, ToolOrigin
 from rawgate.errors import BadRequest
-from rawgate.jsonschema import SchemaError, to_gemini_parameters, to_response_schema
+from rawgate.jsonschema import (
+    DEFAULT_MAX_WORK,
+    SchemaBudgetError,
+    SchemaError,
+    clean_parameters,
+    to_response_schema,
+)
 from rawgate.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -56,9 +68,13 @@ from rawgate.schemas import (
     ResponsesTool,
 )
 from rawgate.signatures import SKIP_SIGNATURE, split_call_id, unpack_reasoning
+from rawgate.sizes import deep_size
 from rawgate.thinking import family, thinking_config
 
 __all__ = [
+    "DEFAULT_SCHEMA_CACHE_BYTES",
+    "SchemasOffLoop",
+    "ToolSchemas",
     "chat_to_gemini",
     "code_assist_body",
     "completion_to_gemini",
@@ -66,6 +82,8 @@ __all__ = [
     "responses_to_gemini",
 ]
 
+# Same default as config.LimitsConfig.tool_schema_cache_max_bytes.
+DEFAULT_SCHEMA_CACHE_BYTES = 64 * 1024 * 1024
 _MAX_CANDIDATES = 8  # Gemini's candidateCount ceiling
 _MAX_STOP = 5  # Gemini's stopSequences ceiling
 _NAME_OK = re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-]{0,63}")
@@ -264,12 +282,94 @@ def _safe_name(name: str) -> str:
     return s
 
 
-@functools.lru_cache(maxsize=512)
-def _cleaned(raw: bytes) -> dict[str, Any] | None:
-    """Schema cleaning memoised by the schema's bytes: agents (Codex, Claude Code) resend the
-    same tens of tool schemas every turn, and cleaning them was ~40% of the mapping time. The
-    result is shared between calls, so nothing downstream may mutate a request body."""
-    return to_gemini_parameters(orjson.loads(raw))
+class SchemasOffLoop(Exception):
+    """Cleaning this request's new tool schemas needs more than the `inline_work` it was given:
+    map it again in a worker thread (without `inline_work`), where only the request's budget
+    applies. What was cleaned so far stays memoised, so the second run repeats none of it."""
+
+
+class ToolSchemas:
+    """Cleaned tool schemas, memoised, plus the work budget of one request's schemas.
+
+    Agents (Codex, Claude Code) resend the same tens of tool schemas every turn, and cleaning them
+    was ~40% of the mapping time, so results are kept by the schema's JSON (up to 1 KiB, else a
+    16-byte digest of it). The memo is bounded by entries (`max_entries`) and by bytes
+    (`max_bytes`: `sizes.deep_size` of the cleaned schema plus its key); the least recently used
+    entry goes first, and a schema larger than `max_bytes` on its own is cleaned but not kept.
+    Every entry remembers the work its cleaning took, and a hit charges that same work to the
+    request's budget (`max_work` per request), so whether a request is refused never depends on
+    what other requests left in the memo. Results are shared: nobody may mutate a request body.
+    Thread-safe (the gateway maps heavy requests in worker threads): the memo's bookkeeping is
+    under a lock, cleaning is not.
+    """
+
+    __slots__ = ("_entries", "_lock", "bytes", "max_bytes", "max_entries", "max_work")
+
+    def __init__(
+        self,
+        max_bytes: int = DEFAULT_SCHEMA_CACHE_BYTES,
+        max_work: int = DEFAULT_MAX_WORK,
+        max_entries: int = 512,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_work = max_work
+        self.max_entries = max_entries
+        self.bytes = 0  # held by the entries, as deep_size counts it
+        self._entries: OrderedDict[bytes, tuple[dict[str, Any] | None, int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def holds(self, raw: bytes) -> bool:
+        return _memo_key(raw) in self._entries
+
+    def clean(
+        self, raw: bytes, work_left: int, fresh_left: int | None = None
+    ) -> tuple[dict[str, Any] | None, int, int]:
+        """(cleaned schema, work charged, work done now) for the schema JSON `raw`. The charge is
+        at most `work_left`, else SchemaBudgetError; a miss also cleans at most `fresh_left`
+        units, else SchemasOffLoop. Nothing is kept for a schema that failed."""
+        key = _memo_key(raw)
+        entry = self._entries.get(key)  # one C-level operation each: atomic under the GIL
+        if entry is not None:
+            try:
+                self._entries.move_to_end(key)
+            except KeyError:  # evicted by another thread meanwhile
+                pass
+            out, work, _ = entry
+            if work > work_left:
+                raise SchemaBudgetError("no work left")
+            return out, work, 0
+        inline = fresh_left is not None and fresh_left < work_left
+        limit = fresh_left if fresh_left is not None and inline else work_left
+        try:
+            out, work = clean_parameters(orjson.loads(raw), limit)
+        except SchemaBudgetError:
+            if inline:
+                raise SchemasOffLoop from None
+            raise
+        size = (deep_size(out) if out is not None else 0) + sys.getsizeof(key)
+        if size <= self.max_bytes and self.max_entries > 0:
+            with self._lock:
+                entries = self._entries
+                if key not in entries:
+                    if key is raw:  # orjson's output keeps its spare capacity: keep a tight copy
+                        key = bytes(memoryview(raw))
+                    entries[key] = (out, work, size)
+                    self.bytes += size
+                while self.bytes > self.max_bytes or len(entries) > self.max_entries:
+                    self.bytes -= entries.popitem(last=False)[1][2]
+        return out, work, work
+
+
+def _memo_key(raw: bytes) -> bytes:
+    """A small schema is its own key (hashing it is ~0.2 us, a digest ~1 us); a large one is
+    keyed by a 16-byte digest, so the memo does not hold the schema's JSON as well."""
+    return raw if len(raw) <= 1024 else hashlib.blake2b(raw, digest_size=16).digest()
+
+
+_DEFAULT_SCHEMAS = ToolSchemas()
 
 
 def _flat_name(name: str, namespace: str | None) -> str:
@@ -284,9 +384,14 @@ def _flat_name(name: str, namespace: str | None) -> str:
 class _Tools:
     """Function declarations plus the reverse map the transcoders need."""
 
-    __slots__ = ("by_client", "decls", "origins", "search")
+    __slots__ = ("by_client", "decls", "fresh_left", "origins", "schemas", "search", "work_left")
 
-    def __init__(self) -> None:
+    def __init__(
+        self, schemas: ToolSchemas = _DEFAULT_SCHEMAS, inline_work: int | None = None
+    ) -> None:
+        self.schemas = schemas
+        self.work_left = schemas.max_work  # shared by all the request's tool schemas
+        self.fresh_left = inline_work  # cleaning (memo misses) allowed in this call
         self.decls: list[dict[str, Any]] = []
         self.origins: dict[str, ToolOrigin] = {}
         self.by_client: dict[tuple[str | None, str], str] = {}
@@ -322,8 +427,21 @@ class _Tools:
                 "required": ["input"],
             }
         else:
+            cleaned = None
             try:
-                cleaned = _cleaned(orjson.dumps(params)) if params else None
+                if params:
+                    raw = orjson.dumps(params)
+                    cleaned, work, fresh = self.schemas.clean(raw, self.work_left, self.fresh_left)
+                    self.work_left -= work
+                    if self.fresh_left is not None:
+                        self.fresh_left -= fresh
+            except SchemaBudgetError:
+                raise BadRequest(
+                    f"Tool '{name}': the request's tool schemas need more than"
+                    f" {self.schemas.max_work} units of work (schema nodes, $ref steps and copied"
+                    " values once $refs are inlined; limits.tool_schema_max_work).",
+                    param=param + ".parameters",
+                ) from None
             except SchemaError as e:
                 raise BadRequest(f"Tool '{name}': {e}.", param=param + ".parameters") from None
             if cleaned is not None:
@@ -593,8 +711,10 @@ def _body(
 # ---- chat completions ----------------------------------------------------------------------------
 
 
-def _chat_tools(req: ChatCompletionRequest) -> _Tools:
-    tools = _Tools()
+def _chat_tools(
+    req: ChatCompletionRequest, schemas: ToolSchemas, inline_work: int | None
+) -> _Tools:
+    tools = _Tools(schemas, inline_work)
     for i, t in enumerate(req.tools or ()):
         p = f"tools[{i}]"
         if t.type == "function":
@@ -685,10 +805,19 @@ def _chat_message(conv: _Conversation, m: ChatMessage, i: int, tools: _Tools) ->
         conv.add_result("fn:" + m.name, _parts(m.content, param + ".content"), param + ".name")
 
 
-def chat_to_gemini(req: ChatCompletionRequest, model: str, *, key: bool = True) -> GeminiCall:
+def chat_to_gemini(
+    req: ChatCompletionRequest,
+    model: str,
+    *,
+    key: bool = True,
+    schemas: ToolSchemas = _DEFAULT_SCHEMAS,
+    inline_work: int | None = None,
+) -> GeminiCall:
     """`key=False` skips the sticky-scheduling conversation key (a hash of the first turns,
-    ~1.5 us + an orjson dump per request) when the scheduler does not use it."""
-    tools = _chat_tools(req)
+    ~1.5 us + an orjson dump per request) when the scheduler does not use it. `schemas` is the
+    tool-schema memo and per-request budget (the gateway passes its own, built from config);
+    `inline_work` caps the schema cleaning this call may do (else SchemasOffLoop)."""
+    tools = _chat_tools(req, schemas, inline_work)
     tool_config = _chat_tool_choice(req, tools)
     conv = _Conversation(tools)
     for i, m in enumerate(req.messages):
@@ -779,8 +908,10 @@ _SEARCH_TOOLS = frozenset({"web_search", "web_search_preview", "web_search_2025_
 _RESULT_TYPES = frozenset({"function_call_output", "custom_tool_call_output"})
 
 
-def _responses_tools(tools_in: list[ResponsesTool] | None) -> _Tools:
-    tools = _Tools()
+def _responses_tools(
+    tools_in: list[ResponsesTool] | None, schemas: ToolSchemas, inline_work: int | None
+) -> _Tools:
+    tools = _Tools(schemas, inline_work)
     wants_search = False
 
     def add(t: ResponsesTool, param: str, namespace: str | None) -> None:
@@ -924,8 +1055,11 @@ def responses_to_gemini(
     history: list[dict[str, Any]] | None = None,
     *,
     key: bool = True,
+    schemas: ToolSchemas = _DEFAULT_SCHEMAS,
+    inline_work: int | None = None,
 ) -> GeminiCall:
-    tools = _responses_tools(req.tools)
+    """`schemas` and `inline_work` as for `chat_to_gemini`."""
+    tools = _responses_tools(req.tools, schemas, inline_work)
     tool_config = _responses_tool_choice(req, tools)
     conv = _Conversation(tools)
     if req.instructions:

@@ -11,8 +11,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.jsonschema import (
+    MAX_SCHEMA_DEPTH,
     MAX_SCHEMA_NODES,
+    SchemaBudgetError,
     SchemaError,
+    clean_parameters,
     to_gemini_parameters,
     to_response_schema,
 )
@@ -125,6 +128,89 @@ def test_exponential_ref_fanout_is_refused() -> None:
             {"type": "object", "properties": {"x": {"$ref": "#/$defs/D29"}}, "$defs": defs}
         )
     assert MAX_SCHEMA_NODES >= 1000
+
+
+def _ref_chain(n: int, sibling: bool = False) -> dict[str, Any]:
+    """x -> d0 -> d1 -> ... -> dn (a string): the shape of the 2.4 MB request that held the event
+    loop for 37 s (each step copied the cycle-guard tuple). `sibling`: every link also carries a
+    description and a key of its own, which a per-step merge would copy again and again."""
+    defs: dict[str, Any] = {}
+    for i in range(n):
+        link: dict[str, Any] = {"$ref": f"#/$defs/d{i + 1}"}
+        if sibling:
+            link |= {"description": f"link {i}", f"k{i}": i}
+        defs[f"d{i}"] = link
+    defs[f"d{n}"] = {"type": "string", "description": "end"}
+    return {"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "$defs": defs}
+
+
+@pytest.mark.parametrize("sibling", [False, True])
+def test_ref_chain_costs_linear_work(sibling: bool) -> None:
+    works = {}
+    for n in (2000, 4000):
+        out, works[n] = clean_parameters(_ref_chain(n, sibling), max_work=10**9)
+        assert out is not None
+        # the outermost link's description wins (siblings override the target's)
+        want = "link 0" if sibling else "end"
+        assert out["properties"]["x"] == {"type": "string", "description": want}
+        # one step + one pointer resolution per link (+ the link's 3 keys when it has siblings)
+        assert works[n] <= (6 if sibling else 2) * n + 10
+    assert works[4000] <= 2 * works[2000] + 10
+
+
+def test_the_request_budget_stops_a_ref_chain_within_it() -> None:
+    with pytest.raises(SchemaBudgetError):
+        clean_parameters(_ref_chain(70_000), max_work=100_000)
+    # within the budget the same chain shape is fine
+    out, work = clean_parameters(_ref_chain(1000), max_work=100_000)
+    assert out is not None and work <= 2010
+
+
+def test_copies_are_charged_so_a_budget_bounds_them() -> None:
+    """Values copied per node (here an allOf of 1000 refs to a 1000-property definition, and a
+    10,000-value enum referenced by 400 properties) count as work: without that, a few hundred
+    KB of input would make millions of copies within the node cap."""
+    big = {"properties": {f"p{i}": {"type": "string"} for i in range(1000)}}
+    all_of = {"type": "object", "allOf": [{"$ref": "#/$defs/big"}] * 1000, "$defs": {"big": big}}
+    with pytest.raises(SchemaBudgetError):
+        clean_parameters(all_of, max_work=100_000)
+    enum = {"enum": [f"v{i}" for i in range(10_000)]}
+    props = {f"p{i}": {"$ref": "#/$defs/e"} for i in range(400)}
+    fan = {"type": "object", "properties": props, "$defs": {"e": enum}}
+    with pytest.raises(SchemaBudgetError):
+        clean_parameters(fan, max_work=100_000)
+    out, work = clean_parameters({**fan, "properties": dict(list(props.items())[:5])}, 100_000)
+    assert out is not None and 50_000 <= work <= 50_100
+
+
+def test_all_of_parts_may_share_a_ref_and_own_properties_win() -> None:
+    src = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "required": ["a"],
+        "allOf": [{"$ref": "#/$defs/P"}, {"$ref": "#/$defs/P"}, {"required": ["b"]}],
+        "$defs": {"P": {"properties": {"a": {"type": "string"}, "b": {"type": "string"}}}},
+    }
+    out = to_gemini_parameters(src)
+    assert out is not None
+    assert out["properties"] == {"a": {"type": "integer"}, "b": {"type": "string"}}
+    assert out["required"] == ["a", "b"]
+
+
+def test_a_chain_nesting_deeper_than_the_cap_is_a_schema_error() -> None:
+    """Each definition is an object whose property refers to the next: nesting grows with the
+    chain (the JSON depth cap does not see it) and used to end in RecursionError (a 500)."""
+    n = 600
+    defs = {
+        f"d{i}": {"type": "object", "properties": {"next": {"$ref": f"#/$defs/d{i + 1}"}}}
+        for i in range(n)
+    }
+    defs[f"d{n}"] = {"type": "string"}
+    root = {"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "$defs": defs}
+    with pytest.raises(SchemaError, match="deeper"):
+        to_gemini_parameters(root)
+    ok = {**root, "properties": {"x": {"$ref": f"#/$defs/d{n - MAX_SCHEMA_DEPTH + 2}"}}}
+    assert to_gemini_parameters(ok) is not None
 
 
 def test_unions_and_nullables() -> None:
