@@ -36,7 +36,9 @@ from rawgate.call import GeminiCall
 from rawgate.errors import BadRequest
 from rawgate.jsonschema import SchemaError, to_response_schema
 from rawgate.mapping import (
+    _DEFAULT_SCHEMAS,
     _MAX_STOP,
+    ToolSchemas,
     _body,
     _Conversation,
     _media,
@@ -271,9 +273,12 @@ def _tool_result(conv: _Conversation, b: dict[str, Any], param: str) -> None:
 # ---- tools, thinking, generationConfig -------------------------------------------------------
 
 
-def _tools(req: MessagesRequest) -> tuple[_Tools, bool]:
-    """(tools, web search asked) for the request's tools."""
-    tools = _Tools()
+def _tools(
+    req: MessagesRequest, schemas: ToolSchemas, inline_work: int | None
+) -> tuple[_Tools, bool]:
+    """(tools, web search asked) for the request's tools; the schemas are charged to the
+    request's budget as on the OpenAI routes (mapping.ToolSchemas)."""
+    tools = _Tools(schemas, inline_work)
     search = False
     for i, t in enumerate(req.tools or ()):
         p = f"tools[{i}]"
@@ -389,10 +394,17 @@ def _thinking(
 
 
 def messages_to_gemini(
-    req: MessagesRequest, model: str, sig: SignatureTagger, *, key: bool = True
+    req: MessagesRequest,
+    model: str,
+    sig: SignatureTagger,
+    *,
+    key: bool = True,
+    schemas: ToolSchemas = _DEFAULT_SCHEMAS,
+    inline_work: int | None = None,
 ) -> tuple[GeminiCall, MessagesOptions]:
-    """The Gemini call for an Anthropic request; `model` is the router's answer."""
-    tools, _search = _tools(req)
+    """The Gemini call for an Anthropic request; `model` is the router's answer. `schemas` and
+    `inline_work` as for mapping.chat_to_gemini (SchemasOffLoop when over `inline_work`)."""
+    tools, _search = _tools(req, schemas, inline_work)
     tool_config, single = _tool_choice(req, tools)
     conv = _Conversation(tools)
     if isinstance(req.system, str):
