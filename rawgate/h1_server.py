@@ -964,7 +964,27 @@ class _Conn:
                 await self._worker()
                 tg.cancel_scope.cancel()
         finally:
+            self._release()
             await self._close_stream()
+
+    def _release(self) -> None:
+        """Drop every buffer the connection holds, at once, when it ends.
+
+        The connection's tasks end by cancellation, and anyio's task_done keeps each child
+        task's CancelledError in a reference cycle with its own frame; that exception's traceback
+        holds the reader's and watchdog's frames, hence this _Conn, its queue and the bodies in
+        it. Refcounting frees nothing in a cycle, and gc runs by object count, not bytes: an
+        aborted 31 MiB upload stayed alive until some later full collection. Emptying the
+        containers here frees the bytes now, whatever still points at the _Conn.
+        """
+        self._tg = None
+        for ex in self._queue:
+            ex.body = []
+        if self._cur is not None:
+            self._cur.body = []
+        self._queue.clear()
+        self._cur = None
+        self._h._receive_buffer._data.clear()  # h11 private: unparsed bytes (a bytearray)
 
     async def _close_stream(self) -> None:
         with anyio.CancelScope(shield=True):
