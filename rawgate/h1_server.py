@@ -179,6 +179,19 @@ def _fast_head(data: bytes | bytearray) -> _FastHead | None:
         return None
     return _FastHead(method, target, headers, length, close, m.end())
 
+# h11's end of a head: a blank line, CRLF or bare LF (its blank_line_regex).
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+# A header line that starts with whitespace: obs-fold (RFC 9112 5.2), refused with 400.
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+
+
+def _head_end(data: bytes | bytearray, scanned: int) -> int:
+    """The offset just past the head's end in `data`, or -1. The first `scanned` bytes are known
+    to hold no end, so the search starts 2 bytes before them (the longest end is 3 bytes)."""
+    m = _BLANK_LINE.search(data, max(0, scanned - 2))
+    return -1 if m is None else m.end()
+
+
 # What the read deadline means when it passes.
 _IDLE, _HEAD, _BODY = 1, 2, 3
 
@@ -459,6 +472,7 @@ class _Conn:
         "_read_kind",
         "_requests",
         "_room",
+        "_scanned",
         "_state",
         "_stream",
         "_tg",
@@ -501,6 +515,7 @@ class _Conn:
         self._cur: _Exchange | None = None  # receiving its body
         self._length_left = 0  # Content-Length body bytes still to come for _cur (0: chunked)
         self._head_t: float | None = None  # when the first byte of the pending head arrived
+        self._scanned = 0  # leading bytes of the pending head known to hold no end of head
         self._idle_t = time.monotonic()
         self._read_deadline = _INF
         self._read_kind = 0
@@ -574,25 +589,44 @@ class _Conn:
                 # h11 private: the receive buffer. Its length before and after the head is the
                 # exact number of head bytes (h11's own check misses complete heads, h11#182).
                 buf = h._receive_buffer
-                before = len(buf)
+                # (10) h11 private: ReceiveBuffer._data is the bytearray of unparsed bytes.
+                data = buf._data
+                before = len(data)
                 if not before:
                     self._head_t = None
+                    self._scanned = 0
                     return
                 if self._should_pause():
                     return  # parse the rest once the worker has caught up
-                # (10) h11 private: ReceiveBuffer._data is the bytearray of unparsed bytes.
-                fast = _fast_head(buf._data)
+                # (11) Nothing parses a head before its end is here, and the search for that end
+                # starts where the last one stopped: a head sent a few bytes at a time is scanned
+                # once, not once per read (the fast regex rescanned all of it every time).
+                end = _head_end(data, self._scanned)
+                if end < 0:
+                    self._scanned = before
+                    if self._head_t is None:
+                        self._head_t = time.monotonic()
+                    if before > self._max_head:
+                        self._fail(self._overflow_error(data))
+                    return
+                self._scanned = 0
+                fast = _fast_head(data)
                 if fast is not None:
                     self._head_t = None
                     buf.maybe_extract_at_most(fast.size)  # consumes the head
                     self._on_fast_head(fast)
                     continue
+                if _OBS_FOLD.search(data, 0, end) is not None:
+                    # h11 joins a folded line to the previous value, so a folded Authorization
+                    # would reach auth as one header that no proxy in front of us saw.
+                    self._fail(BadRequest("obsolete line folding in the request head"))
+                    return
                 try:
                     ev = h.next_event()
                 except h11.RemoteProtocolError as e:
                     self._fail(_protocol_error(e, h))
                     return
-                if ev is h11.NEED_DATA:
+                if ev is h11.NEED_DATA:  # cannot happen: the head's end is buffered
                     if self._head_t is None:
                         self._head_t = time.monotonic()
                     return
@@ -667,14 +701,27 @@ class _Conn:
         return ex
 
     def _head_error(self, head_bytes: int, n_headers: int, target: bytes) -> RawgateError | None:
+        # The target first: a long target is 414 whether its head arrived whole or in pieces
+        # (_overflow_error answers the incomplete head the same way).
         lim = self._lim
+        if len(target) > lim.max_url_bytes:
+            return URITooLong(f"request target longer than {lim.max_url_bytes} bytes")
         if head_bytes > self._max_head:
             return HeadersTooLarge(f"request head larger than {self._max_head} bytes")
         if n_headers > lim.max_header_count:
             return HeadersTooLarge(f"more than {lim.max_header_count} request headers")
-        if len(target) > lim.max_url_bytes:
-            return URITooLong(f"request target longer than {lim.max_url_bytes} bytes")
         return None
+
+    def _overflow_error(self, data: bytes | bytearray) -> RawgateError:
+        """An incomplete head over max_header_bytes: 414 if its request line ended with (or has
+        not yet ended within) a target over max_url_bytes, else 431, as a complete head gets."""
+        nl = data.find(b"\n", 0, self._max_head + 1)
+        if nl < 0:
+            return URITooLong("request line too long")
+        parts = bytes(data[:nl]).split(b" ")
+        if len(parts) >= 2 and len(parts[1]) > self._lim.max_url_bytes:
+            return URITooLong(f"request target longer than {self._lim.max_url_bytes} bytes")
+        return HeadersTooLarge(f"request head larger than {self._max_head} bytes")
 
     def _on_head(self, ev: h11.Request, head_bytes: int) -> None:
         ex = self._new_exchange()
@@ -1015,11 +1062,7 @@ def _version_error(version: bytes) -> RawgateError:
 
 def _protocol_error(e: h11.RemoteProtocolError, h: h11.Connection) -> RawgateError:
     hint = e.error_status_hint
-    if hint == 431:
-        # h11 gave up on an incomplete head. If not even the request line ended, the target is
-        # what is too long (414); otherwise the headers are (431).
-        if b"\n" not in bytes(h._receive_buffer):
-            return URITooLong("request line too long")
+    if hint == 431:  # not expected: h11 only sees heads whose end is buffered (_overflow_error)
         return HeadersTooLarge("request head too large")
     if hint == 501:
         return RawgateError(
