@@ -588,6 +588,7 @@ class _Conn:
         "_idle_timer",
         "_idle_workers",
         "_info",
+        "_keepalive_s",
         "_lim",
         "_loop",
         "_max_requests",
@@ -622,7 +623,11 @@ class _Conn:
         self._lim = lim
         self._max_streams = max(1, lim.h2_max_concurrent_streams)
         self._max_requests = lim.max_requests_per_connection
-        self._idle_s = cfg.timeouts.keepalive_idle_s
+        # Until its first request head arrives a connection gets header_read_s, not the
+        # keep-alive allowance: a preface-only connection is the cheapest way to hold a slot of
+        # max_connections (HTTP/1.1 does the same). _on_request switches to keepalive_idle_s.
+        self._idle_s = cfg.timeouts.header_read_s
+        self._keepalive_s = cfg.timeouts.keepalive_idle_s
         self._body_s = cfg.timeouts.body_read_s
         self.write_s = cfg.timeouts.write_s
         self.max_pending = lim.max_pending_output_bytes
@@ -723,8 +728,14 @@ class _Conn:
             if self._active or not self._idle_s:
                 return  # the timer, if armed, finds the connection busy and lapses
             self._idle_t = loop.time()
-            if self._idle_timer is None:
-                self._idle_timer = loop.call_at(self._idle_t + self._idle_s, self._idle_check)
+            due = self._idle_t + self._idle_s
+            timer = self._idle_timer
+            # A timer due later is re-armed: keepalive_idle_s may be shorter than the
+            # header_read_s the connection started with.
+            if timer is None or timer.when() > due:
+                if timer is not None:
+                    timer.cancel()
+                self._idle_timer = loop.call_at(due, self._idle_check)
             return
         if self._active or not self._idle_s:
             self._read_scope.deadline = math.inf
@@ -765,7 +776,8 @@ class _Conn:
                 if not self._feed(data):
                     return
         if scope.cancelled_caught and not self._drain_done and self.close_code is None:
-            self.close_code = _NO_ERROR  # idle: no open stream for keepalive_idle_s
+            # Idle: no open stream for keepalive_idle_s (header_read_s before the first request).
+            self.close_code = _NO_ERROR
 
     def _feed(self, data: bytes) -> bool:
         """Hand bytes to h2 and act on the events. False: the connection must close."""
@@ -843,6 +855,7 @@ class _Conn:
             return None
         st = _Stream(self, sid, ev.headers, ev.stream_ended is not None)
         self._streams[sid] = st
+        self._idle_s = self._keepalive_s
         self._active += 1
         if self._active == 1:
             self._set_idle_deadline()

@@ -18,6 +18,7 @@ import anyio.lowlevel
 import h11
 import msgspec
 import pytest
+from hyperframe.frame import GoAwayFrame
 
 from rawgate import h1_server, listener
 from rawgate.config import Config
@@ -25,6 +26,7 @@ from rawgate.conn import ConnInfo, ServerState
 from rawgate.events import Request, ResponseSink
 from rawgate.respond import json_response
 from tests.helpers_h1 import h1_serving
+from tests.helpers_h2 import FrameFactory, FrameReader
 
 pytestmark = pytest.mark.anyio
 
@@ -210,3 +212,35 @@ async def test_obs_folded_header_is_400() -> None:
         (r,) = await c.responses(1)
     assert r.status == 400 and b"folding" in r.body
     assert app.bodies == []
+
+
+# ---- 10. a connection that never completes a request head gets the head timeout ------------
+
+
+async def _held_until_closed(port: int, first: bytes) -> bytes:
+    """Everything the server sends after `first` until it closes (bounded: 10 s)."""
+    got = bytearray()
+    s = await anyio.connect_tcp("127.0.0.1", port)
+    async with s:
+        await s.send(first)
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    got += await s.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return bytes(got)
+
+
+@pytest.mark.parametrize("proto", ["h2c", "h1"])
+async def test_connection_without_a_request_head_gets_the_head_timeout(proto: str) -> None:
+    # keep-alive 1 h: before the fix an h2c preface-only connection was held that long.
+    cfg = make_cfg(timeouts={"header_read_s": 0.3, "keepalive_idle_s": 3600.0})
+    first = FrameFactory().preface() if proto == "h2c" else b"GET / HT"
+    async with serving(EchoApp(), cfg) as server:
+        got = await _held_until_closed(server.port, first)
+        await wait_idle(server)
+    if proto == "h2c":
+        goaway = FrameReader().feed(got)[-1]
+        assert isinstance(goaway, GoAwayFrame) and goaway.error_code == 0
+    else:
+        assert got.startswith(b"HTTP/1.1 408 ")
