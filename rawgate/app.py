@@ -6,9 +6,11 @@ Invariants:
   registered `auth="public"` (always) or `auth="health"` (mode all_except_health). Anything else,
   including unknown paths, needs a valid key when auth is on, so `/healthz/../v1/models`,
   `//v1/models`, `/v1%2Fmodels`, `/V1/models`, `/healthz/` can never reach a protected handler.
-- Order per request: in-flight cap (503) -> CORS preflight -> auth (401) -> route (404/405) ->
-  handler. With auth on, an unauthenticated client learns nothing about which paths exist (401
-  for all); the 404 that lists routes and base_url hints goes only to authenticated clients.
+- Order per request: in-flight cap (503; /healthz, /health, /metrics are exempt) -> CORS
+  preflight -> auth (401) -> route (404/405) -> handler. With auth on, an unauthenticated client
+  learns nothing about which paths exist (401 for all); the 404 that lists routes and base_url
+  hints goes only to authenticated clients. `admit_head` is the auth decision on the head alone:
+  the drivers ask it before reading a body, so a keyless client's body is never read.
 - Keys are compared in constant time on bytes: SHA-256 of the presented key against the digest
   of every configured key, no early exit; non-ASCII bytes are just bytes.
 - Every response carries x-request-id (and CORS headers for an allowed Origin), whatever answered.
@@ -93,6 +95,8 @@ _SLOT = {
     b"access-control-request-headers": 6,
 }
 _N_SLOTS = 7
+# Paths whose requests never count against limits.max_in_flight.
+_UNCAPPED = frozenset({"/healthz", "/health", "/metrics"})
 _DUPLICATE = b"\x00dup"  # a repeated credential header: ambiguous, never accepted
 
 
@@ -315,8 +319,10 @@ class GatewayApp:
         out = _Sink(sink, extra)
         route: Route | None = None
         status = 0
-        over = self.in_flight >= self._max_in_flight
-        self.in_flight += 1
+        # Health and metrics are what an operator reads under load: never refused, never counted.
+        counted = request.path not in _UNCAPPED
+        over = counted and self.in_flight >= self._max_in_flight
+        self.in_flight += counted
         try:
             try:
                 if over:
@@ -328,7 +334,7 @@ class GatewayApp:
                     return
                 route = self.router.match(request.method, request.path)
                 if self.auth_mode != "off" and not self._exempt(route):
-                    self._authenticate(request, route, slots)
+                    self._authenticate(request.query, route, slots)
                 if route is None:
                     raise self._no_route(request)
                 await route.handler(request, out)
@@ -368,7 +374,7 @@ class GatewayApp:
                 except ClientDisconnected:
                     status = CLIENT_CLOSED
         finally:
-            self.in_flight -= 1
+            self.in_flight -= counted
             if status == 0:
                 status = out.status or CLIENT_CLOSED
             duration = time.perf_counter() - t0
@@ -388,6 +394,29 @@ class GatewayApp:
                     rid,
                 )
 
+    def admit_head(self, method: str, path: str, query: str, headers: list[Header]) -> bool:
+        """Whether a request's body may be read, decided on its head alone (the drivers ask
+        before they read a body byte or open an h2 window). False only when __call__ would
+        answer 401: the driver then calls the app with an empty body and the same head, and
+        the usual 401 (request id, CORS, access log, metrics) goes out with no body read."""
+        if self.auth_mode == "off":
+            return True
+        route = self.router.match(method, path)
+        if self._exempt(route):
+            return True
+        slots: list[bytes | None] = [None] * _N_SLOTS
+        for name, value in headers:
+            i = _SLOT.get(name)
+            if i is not None:
+                slots[i] = value if slots[i] is None else _DUPLICATE
+        if method == "OPTIONS" and slots[1] is not None and slots[5] is not None:
+            return True  # a CORS preflight is answered before auth
+        try:
+            self._authenticate(query, route, slots)
+        except AuthenticationError:
+            return False
+        return True
+
     # ---- auth ------------------------------------------------------------------------------
 
     def _exempt(self, route: Route | None) -> bool:
@@ -397,9 +426,7 @@ class GatewayApp:
             return True
         return route.auth == "health" and self.auth_mode == "all_except_health"
 
-    def _authenticate(
-        self, request: Request, route: Route | None, slots: list[bytes | None]
-    ) -> None:
+    def _authenticate(self, query: str, route: Route | None, slots: list[bytes | None]) -> None:
         presented: bytes | None = None
         for i in (2, 3, 4):  # Authorization, then x-api-key, then x-goog-api-key
             value = slots[i]
@@ -412,7 +439,7 @@ class GatewayApp:
                     presented = value.strip(b" \t")
                 break
         if presented is None and route is not None and route.query_key:
-            presented = _query_key(request.query)
+            presented = _query_key(query)
         if presented is None:
             raise AuthenticationError(
                 "Missing API key. Send it as 'Authorization: Bearer <key>' (the OpenAI SDKs do"

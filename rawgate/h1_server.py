@@ -13,10 +13,20 @@ Invariants:
   limits.max_pipelined behind the one being answered, and at most limits.max_body_bytes of their
   bodies) and how a disconnect is seen at once: EOF or a reset cancels the connection's task
   group, the running handler included; the sink raises ClientDisconnected afterwards.
-- The whole request body is collected (bounded by limits.max_body_bytes) before the handler runs.
+- The whole request body is collected (bounded by limits.max_body_bytes) before the handler runs,
+  and only after the app's `admit_head` (auth on the head) accepted it: a refused head runs the
+  app with an empty body (its 401), nothing of the body is read, and the connection closes.
+  Bodies being collected count against ServerState.buffered_body_bytes, bounded process-wide by
+  limits.max_buffered_body_bytes (503 on the head if the declared length does not fit, or as
+  the bytes arrive); the count is given back when the handler takes the body or the exchange or
+  connection ends, and every buffer is dropped when the connection ends (`_release`).
+- A head is parsed only once its end (a blank line) is buffered, and that end is searched for in
+  the bytes that arrived since the last search: a head trickled a few bytes at a time costs
+  linear CPU. obs-fold in a request head is refused (400).
 - Limits rawgate enforces itself, whatever h11 says: head bytes (431, counted on what h11 consumed,
   because h11 only checks heads that are still incomplete), header count (431), target length
-  (414), Content-Length over the body limit (413 before any body byte; no 100 Continue is sent),
+  (414, checked first, so a long target is 414 whether its head arrived whole or in pieces),
+  Content-Length over the body limit (413 before any body byte; no 100 Continue is sent),
   chunked bodies over it (413 as they arrive), Content-Length together with Transfer-Encoding (400:
   a smuggling shape). A driver-level error is answered in order, then the connection closes after
   a short lingering close (timeouts.lingering_close_s): framing after a bad request is not trusted.
@@ -41,6 +51,7 @@ import math
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
@@ -52,6 +63,7 @@ from rawgate.errors import (
     BadRequest,
     HeadersTooLarge,
     InternalError,
+    Overloaded,
     PayloadTooLarge,
     RawgateError,
     RequestTimeout,
@@ -300,6 +312,7 @@ class _Exchange:
         "path",
         "query",
         "target",
+        "unread",
     )
 
     def __init__(self, c: _Conn) -> None:
@@ -314,6 +327,7 @@ class _Exchange:
         self.body: list[bytes | bytearray] = []
         self.body_size = 0
         self.done = False  # the whole body arrived (or there is none)
+        self.unread = False  # the head was refused (401): its body is never read
         self.error: RawgateError | None = None  # answer this instead, then close
         self.event: anyio.Event | None = None  # the worker waits on it for the body
         self.expect_100 = False
@@ -449,8 +463,10 @@ class _Conn:
     """One HTTP/1.1 connection: reader, worker and watchdog around a queue of exchanges."""
 
     __slots__ = (
+        "_admit",
         "_app",
         "_body_s",
+        "_budget",
         "_buffered",
         "_cur",
         "_h",
@@ -498,6 +514,12 @@ class _Conn:
         self._lim = lim
         self._max_head = lim.max_header_bytes
         self._max_body = lim.max_body_bytes
+        self._budget: float = lim.max_buffered_body_bytes or _INF
+        # The app's auth decision on a head alone (GatewayApp.admit_head), asked before a body
+        # is read; apps without one get every body.
+        self._admit: Callable[[str, str, str, list[Header]], bool] | None = getattr(
+            app, "admit_head", None
+        )
         self._max_pipelined = max(1, lim.max_pipelined)
         self._max_requests = lim.max_requests_per_connection
         # A timeout of 0 means "off": an infinite deadline.
@@ -667,11 +689,16 @@ class _Conn:
 
     def _add_body(self, ex: _Exchange, data: bytes | bytearray) -> bool:
         n = len(data)
-        ex.body_size += n
-        self._buffered += n
-        if ex.body_size > self._max_body:
+        if ex.body_size + n > self._max_body:
             self._body_error(ex, PayloadTooLarge.body_over(self._max_body))
             return False
+        state = self._state
+        if state.buffered_body_bytes + n > self._budget:
+            self._body_error(ex, _over_budget())
+            return False
+        ex.body_size += n
+        self._buffered += n
+        state.buffered_body_bytes += n
         ex.body.append(data)
         return True
 
@@ -799,6 +826,19 @@ class _Conn:
         ex.method = known if known is not None else method.decode("ascii")  # h11: a token
         ex.target = target
         ex.headers = headers
+        if chunked or size:
+            admit = self._admit
+            if admit is not None and not admit(ex.method, ex.path, ex.query, headers):
+                # Auth fails on the head: the app answers 401 now, no body byte is read, and the
+                # connection closes (after a lingering close) since its framing is not consumed.
+                ex.unread = True
+                ex.close = True
+                self._enqueue(ex)
+                self._end_body(ex)
+                return
+            if size > self._budget - self._state.buffered_body_bytes:
+                self._reject(ex, _over_budget())
+                return
         # A fast-parsed head has no expect header (10).
         ex.expect_100 = h11_expect and self._h.they_are_waiting_for_100_continue
         self._enqueue(ex)
@@ -830,6 +870,7 @@ class _Conn:
         ex.error = err
         ex.close = True
         self._buffered -= ex.body_size
+        self._state.buffered_body_bytes -= ex.body_size
         ex.body = []
         ex.body_size = 0
         self._cur = None
@@ -927,6 +968,8 @@ class _Conn:
                     return
                 await self._run(ex)
                 q.popleft()
+                if ex.unread and not self.dead:
+                    await self._linger()  # the refused body may still be on its way
                 if ex.close or self.dead or self.draining.is_set():
                     return
                 room = self._room
@@ -950,6 +993,9 @@ class _Conn:
         assert ex.error is not None
         ex.close = True
         await error_response(ex, ex.error)
+        await self._linger()
+
+    async def _linger(self) -> None:
         # Lingering close: the client may still be sending the body we refused. Closing with
         # unread bytes makes the kernel send RST, which can destroy our answer in the client's
         # receive buffer. Half-close, keep reading (and dropping) until EOF or the timeout.
@@ -966,6 +1012,7 @@ class _Conn:
         body = b"".join(ex.body) if ex.body else b""
         ex.body = []
         self._buffered -= ex.body_size
+        self._state.buffered_body_bytes -= ex.body_size
         info = self._info
         request = Request(
             ex.method,
@@ -1025,6 +1072,8 @@ class _Conn:
         containers here frees the bytes now, whatever still points at the _Conn.
         """
         self._tg = None
+        self._state.buffered_body_bytes -= self._buffered
+        self._buffered = 0
         for ex in self._queue:
             ex.body = []
         if self._cur is not None:
@@ -1049,6 +1098,14 @@ def _reason(prefix: str, e: h11.RemoteProtocolError) -> str:
     if len(text) > _MAX_REASON_CHARS:
         text = text[:_MAX_REASON_CHARS] + "..."
     return f"{prefix}: {text}"
+
+
+def _over_budget() -> RawgateError:
+    return Overloaded(
+        "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
+        " retry shortly",
+        headers=[(b"retry-after", b"1")],
+    )
 
 
 def _version_error(version: bytes) -> RawgateError:

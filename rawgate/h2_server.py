@@ -21,6 +21,15 @@ Invariants:
   h2's error code (PROTOCOL_ERROR family). Nothing escapes serve_h2.
 - GOAWAY frames are written by this driver, never by h2's close_connection(): once h2 has sent
   GOAWAY it refuses to send on open streams, which would make a graceful drain impossible.
+- A request head is checked when it arrives (_parse_head, then the app's `admit_head`, the auth
+  decision on the head). A refused head is answered by the app with an empty body (its 401) and
+  its DATA is dropped; only the connection window is handed back for it, so the stream's window
+  never reopens. Kept DATA count against ServerState.buffered_body_bytes (bounded process-wide
+  by limits.max_buffered_body_bytes, 503 once over) and a stream's window reopens only for bytes
+  kept for its handler; the count is given back when the handler takes the body or the stream
+  ends. DATA on a closed stream counts toward h2_max_noop_frames_per_s.
+- Until its first request head has arrived a connection gets timeouts.header_read_s, then
+  keepalive_idle_s whenever no stream is open.
 - Request headers are fully validated by h2. Response headers are not (h2's outbound validation
   and normalisation cost ~10% of a small response): handlers must pass lower-case names and no
   hop-by-hop headers, as events.py already requires.
@@ -33,6 +42,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING, cast
 
@@ -57,13 +67,14 @@ from h2.exceptions import (
 )
 from h2.settings import SettingCodes, Settings
 from hpack.table import HeaderTable
-from hyperframe.frame import Frame, GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, WindowUpdateFrame
 
 from rawgate.aio import on_asyncio
 from rawgate.errors import (
     BadRequest,
     HeadersTooLarge,
     InternalError,
+    Overloaded,
     PayloadTooLarge,
     RawgateError,
     RequestTimeout,
@@ -285,6 +296,11 @@ class _GuardedH2(H2Connection):
         t = cast(int, frame.type)
         lim = self._lim
         if t == 0x0:  # DATA
+            st = self.streams.get(frame.stream_id)
+            if st is None or st.closed:
+                # h2 answers each with its own RST_STREAM (and refunds the window): no work for
+                # us, some for the peer to make us do.
+                self._count_noop()
             if frame.data:  # type: ignore[attr-defined]
                 self.empty_run = 0
             elif "END_STREAM" not in frame.flags:
@@ -327,6 +343,16 @@ class _GuardedH2(H2Connection):
         if n < self.stream_cap:
             return n
         return super().open_inbound_streams
+
+    def acknowledge_connection_data(self, n: int) -> None:
+        """Hand `n` dropped bytes back to the connection window only (h2 private: the window
+        manager), as h2 itself does for DATA on a closed stream. The stream's window stays shut:
+        a stream whose body nobody will read must not be invited to send more."""
+        inc = self._inbound_flow_control_window_manager.process_bytes(n)
+        if inc:
+            f = WindowUpdateFrame(0)
+            f.window_increment = inc
+            self._prepare_for_sending([f])
 
     def _count_noop(self) -> None:
         self.noop += 1
@@ -371,6 +397,14 @@ def _goaway(code: int, last_stream_id: int) -> bytes:
     return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code).serialize()
 
 
+def _over_budget() -> RawgateError:
+    return Overloaded(
+        "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
+        " retry shortly",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
 def _connection_error_code(e: ProtocolError) -> int:
     if isinstance(e, DenialOfServiceError | TooManyStreamsError):
         return _CALM
@@ -379,6 +413,9 @@ def _connection_error_code(e: ProtocolError) -> int:
         return _CALM
     return int(e.error_code)
 
+
+
+_Head = tuple[str, bytes, str, str, list[Header]]
 
 
 class _Stream:
@@ -396,10 +433,13 @@ class _Stream:
         "body_size",
         "error",
         "headers",
+        "held",
         "is_head",
+        "parsed",
         "reset",
         "scope",
         "sid",
+        "unread",
         "win_event",
     )
 
@@ -410,6 +450,9 @@ class _Stream:
         self.scope = anyio.CancelScope()
         self.body: list[bytes] = []
         self.body_size = 0
+        self.held = 0  # bytes in `body`, counted in ServerState.buffered_body_bytes
+        self.unread = False  # the head was refused (401): the body is dropped, its window shut
+        self.parsed: _Head | None = None
         self.body_done = ended
         self.body_event: anyio.Event | None = None
         self.error: RawgateError | None = None
@@ -576,8 +619,10 @@ class _Conn:
 
     __slots__ = (
         "_active",
+        "_admit",
         "_app",
         "_body_s",
+        "_budget",
         "_cfg",
         "_dead",
         "_drain_done",
@@ -631,6 +676,12 @@ class _Conn:
         self._body_s = cfg.timeouts.body_read_s
         self.write_s = cfg.timeouts.write_s
         self.max_pending = lim.max_pending_output_bytes
+        self._budget: float = lim.max_buffered_body_bytes or math.inf
+        # The app's auth decision on a head alone (GatewayApp.admit_head), asked before a body
+        # byte is kept or a stream window reopened; apps without one get every body.
+        self._admit: Callable[[str, str, str, list[Header]], bool] | None = getattr(
+            app, "admit_head", None
+        )
         self.h2 = _new_h2(lim)
         self._streams: dict[int, _Stream] = {}
         self._idle_workers: list[asyncio.Future[_Stream]] = []
@@ -856,6 +907,16 @@ class _Conn:
         st = _Stream(self, sid, ev.headers, ev.stream_ended is not None)
         self._streams[sid] = st
         self._idle_s = self._keepalive_s
+        try:
+            st.parsed = head = self._parse_head(st)
+        except RawgateError as e:
+            st.error = e
+        else:
+            admit = self._admit
+            if not st.body_done and admit is not None and not admit(
+                head[0], head[2], head[3], head[4]
+            ):
+                st.unread = True  # 401 on the head: the app answers with an empty body
         self._active += 1
         if self._active == 1:
             self._set_idle_deadline()
@@ -867,22 +928,46 @@ class _Conn:
     def _on_data(self, ev: DataReceived) -> None:
         sid = ev.stream_id
         n = ev.flow_controlled_length or 0
-        if n:
-            # The bytes are consumed now: kept in a buffer bounded by max_body_bytes, or dropped.
-            self.h2.acknowledge_received_data(n, sid)
+        h2 = self.h2
         st = self._streams.get(sid)
-        if st is None:
+        if st is None or st.unread or st.error is not None:
+            if n:
+                h2.acknowledge_connection_data(n)  # dropped; the stream's window stays shut
+            if st is not None and st.body_event is not None:
+                st.body_event.set()
             return
         data = ev.data
-        if data and st.error is None:
-            st.body_size += len(data)
-            if st.body_size > self._lim.max_body_bytes:
+        size = len(data) if data else 0
+        if size:
+            state = self._state
+            if st.body_size + size > self._lim.max_body_bytes:
                 st.error = PayloadTooLarge.body_over(self._lim.max_body_bytes)
-                st.body.clear()
-            else:
-                st.body.append(data)
+            elif state.buffered_body_bytes + size > self._budget:
+                st.error = _over_budget()
+            if st.error is not None:
+                self._drop_body(st)
+                if n:
+                    h2.acknowledge_connection_data(n)
+                if st.body_event is not None:
+                    st.body_event.set()
+                return
+            st.body_size += size
+            st.held += size
+            state.buffered_body_bytes += size
+            st.body.append(data)
+        if n:
+            # Kept for the handler within max_body_bytes and the process budget: only now does
+            # the stream's window reopen, so a client cannot send more than we agreed to hold.
+            h2.acknowledge_received_data(n, sid)
         if st.body_event is not None:
             st.body_event.set()
+
+    def _drop_body(self, st: _Stream) -> None:
+        """Release a stream's buffered body and its share of the process budget."""
+        if st.held:
+            self._state.buffered_body_bytes -= st.held
+            st.held = 0
+        st.body = []
 
     def _wake_all_senders(self) -> None:
         for st in self.win_waiters:
@@ -904,6 +989,7 @@ class _Conn:
     def _forget(self, st: _Stream) -> None:
         if self._streams.pop(st.sid, None) is None:
             return
+        self._drop_body(st)
         self._active -= 1
         self.win_waiters.discard(st)
         if not self._active:
@@ -950,19 +1036,16 @@ class _Conn:
 
     async def _serve_stream(self, st: _Stream) -> None:
         try:
-            try:
-                parsed = self._parse_head(st)
-            except RawgateError as e:
-                st.error = e
-                st.body.clear()
-            if not st.body_done and st.error is None:
+            if not st.body_done and st.error is None and not st.unread:
                 await self._await_body(st)
-            if st.error is not None:
-                await error_response(st, st.error)
+            if st.error is not None or st.parsed is None:
+                self._drop_body(st)
+                await error_response(st, st.error or InternalError("request head not parsed"))
                 return
-            method, target, path, query, headers = parsed
+            method, target, path, query, headers = st.parsed
+            st.parsed = None
             body = st.body[0] if len(st.body) == 1 else b"".join(st.body)
-            st.body = []
+            self._drop_body(st)  # the handler owns the body now
             info = self._info
             request = Request(
                 method,
@@ -994,7 +1077,7 @@ class _Conn:
                 except ClientDisconnected:
                     pass
 
-    def _parse_head(self, st: _Stream) -> tuple[str, bytes, str, str, list[Header]]:
+    def _parse_head(self, st: _Stream) -> _Head:
         """Pseudo-headers and limits. h2 has already checked the RFC 9113 shape of the block."""
         hdrs = st.headers
         method = target = authority = scheme = None
@@ -1050,7 +1133,7 @@ class _Conn:
             st.body_event = None
             if scope.cancelled_caught:
                 st.error = RequestTimeout(f"no request body bytes for {self._body_s:g} s")
-                st.body.clear()
+                self._drop_body(st)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -1105,6 +1188,8 @@ class _Conn:
                 tg.cancel_scope.cancel()
         finally:
             self.closing = True
+            for st in self._streams.values():
+                self._drop_body(st)
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None

@@ -15,18 +15,20 @@ from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
+import h2.exceptions
 import h11
 import msgspec
 import pytest
 from hyperframe.frame import GoAwayFrame
 
-from rawgate import h1_server, listener
+from rawgate import h1_server, h2_server, listener
+from rawgate.app import GatewayApp
 from rawgate.config import Config
 from rawgate.conn import ConnInfo, ServerState
 from rawgate.events import Request, ResponseSink
 from rawgate.respond import json_response
 from tests.helpers_h1 import h1_serving
-from tests.helpers_h2 import FrameFactory, FrameReader
+from tests.helpers_h2 import FrameFactory, FrameReader, H2Client, h2_client
 
 pytestmark = pytest.mark.anyio
 
@@ -244,3 +246,205 @@ async def test_connection_without_a_request_head_gets_the_head_timeout(proto: st
         assert isinstance(goaway, GoAwayFrame) and goaway.error_code == 0
     else:
         assert got.startswith(b"HTTP/1.1 408 ")
+
+
+# ---- 2. auth on the head; a process-wide budget for buffered bodies; h2 windows -------------
+
+KEY = "sk-test-key-1"
+
+
+def auth_cfg(**limits: Any) -> Config:
+    return make_cfg(auth={"mode": "all", "api_keys": [KEY]}, limits=limits)
+
+
+async def _flood(c: H2Client, streams: int, size: int, headers: list[tuple[bytes, bytes]]) -> int:
+    """Open `streams` POSTs and push `size` body bytes on each as far as flow control lets;
+    returns the DATA bytes the server let in (the client stops at a reset or an answer)."""
+    body = b"x" * 16384
+    sent = 0
+    sids = [
+        await c.open_stream("POST", "/v1/chat/completions", headers, end_stream=False)
+        for _ in range(streams)
+    ]
+
+    async def push(sid: int) -> None:
+        nonlocal sent
+        off = 0
+        st = c.streams[sid]
+        while off < size and st.reset_code is None and not st.ended and not c.eof:
+            n = min(size - off, len(body), c.conn.local_flow_control_window(sid))
+            if n <= 0:
+                with anyio.move_on_after(0.5):  # a window that stays shut ends the push
+                    await c.wait_for(
+                        lambda: c.conn.local_flow_control_window(sid) > 0
+                        or st.reset_code is not None
+                        or st.ended
+                    )
+                if c.conn.local_flow_control_window(sid) <= 0:
+                    return
+                continue
+            try:
+                c.conn.send_data(sid, body[:n], end_stream=off + n >= size)
+            except h2.exceptions.StreamClosedError:
+                return
+            off += n
+            sent += n
+            await c.flush()
+
+    async with anyio.create_task_group() as tg:
+        for sid in sids:
+            tg.start_soon(push, sid)
+    for sid in sids:
+        await c.wait_for(lambda s=sid: c.streams[s].ended or c.streams[s].reset_code is not None)  # type: ignore[misc]
+    return sent
+
+
+async def test_h2_keyless_upload_flood_gets_401_on_the_head_and_no_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The issue's shape at suite size: one h2c connection, no key, 20 streams x 1 MiB.
+    streams, size = 20, 1 * MiB
+    held = _track_h2_buffered(monkeypatch)
+    app = GatewayApp(auth_cfg())
+    async with serving(app, auth_cfg()) as server:
+        async with h2_client("127.0.0.1", server.port) as c:
+            with no_gc():
+                tracemalloc.start()
+                try:
+                    base = tracemalloc.get_traced_memory()[0]
+                    sent = await _flood(c, streams, size, [(b"content-type", b"application/json")])
+                    peak = tracemalloc.get_traced_memory()[1] - base
+                finally:
+                    tracemalloc.stop()
+            statuses = {c.streams[s].status for s in c.streams}
+        await wait_idle(server)
+        assert server.state.buffered_body_bytes == 0
+    print(
+        f"\nh2 keyless flood {streams} x {size}: {sent} DATA bytes let in, peak traced {peak},"
+        f" peak held {held[0]}"
+    )
+    assert statuses == {401}
+    assert held[0] == 0  # not one body byte kept
+    # At most each stream's initial window (64 KiB - 1), never reopened: 1.25 MiB of 20 MiB.
+    assert sent <= streams * 65535
+    assert peak < 4 * MiB
+
+
+async def test_h1_keyless_upload_gets_401_before_its_body() -> None:
+    app = GatewayApp(auth_cfg())
+    async with serving(app, auth_cfg()) as server:
+        s = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with s:
+            # Only the head is sent: the answer must not wait for the 10 MiB it announces.
+            await s.send(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json"
+                b"\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % (10 * MiB)
+            )
+            got = b""
+            with anyio.fail_after(10):
+                while b"\r\n\r\n" not in got:
+                    got += await s.receive()
+        assert got.startswith(b"HTTP/1.1 401 "), got[:200]  # no 100 Continue first
+        assert b"connection: close" in got and b"x-request-id: " in got
+        await wait_idle(server)
+        assert server.state.buffered_body_bytes == 0
+
+
+async def test_h1_keyed_upload_still_works() -> None:
+    app = EchoApp()
+    admitted: list[str] = []
+
+    def admit_head(method: str, path: str, query: str, headers: list[Any]) -> bool:
+        admitted.append(path)
+        return True
+
+    app.admit_head = admit_head  # type: ignore[attr-defined]
+    async with serving(app) as server:
+        s = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with s:
+            await s.send(b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabc")
+            got = b""
+            with anyio.fail_after(10):
+                while b'{"n":3}' not in got:
+                    got += await s.receive()
+    assert admitted == ["/up"] and app.bodies == [3]
+
+
+async def test_h1_body_budget_is_503_before_more_is_read() -> None:
+    budget = 1 * MiB
+    cfg = make_cfg(limits={"max_buffered_body_bytes": budget})
+    app = EchoApp()
+    async with serving(app, cfg) as server:
+        state = server.state
+        a = await anyio.connect_tcp("127.0.0.1", server.port)
+        b = await anyio.connect_tcp("127.0.0.1", server.port)
+        ch = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with a, b, ch:
+            size = 800 * 1024
+            await a.send(b"POST /a HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % size)
+            await a.send(b"x" * (700 * 1024))  # held: 700 KiB of the 1 MiB budget
+            for _ in range(1000):  # bounded: 10 s at most
+                if state.buffered_body_bytes >= 700 * 1024:
+                    break
+                await anyio.sleep(0.01)
+            # Declared over what is left: 503 on the head, before any body byte.
+            await b.send(b"POST /b HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % size)
+            rb = await _read_head(b)
+            # Chunked: 503 once the bytes held would pass the budget.
+            await ch.send(b"POST /c HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n")
+            piece = b"%x\r\n%s\r\n" % (100 * 1024, b"y" * 100 * 1024)
+            for _ in range(4):
+                await ch.send(piece)
+            rc = await _read_head(ch)
+            assert state.buffered_body_bytes <= budget
+            await a.send(b"x" * (size - 700 * 1024))
+            ra = await _read_head(a)
+        assert rb.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in rb, rb
+        assert rc.startswith(b"HTTP/1.1 503 ") and b"max_buffered_body_bytes" in rc, rc
+        assert ra.startswith(b"HTTP/1.1 200 "), ra
+        await wait_idle(server)
+        assert state.buffered_body_bytes == 0
+    assert app.bodies == [size]
+
+
+async def _read_head(s: Any) -> bytes:
+    got = b""
+    with anyio.fail_after(10):
+        while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"}"):
+            got += await s.receive()
+    return got
+
+
+def _track_h2_buffered(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """[peak of ServerState.buffered_body_bytes], sampled after every DATA event."""
+    peak = [0]
+    on_data = h2_server._Conn._on_data
+
+    def wrapped(self: Any, ev: Any) -> None:
+        on_data(self, ev)
+        peak[0] = max(peak[0], self._state.buffered_body_bytes)
+
+    monkeypatch.setattr(h2_server._Conn, "_on_data", wrapped)
+    return peak
+
+
+async def test_h2_body_budget_is_503_and_held_bytes_stay_under_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    budget = 200 * 1024
+    cfg = make_cfg(limits={"max_buffered_body_bytes": budget})
+    app = EchoApp()
+    peak = _track_h2_buffered(monkeypatch)
+    async with serving(app, cfg) as server:
+        async with h2_client("127.0.0.1", server.port) as c:
+            # 6 streams x 1 MiB: far more than the 200 KiB that may be held at once.
+            await _flood(c, 6, 1 * MiB, [])
+            codes = {c.streams[s].status for s in c.streams}
+            r = next(c.streams[s] for s in c.streams if c.streams[s].status == 503)
+        await wait_idle(server)
+        assert server.state.buffered_body_bytes == 0
+    print(f"\nh2 6 x 1 MiB under a {budget}-byte budget: peak held {peak[0]}")
+    assert codes == {503}
+    assert (b"retry-after", b"1") in (r.headers or [])
+    assert 0 < peak[0] <= budget
+    assert app.bodies == []
