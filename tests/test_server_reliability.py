@@ -19,7 +19,8 @@ import h2.exceptions
 import h11
 import msgspec
 import pytest
-from hyperframe.frame import GoAwayFrame
+from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from rawgate import h1_server, h2_server, listener
 from rawgate.app import GatewayApp
@@ -448,3 +449,27 @@ async def test_h2_body_budget_is_503_and_held_bytes_stay_under_it(
     assert (b"retry-after", b"1") in (r.headers or [])
     assert 0 < peak[0] <= budget
     assert app.bodies == []
+
+
+# ---- smaller HTTP/2 items ---------------------------------------------------------------------
+
+
+async def test_data_on_a_closed_stream_counts_toward_the_flood_cap() -> None:
+    cap = 50
+    cfg = make_cfg(limits={"h2_max_noop_frames_per_s": cap})
+    ff = FrameFactory()
+    frames = 4 * cap
+    raw = (
+        ff.preface()
+        + ff.headers(1, ff.request_headers("POST", "/x"), end_stream=False)
+        + ff.rst(1)
+        + b"".join(ff.data(1, b"x") for _ in range(frames))
+    )
+    async with serving(EchoApp(), cfg) as server:
+        got = await _held_until_closed(server.port, raw)
+    out = FrameReader().feed(got)
+    resets = [f for f in out if isinstance(f, RstStreamFrame)]
+    goaway = out[-1]
+    # Before: one RST_STREAM per DATA frame (200) and the connection stayed open.
+    assert len(resets) <= cap + 1, len(resets)
+    assert isinstance(goaway, GoAwayFrame) and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
