@@ -20,7 +20,9 @@ Invariants:
   MAX_CONCURRENT_STREAMS end in GOAWAY(ENHANCE_YOUR_CALM); other protocol errors in GOAWAY with
   h2's error code (PROTOCOL_ERROR family). Nothing escapes serve_h2.
 - GOAWAY frames are written by this driver, never by h2's close_connection(): once h2 has sent
-  GOAWAY it refuses to send on open streams, which would make a graceful drain impossible.
+  GOAWAY it refuses to send on open streams, which would make a graceful drain impossible. When
+  the shutdown grace runs out (the connection is cancelled from outside), the cut streams'
+  RST_STREAM(INTERNAL_ERROR) and a final GOAWAY(INTERNAL_ERROR) are written before the close.
 - A request head is checked when it arrives (_parse_head, then the app's `admit_head`, the auth
   decision on the head). A refused head is answered by the app with an empty body (its 401) and
   its DATA is dropped; only the connection window is handed back for it, so the stream's window
@@ -1175,6 +1177,7 @@ class _Conn:
 
     async def run(self, initial: bytes) -> None:
         self.flush()  # our SETTINGS and the connection WINDOW_UPDATE
+        cut = False
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -1186,14 +1189,44 @@ class _Conn:
                 except ClientDisconnected:
                     pass
                 tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            cut = True  # cancelled from outside: the shutdown grace ran out
+            raise
         finally:
             self.closing = True
             for st in self._streams.values():
                 self._drop_body(st)
+            if cut:
+                await self._last_words()
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None
             await self._close_stream()
+
+    async def _last_words(self) -> None:
+        """After a cancellation from outside (shutdown grace over): the RST_STREAMs the
+        cancelled streams queued and a GOAWAY(INTERNAL_ERROR) go out in one write, so a client
+        learns its streams were cut rather than seeing the socket close. Skipped when the writer
+        was cancelled mid-write (what part of a frame left is unknown) or the peer is gone."""
+        if self._dead or self._peer_gone:
+            return
+        queued = sum(map(len, self._out))
+        if self.pending != queued:
+            return
+        data = b"".join(
+            (
+                *self._out,
+                self.h2.data_to_send(),
+                _goaway(int(ErrorCodes.INTERNAL_ERROR), self.h2.highest_inbound_stream_id),
+            )
+        )
+        self._out = []
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self._cfg.timeouts.h2_goaway_flush_s):
+                try:
+                    await self._stream.send(data)
+                except CONNECTION_GONE:
+                    pass
 
     async def _close_stream(self) -> None:
         with anyio.CancelScope(shield=True):

@@ -473,3 +473,44 @@ async def test_data_on_a_closed_stream_counts_toward_the_flood_cap() -> None:
     # Before: one RST_STREAM per DATA frame (200) and the connection stayed open.
     assert len(resets) <= cap + 1, len(resets)
     assert isinstance(goaway, GoAwayFrame) and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+class HangApp:
+    """/hang starts an SSE response and never finishes it."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+
+    async def __call__(self, req: Request, sink: ResponseSink) -> None:
+        await sink.start(200, [(b"content-type", b"text/event-stream")])
+        await sink.send(b"data: 1\n\n")
+        self.started.set()
+        await anyio.sleep_forever()
+
+
+async def test_h2_streams_cut_by_the_shutdown_grace_get_rst_and_a_final_goaway() -> None:
+    app = HangApp()
+    async with serving(app) as server:
+        s = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with s:
+            ff = FrameFactory()
+            await s.send(ff.preface() + ff.headers(1, ff.request_headers("GET", "/hang")))
+            with anyio.fail_after(10):
+                await app.started.wait()
+            got = bytearray()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.shutdown, 0.2)
+                with anyio.fail_after(10):
+                    while True:
+                        try:
+                            got += await s.receive()
+                        except (anyio.EndOfStream, anyio.BrokenResourceError):
+                            break
+    out = FrameReader().feed(bytes(got))
+    goaways = [f for f in out if isinstance(f, GoAwayFrame)]
+    resets = [f for f in out if isinstance(f, RstStreamFrame)]
+    # The drain's GOAWAY(NO_ERROR), then, once the grace ran out, the cut stream's RST_STREAM
+    # and a last GOAWAY with an error code.
+    assert [g.error_code for g in goaways] == [0, ErrorCodes.INTERNAL_ERROR]
+    assert [(r.stream_id, r.error_code) for r in resets] == [(1, ErrorCodes.INTERNAL_ERROR)]
+    assert out[-1] is goaways[-1]
