@@ -75,7 +75,7 @@ from rawgate.server_stream import CONNECTION_GONE
 from rawgate.target import parse_target
 
 if TYPE_CHECKING:
-    from anyio.abc import ByteStream, TaskGroup
+    from anyio.abc import ByteStream
 
     from rawgate.config import Config
     from rawgate.conn import ConnInfo, ServerState
@@ -489,9 +489,9 @@ class _Conn:
         "_requests",
         "_room",
         "_scanned",
+        "_scopes",
         "_state",
         "_stream",
-        "_tg",
         "_tick",
         "_work",
         "_write_deadline",
@@ -546,7 +546,13 @@ class _Conn:
         self._room: anyio.Event | None = None  # the reader waits for queue room
         self._buffered = 0  # body bytes held for exchanges not yet handed to the app
         self._requests = 0
-        self._tg: TaskGroup | None = None
+        # One scope per task (reader, watchdog, worker). The connection ends by cancelling them,
+        # not the task group: a task whose own scope caught the cancellation returns normally.
+        # A child task that dies of CancelledError is kept, with its exception, in a cycle
+        # inside anyio's task_done (exception -> traceback -> task_done frame -> exception),
+        # and that traceback holds the child's frame, hence this _Conn and every body it
+        # buffers: an aborted 31 MiB upload stayed alive until some later full collection.
+        self._scopes = (anyio.CancelScope(), anyio.CancelScope(), anyio.CancelScope())
         self.discard = False  # nothing more will be answered: read only to see EOF
         self.dead = False  # the peer is gone or stuck: nothing more can be written
 
@@ -566,8 +572,8 @@ class _Conn:
             self._write_deadline = _INF
 
     def _cancel(self) -> None:
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        for scope in self._scopes:
+            scope.cancel()
 
     # ---- input ----------------------------------------------------------------------------
 
@@ -1052,26 +1058,30 @@ class _Conn:
     async def run(self, initial: bytes) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
-                tg.start_soon(self._reader, initial)
-                tg.start_soon(self._watchdog)
-                await self._worker()
-                tg.cancel_scope.cancel()
+                tg.start_soon(self._run_reader, initial)
+                tg.start_soon(self._run_watchdog)
+                with self._scopes[2]:
+                    await self._worker()
+                self._cancel()
         finally:
             self._release()
             await self._close_stream()
 
+    async def _run_reader(self, initial: bytes) -> None:
+        with self._scopes[0]:
+            await self._reader(initial)
+
+    async def _run_watchdog(self) -> None:
+        with self._scopes[1]:
+            await self._watchdog()
+
     def _release(self) -> None:
         """Drop every buffer the connection holds, at once, when it ends.
 
-        The connection's tasks end by cancellation, and anyio's task_done keeps each child
-        task's CancelledError in a reference cycle with its own frame; that exception's traceback
-        holds the reader's and watchdog's frames, hence this _Conn, its queue and the bodies in
-        it. Refcounting frees nothing in a cycle, and gc runs by object count, not bytes: an
-        aborted 31 MiB upload stayed alive until some later full collection. Emptying the
-        containers here frees the bytes now, whatever still points at the _Conn.
-        """
-        self._tg = None
+        An exchange left in the queue (an aborted upload) points back at this _Conn (ex._c):
+        a cycle that refcounting never frees, so it is emptied here. And whatever may still point
+        at the _Conn (a handler's sink, a cancellation from outside that killed the tasks: see
+        _scopes), the bytes go now, not at some later collection."""
         self._state.buffered_body_bytes -= self._buffered
         self._buffered = 0
         for ex in self._queue:
