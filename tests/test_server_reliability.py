@@ -262,7 +262,7 @@ KEY = "sk-test-key-1"
 
 
 def auth_cfg(**limits: Any) -> Config:
-    return make_cfg(auth={"mode": "all", "api_keys": [KEY]}, limits=limits)
+    return make_cfg(auth={"mode": "strict", "api_keys": [KEY]}, limits=limits)
 
 
 async def _flood(c: H2Client, streams: int, size: int, headers: list[tuple[bytes, bytes]]) -> int:
