@@ -1055,7 +1055,11 @@ class _Conn:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    async def run(self, initial: bytes) -> None:
+    async def run(self, initial: bytes, waited: float = 0.0) -> None:
+        # The time the listener spent reading `initial` counts: header_read_s runs from the
+        # connection's first byte, not from here.
+        if initial:
+            self._head_t = time.monotonic() - waited
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._run_reader, initial)
@@ -1148,16 +1152,18 @@ async def serve_h1(
     info: ConnInfo,
     state: ServerState,
     initial: bytes = b"",
+    waited: float = 0.0,
 ) -> None:
     """Serve one HTTP/1.1 connection until it closes. Never raises (cancellation aside).
 
-    `initial` holds bytes the listener already read while sniffing for the h2c preface. The
-    stream is closed on return.
+    `initial` holds bytes the listener already read while sniffing for the h2c preface, in
+    `waited` seconds (they count against timeouts.header_read_s). The stream is closed on
+    return.
     """
     state.open_connections["h1"] += 1
     try:
         conn = _Conn(stream, app, cfg, info, state)
-        await conn.run(initial)
+        await conn.run(initial, waited)
     except Exception:
         log.exception("h1 connection from %s failed", info.client)
     finally:

@@ -772,7 +772,8 @@ class _Conn:
 
     # ---- input ----------------------------------------------------------------------------
 
-    def _set_idle_deadline(self) -> None:
+    def _set_idle_deadline(self, since: float = 0.0) -> None:
+        """Arm the idle deadline `_idle_s` after now minus `since` seconds."""
         loop = self._loop
         if loop is not None:
             # asyncio: a lazy timer. Moving the read scope's deadline at every busy/idle change
@@ -780,7 +781,7 @@ class _Conn:
             # this stores a float and re-arms a timer at most once per idle period.
             if self._active or not self._idle_s:
                 return  # the timer, if armed, finds the connection busy and lapses
-            self._idle_t = loop.time()
+            self._idle_t = loop.time() - since
             due = self._idle_t + self._idle_s
             timer = self._idle_timer
             # A timer due later is re-armed: keepalive_idle_s may be shorter than the
@@ -793,7 +794,7 @@ class _Conn:
         if self._active or not self._idle_s:
             self._read_scope.deadline = math.inf
         else:
-            self._read_scope.deadline = anyio.current_time() + self._idle_s
+            self._read_scope.deadline = anyio.current_time() - since + self._idle_s
 
     def _idle_check(self) -> None:
         self._idle_timer = None
@@ -806,10 +807,12 @@ class _Conn:
         else:
             self._idle_timer = loop.call_at(due, self._idle_check)
 
-    async def _read_loop(self, initial: bytes) -> None:
+    async def _read_loop(self, initial: bytes, waited: float) -> None:
         scope = self._read_scope
         with scope:
-            self._set_idle_deadline()
+            # The time the listener spent reading the preface counts: header_read_s runs from
+            # the connection's first byte, not from here.
+            self._set_idle_deadline(waited)
             if initial and not self._feed(initial):
                 return
             receive = self._stream.receive
@@ -1175,7 +1178,7 @@ class _Conn:
         with anyio.move_on_after(self._cfg.timeouts.h2_goaway_flush_s):
             await self.wait_output(0)
 
-    async def run(self, initial: bytes) -> None:
+    async def run(self, initial: bytes, waited: float = 0.0) -> None:
         self.flush()  # our SETTINGS and the connection WINDOW_UPDATE
         cut = False
         try:
@@ -1183,7 +1186,7 @@ class _Conn:
                 self._tg = tg
                 tg.start_soon(self._writer)
                 tg.start_soon(self._watch_drain)
-                await self._read_loop(initial)
+                await self._read_loop(initial, waited)
                 try:
                     await self._goodbye()
                 except ClientDisconnected:
@@ -1247,16 +1250,18 @@ async def serve_h2(
     info: ConnInfo,
     state: ServerState,
     initial: bytes = b"",
+    waited: float = 0.0,
 ) -> None:
     """Serve one HTTP/2 connection until it closes. Never raises (cancellation aside).
 
     `initial` holds bytes the listener already read (the sniffed h2c preface); under TLS+ALPN it
-    is empty. The stream is closed on return.
+    is empty. `waited` is how long the listener took to read them (it counts against
+    timeouts.header_read_s). The stream is closed on return.
     """
     state.open_connections["h2"] += 1
     try:
         conn = _Conn(stream, app, cfg, info, state)
-        await conn.run(initial)
+        await conn.run(initial, waited)
     except Exception:
         log.exception("h2 connection from %s failed", info.client)
     finally:

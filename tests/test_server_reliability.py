@@ -28,7 +28,7 @@ from rawgate.config import Config
 from rawgate.conn import ConnInfo, ServerState
 from rawgate.events import Request, ResponseSink
 from rawgate.respond import json_response
-from tests.helpers_h1 import h1_serving
+from tests.helpers_h1 import h1_serving, memory_stream_pair
 from tests.helpers_h2 import FrameFactory, FrameReader, H2Client, h2_client
 
 pytestmark = pytest.mark.anyio
@@ -521,3 +521,53 @@ async def test_h2_streams_cut_by_the_shutdown_grace_get_rst_and_a_final_goaway()
     assert [g.error_code for g in goaways] == [0, ErrorCodes.INTERNAL_ERROR]
     assert [(r.stream_id, r.error_code) for r in resets] == [(1, ErrorCodes.INTERNAL_ERROR)]
     assert out[-1] is goaways[-1]
+
+
+async def test_the_sniff_time_is_passed_to_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[float] = []
+
+    async def fake_h2(stream: Any, *args: Any) -> None:
+        seen.append(args[-1])
+        await stream.aclose()
+
+    monkeypatch.setattr(listener, "serve_h2", fake_h2)
+    async with serving(EchoApp()) as server:
+        s = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with s:
+            await s.send(FrameFactory().preface()[:10])
+            await anyio.sleep(0.3)  # the preface trickles in
+            await s.send(FrameFactory().preface()[10:])
+            gone = (anyio.EndOfStream, anyio.BrokenResourceError)
+            with anyio.fail_after(10), pytest.raises(gone):
+                await s.receive()
+        await wait_idle(server)
+    assert len(seen) == 1 and seen[0] >= 0.3
+
+
+@pytest.mark.parametrize("proto", ["h2", "h1"])
+async def test_time_spent_sniffing_counts_against_the_head_timeout(proto: str) -> None:
+    # 29.9 of the 30 s head allowance went to the sniff: the driver has 0.1 s left, not 30.
+    cfg = make_cfg(timeouts={"header_read_s": 30.0, "keepalive_idle_s": 3600.0})
+    server_end, client = memory_stream_pair()
+    state = ServerState()
+    info = ConnInfo(client=("127.0.0.1", 1))
+    got = bytearray()
+    async with anyio.create_task_group() as tg:
+        if proto == "h2":
+            tg.start_soon(h2_server.serve_h2, server_end, EchoApp(), cfg, info, state,
+                          FrameFactory().preface(), 29.9)
+        else:
+            tg.start_soon(h1_server.serve_h1, server_end, EchoApp(), cfg, info, state,
+                          b"POST /x HTTP/1.1\r\nhost: t\r\n", 29.9)
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    got += await client.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+        await client.aclose()
+    if proto == "h2":
+        goaway = FrameReader().feed(bytes(got))[-1]
+        assert isinstance(goaway, GoAwayFrame) and goaway.error_code == 0
+    else:
+        assert got.startswith(b"HTTP/1.1 408 ")
