@@ -6,10 +6,13 @@ Invariants:
   registered `auth="public"` (always) or `auth="health"` (mode all_except_health). Anything else,
   including unknown paths, needs a valid key when auth is on, so `/healthz/../v1/models`,
   `//v1/models`, `/v1%2Fmodels`, `/V1/models`, `/healthz/` can never reach a protected handler.
-- Order per request: in-flight cap (503) -> Host check (403) -> Origin check (403) -> CORS
-  preflight -> auth (401) -> route (404/405) -> Content-Type (415) -> handler. With auth on, an
+- Order per request: in-flight cap (503; /healthz, /health, /metrics are exempt) -> Host check
+  (403) -> Origin check (403) -> CORS preflight -> auth (401) -> route (404/405) -> Content-Type
+  (415) -> handler. With auth on, an
   unauthenticated client learns nothing about which paths exist (401 for all); the 404 that
-  lists routes and base_url hints goes only to authenticated clients.
+  lists routes and base_url hints goes only to authenticated clients. `admit_head` is the auth
+  decision on the head alone: the drivers ask it before reading a body, so a keyless client's
+  body is never read.
 - Browsers (issue 12.8): any web page can make the user's browser send requests to 127.0.0.1,
   and a "simple" request (a text/plain POST) is sent without a preflight, so hiding the answer
   with CORS is not enough: it still spends quota. Hence, whatever the route:
@@ -124,6 +127,8 @@ _SLOT = {
     b"content-type": 9,
 }
 _N_SLOTS = 10
+# Paths whose requests never count against limits.max_in_flight.
+_UNCAPPED = frozenset({"/healthz", "/health", "/metrics"})
 _DUPLICATE = b"\x00dup"  # a repeated credential header: ambiguous, never accepted
 
 
@@ -360,8 +365,10 @@ class GatewayApp:
         out = _Sink(sink, extra)
         route: Route | None = None
         status = 0
-        over = self.in_flight >= self._max_in_flight
-        self.in_flight += 1
+        # Health and metrics are what an operator reads under load: never refused, never counted.
+        counted = request.path not in _UNCAPPED
+        over = counted and self.in_flight >= self._max_in_flight
+        self.in_flight += counted
         try:
             try:
                 if over:
@@ -385,7 +392,7 @@ class GatewayApp:
                     await self._preflight(out, cors_ok, slots[6])
                     return
                 if self.auth_mode != "off" and not self._exempt(route):
-                    self._authenticate(request, route, slots)
+                    self._authenticate(request.query, route, slots)
                 if route is None:
                     raise self._no_route(request)
                 ct = slots[9]
@@ -428,7 +435,7 @@ class GatewayApp:
                 except ClientDisconnected:
                     status = CLIENT_CLOSED
         finally:
-            self.in_flight -= 1
+            self.in_flight -= counted
             if status == 0:
                 status = out.status or CLIENT_CLOSED
             duration = time.perf_counter() - t0
@@ -448,6 +455,43 @@ class GatewayApp:
                     rid,
                 )
 
+    def admit_head(self, method: str, path: str, query: str, headers: list[Header]) -> bool:
+        """Whether a request's body may be read, decided on its head alone (the drivers ask
+        before they read a body byte or open an h2 window). False only when __call__ would
+        refuse the request whatever its body (a foreign Host or Origin 403, a non-JSON body
+        415, a 401): the driver then calls the app with an empty body and the same head, and
+        the usual refusal (request id, CORS, access log, metrics) goes out with no body read."""
+        slots: list[bytes | None] = [None] * _N_SLOTS
+        for name, value in headers:
+            i = _SLOT.get(name)
+            if i is not None:
+                slots[i] = value if slots[i] is None else _DUPLICATE
+        host = slots[7] if slots[7] is not None else slots[8]
+        if self._host_check and host is not None and not self._host_allowed(host):
+            return False
+        origin = slots[1]
+        if origin is not None and not self._maybe_same_origin(origin, host):
+            if not self._cors_allows(origin) or _admin_path(path):
+                return False
+        ct = slots[9]
+        if ct is not None and ct != _JSON_TYPE and method in _BODY_METHODS:
+            try:
+                _check_json(ct)
+            except UnsupportedMediaType:
+                return False
+        if self.auth_mode == "off":
+            return True
+        route = self.router.match(method, path)
+        if self._exempt(route):
+            return True
+        if method == "OPTIONS" and slots[1] is not None and slots[5] is not None:
+            return True  # a CORS preflight is answered before auth
+        try:
+            self._authenticate(query, route, slots)
+        except AuthenticationError:
+            return False
+        return True
+
     # ---- auth ------------------------------------------------------------------------------
 
     def _exempt(self, route: Route | None) -> bool:
@@ -457,9 +501,7 @@ class GatewayApp:
             return True
         return route.auth == "health" and self.auth_mode == "all_except_health"
 
-    def _authenticate(
-        self, request: Request, route: Route | None, slots: list[bytes | None]
-    ) -> None:
+    def _authenticate(self, query: str, route: Route | None, slots: list[bytes | None]) -> None:
         presented: bytes | None = None
         for i in (2, 3, 4):  # Authorization, then x-api-key, then x-goog-api-key
             value = slots[i]
@@ -472,7 +514,7 @@ class GatewayApp:
                     presented = value.strip(b" \t")
                 break
         if presented is None and route is not None and route.query_key:
-            presented = _query_key(request.query)
+            presented = _query_key(query)
         if presented is None:
             raise AuthenticationError(
                 "Missing API key. Send it as 'Authorization: Bearer <key>' (the OpenAI SDKs do"
@@ -513,6 +555,15 @@ class GatewayApp:
         o = origin.lower()
         n = len(scheme)
         return o[:n] == scheme and o[n : n + 3] == b"://" and o[n + 3 :] == host.lower()
+
+    def _maybe_same_origin(self, origin: bytes, host: bytes | None) -> bool:
+        """`_same_origin` for either scheme: the head decision does not know the connection's
+        (the full check in __call__ does); an origin that is neither is foreign on both."""
+        if host is None or _ORIGIN.match(origin) is None:
+            return False
+        o = origin.lower()
+        h = host.lower()
+        return o in (b"http://" + h, b"https://" + h)
 
     def _host_allowed(self, host: bytes) -> bool:
         # Memoised: a client sends the same Host every time (one dict lookup instead of a regex

@@ -122,6 +122,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_header_count: int = 100  # Envoy's default
     max_url_bytes: int = 8 * KiB  # nginx's large_client_header_buffers; over it: 414
     max_body_bytes: int = 32 * MiB  # images inflate chat requests; over it: 413
+    # Request bodies the server holds at once, all connections together (bodies being received,
+    # before the handler takes them); over it: 503 + Retry-After before more is read. 0 = none.
+    max_buffered_body_bytes: int = 256 * MiB
     max_json_depth: int = 64  # deeper JSON is an attack, not a chat request
     max_connections: int = 4096  # over it, new connections wait in the accept backlog
     # Accept backlog per listening socket (the kernel caps it at net.core.somaxconn); connections

@@ -4,6 +4,8 @@ Invariants:
 - One `ServerState` per listening server; drivers read `draining` to stop keep-alive (HTTP/1.1
   answers with `Connection: close`, HTTP/2 sends GOAWAY) and update the connection counters that
   /metrics reports.
+- `buffered_body_bytes` is the process's request-body budget in use: a driver adds what it buffers
+  and subtracts it when the handler takes the body or the exchange/stream/connection ends.
 - `ConnInfo` is immutable per connection and is copied into every Request the driver builds.
 """
 
@@ -32,13 +34,22 @@ class ConnInfo:
 class ServerState:
     """Shared by every connection of one server. Mutated only from the event loop thread."""
 
-    __slots__ = ("draining", "in_flight", "open_connections", "total_connections")
+    __slots__ = (
+        "buffered_body_bytes",
+        "draining",
+        "in_flight",
+        "open_connections",
+        "total_connections",
+    )
 
     def __init__(self) -> None:
         self.draining = anyio.Event()  # set when graceful shutdown starts
         self.open_connections: dict[str, int] = {"h1": 0, "h2": 0}
         self.total_connections = 0
         self.in_flight = 0  # requests being handled (maintained by the drivers)
+        # Request body bytes the drivers hold for handlers that have not taken them yet, all
+        # connections together; bounded by limits.max_buffered_body_bytes.
+        self.buffered_body_bytes = 0
 
     def __repr__(self) -> str:
         return (

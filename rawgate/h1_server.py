@@ -13,10 +13,20 @@ Invariants:
   limits.max_pipelined behind the one being answered, and at most limits.max_body_bytes of their
   bodies) and how a disconnect is seen at once: EOF or a reset cancels the connection's task
   group, the running handler included; the sink raises ClientDisconnected afterwards.
-- The whole request body is collected (bounded by limits.max_body_bytes) before the handler runs.
+- The whole request body is collected (bounded by limits.max_body_bytes) before the handler runs,
+  and only after the app's `admit_head` (auth on the head) accepted it: a refused head runs the
+  app with an empty body (its 401), nothing of the body is read, and the connection closes.
+  Bodies being collected count against ServerState.buffered_body_bytes, bounded process-wide by
+  limits.max_buffered_body_bytes (503 on the head if the declared length does not fit, or as
+  the bytes arrive); the count is given back when the handler takes the body or the exchange or
+  connection ends, and every buffer is dropped when the connection ends (`_release`).
+- A head is parsed only once its end (a blank line) is buffered, and that end is searched for in
+  the bytes that arrived since the last search: a head trickled a few bytes at a time costs
+  linear CPU. obs-fold in a request head is refused (400).
 - Limits rawgate enforces itself, whatever h11 says: head bytes (431, counted on what h11 consumed,
   because h11 only checks heads that are still incomplete), header count (431), target length
-  (414), Content-Length over the body limit (413 before any body byte; no 100 Continue is sent),
+  (414, checked first, so a long target is 414 whether its head arrived whole or in pieces),
+  Content-Length over the body limit (413 before any body byte; no 100 Continue is sent),
   chunked bodies over it (413 as they arrive), Content-Length together with Transfer-Encoding (400:
   a smuggling shape). A driver-level error is answered in order, then the connection closes after
   a short lingering close (timeouts.lingering_close_s): framing after a bad request is not trusted.
@@ -41,6 +51,7 @@ import math
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
@@ -52,6 +63,7 @@ from rawgate.errors import (
     BadRequest,
     HeadersTooLarge,
     InternalError,
+    Overloaded,
     PayloadTooLarge,
     RawgateError,
     RequestTimeout,
@@ -63,7 +75,7 @@ from rawgate.server_stream import CONNECTION_GONE
 from rawgate.target import parse_target
 
 if TYPE_CHECKING:
-    from anyio.abc import ByteStream, TaskGroup
+    from anyio.abc import ByteStream
 
     from rawgate.config import Config
     from rawgate.conn import ConnInfo, ServerState
@@ -179,6 +191,19 @@ def _fast_head(data: bytes | bytearray) -> _FastHead | None:
         return None
     return _FastHead(method, target, headers, length, close, m.end())
 
+# h11's end of a head: a blank line, CRLF or bare LF (its blank_line_regex).
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+# A header line that starts with whitespace: obs-fold (RFC 9112 5.2), refused with 400.
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+
+
+def _head_end(data: bytes | bytearray, scanned: int) -> int:
+    """The offset just past the head's end in `data`, or -1. The first `scanned` bytes are known
+    to hold no end, so the search starts 2 bytes before them (the longest end is 3 bytes)."""
+    m = _BLANK_LINE.search(data, max(0, scanned - 2))
+    return -1 if m is None else m.end()
+
+
 # What the read deadline means when it passes.
 _IDLE, _HEAD, _BODY = 1, 2, 3
 
@@ -287,6 +312,7 @@ class _Exchange:
         "path",
         "query",
         "target",
+        "unread",
     )
 
     def __init__(self, c: _Conn) -> None:
@@ -301,6 +327,7 @@ class _Exchange:
         self.body: list[bytes | bytearray] = []
         self.body_size = 0
         self.done = False  # the whole body arrived (or there is none)
+        self.unread = False  # the head was refused (401): its body is never read
         self.error: RawgateError | None = None  # answer this instead, then close
         self.event: anyio.Event | None = None  # the worker waits on it for the body
         self.expect_100 = False
@@ -436,8 +463,10 @@ class _Conn:
     """One HTTP/1.1 connection: reader, worker and watchdog around a queue of exchanges."""
 
     __slots__ = (
+        "_admit",
         "_app",
         "_body_s",
+        "_budget",
         "_buffered",
         "_cur",
         "_h",
@@ -459,9 +488,10 @@ class _Conn:
         "_read_kind",
         "_requests",
         "_room",
+        "_scanned",
+        "_scopes",
         "_state",
         "_stream",
-        "_tg",
         "_tick",
         "_work",
         "_write_deadline",
@@ -484,6 +514,12 @@ class _Conn:
         self._lim = lim
         self._max_head = lim.max_header_bytes
         self._max_body = lim.max_body_bytes
+        self._budget: float = lim.max_buffered_body_bytes or _INF
+        # The app's auth decision on a head alone (GatewayApp.admit_head), asked before a body
+        # is read; apps without one get every body.
+        self._admit: Callable[[str, str, str, list[Header]], bool] | None = getattr(
+            app, "admit_head", None
+        )
         self._max_pipelined = max(1, lim.max_pipelined)
         self._max_requests = lim.max_requests_per_connection
         # A timeout of 0 means "off": an infinite deadline.
@@ -501,6 +537,7 @@ class _Conn:
         self._cur: _Exchange | None = None  # receiving its body
         self._length_left = 0  # Content-Length body bytes still to come for _cur (0: chunked)
         self._head_t: float | None = None  # when the first byte of the pending head arrived
+        self._scanned = 0  # leading bytes of the pending head known to hold no end of head
         self._idle_t = time.monotonic()
         self._read_deadline = _INF
         self._read_kind = 0
@@ -509,7 +546,13 @@ class _Conn:
         self._room: anyio.Event | None = None  # the reader waits for queue room
         self._buffered = 0  # body bytes held for exchanges not yet handed to the app
         self._requests = 0
-        self._tg: TaskGroup | None = None
+        # One scope per task (reader, watchdog, worker). The connection ends by cancelling them,
+        # not the task group: a task whose own scope caught the cancellation returns normally.
+        # A child task that dies of CancelledError is kept, with its exception, in a cycle
+        # inside anyio's task_done (exception -> traceback -> task_done frame -> exception),
+        # and that traceback holds the child's frame, hence this _Conn and every body it
+        # buffers: an aborted 31 MiB upload stayed alive until some later full collection.
+        self._scopes = (anyio.CancelScope(), anyio.CancelScope(), anyio.CancelScope())
         self.discard = False  # nothing more will be answered: read only to see EOF
         self.dead = False  # the peer is gone or stuck: nothing more can be written
 
@@ -529,8 +572,8 @@ class _Conn:
             self._write_deadline = _INF
 
     def _cancel(self) -> None:
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        for scope in self._scopes:
+            scope.cancel()
 
     # ---- input ----------------------------------------------------------------------------
 
@@ -574,25 +617,44 @@ class _Conn:
                 # h11 private: the receive buffer. Its length before and after the head is the
                 # exact number of head bytes (h11's own check misses complete heads, h11#182).
                 buf = h._receive_buffer
-                before = len(buf)
+                # (10) h11 private: ReceiveBuffer._data is the bytearray of unparsed bytes.
+                data = buf._data
+                before = len(data)
                 if not before:
                     self._head_t = None
+                    self._scanned = 0
                     return
                 if self._should_pause():
                     return  # parse the rest once the worker has caught up
-                # (10) h11 private: ReceiveBuffer._data is the bytearray of unparsed bytes.
-                fast = _fast_head(buf._data)
+                # (11) Nothing parses a head before its end is here, and the search for that end
+                # starts where the last one stopped: a head sent a few bytes at a time is scanned
+                # once, not once per read (the fast regex rescanned all of it every time).
+                end = _head_end(data, self._scanned)
+                if end < 0:
+                    self._scanned = before
+                    if self._head_t is None:
+                        self._head_t = time.monotonic()
+                    if before > self._max_head:
+                        self._fail(self._overflow_error(data))
+                    return
+                self._scanned = 0
+                fast = _fast_head(data)
                 if fast is not None:
                     self._head_t = None
                     buf.maybe_extract_at_most(fast.size)  # consumes the head
                     self._on_fast_head(fast)
                     continue
+                if _OBS_FOLD.search(data, 0, end) is not None:
+                    # h11 joins a folded line to the previous value, so a folded Authorization
+                    # would reach auth as one header that no proxy in front of us saw.
+                    self._fail(BadRequest("obsolete line folding in the request head"))
+                    return
                 try:
                     ev = h.next_event()
                 except h11.RemoteProtocolError as e:
                     self._fail(_protocol_error(e, h))
                     return
-                if ev is h11.NEED_DATA:
+                if ev is h11.NEED_DATA:  # cannot happen: the head's end is buffered
                     if self._head_t is None:
                         self._head_t = time.monotonic()
                     return
@@ -633,11 +695,16 @@ class _Conn:
 
     def _add_body(self, ex: _Exchange, data: bytes | bytearray) -> bool:
         n = len(data)
-        ex.body_size += n
-        self._buffered += n
-        if ex.body_size > self._max_body:
+        if ex.body_size + n > self._max_body:
             self._body_error(ex, PayloadTooLarge.body_over(self._max_body))
             return False
+        state = self._state
+        if state.buffered_body_bytes + n > self._budget:
+            self._body_error(ex, _over_budget())
+            return False
+        ex.body_size += n
+        self._buffered += n
+        state.buffered_body_bytes += n
         ex.body.append(data)
         return True
 
@@ -667,14 +734,27 @@ class _Conn:
         return ex
 
     def _head_error(self, head_bytes: int, n_headers: int, target: bytes) -> RawgateError | None:
+        # The target first: a long target is 414 whether its head arrived whole or in pieces
+        # (_overflow_error answers the incomplete head the same way).
         lim = self._lim
+        if len(target) > lim.max_url_bytes:
+            return URITooLong(f"request target longer than {lim.max_url_bytes} bytes")
         if head_bytes > self._max_head:
             return HeadersTooLarge(f"request head larger than {self._max_head} bytes")
         if n_headers > lim.max_header_count:
             return HeadersTooLarge(f"more than {lim.max_header_count} request headers")
-        if len(target) > lim.max_url_bytes:
-            return URITooLong(f"request target longer than {lim.max_url_bytes} bytes")
         return None
+
+    def _overflow_error(self, data: bytes | bytearray) -> RawgateError:
+        """An incomplete head over max_header_bytes: 414 if its request line ended with (or has
+        not yet ended within) a target over max_url_bytes, else 431, as a complete head gets."""
+        nl = data.find(b"\n", 0, self._max_head + 1)
+        if nl < 0:
+            return URITooLong("request line too long")
+        parts = bytes(data[:nl]).split(b" ")
+        if len(parts) >= 2 and len(parts[1]) > self._lim.max_url_bytes:
+            return URITooLong(f"request target longer than {self._lim.max_url_bytes} bytes")
+        return HeadersTooLarge(f"request head larger than {self._max_head} bytes")
 
     def _on_head(self, ev: h11.Request, head_bytes: int) -> None:
         ex = self._new_exchange()
@@ -752,6 +832,19 @@ class _Conn:
         ex.method = known if known is not None else method.decode("ascii")  # h11: a token
         ex.target = target
         ex.headers = headers
+        if chunked or size:
+            admit = self._admit
+            if admit is not None and not admit(ex.method, ex.path, ex.query, headers):
+                # Auth fails on the head: the app answers 401 now, no body byte is read, and the
+                # connection closes (after a lingering close) since its framing is not consumed.
+                ex.unread = True
+                ex.close = True
+                self._enqueue(ex)
+                self._end_body(ex)
+                return
+            if size > self._budget - self._state.buffered_body_bytes:
+                self._reject(ex, _over_budget())
+                return
         # A fast-parsed head has no expect header (10).
         ex.expect_100 = h11_expect and self._h.they_are_waiting_for_100_continue
         self._enqueue(ex)
@@ -783,6 +876,7 @@ class _Conn:
         ex.error = err
         ex.close = True
         self._buffered -= ex.body_size
+        self._state.buffered_body_bytes -= ex.body_size
         ex.body = []
         ex.body_size = 0
         self._cur = None
@@ -880,6 +974,8 @@ class _Conn:
                     return
                 await self._run(ex)
                 q.popleft()
+                if ex.unread and not self.dead:
+                    await self._linger()  # the refused body may still be on its way
                 if ex.close or self.dead or self.draining.is_set():
                     return
                 room = self._room
@@ -903,6 +999,9 @@ class _Conn:
         assert ex.error is not None
         ex.close = True
         await error_response(ex, ex.error)
+        await self._linger()
+
+    async def _linger(self) -> None:
         # Lingering close: the client may still be sending the body we refused. Closing with
         # unread bytes makes the kernel send RST, which can destroy our answer in the client's
         # receive buffer. Half-close, keep reading (and dropping) until EOF or the timeout.
@@ -919,6 +1018,7 @@ class _Conn:
         body = b"".join(ex.body) if ex.body else b""
         ex.body = []
         self._buffered -= ex.body_size
+        self._state.buffered_body_bytes -= ex.body_size
         info = self._info
         request = Request(
             ex.method,
@@ -955,16 +1055,46 @@ class _Conn:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    async def run(self, initial: bytes) -> None:
+    async def run(self, initial: bytes, waited: float = 0.0) -> None:
+        # The time the listener spent reading `initial` counts: header_read_s runs from the
+        # connection's first byte, not from here.
+        if initial:
+            self._head_t = time.monotonic() - waited
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
-                tg.start_soon(self._reader, initial)
-                tg.start_soon(self._watchdog)
-                await self._worker()
-                tg.cancel_scope.cancel()
+                tg.start_soon(self._run_reader, initial)
+                tg.start_soon(self._run_watchdog)
+                with self._scopes[2]:
+                    await self._worker()
+                self._cancel()
         finally:
+            self._release()
             await self._close_stream()
+
+    async def _run_reader(self, initial: bytes) -> None:
+        with self._scopes[0]:
+            await self._reader(initial)
+
+    async def _run_watchdog(self) -> None:
+        with self._scopes[1]:
+            await self._watchdog()
+
+    def _release(self) -> None:
+        """Drop every buffer the connection holds, at once, when it ends.
+
+        An exchange left in the queue (an aborted upload) points back at this _Conn (ex._c):
+        a cycle that refcounting never frees, so it is emptied here. And whatever may still point
+        at the _Conn (a handler's sink, a cancellation from outside that killed the tasks: see
+        _scopes), the bytes go now, not at some later collection."""
+        self._state.buffered_body_bytes -= self._buffered
+        self._buffered = 0
+        for ex in self._queue:
+            ex.body = []
+        if self._cur is not None:
+            self._cur.body = []
+        self._queue.clear()
+        self._cur = None
+        self._h._receive_buffer._data.clear()  # h11 private: unparsed bytes (a bytearray)
 
     async def _close_stream(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -984,6 +1114,14 @@ def _reason(prefix: str, e: h11.RemoteProtocolError) -> str:
     return f"{prefix}: {text}"
 
 
+def _over_budget() -> RawgateError:
+    return Overloaded(
+        "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
+        " retry shortly",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
 def _version_error(version: bytes) -> RawgateError:
     return RawgateError(
         f"HTTP/{version.decode('ascii', 'replace')} is not supported; use HTTP/1.1 or HTTP/2",
@@ -995,11 +1133,7 @@ def _version_error(version: bytes) -> RawgateError:
 
 def _protocol_error(e: h11.RemoteProtocolError, h: h11.Connection) -> RawgateError:
     hint = e.error_status_hint
-    if hint == 431:
-        # h11 gave up on an incomplete head. If not even the request line ended, the target is
-        # what is too long (414); otherwise the headers are (431).
-        if b"\n" not in bytes(h._receive_buffer):
-            return URITooLong("request line too long")
+    if hint == 431:  # not expected: h11 only sees heads whose end is buffered (_overflow_error)
         return HeadersTooLarge("request head too large")
     if hint == 501:
         return RawgateError(
@@ -1018,16 +1152,18 @@ async def serve_h1(
     info: ConnInfo,
     state: ServerState,
     initial: bytes = b"",
+    waited: float = 0.0,
 ) -> None:
     """Serve one HTTP/1.1 connection until it closes. Never raises (cancellation aside).
 
-    `initial` holds bytes the listener already read while sniffing for the h2c preface. The
-    stream is closed on return.
+    `initial` holds bytes the listener already read while sniffing for the h2c preface, in
+    `waited` seconds (they count against timeouts.header_read_s). The stream is closed on
+    return.
     """
     state.open_connections["h1"] += 1
     try:
         conn = _Conn(stream, app, cfg, info, state)
-        await conn.run(initial)
+        await conn.run(initial, waited)
     except Exception:
         log.exception("h1 connection from %s failed", info.client)
     finally:

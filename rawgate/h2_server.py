@@ -20,7 +20,18 @@ Invariants:
   MAX_CONCURRENT_STREAMS end in GOAWAY(ENHANCE_YOUR_CALM); other protocol errors in GOAWAY with
   h2's error code (PROTOCOL_ERROR family). Nothing escapes serve_h2.
 - GOAWAY frames are written by this driver, never by h2's close_connection(): once h2 has sent
-  GOAWAY it refuses to send on open streams, which would make a graceful drain impossible.
+  GOAWAY it refuses to send on open streams, which would make a graceful drain impossible. When
+  the shutdown grace runs out (the connection is cancelled from outside), the cut streams'
+  RST_STREAM(INTERNAL_ERROR) and a final GOAWAY(INTERNAL_ERROR) are written before the close.
+- A request head is checked when it arrives (_parse_head, then the app's `admit_head`, the auth
+  decision on the head). A refused head is answered by the app with an empty body (its 401) and
+  its DATA is dropped; only the connection window is handed back for it, so the stream's window
+  never reopens. Kept DATA count against ServerState.buffered_body_bytes (bounded process-wide
+  by limits.max_buffered_body_bytes, 503 once over) and a stream's window reopens only for bytes
+  kept for its handler; the count is given back when the handler takes the body or the stream
+  ends. DATA on a closed stream counts toward h2_max_noop_frames_per_s.
+- Until its first request head has arrived a connection gets timeouts.header_read_s, then
+  keepalive_idle_s whenever no stream is open.
 - Request headers are fully validated by h2. Response headers are not (h2's outbound validation
   and normalisation cost ~10% of a small response): handlers must pass lower-case names and no
   hop-by-hop headers, as events.py already requires. Only CR, LF and NUL are checked (one join):
@@ -34,6 +45,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from itertools import chain
 from typing import TYPE_CHECKING, cast
@@ -59,13 +71,14 @@ from h2.exceptions import (
 )
 from h2.settings import SettingCodes, Settings
 from hpack.table import HeaderTable
-from hyperframe.frame import Frame, GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, WindowUpdateFrame
 
 from rawgate.aio import on_asyncio
 from rawgate.errors import (
     BadRequest,
     HeadersTooLarge,
     InternalError,
+    Overloaded,
     PayloadTooLarge,
     RawgateError,
     RequestTimeout,
@@ -296,6 +309,11 @@ class _GuardedH2(H2Connection):
         t = cast(int, frame.type)
         lim = self._lim
         if t == 0x0:  # DATA
+            st = self.streams.get(frame.stream_id)
+            if st is None or st.closed:
+                # h2 answers each with its own RST_STREAM (and refunds the window): no work for
+                # us, some for the peer to make us do.
+                self._count_noop()
             if frame.data:  # type: ignore[attr-defined]
                 self.empty_run = 0
             elif "END_STREAM" not in frame.flags:
@@ -338,6 +356,16 @@ class _GuardedH2(H2Connection):
         if n < self.stream_cap:
             return n
         return super().open_inbound_streams
+
+    def acknowledge_connection_data(self, n: int) -> None:
+        """Hand `n` dropped bytes back to the connection window only (h2 private: the window
+        manager), as h2 itself does for DATA on a closed stream. The stream's window stays shut:
+        a stream whose body nobody will read must not be invited to send more."""
+        inc = self._inbound_flow_control_window_manager.process_bytes(n)
+        if inc:
+            f = WindowUpdateFrame(0)
+            f.window_increment = inc
+            self._prepare_for_sending([f])
 
     def _count_noop(self) -> None:
         self.noop += 1
@@ -382,6 +410,14 @@ def _goaway(code: int, last_stream_id: int) -> bytes:
     return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code).serialize()
 
 
+def _over_budget() -> RawgateError:
+    return Overloaded(
+        "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
+        " retry shortly",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
 def _connection_error_code(e: ProtocolError) -> int:
     if isinstance(e, DenialOfServiceError | TooManyStreamsError):
         return _CALM
@@ -390,6 +426,9 @@ def _connection_error_code(e: ProtocolError) -> int:
         return _CALM
     return int(e.error_code)
 
+
+
+_Head = tuple[str, bytes, str, str, list[Header]]
 
 
 class _Stream:
@@ -407,10 +446,13 @@ class _Stream:
         "body_size",
         "error",
         "headers",
+        "held",
         "is_head",
+        "parsed",
         "reset",
         "scope",
         "sid",
+        "unread",
         "win_event",
     )
 
@@ -421,6 +463,9 @@ class _Stream:
         self.scope = anyio.CancelScope()
         self.body: list[bytes] = []
         self.body_size = 0
+        self.held = 0  # bytes in `body`, counted in ServerState.buffered_body_bytes
+        self.unread = False  # the head was refused (401): the body is dropped, its window shut
+        self.parsed: _Head | None = None
         self.body_done = ended
         self.body_event: anyio.Event | None = None
         self.error: RawgateError | None = None
@@ -589,8 +634,10 @@ class _Conn:
 
     __slots__ = (
         "_active",
+        "_admit",
         "_app",
         "_body_s",
+        "_budget",
         "_cfg",
         "_dead",
         "_drain_done",
@@ -601,6 +648,7 @@ class _Conn:
         "_idle_timer",
         "_idle_workers",
         "_info",
+        "_keepalive_s",
         "_lim",
         "_loop",
         "_max_requests",
@@ -635,10 +683,20 @@ class _Conn:
         self._lim = lim
         self._max_streams = max(1, lim.h2_max_concurrent_streams)
         self._max_requests = lim.max_requests_per_connection
-        self._idle_s = cfg.timeouts.keepalive_idle_s
+        # Until its first request head arrives a connection gets header_read_s, not the
+        # keep-alive allowance: a preface-only connection is the cheapest way to hold a slot of
+        # max_connections (HTTP/1.1 does the same). _on_request switches to keepalive_idle_s.
+        self._idle_s = cfg.timeouts.header_read_s
+        self._keepalive_s = cfg.timeouts.keepalive_idle_s
         self._body_s = cfg.timeouts.body_read_s
         self.write_s = cfg.timeouts.write_s
         self.max_pending = lim.max_pending_output_bytes
+        self._budget: float = lim.max_buffered_body_bytes or math.inf
+        # The app's auth decision on a head alone (GatewayApp.admit_head), asked before a body
+        # byte is kept or a stream window reopened; apps without one get every body.
+        self._admit: Callable[[str, str, str, list[Header]], bool] | None = getattr(
+            app, "admit_head", None
+        )
         self.h2 = _new_h2(lim)
         self._streams: dict[int, _Stream] = {}
         self._idle_workers: list[asyncio.Future[_Stream]] = []
@@ -727,7 +785,8 @@ class _Conn:
 
     # ---- input ----------------------------------------------------------------------------
 
-    def _set_idle_deadline(self) -> None:
+    def _set_idle_deadline(self, since: float = 0.0) -> None:
+        """Arm the idle deadline `_idle_s` after now minus `since` seconds."""
         loop = self._loop
         if loop is not None:
             # asyncio: a lazy timer. Moving the read scope's deadline at every busy/idle change
@@ -735,14 +794,20 @@ class _Conn:
             # this stores a float and re-arms a timer at most once per idle period.
             if self._active or not self._idle_s:
                 return  # the timer, if armed, finds the connection busy and lapses
-            self._idle_t = loop.time()
-            if self._idle_timer is None:
-                self._idle_timer = loop.call_at(self._idle_t + self._idle_s, self._idle_check)
+            self._idle_t = loop.time() - since
+            due = self._idle_t + self._idle_s
+            timer = self._idle_timer
+            # A timer due later is re-armed: keepalive_idle_s may be shorter than the
+            # header_read_s the connection started with.
+            if timer is None or timer.when() > due:
+                if timer is not None:
+                    timer.cancel()
+                self._idle_timer = loop.call_at(due, self._idle_check)
             return
         if self._active or not self._idle_s:
             self._read_scope.deadline = math.inf
         else:
-            self._read_scope.deadline = anyio.current_time() + self._idle_s
+            self._read_scope.deadline = anyio.current_time() - since + self._idle_s
 
     def _idle_check(self) -> None:
         self._idle_timer = None
@@ -755,10 +820,12 @@ class _Conn:
         else:
             self._idle_timer = loop.call_at(due, self._idle_check)
 
-    async def _read_loop(self, initial: bytes) -> None:
+    async def _read_loop(self, initial: bytes, waited: float) -> None:
         scope = self._read_scope
         with scope:
-            self._set_idle_deadline()
+            # The time the listener spent reading the preface counts: header_read_s runs from
+            # the connection's first byte, not from here.
+            self._set_idle_deadline(waited)
             if initial and not self._feed(initial):
                 return
             receive = self._stream.receive
@@ -778,7 +845,8 @@ class _Conn:
                 if not self._feed(data):
                     return
         if scope.cancelled_caught and not self._drain_done and self.close_code is None:
-            self.close_code = _NO_ERROR  # idle: no open stream for keepalive_idle_s
+            # Idle: no open stream for keepalive_idle_s (header_read_s before the first request).
+            self.close_code = _NO_ERROR
 
     def _feed(self, data: bytes) -> bool:
         """Hand bytes to h2 and act on the events. False: the connection must close."""
@@ -856,6 +924,17 @@ class _Conn:
             return None
         st = _Stream(self, sid, ev.headers, ev.stream_ended is not None)
         self._streams[sid] = st
+        self._idle_s = self._keepalive_s
+        try:
+            st.parsed = head = self._parse_head(st)
+        except RawgateError as e:
+            st.error = e
+        else:
+            admit = self._admit
+            if not st.body_done and admit is not None and not admit(
+                head[0], head[2], head[3], head[4]
+            ):
+                st.unread = True  # 401 on the head: the app answers with an empty body
         self._active += 1
         if self._active == 1:
             self._set_idle_deadline()
@@ -867,22 +946,46 @@ class _Conn:
     def _on_data(self, ev: DataReceived) -> None:
         sid = ev.stream_id
         n = ev.flow_controlled_length or 0
-        if n:
-            # The bytes are consumed now: kept in a buffer bounded by max_body_bytes, or dropped.
-            self.h2.acknowledge_received_data(n, sid)
+        h2 = self.h2
         st = self._streams.get(sid)
-        if st is None:
+        if st is None or st.unread or st.error is not None:
+            if n:
+                h2.acknowledge_connection_data(n)  # dropped; the stream's window stays shut
+            if st is not None and st.body_event is not None:
+                st.body_event.set()
             return
         data = ev.data
-        if data and st.error is None:
-            st.body_size += len(data)
-            if st.body_size > self._lim.max_body_bytes:
+        size = len(data) if data else 0
+        if size:
+            state = self._state
+            if st.body_size + size > self._lim.max_body_bytes:
                 st.error = PayloadTooLarge.body_over(self._lim.max_body_bytes)
-                st.body.clear()
-            else:
-                st.body.append(data)
+            elif state.buffered_body_bytes + size > self._budget:
+                st.error = _over_budget()
+            if st.error is not None:
+                self._drop_body(st)
+                if n:
+                    h2.acknowledge_connection_data(n)
+                if st.body_event is not None:
+                    st.body_event.set()
+                return
+            st.body_size += size
+            st.held += size
+            state.buffered_body_bytes += size
+            st.body.append(data)
+        if n:
+            # Kept for the handler within max_body_bytes and the process budget: only now does
+            # the stream's window reopen, so a client cannot send more than we agreed to hold.
+            h2.acknowledge_received_data(n, sid)
         if st.body_event is not None:
             st.body_event.set()
+
+    def _drop_body(self, st: _Stream) -> None:
+        """Release a stream's buffered body and its share of the process budget."""
+        if st.held:
+            self._state.buffered_body_bytes -= st.held
+            st.held = 0
+        st.body = []
 
     def _wake_all_senders(self) -> None:
         for st in self.win_waiters:
@@ -904,6 +1007,7 @@ class _Conn:
     def _forget(self, st: _Stream) -> None:
         if self._streams.pop(st.sid, None) is None:
             return
+        self._drop_body(st)
         self._active -= 1
         self.win_waiters.discard(st)
         if not self._active:
@@ -950,19 +1054,16 @@ class _Conn:
 
     async def _serve_stream(self, st: _Stream) -> None:
         try:
-            try:
-                parsed = self._parse_head(st)
-            except RawgateError as e:
-                st.error = e
-                st.body.clear()
-            if not st.body_done and st.error is None:
+            if not st.body_done and st.error is None and not st.unread:
                 await self._await_body(st)
-            if st.error is not None:
-                await error_response(st, st.error)
+            if st.error is not None or st.parsed is None:
+                self._drop_body(st)
+                await error_response(st, st.error or InternalError("request head not parsed"))
                 return
-            method, target, path, query, headers = parsed
+            method, target, path, query, headers = st.parsed
+            st.parsed = None
             body = st.body[0] if len(st.body) == 1 else b"".join(st.body)
-            st.body = []
+            self._drop_body(st)  # the handler owns the body now
             info = self._info
             request = Request(
                 method,
@@ -994,7 +1095,7 @@ class _Conn:
                 except ClientDisconnected:
                     pass
 
-    def _parse_head(self, st: _Stream) -> tuple[str, bytes, str, str, list[Header]]:
+    def _parse_head(self, st: _Stream) -> _Head:
         """Pseudo-headers and limits. h2 has already checked the RFC 9113 shape of the block."""
         hdrs = st.headers
         method = target = authority = scheme = None
@@ -1050,7 +1151,7 @@ class _Conn:
             st.body_event = None
             if scope.cancelled_caught:
                 st.error = RequestTimeout(f"no request body bytes for {self._body_s:g} s")
-                st.body.clear()
+                self._drop_body(st)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -1090,25 +1191,58 @@ class _Conn:
         with anyio.move_on_after(self._cfg.timeouts.h2_goaway_flush_s):
             await self.wait_output(0)
 
-    async def run(self, initial: bytes) -> None:
+    async def run(self, initial: bytes, waited: float = 0.0) -> None:
         self.flush()  # our SETTINGS and the connection WINDOW_UPDATE
+        cut = False
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._writer)
                 tg.start_soon(self._watch_drain)
-                await self._read_loop(initial)
+                await self._read_loop(initial, waited)
                 try:
                     await self._goodbye()
                 except ClientDisconnected:
                     pass
                 tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            cut = True  # cancelled from outside: the shutdown grace ran out
+            raise
         finally:
             self.closing = True
+            for st in self._streams.values():
+                self._drop_body(st)
+            if cut:
+                await self._last_words()
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None
             await self._close_stream()
+
+    async def _last_words(self) -> None:
+        """After a cancellation from outside (shutdown grace over): the RST_STREAMs the
+        cancelled streams queued and a GOAWAY(INTERNAL_ERROR) go out in one write, so a client
+        learns its streams were cut rather than seeing the socket close. Skipped when the writer
+        was cancelled mid-write (what part of a frame left is unknown) or the peer is gone."""
+        if self._dead or self._peer_gone:
+            return
+        queued = sum(map(len, self._out))
+        if self.pending != queued:
+            return
+        data = b"".join(
+            (
+                *self._out,
+                self.h2.data_to_send(),
+                _goaway(int(ErrorCodes.INTERNAL_ERROR), self.h2.highest_inbound_stream_id),
+            )
+        )
+        self._out = []
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self._cfg.timeouts.h2_goaway_flush_s):
+                try:
+                    await self._stream.send(data)
+                except CONNECTION_GONE:
+                    pass
 
     async def _close_stream(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -1129,16 +1263,18 @@ async def serve_h2(
     info: ConnInfo,
     state: ServerState,
     initial: bytes = b"",
+    waited: float = 0.0,
 ) -> None:
     """Serve one HTTP/2 connection until it closes. Never raises (cancellation aside).
 
     `initial` holds bytes the listener already read (the sniffed h2c preface); under TLS+ALPN it
-    is empty. The stream is closed on return.
+    is empty. `waited` is how long the listener took to read them (it counts against
+    timeouts.header_read_s). The stream is closed on return.
     """
     state.open_connections["h2"] += 1
     try:
         conn = _Conn(stream, app, cfg, info, state)
-        await conn.run(initial)
+        await conn.run(initial, waited)
     except Exception:
         log.exception("h2 connection from %s failed", info.client)
     finally:

@@ -12,8 +12,9 @@ Invariants:
 - Protocol choice. Cleartext: the first bytes are compared with the 24-byte HTTP/2 preface as they
   arrive; they go to serve_h2 only once all 24 matched, and to serve_h1 as soon as one byte
   differs (so a request shorter than 24 bytes is never kept waiting) - the bytes already read are
-  passed on as `initial`. TLS: the handshake (bounded by timeouts.tls_handshake_s) offers ALPN h2
-  and http/1.1, and the negotiated protocol picks the driver (none negotiated: HTTP/1.1).
+  passed on as `initial`, with the time the sniff took (it counts against the head timeout).
+  TLS: the handshake (bounded by timeouts.tls_handshake_s) offers ALPN h2 and http/1.1, and the
+  negotiated protocol picks the driver (none negotiated: HTTP/1.1).
 - Binding: host/port from the config unless overridden; host "" means 127.0.0.1, or 0.0.0.0 plus
   :: (when the machine has IPv6) with server.allow_lan_access. Port 0 binds one free port, the
   same on every address.
@@ -29,6 +30,7 @@ import errno
 import logging
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, cast
@@ -271,16 +273,20 @@ class Server:
         client = _peer(stream)
         ctx = self.ssl_context
         if ctx is None:
+            t0 = time.monotonic()
             sniffed = await sniff(stream, cfg.timeouts.header_read_s)
             if sniffed is None:
                 await anyio.aclose_forcefully(stream)
                 return
             proto, initial = sniffed
+            # The sniff's time counts against the driver's head timeout: a preface trickled
+            # for almost header_read_s must not earn a second header_read_s.
+            waited = time.monotonic() - t0
             info = ConnInfo(client=client, scheme="http")
             if proto == "h2":
-                await serve_h2(stream, app, cfg, info, state, initial)
+                await serve_h2(stream, app, cfg, info, state, initial, waited)
             else:
-                await serve_h1(stream, app, cfg, info, state, initial)
+                await serve_h1(stream, app, cfg, info, state, initial, waited)
             return
         try:
             with anyio.fail_after(cfg.timeouts.tls_handshake_s or float("inf")):

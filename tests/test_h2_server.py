@@ -744,7 +744,8 @@ async def test_idle_connection_gets_goaway_and_close() -> None:
 
 
 async def test_pings_do_not_keep_an_idle_connection_open() -> None:
-    cfg = make_cfg(keepalive_idle_s=0.3)
+    # No request yet, so the head timeout applies (keep-alive only after a first request).
+    cfg = make_cfg(header_read_s=0.3, keepalive_idle_s=3600.0)
     async with serving(Recorder(), cfg) as h:
         await h.send(h.ff.preface())
         with anyio.fail_after(5):
@@ -875,8 +876,9 @@ async def test_h2_over_tls_with_alpn() -> None:
 
 
 async def test_continuation_trickle_is_cut_by_the_idle_timeout() -> None:
-    # An unfinished header block opens no stream, so it cannot hold the connection open.
-    cfg = make_cfg(keepalive_idle_s=0.3)
+    # An unfinished header block opens no stream, so it cannot hold the connection open: no
+    # request head has completed, so the head timeout applies.
+    cfg = make_cfg(header_read_s=0.3, keepalive_idle_s=3600.0)
     app = Recorder()
     async with serving(app, cfg) as h:
         ff = h.ff
