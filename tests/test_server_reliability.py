@@ -93,7 +93,7 @@ async def test_aborted_h1_uploads_are_freed_without_gc() -> None:
     async with serving(app) as server:
         port = server.port
         head = (
-            b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"POST /up HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n" % size
         )
         body = b"x" * (size - 1)  # one byte short, then close
@@ -115,9 +115,7 @@ async def test_aborted_h1_uploads_are_freed_without_gc() -> None:
                 held = tracemalloc.get_traced_memory()[0] - base
                 # Not one connection or exchange object survives: no cycle waits for a gc.
                 alive = [
-                    o
-                    for o in gc.get_objects()
-                    if type(o) in (h1_server._Conn, h1_server._Exchange)
+                    o for o in gc.get_objects() if type(o) in (h1_server._Conn, h1_server._Exchange)
                 ]
             finally:
                 tracemalloc.stop()
@@ -178,7 +176,7 @@ async def test_slow_head_is_scanned_in_linear_bytes(
 ) -> None:
     # A 60 KB head in 3-byte pieces (the fast path's shape, and one that needs h11).
     filler = b"".join(b"x-f%d: %s\r\n" % (i, b"v" * 50) for i in range(1000))
-    head = b"GET /x HTTP/1.1\r\nhost: t\r\n" + extra + filler + b"\r\n"
+    head = b"GET /x HTTP/1.1\r\nhost: localhost\r\n" + extra + filler + b"\r\n"
     if extra:
         head += b"0\r\n\r\n"
     assert 55_000 < len(head) < 64 * 1024
@@ -187,8 +185,10 @@ async def test_slow_head_is_scanned_in_linear_bytes(
     for i in range(0, len(head), 3):
         conn._feed(head[i : i + 3])
     assert len(conn._queue) == 1 and conn._queue[0].error is None
-    print(f"\n{len(head)}-byte head in 3-byte pieces: {count.total} bytes scanned"
-          f" (fast {count.fast}, h11 {count.h11}, search {count.search}), {count.calls} calls")
+    print(
+        f"\n{len(head)}-byte head in 3-byte pieces: {count.total} bytes scanned"
+        f" (fast {count.fast}, h11 {count.h11}, search {count.search}), {count.calls} calls"
+    )
     assert count.total < 4 * len(head)
 
 
@@ -197,7 +197,7 @@ async def test_slow_head_is_scanned_in_linear_bytes(
 
 @pytest.mark.parametrize("piece", [0, 1000, 7])
 async def test_long_target_gets_414_however_the_bytes_arrive(piece: int) -> None:
-    raw = b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\nhost: t\r\n\r\n"
+    raw = b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\nhost: localhost\r\n\r\n"
     app = EchoApp()
     async with h1_serving(app, Config()) as c:
         if not piece:
@@ -213,7 +213,7 @@ async def test_long_target_gets_414_however_the_bytes_arrive(piece: int) -> None
 
 async def test_obs_folded_header_is_400() -> None:
     raw = (
-        b"POST /x HTTP/1.1\r\nhost: t\r\nauthorization: Bearer\r\n sk-key\r\n"
+        b"POST /x HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer\r\n sk-key\r\n"
         b"content-length: 0\r\n\r\n"
     )
     app = EchoApp()
@@ -284,9 +284,11 @@ async def _flood(c: H2Client, streams: int, size: int, headers: list[tuple[bytes
             if n <= 0:
                 with anyio.move_on_after(0.5):  # a window that stays shut ends the push
                     await c.wait_for(
-                        lambda: c.conn.local_flow_control_window(sid) > 0
-                        or st.reset_code is not None
-                        or st.ended
+                        lambda: (
+                            c.conn.local_flow_control_window(sid) > 0
+                            or st.reset_code is not None
+                            or st.ended
+                        )
                     )
                 if c.conn.local_flow_control_window(sid) <= 0:
                     return
@@ -345,7 +347,8 @@ async def test_h1_keyless_upload_gets_401_before_its_body() -> None:
         async with s:
             # Only the head is sent: the answer must not wait for the 10 MiB it announces.
             await s.send(
-                b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json"
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n"
+                b"content-type: application/json"
                 b"\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % (10 * MiB)
             )
             got = b""
@@ -356,6 +359,42 @@ async def test_h1_keyless_upload_gets_401_before_its_body() -> None:
         assert b"connection: close" in got and b"x-request-id: " in got
         await wait_idle(server)
         assert server.state.buffered_body_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        (b"origin: https://evil.example\r\ncontent-type: text/plain", b"403"),
+        (b"content-type: application/x-www-form-urlencoded", b"415"),
+    ],
+    ids=["foreign-origin", "non-json"],
+)
+async def test_h1_web_page_upload_is_refused_before_its_body(extra: bytes, status: bytes) -> None:
+    """Auth off (the loopback default): a request __call__ refuses whatever its body (a web
+    page's Origin, a form body) is refused on its head too, so its body is never read."""
+    app = GatewayApp(Config())
+    bodies: list[bytes] = []
+
+    async def handler(request: Request, sink: ResponseSink) -> None:  # never reached
+        bodies.append(request.body)
+        await sink.respond(200, [], b"{}")
+
+    app.router.add("POST", "/v1/chat/completions", handler)
+    async with serving(app) as server:
+        s = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with s:
+            await s.send(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n"
+                + extra
+                + b"\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % (10 * MiB)
+            )
+            got = b""
+            with anyio.fail_after(10):
+                while b"\r\n\r\n" not in got:
+                    got += await s.receive()
+        assert got.startswith(b"HTTP/1.1 " + status + b" "), got[:200]  # no 100 Continue
+        await wait_idle(server)
+        assert server.state.buffered_body_bytes == 0 and bodies == []
 
 
 async def test_h1_keyed_upload_still_works() -> None:
@@ -370,7 +409,7 @@ async def test_h1_keyed_upload_still_works() -> None:
     async with serving(app) as server:
         s = await anyio.connect_tcp("127.0.0.1", server.port)
         async with s:
-            await s.send(b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabc")
+            await s.send(b"POST /up HTTP/1.1\r\nhost: localhost\r\ncontent-length: 3\r\n\r\nabc")
             got = b""
             with anyio.fail_after(10):
                 while b'{"n":3}' not in got:
@@ -389,17 +428,23 @@ async def test_h1_body_budget_is_503_before_more_is_read() -> None:
         ch = await anyio.connect_tcp("127.0.0.1", server.port)
         async with a, b, ch:
             size = 800 * 1024
-            await a.send(b"POST /a HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % size)
+            await a.send(
+                b"POST /a HTTP/1.1\r\nhost: localhost\r\ncontent-length: %d\r\n\r\n" % size
+            )
             await a.send(b"x" * (700 * 1024))  # held: 700 KiB of the 1 MiB budget
             for _ in range(1000):  # bounded: 10 s at most
                 if state.buffered_body_bytes >= 700 * 1024:
                     break
                 await anyio.sleep(0.01)
             # Declared over what is left: 503 on the head, before any body byte.
-            await b.send(b"POST /b HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % size)
+            await b.send(
+                b"POST /b HTTP/1.1\r\nhost: localhost\r\ncontent-length: %d\r\n\r\n" % size
+            )
             rb = await _read_head(b)
             # Chunked: 503 once the bytes held would pass the budget.
-            await ch.send(b"POST /c HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n")
+            await ch.send(
+                b"POST /c HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
             piece = b"%x\r\n%s\r\n" % (100 * 1024, b"y" * 100 * 1024)
             for _ in range(4):
                 await ch.send(piece)
@@ -554,11 +599,27 @@ async def test_time_spent_sniffing_counts_against_the_head_timeout(proto: str) -
     got = bytearray()
     async with anyio.create_task_group() as tg:
         if proto == "h2":
-            tg.start_soon(h2_server.serve_h2, server_end, EchoApp(), cfg, info, state,
-                          FrameFactory().preface(), 29.9)
+            tg.start_soon(
+                h2_server.serve_h2,
+                server_end,
+                EchoApp(),
+                cfg,
+                info,
+                state,
+                FrameFactory().preface(),
+                29.9,
+            )
         else:
-            tg.start_soon(h1_server.serve_h1, server_end, EchoApp(), cfg, info, state,
-                          b"POST /x HTTP/1.1\r\nhost: t\r\n", 29.9)
+            tg.start_soon(
+                h1_server.serve_h1,
+                server_end,
+                EchoApp(),
+                cfg,
+                info,
+                state,
+                b"POST /x HTTP/1.1\r\nhost: localhost\r\n",
+                29.9,
+            )
         with anyio.fail_after(10):
             while True:
                 try:
