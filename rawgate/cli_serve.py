@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from rawgate import __version__
-from rawgate.accounts import AccountStoreError
+from rawgate.accounts import AccountStore, AccountStoreError
 from rawgate.config import (
     Config,
     ConfigError,
@@ -506,6 +506,10 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         (hups if signum == signal.SIGHUP else signals_seen).append(signum)
 
+    try:  # once here, not once per worker: a corrupt accounts.json is one line
+        AccountStore(rawgate_home() / "accounts.json").load()
+    except AccountStoreError as e:
+        return _fail(str(e), 2)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         port, holder = _reserve_port(cfg)

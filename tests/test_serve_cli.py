@@ -125,6 +125,17 @@ def test_config_errors_are_one_line_exit_2_naming_the_real_source(
         assert "config.toml" not in err
 
 
+@pytest.mark.parametrize("extra", [(), ("--emulate",), ("--emulate", "--workers", "2")])
+def test_corrupt_accounts_file_is_one_line_exit_2(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    accounts = tmp_path / "accounts.json"
+    accounts.write_text("{bad")
+    accounts.chmod(0o600)
+    rc, out, err = _run(tmp_path, "--port", "0", *extra)
+    assert rc == 2 and out == "", err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"{accounts}: not valid JSON" in lines[0], err
+
+
 # ---- what the operator sees at start ----------------------------------------------------------
 
 
