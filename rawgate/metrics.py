@@ -325,6 +325,7 @@ class WorkerExchange:
         self._lock = threading.Lock()
         self._seq = 0  # snapshots taken (on the loop)
         self._written = 0  # the newest snapshot on disk (under the lock)
+        self._last = b""  # its bytes
         # What a previous worker in this slot counted: its counters and histograms carry on.
         self._base: list[Family] = []
         try:
@@ -341,12 +342,15 @@ class WorkerExchange:
     def publish(self, snapshot: tuple[int, list[Family]]) -> None:
         """Replace this worker's file with `snapshot` unless a newer one is there (blocking)."""
         seq, families = snapshot
+        data = _ENCODER.encode(families)
         with self._lock:
             if seq <= self._written:
                 return
-            tmp = self.path.with_name(f".{self.path.name}.{seq}.tmp")
-            tmp.write_bytes(_ENCODER.encode(families))
-            os.replace(tmp, self.path)
+            if data != self._last:  # an idle worker does not rewrite its file every PUBLISH_S
+                tmp = self.path.with_name(f".{self.path.name}.{seq}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, self.path)
+                self._last = data
             self._written = seq
 
     def scrape(self, snapshot: tuple[int, list[Family]]) -> bytes:

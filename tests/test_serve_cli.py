@@ -188,6 +188,12 @@ def _stop(pr: Proc) -> None:
 def test_banner_names_the_emulator_and_no_account_warns(serve: Any) -> None:
     emu = serve("--emulate")
     assert "upstream: the built-in emulator" in emu.banner
+    assert _chat(emu.port, "gpt-4o")[0] == 200
+    samples = _scrape(emu.port)  # one process: the scheduler's families are there too
+    assert get(samples, "rawgate_account_requests_total", account="emulator-demo") == 1
+    assert get(samples, "rawgate_account_tokens_total", account="emulator-demo",
+               direction="out") > 0  # fmt: skip
+    assert ("rawgate_workers_reporting", frozenset()) not in samples
     _stop(emu)
     assert "no upstream account" not in emu.stderr()  # the demo account serves
     bare = serve()
