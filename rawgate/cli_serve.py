@@ -490,6 +490,7 @@ def _supervised_reload(args: argparse.Namespace, started: Config, workers: list[
     except ConfigError as e:
         log.error("SIGHUP: config not reloaded, the workers keep the running one: %s", e)
         return
+    configure_logging(new.log.format, new.log.level)
     pending = split_reload(started, new)[1]
     if pending:
         log.warning(_restart_warning(pending))
