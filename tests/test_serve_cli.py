@@ -252,6 +252,11 @@ def test_sighup_reloads_config_while_a_stream_runs_on(serve: Any, tmp_path: Path
         '[routing.custom_mapping]\n"my-alias" = "gemini-2.5-pro"\n'
         "[limits]\nmax_connections = 10\n"  # needs a restart: kept, and named in a warning
     )
+    # An idle keep-alive connection opened before the reload is still usable after it.
+    idle = http.client.HTTPConnection("127.0.0.1", pr.port, timeout=WAIT_S)
+    idle.request("GET", "/healthz")
+    assert idle.getresponse().read().startswith(b'{"status":"ok"')
+    idle_sock = idle.sock
     pr.proc.send_signal(signal.SIGHUP)
     rest = resp.read()
     conn.close()
@@ -266,6 +271,10 @@ def test_sighup_reloads_config_while_a_stream_runs_on(serve: Any, tmp_path: Path
     _wait_for(lambda: "config reloaded" in pr.stderr(), "no reload logged")
     assert _chat(pr.port, "gpt-4o")[0] == 401
     assert _chat(pr.port, "my-alias", key="sk-after-reload") == (200, "gemini-2.5-pro")
+    idle.request("GET", "/healthz", headers={"authorization": "Bearer sk-after-reload"})
+    assert idle.getresponse().status == 200
+    assert idle.sock is idle_sock  # http.client would have reconnected had it been closed
+    idle.close()
     log = pr.stderr()
     assert re.search(r"WARNING .*limits\.max_connections changed: needs a restart", log), log
 
