@@ -369,8 +369,8 @@ class _Reloader:
             return
         # New connections take the new limits and timeouts; open ones keep theirs.
         self.server.cfg = self.stack.cfg
+        log.info("%sconfig reloaded", who)  # before a new log.level may hide it
         configure_logging(applied.log.format, applied.log.level)
-        log.info("%sconfig reloaded", who)
         if self.worker_index is None:
             pending = split_reload(self.started, new)[1]
             if pending:

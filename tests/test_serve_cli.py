@@ -251,6 +251,7 @@ def test_sighup_reloads_config_while_a_stream_runs_on(serve: Any, tmp_path: Path
         '[auth]\nmode = "strict"\napi_keys = ["sk-after-reload"]\n'
         '[routing.custom_mapping]\n"my-alias" = "gemini-2.5-pro"\n'
         "[limits]\nmax_connections = 10\n"  # needs a restart: kept, and named in a warning
+        '[log]\nlevel = "warning"\n'  # no more access lines (INFO)
     )
     # An idle keep-alive connection opened before the reload is still usable after it.
     idle = http.client.HTTPConnection("127.0.0.1", pr.port, timeout=WAIT_S)
@@ -269,6 +270,8 @@ def test_sighup_reloads_config_while_a_stream_runs_on(serve: Any, tmp_path: Path
 
     # The next request sees the new config: auth on, the new mapping.
     _wait_for(lambda: "config reloaded" in pr.stderr(), "no reload logged")
+    access_lines = pr.stderr().count("rawgate.access")
+    assert access_lines >= 1  # /healthz, at the old level
     assert _chat(pr.port, "gpt-4o")[0] == 401
     assert _chat(pr.port, "my-alias", key="sk-after-reload") == (200, "gemini-2.5-pro")
     idle.request("GET", "/healthz", headers={"authorization": "Bearer sk-after-reload"})
@@ -277,6 +280,7 @@ def test_sighup_reloads_config_while_a_stream_runs_on(serve: Any, tmp_path: Path
     idle.close()
     log = pr.stderr()
     assert re.search(r"WARNING .*limits\.max_connections changed: needs a restart", log), log
+    assert log.count("rawgate.access") == access_lines
 
     # A config that does not load: one error line, the running config stays, alive.
     cfg.write_text("[auth\n")
