@@ -329,9 +329,11 @@ def _explain(e: msgspec.ValidationError, merged: dict[str, Any], origins: _Origi
         return ConfigError(f"{origins.of(parts[0], key)}: unknown key {parts[0]}.{key}")
     if len(parts) < 2:
         return ConfigError(f"{origins.file}: {msg}")
-    section, key = parts[0], parts[1]
+    # "api_keys[0]": an element of a list; the setting is what the user wrote.
+    section, key = parts[0], parts[1].split("[", 1)[0]
     value = merged.get(section, {}).get(key)
-    expected = _expected(_field_type(section, key)) if len(parts) == 2 else None
+    whole = len(parts) == 2 and "[" not in parts[1]
+    expected = _expected(_field_type(section, key)) if whole else None
     return origins.fail(section, key, value, expected or what)
 
 

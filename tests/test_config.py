@@ -133,3 +133,10 @@ def test_split_reload_keeps_restart_settings_and_names_them() -> None:
     assert applied.limits.max_body_bytes == 1000
     assert applied.routing.custom_mapping == {"a": "gemini-2.5-pro"}
     assert split_reload(running, running) == (running, [])
+
+
+def test_a_wrong_list_element_names_the_setting_and_hides_keys() -> None:
+    with pytest.raises(ConfigError) as e:
+        build_config({"auth": {"api_keys": ["sk-secret-1", 3]}}, {}, {}, source="f.toml")
+    assert str(e.value).startswith("f.toml: auth.api_keys: ")
+    assert "sk-secret" not in str(e.value)
