@@ -272,6 +272,9 @@ def test_sighup_reloads_config_while_a_stream_runs_on(serve: Any, tmp_path: Path
     _wait_for(lambda: "config reloaded" in pr.stderr(), "no reload logged")
     access_lines = pr.stderr().count("rawgate.access")
     assert access_lines >= 1  # /healthz, at the old level
+    # The stream ended after the reload: its access line (INFO, written when it ends) fell under
+    # the new log.level. So the reload really happened with the stream in flight.
+    assert "POST /v1/chat/completions" not in pr.stderr()
     assert _chat(pr.port, "gpt-4o")[0] == 401
     assert _chat(pr.port, "my-alias", key="sk-after-reload") == (200, "gemini-2.5-pro")
     idle.request("GET", "/healthz", headers={"authorization": "Bearer sk-after-reload"})
