@@ -355,6 +355,23 @@ class _Reloader:
         self.load = load
         # A worker's supervisor already checked the config and named what needs a restart.
         self.worker_index = worker_index
+        self.outcomes = {"ok": 0, "failed": 0}
+        self.last_ok = True
+        # What an alert on a bad reload reads (Prometheus' own config_last_reload_successful).
+        metrics = stack.app.metrics
+        metrics.add_collector(
+            "rawgate_config_reloads_total",
+            "counter",
+            "SIGHUP config reloads by outcome.",
+            lambda: [({"outcome": k}, float(v)) for k, v in self.outcomes.items()],
+        )
+        metrics.add_collector(
+            "rawgate_config_last_reload_successful",
+            "gauge",
+            "1 unless the last SIGHUP reload was refused (the running config stayed).",
+            lambda: [({}, 1.0 if self.last_ok else 0.0)],
+            "min",
+        )
 
     async def __call__(self) -> None:
         if self.load is None:
@@ -366,7 +383,11 @@ class _Reloader:
             self.stack.reconfigure(applied)
         except ConfigError as e:
             log.error("%sSIGHUP: config not reloaded, the running one stays: %s", who, e)
+            self.outcomes["failed"] += 1
+            self.last_ok = False
             return
+        self.outcomes["ok"] += 1
+        self.last_ok = True
         # New connections take the new limits and timeouts; open ones keep theirs.
         self.server.cfg = self.stack.cfg
         log.info("%sconfig reloaded", who)  # before a new log.level may hide it

@@ -290,6 +290,10 @@ def test_sighup_reloads_config_while_a_stream_runs_on(serve: Any, tmp_path: Path
     pr.proc.send_signal(signal.SIGHUP)
     _wait_for(lambda: "config not reloaded" in pr.stderr(), "no reload error logged")
     assert pr.proc.poll() is None
+    samples = _scrape(pr.port, key="sk-after-reload")
+    assert get(samples, "rawgate_config_reloads_total", outcome="ok") == 1
+    assert get(samples, "rawgate_config_reloads_total", outcome="failed") == 1
+    assert get(samples, "rawgate_config_last_reload_successful") == 0
     assert _chat(pr.port, "my-alias", key="sk-after-reload") == (200, "gemini-2.5-pro")
     assert "Traceback" not in pr.stderr()
     _stop(pr)
@@ -311,9 +315,9 @@ def test_sighup_with_workers_reaches_every_worker(serve: Any, tmp_path: Path) ->
 # ---- /metrics across workers --------------------------------------------------------------------
 
 
-def _scrape(port: int) -> Series:
+def _scrape(port: int, key: str = "") -> Series:
     with closing(http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)) as c:
-        c.request("GET", "/metrics")
+        c.request("GET", "/metrics", headers={"authorization": f"Bearer {key}"} if key else {})
         r = c.getresponse()
         assert r.status == 200
         samples, types = parse(r.read().decode())
