@@ -13,8 +13,8 @@ Invariants:
   next request and the next connection; nothing in flight is touched, no socket is closed.
   Settings in config.RESTART_SETTINGS keep their running value and a warning names them. A
   config that does not load is logged as one error line and the running one stays. With
-  --workers N the supervisor checks the config once, names what needs a restart, and forwards
-  SIGHUP to every worker.
+  --workers N the supervisor names what needs a restart (once) and forwards SIGHUP to every
+  worker, which reloads (or refuses) by itself.
 - uvloop runs the event loop whenever it is installed.
 - `--workers N` (N > 1): N worker processes, each `rawgate serve --workers 1` with its own event
   loop, all listening on one port with SO_REUSEPORT (the kernel spreads connections). The parent
@@ -505,16 +505,18 @@ def _metrics_dir() -> Path:
 
 
 def _supervised_reload(args: argparse.Namespace, started: Config, workers: list[_Worker]) -> None:
-    """SIGHUP to the supervisor: check the config once, then let every worker reload it."""
+    """SIGHUP to the supervisor: name once what needs a restart, and let every worker reload.
+    A config that does not load is forwarded too: each worker logs the refusal and counts it in
+    rawgate_config_last_reload_successful, which is what an alert reads."""
     try:
         new = _load(args)
-    except ConfigError as e:
-        log.error("SIGHUP: config not reloaded, the workers keep the running one: %s", e)
-        return
-    configure_logging(new.log.format, new.log.level)
-    pending = split_reload(started, new)[1]
-    if pending:
-        log.warning(_restart_warning(pending))
+    except ConfigError:
+        new = None
+    if new is not None:
+        configure_logging(new.log.format, new.log.level)
+        pending = split_reload(started, new)[1]
+        if pending:
+            log.warning(_restart_warning(pending))
     for w in workers:
         if w.proc is not None and w.proc.poll() is None:
             w.proc.send_signal(signal.SIGHUP)

@@ -308,6 +308,19 @@ def test_sighup_with_workers_reaches_every_worker(serve: Any, tmp_path: Path) ->
         _wait_for(lambda i=i: f"worker {i}: config reloaded" in pr.stderr(), f"worker {i}")
     for _ in range(6):  # new connections: SO_REUSEPORT spreads them over both workers
         assert _chat(pr.port, "my-alias") == (200, "gemini-2.5-pro")
+    # A refused reload reaches every worker too, and the metric an alert reads says so.
+    cfg.write_text("[routing\n")
+    pr.proc.send_signal(signal.SIGHUP)
+    for i in (0, 1):
+        _wait_for(lambda i=i: f"worker {i}: SIGHUP: config not reloaded" in pr.stderr(), f"{i}")
+    def refused_by_both() -> bool:  # each worker's share is at most metrics.PUBLISH_S old
+        samples = _scrape(pr.port)
+        failed = get(samples, "rawgate_config_reloads_total", outcome="failed")
+        assert failed <= 2
+        return failed == 2 and get(samples, "rawgate_config_last_reload_successful") == 0
+
+    _wait_for(refused_by_both, "the refused reload is not in /metrics")
+    assert _chat(pr.port, "my-alias") == (200, "gemini-2.5-pro")
     assert pr.proc.poll() is None
     _stop(pr)
 
