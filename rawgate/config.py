@@ -349,6 +349,10 @@ def _check_semantics(cfg: Config, origins: _Origins) -> None:
         raise ConfigError(
             f"{origins.of('server', key)}: server.tls_cert and server.tls_key must be set together"
         )
+    for key in ("tls_cert", "tls_key"):  # a wrong path is named with its source here; a file
+        path = getattr(s, key)  # that is there but is no PEM fails when the listener loads it
+        if path and not os.path.isfile(path):
+            raise fail("server", key, path, "no such file")
     up = cfg.upstream
     for key in ("gemini_base_url", "code_assist_base_url", "oauth_token_url"):
         url = getattr(up, key)

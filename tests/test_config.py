@@ -140,3 +140,13 @@ def test_a_wrong_list_element_names_the_setting_and_hides_keys() -> None:
         build_config({"auth": {"api_keys": ["sk-secret-1", 3]}}, {}, {}, source="f.toml")
     assert str(e.value).startswith("f.toml: auth.api_keys: ")
     assert "sk-secret" not in str(e.value)
+
+
+def test_a_missing_tls_file_is_named_with_its_flag(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    flags = {("server", "tls_cert"): "--tls-cert", ("server", "tls_key"): "--tls-key"}
+    over = {"server": {"tls_cert": str(cert), "tls_key": str(tmp_path / "nope.pem")}}
+    with pytest.raises(ConfigError) as e:
+        build_config({}, {}, over, flags=flags)
+    assert str(e.value) == f"--tls-key: server.tls_key = '{tmp_path / 'nope.pem'}': no such file"
