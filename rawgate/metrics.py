@@ -354,17 +354,23 @@ class WorkerExchange:
             self._written = seq
 
     def scrape(self, snapshot: tuple[int, list[Family]]) -> bytes:
-        """Publish our own families, then sum every worker's file (blocking)."""
-        self.publish(snapshot)
+        """Publish our own families, then sum every worker's file (blocking). Our own are read
+        back from the file too: the periodic publisher may have written a newer snapshot than
+        `snapshot`, and another worker's scrape may already have shown it."""
+        try:
+            self.publish(snapshot)
+        except OSError as e:
+            log.warning("publishing metrics to %s failed: %s", self.path, e)
         sources: list[list[Family]] = []
+        own = False
         for p in sorted(self.directory.glob("worker-*.json")):
-            if p == self.path:
-                sources.append(snapshot[1])
-                continue
             try:
                 sources.append(_FAMILIES.decode(p.read_bytes()))
+                own = own or p == self.path
             except (OSError, msgspec.DecodeError) as e:  # a worker starting or gone: skip it
                 log.debug("metrics of %s unreadable: %s", p.name, e)
+        if not own:  # our file could not be written or read: this scrape still counts us
+            sources.append(snapshot[1])
         families = merge_families(sources)
         families.append(
             Family(

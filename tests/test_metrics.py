@@ -237,6 +237,8 @@ def test_worker_exchange_sums_workers_and_never_goes_back(tmp_path: Path) -> Non
     a.exchange.publish(a.exchange.snapshot())
     a.exchange.publish(old)
     assert total(anyio.run(b.exposition)) == 16
+    # A scrape whose own snapshot lost the race to the periodic publisher shows the newer file.
+    assert total(a.exchange.scrape(old)) == 16
     # A worker restarted in slot 0 carries on from what its predecessor published.
     a2 = worker(0)
     a2.observe("/r", "GET", 200, 0.01)
