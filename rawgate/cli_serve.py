@@ -549,11 +549,18 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
     workers = [_Worker(i) for i in range(n)]
 
     def spawn(w: _Worker) -> None:
-        w.proc = subprocess.Popen(
-            _worker_argv(args, port, w.index, write_fd, metrics_dir),
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
+        # A worker is born ignoring SIGHUP (an ignored signal stays ignored across exec): a
+        # reload forwarded while it still imports must not kill it. Its event loop takes SIGHUP
+        # over once it serves, and it reads the then-current config at start anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            w.proc = subprocess.Popen(
+                _worker_argv(args, port, w.index, write_fd, metrics_dir),
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        finally:
+            signal.signal(signal.SIGHUP, on_signal)
         w.started = time.monotonic()
 
     code = 0

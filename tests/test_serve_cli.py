@@ -398,3 +398,28 @@ def test_metrics_across_two_workers_are_totals_that_never_go_back(
     _wait_for(lambda: _total(pr.port, sent), "the restarted worker lost counts")
     _stop(pr)
     assert not run.exists()  # the supervisor removes its run directory
+
+
+def test_a_worker_still_starting_survives_a_sighup(tmp_path: Path) -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "rawgate", "serve", "--host", "127.0.0.1", "--port", "0",
+         "--emulate", "--workers", "2"],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+        _wait_for(lambda: len(children.read_text().split()) == 2, "no workers")
+        for pid in children.read_text().split():  # before they serve (a reload from outside)
+            os.kill(int(pid), signal.SIGHUP)
+        assert p.stdout is not None
+        assert "listening on" in p.stdout.readline()  # both became ready: none died
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=WAIT_S)
+        assert p.returncode == 0 and "exited" not in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=WAIT_S)
