@@ -300,17 +300,28 @@ class GatewayApp:
         self.metrics = Metrics(state)
         self.in_flight = 0
         self.metrics.set_in_flight_source(lambda: self.in_flight)
-        self._max_in_flight = cfg.limits.max_in_flight
-        self._access_log = cfg.log.access_log
-        self.auth_mode = auth_mode(cfg)
-        if self.auth_mode != "off":
+        self.configure(cfg)
+        self.router.add("GET", "/healthz", self._health, auth="health")
+        self.router.add("GET", "/health", self._health, auth="health")
+        self.router.add("GET", "/metrics", self._metrics)
+
+    def configure(self, cfg: Config) -> None:
+        """Apply auth, CORS, the in-flight cap and the access-log switch of `cfg` (at start and
+        on a SIGHUP reload: the next request sees them, requests in flight are untouched).
+        Raises ConfigError for auth on without keys, before anything changed."""
+        mode = auth_mode(cfg)
+        if mode != "off":
             if not cfg.auth.api_keys:
                 raise ConfigError(
-                    f"auth.mode = {self.auth_mode!r} needs at least one key in auth.api_keys"
+                    f"auth.mode = {mode!r} needs at least one key in auth.api_keys"
                     " (or RAWGATE_AUTH_API_KEYS); refusing to start with an open door"
                 )
             if any(not k.strip() for k in cfg.auth.api_keys):
                 raise ConfigError("auth.api_keys contains an empty key")
+        self.cfg = cfg
+        self.auth_mode = mode
+        self._max_in_flight = cfg.limits.max_in_flight
+        self._access_log = cfg.log.access_log
         # Digests of the keys: equal-length values for compare_digest whatever the key lengths.
         self._key_digests = [hashlib.sha256(k.encode()).digest() for k in cfg.auth.api_keys]
         origins = cfg.server.cors_allowed_origins
@@ -328,9 +339,6 @@ class GatewayApp:
         self._host_memo: dict[bytes, bool] = {}
         self._cors_max_age = str(cfg.server.cors_max_age_s).encode()
         self._fallback_host = f"{cfg.server.host or '127.0.0.1'}:{cfg.server.port}"
-        self.router.add("GET", "/healthz", self._health, auth="health")
-        self.router.add("GET", "/health", self._health, auth="health")
-        self.router.add("GET", "/metrics", self._metrics)
 
     # ---- the request cycle ----------------------------------------------------------------
 
@@ -669,7 +677,8 @@ class GatewayApp:
         await json_response(sink, 200, _HEALTH_BODY)
 
     async def _metrics(self, request: Request, sink: ResponseSink) -> None:
-        await sink.respond(200, [(b"content-type", METRICS_CONTENT_TYPE)], self.metrics.render())
+        body = await self.metrics.exposition()
+        await sink.respond(200, [(b"content-type", METRICS_CONTENT_TYPE)], body)
 
 
 def _bearer(value: bytes) -> bytes:

@@ -224,20 +224,55 @@ def load_config(
     path: str | Path | None = None,
     env: dict[str, str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    flags: dict[tuple[str, str], str] | None = None,
 ) -> Config:
-    """Build a Config from defaults, a TOML file, RAWGATE_* variables and flag overrides."""
+    """Build a Config from defaults, a TOML file, RAWGATE_* variables and flag overrides.
+
+    `flags` names the command-line flag behind each override, e.g. {("server", "port"):
+    "--port"}, so an error names what the user typed."""
     env = dict(os.environ) if env is None else env
     explicit = path is not None
-    cfg_path = Path(path) if path is not None else rawgate_home(env) / "config.toml"
+    cfg_path = config_path(path, env)
     raw: dict[str, Any] = {}
     if cfg_path.exists():
         try:
             raw = tomllib.loads(cfg_path.read_text("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{cfg_path}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
     elif explicit:
         raise ConfigError(f"{cfg_path}: config file not found")
-    return build_config(raw, env, overrides or {}, source=str(cfg_path))
+    return build_config(raw, env, overrides or {}, source=str(cfg_path), flags=flags)
+
+
+def config_path(path: str | Path | None = None, env: dict[str, str] | None = None) -> Path:
+    """The file load_config reads: `path`, else $RAWGATE_HOME/config.toml."""
+    return Path(path) if path is not None else rawgate_home(env) / "config.toml"
+
+
+# Never echoed in an error: they are credentials (a proxy URL may carry user:password).
+_SECRET_KEYS = frozenset({"auth.api_keys", "upstream.oauth_client_secret", "upstream.proxy"})
+
+
+class _Origins:
+    """Where each setting came from: the file read, a RAWGATE_* variable or a flag; an error
+    names that, never a file that was not read."""
+
+    __slots__ = ("by_key", "file")
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.by_key: dict[tuple[str, str], str] = {}
+
+    def of(self, section: str, key: str) -> str:
+        return self.by_key.get((section, key), "default")
+
+    def fail(self, section: str, key: str, value: Any, problem: str) -> ConfigError:
+        dotted = f"{section}.{key}"
+        shown = "" if dotted in _SECRET_KEYS else f" = {value!r}"
+        return ConfigError(f"{self.of(section, key)}: {dotted}{shown}: {problem}")
 
 
 def build_config(
@@ -246,8 +281,12 @@ def build_config(
     overrides: dict[str, dict[str, Any]],
     *,
     source: str = "config",
+    flags: dict[tuple[str, str], str] | None = None,
 ) -> Config:
-    """Validate and merge; see load_config. Raises ConfigError with a one-line message."""
+    """Validate and merge; see load_config. Raises ConfigError with a one-line message that
+    starts with where the wrong value came from (`source` is the name of the file `raw` was
+    read from)."""
+    origins = _Origins(source)
     merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     sections = {f.name: f.type for f in msgspec.structs.fields(Config)}
     for name, value in raw.items():
@@ -257,6 +296,8 @@ def build_config(
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table, got {value!r}")
+        for key in value:
+            origins.by_key[(name, key)] = source
     for var, text in env.items():
         if not var.startswith("RAWGATE_") or var == "RAWGATE_HOME":
             continue
@@ -266,13 +307,16 @@ def build_config(
             continue
         key = rest[len(section) + 1 :]
         merged.setdefault(section, {})[key] = _from_env(section, key, text, var)
+        origins.by_key[(section, key)] = var
     for section, values in overrides.items():
         merged.setdefault(section, {}).update(values)
+        for key in values:
+            origins.by_key[(section, key)] = (flags or {}).get((section, key), "command line")
     try:
         cfg = msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{source}: {_explain(e, merged)}") from None
-    _check_semantics(cfg, source)
+        raise _explain(e, merged, origins) from None
+    _check_semantics(cfg, origins)
     return cfg
 
 
@@ -296,53 +340,88 @@ def _from_env(section: str, key: str, text: str, var: str) -> Any:
         try:
             return msgspec.json.decode(text)
         except msgspec.DecodeError:
-            raise ConfigError(f"{var}={text!r}: expected a JSON object") from None
+            raise ConfigError(f"{var}: {section}.{key}: expected a JSON object") from None
     return text
 
 
-def _explain(e: msgspec.ValidationError, merged: dict[str, Any]) -> str:
-    # msgspec says e.g. "Expected `int`, got `str` - at `$.server.port`"; add the value.
+def _expected(t: Any) -> str | None:
+    """What a setting of type `t` must be, in the user's words (None: say what msgspec said)."""
+    if getattr(t, "__origin__", None) is Literal:
+        return "must be one of " + ", ".join(str(a) for a in t.__args__)
+    origin = getattr(t, "__origin__", None)
+    if origin is list:
+        return "expected a list of strings (environment: comma-separated)"
+    if origin is dict:
+        return "expected a table of strings (environment: a JSON object)"
+    return {
+        bool: "expected true or false",
+        int: "expected an integer",
+        float: "expected a number",
+        str: "expected a string",
+    }.get(t)
+
+
+def _explain(e: msgspec.ValidationError, merged: dict[str, Any], origins: _Origins) -> ConfigError:
+    # msgspec says e.g. "Expected `int`, got `str` - at `$.server.port`": turn that into the
+    # setting's origin, its value and what is allowed.
     msg = str(e)
     loc = msg.rsplit("at `$.", 1)
-    if len(loc) == 2:
-        dotted = loc[1].rstrip("`")
-        parts = dotted.split(".")
-        value: Any = merged
-        for p in parts:
-            value = value.get(p) if isinstance(value, dict) else None
-        what = loc[0].removesuffix(" - ").strip()
-        if what.startswith("Object contains unknown field"):
-            field = what.split("`")[1] if "`" in what else "?"
-            return f"unknown key {dotted}.{field}"
-        return f"{dotted} = {value!r}: {what}"
-    return msg
+    if len(loc) != 2:
+        return ConfigError(f"{origins.file}: {msg}")
+    parts = loc[1].rstrip("`").split(".")
+    what = loc[0].removesuffix(" - ").strip()
+    if what.startswith("Object contains unknown field") and len(parts) == 1:
+        key = what.split("`")[1] if "`" in what else "?"
+        return ConfigError(f"{origins.of(parts[0], key)}: unknown key {parts[0]}.{key}")
+    if len(parts) < 2:
+        return ConfigError(f"{origins.file}: {msg}")
+    # "api_keys[0]": an element of a list; the setting is what the user wrote.
+    section, key = parts[0], parts[1].split("[", 1)[0]
+    value = merged.get(section, {}).get(key)
+    whole = len(parts) == 2 and "[" not in parts[1]
+    expected = _expected(_field_type(section, key)) if whole else None
+    return origins.fail(section, key, value, expected or what)
 
 
-def _check_semantics(cfg: Config, source: str) -> None:
+def _check_semantics(cfg: Config, origins: _Origins) -> None:
+    fail = origins.fail
     s = cfg.server
     if not 0 <= s.port <= 65535:
-        raise ConfigError(f"{source}: server.port = {s.port}: must be 0..65535")
+        raise fail("server", "port", s.port, "must be 0..65535")
     if s.workers < 1:
-        raise ConfigError(f"{source}: server.workers = {s.workers}: must be >= 1")
+        raise fail("server", "workers", s.workers, "must be >= 1")
     if bool(s.tls_cert) != bool(s.tls_key):
-        raise ConfigError(f"{source}: server.tls_cert and server.tls_key must be set together")
+        key = "tls_cert" if s.tls_cert else "tls_key"
+        raise ConfigError(
+            f"{origins.of('server', key)}: server.tls_cert and server.tls_key must be set together"
+        )
+    for key in ("tls_cert", "tls_key"):  # a wrong path is named with its source here; a file
+        path = getattr(s, key)  # that is there but is no PEM fails when the listener loads it
+        if path and not os.path.isfile(path):
+            raise fail("server", key, path, "no such file")
     for o in s.cors_allowed_origins:
         if o != "*" and not _ORIGIN.match(o):
-            raise ConfigError(
-                f"{source}: server.cors_allowed_origins: {o!r} must be \"*\" or an origin"
-                " like http://localhost:3000 (\":*\" for any port), without a path"
+            raise fail(
+                "server",
+                "cors_allowed_origins",
+                o,
+                'must be "*" or an origin like http://localhost:3000 (":*" for any port),'
+                " without a path",
             )
     for h in s.allowed_hosts:
         if h != "*" and not _HOST.match(h):
-            raise ConfigError(
-                f"{source}: server.allowed_hosts: {h!r} must be \"*\" or a host name or"
-                " address, optionally with :port (no scheme, no path)"
+            raise fail(
+                "server",
+                "allowed_hosts",
+                h,
+                'must be "*" or a host name or address, optionally with :port'
+                " (no scheme, no path)",
             )
     up = cfg.upstream
     for key in ("gemini_base_url", "code_assist_base_url", "oauth_token_url", "oauth_auth_url"):
         url = getattr(up, key)
         if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
-            raise ConfigError(f"{source}: upstream.{key} = {url!r}: must be an http(s):// URL")
+            raise fail("upstream", key, url, "must be an http(s):// URL")
     if up.proxy:
         from rawgate.backends import parse_proxy  # config must not import the I/O layer eagerly
 
@@ -350,13 +429,11 @@ def _check_semantics(cfg: Config, source: str) -> None:
             parse_proxy(up.proxy)
         except ValueError:
             # The value may carry proxy credentials: name the key, not the value.
-            raise ConfigError(
-                f"{source}: upstream.proxy must look like http://[user:password@]host:port"
+            raise fail(
+                "upstream", "proxy", None, "must look like http://[user:password@]host:port"
             ) from None
     if cfg.routing.max_attempts < 1:
-        raise ConfigError(
-            f"{source}: routing.max_attempts = {cfg.routing.max_attempts}: must be >= 1"
-        )
+        raise fail("routing", "max_attempts", cfg.routing.max_attempts, "must be >= 1")
     # Model names go into upstream URLs: a bad mapping or target is a start-up line (exit 2),
     # not a traceback when the gateway is built.
     from rawgate.router import ModelRouter  # the router imports this module
@@ -367,23 +444,36 @@ def _check_semantics(cfg: Config, source: str) -> None:
             r.default_model, dict(r.custom_mapping), pro_model=r.pro_model, lite_model=r.lite_model
         )
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    if r.retry_budget_ratio < 0 or r.retry_budget_min < 0:
-        raise ConfigError(
-            f"{source}: routing.retry_budget_ratio and routing.retry_budget_min must be >= 0"
+        text = str(e)
+        tier = next(
+            (k for k in ("default", "pro", "lite") if f"the {k} model" in text), None
         )
+        key = f"{tier}_model" if tier else "custom_mapping"
+        raise ConfigError(f"{origins.of('routing', key)}: {e}") from None
+    if r.retry_budget_ratio < 0:
+        raise fail("routing", "retry_budget_ratio", r.retry_budget_ratio, "must be >= 0")
+    if r.retry_budget_min < 0:
+        raise fail("routing", "retry_budget_min", r.retry_budget_min, "must be >= 0")
     if not r.retry_budget_window_s > 0:
-        raise ConfigError(
-            f"{source}: routing.retry_budget_window_s = {r.retry_budget_window_s}: must be > 0"
-        )
+        raise fail("routing", "retry_budget_window_s", r.retry_budget_window_s, "must be > 0")
     for sec in (cfg.limits, cfg.timeouts):
+        name = type(sec).__name__.removesuffix("Config").lower()
         for f in msgspec.structs.fields(type(sec)):
             v = getattr(sec, f.name)
             if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
-                raise ConfigError(
-                    f"{source}: {type(sec).__name__.removesuffix('Config').lower()}.{f.name}"
-                    f" = {v}: must be >= 0"
-                )
+                raise fail(name, f.name, v, "must be >= 0")
+    # Checked here, not only where the app is built, so that `serve --workers N` refuses it
+    # once in the parent and a SIGHUP reload refuses it before any worker sees it.
+    mode = auth_mode(cfg)
+    if mode != "off":
+        if not cfg.auth.api_keys:
+            why = ("auth", "mode") if cfg.auth.mode != "auto" else ("server", "allow_lan_access")
+            raise ConfigError(
+                f"{origins.of(*why)}: auth.mode = {mode!r} needs at least one key in"
+                " auth.api_keys (or RAWGATE_AUTH_API_KEYS); refusing to start with an open door"
+            )
+        if any(not k.strip() for k in cfg.auth.api_keys):
+            raise fail("auth", "api_keys", None, "contains an empty key")
 
 
 def auth_mode(cfg: Config) -> str:
@@ -391,3 +481,51 @@ def auth_mode(cfg: Config) -> str:
     if cfg.auth.mode == "auto":
         return "all_except_health" if cfg.server.allow_lan_access else "off"
     return cfg.auth.mode
+
+
+# Settings a SIGHUP reload cannot apply: they shape sockets, processes or objects built once at
+# start (the listening sockets and their accept cap, the worker count, TLS, the upstream pool and
+# its timeouts, the response store). A dotted name is one key, a bare name a whole section.
+RESTART_SETTINGS: frozenset[str] = frozenset(
+    {
+        "server.host",
+        "server.port",
+        "server.allow_lan_access",
+        "server.workers",
+        "server.tls_cert",
+        "server.tls_key",
+        "upstream",
+        "limits.max_connections",
+        "limits.listen_backlog",
+        "limits.response_store_max_count",
+        "limits.response_store_max_age_s",
+        "limits.response_store_max_bytes",
+        "limits.tool_schema_cache_max_bytes",
+        "limits.tool_schema_max_work",
+        "timeouts.upstream_connect_s",
+        "timeouts.upstream_pool_s",
+        "timeouts.upstream_headers_s",
+        "timeouts.upstream_read_idle_s",
+        "timeouts.upstream_write_s",
+    }
+)
+
+
+def split_reload(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """What a reload applies: `new` with every RESTART_SETTINGS value kept from `running`, and
+    the dotted names of those settings `new` changes (they wait for a restart)."""
+    pending: list[str] = []
+    sections: dict[str, Any] = {}
+    for f in msgspec.structs.fields(Config):
+        old_sec, new_sec = getattr(running, f.name), getattr(new, f.name)
+        kept: dict[str, Any] = {}
+        for g in msgspec.structs.fields(type(new_sec)):
+            dotted = f"{f.name}.{g.name}"
+            if f.name not in RESTART_SETTINGS and dotted not in RESTART_SETTINGS:
+                continue
+            old_v = getattr(old_sec, g.name)
+            if old_v != getattr(new_sec, g.name):
+                pending.append(dotted)
+                kept[g.name] = old_v
+        sections[f.name] = msgspec.structs.replace(new_sec, **kept) if kept else new_sec
+    return Config(**sections), pending

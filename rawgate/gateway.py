@@ -146,12 +146,6 @@ class Gateway:
             retry_budget_min=r.retry_budget_min,
             retry_budget_window_s=r.retry_budget_window_s,
         )
-        self.router = ModelRouter(
-            r.default_model,
-            dict(r.custom_mapping),
-            pro_model=r.pro_model,
-            lite_model=r.lite_model,
-        )
         up = cfg.upstream
         self.tokens = TokenManager(
             up.oauth_token_url,
@@ -169,18 +163,12 @@ class Gateway:
         self.tool_schemas = mapping.ToolSchemas(
             lim.tool_schema_cache_max_bytes, lim.tool_schema_max_work
         )
-        self._inline_work = lim.tool_schema_inline_work
         self.board = CooldownBoard(home / "cooldowns.json") if share_cooldowns else None
         self._gemini_base = up.gemini_base_url.rstrip("/") + "/v1beta/models/"
         self._ca_base = up.code_assist_base_url.rstrip("/") + "/v1internal:"
-        self._expose_account = r.expose_account_header
-        # Only sticky scheduling reads the conversation key: the others skip hashing it.
-        self._key = r.scheduling == "sticky"
         # X-Account-Email values by display name: percent-escaping it is ~3 us per request.
         self._account_headers: dict[str, Header] = {}
-        self._max_depth = cfg.limits.max_json_depth
-        self._heartbeat_s = cfg.limits.sse_heartbeat_s
-        self._max_event_bytes = cfg.limits.upstream_max_event_bytes
+        self.reconfigure(cfg)
         self._demo = list(demo_accounts or [])
         self._accounts: dict[str, Account] = {}
         self._in_flight = 0
@@ -188,6 +176,33 @@ class Gateway:
         self._dirty_stats: dict[str, list[Any]] = {}
         self._tg: Any = None
         self.reload_accounts()
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Apply the model mapping, the routing knobs and the per-request limits of `cfg` (at
+        start and on a SIGHUP reload). The next request sees them; a request in flight keeps
+        the router and limits it started with. The upstream pool, the token manager and the
+        response store are built once (their settings need a restart: config.RESTART_SETTINGS)."""
+        r = cfg.routing
+        self.cfg = cfg
+        self.router = ModelRouter(
+            r.default_model,
+            dict(r.custom_mapping),
+            pro_model=r.pro_model,
+            lite_model=r.lite_model,
+        )
+        s = self.scheduler
+        s.mode = r.scheduling
+        s.max_attempts = max(1, r.max_attempts)
+        s.retry_budget_ratio = r.retry_budget_ratio
+        s.retry_budget_min = max(0, r.retry_budget_min)
+        s.retry_budget_window_s = r.retry_budget_window_s
+        self._expose_account = r.expose_account_header
+        # Only sticky scheduling reads the conversation key: the others skip hashing it.
+        self._key = r.scheduling == "sticky"
+        self._max_depth = cfg.limits.max_json_depth
+        self._heartbeat_s = cfg.limits.sse_heartbeat_s
+        self._max_event_bytes = cfg.limits.upstream_max_event_bytes
+        self._inline_work = cfg.limits.tool_schema_inline_work
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

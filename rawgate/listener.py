@@ -56,6 +56,7 @@ __all__ = [
     "H2_PREFACE",
     "BindError",
     "Server",
+    "bind_error",
     "bind_hosts",
     "open_server",
     "server_ssl_context",
@@ -76,6 +77,14 @@ class BindError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+def bind_error(host: str, port: int, e: OSError) -> BindError:
+    """The one-line BindError for `host`:`port`; a taken port says so and names --port."""
+    why = e.strerror or str(e)
+    if e.errno == errno.EADDRINUSE:
+        why += " (another process listens there; pick another port with --port)"
+    return BindError(e.errno, f"cannot listen on {host} port {port}: {why}")
 
 
 def bind_hosts(cfg: Config, host: str | None = None) -> list[str]:
@@ -358,7 +367,7 @@ async def _bind(
                 if h == "::" and listeners:
                     log.info("not listening on [::] (no IPv6 here?): %s", e)
                     continue
-                raise BindError(e.errno, f"cannot listen on {h} port {want}: {e.strerror or e}")
+                raise bind_error(h, want, e) from None
             listeners.extend(cast("list[SocketListener]", multi.listeners))
             if want == 0:  # one free port, the same on every address
                 want = int(multi.listeners[0].extra(SocketAttribute.local_port))

@@ -13,23 +13,31 @@ Invariants:
   (it asks the gateway's current accounts about a key it does not know); while accounts.json
   holds no account, the gateway uses a built-in demo account on the emulator: the zero-set-up
   path.
+- /metrics carries the scheduler's families (per account: up, in flight, cooling models,
+  requests, errors, tokens; retries) next to the app's. With `metrics_dir` (a worker of
+  `serve --workers N`) they are published there and a scrape sums all workers (metrics.py).
+- `Stack.reconfigure()` is the SIGHUP path: the app and the gateway take the new settings for
+  the next request; what was built once (upstream pool, emulator) stays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anyio
 import msgspec
 
 from rawgate.accounts import Account, AccountStore
 from rawgate.app import GatewayApp
 from rawgate.config import Config, rawgate_home
 from rawgate.gateway import Gateway
+from rawgate.metrics import Merge, WorkerExchange
 
 if TYPE_CHECKING:
     import ssl
@@ -40,6 +48,13 @@ if TYPE_CHECKING:
 __all__ = ["DEMO_ACCOUNT_ID", "Stack", "open_stack"]
 
 DEMO_ACCOUNT_ID = "emulator-demo"
+# How `serve --workers N` combines the scheduler's gauges (workers may disagree for a moment:
+# each learns a cooldown first, then shares it): an account is up only if every worker can use
+# it, and cools as many models as the worker that knows most. Counters always sum.
+_GAUGE_MERGE: dict[str, Merge] = {
+    "rawgate_account_up": "min",
+    "rawgate_account_cooling_models": "max",
+}
 
 
 @dataclass(slots=True)
@@ -48,6 +63,20 @@ class Stack:
     gateway: Gateway
     cfg: Config  # the effective config (upstream URLs point at the emulator with --emulate)
     emulator: RunningEmulator | None = None
+
+    @property
+    def no_accounts(self) -> bool:
+        """True when requests can only get a 503: no account, no emulator demo account."""
+        return not self.gateway.accounts
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Apply a reloaded config (RESTART_SETTINGS already kept from the running one; with
+        --emulate the upstream URLs stay pointed at the emulator). Raises ConfigError before
+        anything changed when the app refuses it."""
+        cfg = msgspec.structs.replace(cfg, upstream=self.cfg.upstream)
+        self.app.configure(cfg)
+        self.gateway.reconfigure(cfg)
+        self.cfg = cfg
 
 
 def _demo_account(api_key: str) -> Account:
@@ -80,6 +109,8 @@ async def open_stack(
     emulator_settings: Settings | None = None,
     upstream_ssl_context: ssl.SSLContext | None = None,
     share_cooldowns: bool = False,
+    metrics_dir: Path | None = None,
+    worker_index: int = 0,
 ) -> AsyncIterator[Stack]:
     """The running application; see the module invariants."""
     home = home if home is not None else rawgate_home()
@@ -116,4 +147,11 @@ async def open_stack(
                 a.kind == "api_key" and a.api_key == key for a in gateway.accounts
             )
         gateway.install(app)
+        for name, kind, help_, fn in gateway.scheduler.metrics_collectors(time.monotonic):
+            app.metrics.add_collector(name, kind, help_, fn, _GAUGE_MERGE.get(name, "sum"))
+        if metrics_dir is not None:
+            exchange = app.metrics.exchange = WorkerExchange(app.metrics, metrics_dir, worker_index)
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            tg.start_soon(exchange.run)
         yield Stack(app, gateway, cfg, emu)

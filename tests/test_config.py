@@ -78,3 +78,75 @@ def test_upstream_urls_and_proxy_are_checked_without_echoing_credentials() -> No
     assert "s3cret" not in str(ei.value)
     cfg = build_config({"upstream": {"proxy": "http://user:pw@127.0.0.1:3128"}}, {}, {})
     assert cfg.upstream.proxy.endswith(":3128")
+
+
+def test_errors_name_the_real_source(tmp_path: Path) -> None:
+    flags = {("server", "port"): "--port"}
+    with pytest.raises(ConfigError) as e:
+        load_config(env={"RAWGATE_HOME": str(tmp_path)}, overrides={"server": {"port": 99999}},
+                    flags=flags)  # fmt: skip
+    assert str(e.value) == "--port: server.port = 99999: must be 0..65535"
+    # No config.toml was read: the message must not name one.
+    with pytest.raises(ConfigError) as e:
+        load_config(env={"RAWGATE_HOME": str(tmp_path), "RAWGATE_SERVER_PORT": "abc"})
+    assert str(e.value) == "RAWGATE_SERVER_PORT: server.port = 'abc': expected an integer"
+    p = tmp_path / "config.toml"
+    p.write_text('[log]\nlevel = "loud"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(env={"RAWGATE_HOME": str(tmp_path)})
+    assert str(e.value) == f"{p}: log.level = 'loud': must be one of debug, info, warning, error"
+    # The env beats the file; then it is the env that is wrong, not the file.
+    p.write_text('[routing]\nscheduling = "sticky"\n')
+    with pytest.raises(ConfigError, match=r"^RAWGATE_ROUTING_SCHEDULING: .* round_robin"):
+        load_config(env={"RAWGATE_HOME": str(tmp_path), "RAWGATE_ROUTING_SCHEDULING": "x"})
+
+
+def test_auth_on_without_keys_names_what_turned_it_on() -> None:
+    with pytest.raises(ConfigError, match=r"^cfg.toml: auth.mode = 'strict' needs .*api_keys"):
+        build_config({"auth": {"mode": "strict"}}, {}, {}, source="cfg.toml")
+    with pytest.raises(ConfigError, match=r"^RAWGATE_SERVER_ALLOW_LAN_ACCESS: auth.mode = 'all_"):
+        build_config({}, {"RAWGATE_SERVER_ALLOW_LAN_ACCESS": "true"}, {})
+    with pytest.raises(ConfigError, match="empty key") as e:
+        build_config({"auth": {"mode": "strict", "api_keys": ["sk-secret", " "]}}, {}, {})
+    assert "sk-secret" not in str(e.value)
+    assert build_config({"auth": {"mode": "strict", "api_keys": ["k"]}}, {}, {}).auth.mode
+
+
+def test_split_reload_keeps_restart_settings_and_names_them() -> None:
+    from rawgate.config import split_reload
+
+    running = build_config({"server": {"port": 9000}}, {}, {})
+    new = build_config(
+        {
+            "server": {"port": 9001, "cors_max_age_s": 5},
+            "upstream": {"proxy": "http://127.0.0.1:3128"},
+            "limits": {"max_connections": 7, "max_body_bytes": 1000},
+            "routing": {"custom_mapping": {"a": "gemini-2.5-pro"}},
+        },
+        {},
+        {},
+    )
+    applied, pending = split_reload(running, new)
+    assert pending == ["server.port", "upstream.proxy", "limits.max_connections"]
+    assert applied.server.port == 9000 and applied.server.cors_max_age_s == 5
+    assert applied.upstream.proxy == "" and applied.limits.max_connections == 4096
+    assert applied.limits.max_body_bytes == 1000
+    assert applied.routing.custom_mapping == {"a": "gemini-2.5-pro"}
+    assert split_reload(running, running) == (running, [])
+
+
+def test_a_wrong_list_element_names_the_setting_and_hides_keys() -> None:
+    with pytest.raises(ConfigError) as e:
+        build_config({"auth": {"api_keys": ["sk-secret-1", 3]}}, {}, {}, source="f.toml")
+    assert str(e.value).startswith("f.toml: auth.api_keys: ")
+    assert "sk-secret" not in str(e.value)
+
+
+def test_a_missing_tls_file_is_named_with_its_flag(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    flags = {("server", "tls_cert"): "--tls-cert", ("server", "tls_key"): "--tls-key"}
+    over = {"server": {"tls_cert": str(cert), "tls_key": str(tmp_path / "nope.pem")}}
+    with pytest.raises(ConfigError) as e:
+        build_config({}, {}, over, flags=flags)
+    assert str(e.value) == f"--tls-key: server.tls_key = '{tmp_path / 'nope.pem'}': no such file"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +205,57 @@ async def test_metrics_is_protected_when_auth_is_on() -> None:
     assert b"sk-m" not in sink.body
     samples, _ = parse(sink.body.decode())
     assert get(samples, "rawgate_requests_total", route="/metrics", method="GET", status="401") == 1
+
+
+def test_worker_exchange_sums_workers_and_never_goes_back(tmp_path: Path) -> None:
+    import anyio
+
+    from rawgate.metrics import WorkerExchange
+
+    def worker(i: int) -> Metrics:
+        m = Metrics()
+        m.exchange = WorkerExchange(m, tmp_path, i)
+        return m
+
+    def total(text: bytes) -> float:
+        samples, _ = parse(text.decode())
+        return get(samples, "rawgate_requests_total", route="/r", method="GET", status="200")
+
+    a, b = worker(0), worker(1)
+    seen: list[float] = []
+    for _ in range(5):
+        a.observe("/r", "GET", 200, 0.01)
+        b.observe("/r", "GET", 200, 0.01)
+        b.observe("/r", "GET", 200, 0.01)
+        # A scrape publishes its own worker first, then reads the others.
+        seen.extend(total(anyio.run(m.exposition)) for m in (a, b))
+    assert seen == sorted(seen) and seen[-1] == 15  # b's last scrape saw a's 5 and its own 10
+    # A snapshot taken before a newer one was written never replaces it.
+    assert a.exchange is not None
+    old = a.exchange.snapshot()
+    a.observe("/r", "GET", 200, 0.01)
+    a.exchange.publish(a.exchange.snapshot())
+    a.exchange.publish(old)
+    assert total(anyio.run(b.exposition)) == 16
+    # A scrape whose own snapshot lost the race to the periodic publisher shows the newer file.
+    assert total(a.exchange.scrape(old)) == 16
+    # A worker restarted in slot 0 carries on from what its predecessor published.
+    a2 = worker(0)
+    a2.observe("/r", "GET", 200, 0.01)
+    text = anyio.run(a2.exposition)
+    assert total(text) == 17
+    samples, _ = parse(text.decode())
+    assert get(samples, "rawgate_workers_reporting") == 2
+    assert get(samples, "rawgate_request_duration_seconds_count", route="/r") == 17
+
+
+def test_merge_families_by_kind() -> None:
+    from rawgate.metrics import Family, merge_families
+
+    def fam(merge: str, *values: float) -> list[Family]:
+        return [Family("x", "gauge", "h", merge, [("x", {"a": str(i)}, v) for i, v in
+                                                 enumerate(values)])]  # fmt: skip
+
+    for merge, want in (("sum", [4.0, 1.0]), ("max", [3.0, 1.0]), ("min", [1.0, 0.0])):
+        (out,) = merge_families([fam(merge, 1, 0), fam(merge, 3, 1)])
+        assert [v for _, _, v in out.samples] == want

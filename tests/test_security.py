@@ -156,7 +156,8 @@ def test_mapping_targets_must_be_gemini_ids(target: str) -> None:
             ModelRouter(kw.pop("default_model"), {}, **kw)
         # ... and a start-up line from the config, before any server is built.
         env = {f"RAWGATE_ROUTING_{tier.upper()}": target}
-        with pytest.raises(ConfigError, match=f"^env: routing: the {tier[:-6]} model"):
+        want = f"^RAWGATE_ROUTING_{tier.upper()}: routing: the {tier[:-6]} model"
+        with pytest.raises(ConfigError, match=want):
             build_config({}, env, {}, source="env")
     with pytest.raises(ConfigError, match=r"^cfg: routing\.custom_mapping: value of 'gpt-x'"):
         build_config({"routing": {"custom_mapping": {"gpt-x": target}}}, {}, {}, source="cfg")
