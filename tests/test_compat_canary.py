@@ -848,7 +848,7 @@ CANARIES: tuple[Canary, ...] = (
            ("_frame_dispatch_table",),
            "a dict from every hyperframe frame class to the connection's bound handler",
            check_dispatch_table),
-    Canary("h2.H2Connection._prepare_for_sending", "h2", ("h2_frames",),
+    Canary("h2.H2Connection._prepare_for_sending", "h2", ("h2_frames", "h2_server"),
            ("_prepare_for_sending",), "queues the handlers' reply frames for data_to_send()",
            check_prepare_for_sending),
     Canary("h2.H2Connection._stream_is_closed_by_reset", "h2", ("h2_frames",),
@@ -897,7 +897,7 @@ CANARIES: tuple[Canary, ...] = (
     # h2: the client's DATA fast path
     Canary("h2.H2Connection._data_to_send", "h2", ("h2_client",), ("_data_to_send",),
            "a bytearray, non-empty exactly when data_to_send() has bytes", check_data_to_send),
-    Canary("h2.H2Connection._inbound_flow_control_window_manager", "h2", ("h2_client",),
+    Canary("h2.H2Connection._inbound_flow_control_window_manager", "h2", ("h2_client", "h2_server"),
            ("_inbound_flow_control_window_manager",),
            "its current_window_size is the connection window, shrunk in place per DATA frame",
            check_connection_window_manager),
@@ -1299,7 +1299,7 @@ def test_the_message_names_the_installed_version(monkeypatch: pytest.MonkeyPatch
     msg = str(run_canary(c))
     assert "installed: h2 4.5.0" in msg
     assert 'pin h2 below 4.5.0 in pyproject.toml ("h2<4.5.0")' in msg
-    assert "or update rawgate/h2_frames.py for h2 4.5.0" in msg
+    assert "or update rawgate/h2_frames.py and rawgate/h2_server.py for h2 4.5.0" in msg
 
 
 def test_the_scan_finds_a_new_private_touch() -> None:
