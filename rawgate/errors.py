@@ -12,7 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import orjson
 
@@ -34,6 +34,7 @@ __all__ = [
     "RequestTimeout",
     "ServiceUnavailable",
     "URITooLong",
+    "UpstreamAuthFailed",
     "UpstreamClosed",
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
@@ -195,6 +196,23 @@ class UpstreamError(RawgateError):
     status = 502
     type = "server_error"
     default_code = "upstream_error"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """Google rejected an account's own credential (API_KEY_INVALID, 401, 403 PERMISSION_DENIED).
+
+    Never the client's 401: the client's key to rawgate is fine, rawgate's key to Google is not.
+    A 502 when the upstream rejected the credential(s) tried, a 503 when every account is resting
+    after such a rejection; the gateway names the account label(s), never the key. `reason` is
+    Google's ErrorInfo reason (API_KEY_INVALID, SERVICE_DISABLED, ...) or the RPC status.
+    """
+
+    default_code = "upstream_auth_failed"
+
+    def __init__(self, message: str, *, reason: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason
+        self.upstream_message = message  # Google's words, before the gateway names the account
 
 
 class ModelFailed(UpstreamError):

@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -44,6 +45,7 @@ from rawgate.errors import (
     PermissionDenied,
     RateLimited,
     RawgateError,
+    UpstreamAuthFailed,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
@@ -52,7 +54,7 @@ from rawgate.gemini import Reply, decode_reply, error_from_upstream
 from rawgate.oauth import AccountRevoked, TokenManager
 from rawgate.response_store import ResponseStore
 from rawgate.router import ModelRouter
-from rawgate.scheduler import Cooldown, FailureKind, Scheduler
+from rawgate.scheduler import AccountsFailing, Cooldown, FailureKind, Scheduler
 from rawgate.sse import HEARTBEAT, SSEDecoder
 from rawgate.transcode_chat import ChatStream, chat_response, completion_response
 from rawgate.transcode_responses import ResponsesStream, responses_response
@@ -386,6 +388,7 @@ class Gateway:
         """Attempts with rotation; the first usable answer goes to the client."""
         sched = self.scheduler
         tried: set[str] = set()
+        rejected: list[str] = []  # accounts whose credential Google refused in this request
         last: RawgateError | None = None
         acc: Account | None = None
         attempts = sched.attempts_allowed()
@@ -398,8 +401,9 @@ class Gateway:
             except RawgateError as e:
                 # Nothing left to rotate to: the last upstream error is the truthful cause.
                 if last is None:
+                    e = self._resting_cause(e, now)
                     e.headers.extend(self._headers(req, None))
-                    raise
+                    raise e from None
                 break
             tried.add(acc.id)
             req.account = acc.display_name()
@@ -410,9 +414,13 @@ class Gateway:
                 if sink.started:
                     raise
                 last = e
+                if isinstance(e, UpstreamAuthFailed):
+                    rejected.append(self._account_name(acc))
                 if not _retryable(e):
                     break
         assert last is not None
+        if rejected and isinstance(last, UpstreamAuthFailed):
+            last = _rejected_all(last, rejected)
         last.headers.extend(self._headers(req, acc))
         raise last
 
@@ -479,12 +487,45 @@ class Gateway:
 
     def _failed(self, acc: Account, model: str, err: RawgateError) -> None:
         """Teach the scheduler what this failure says about the account."""
+        if isinstance(err, UpstreamAuthFailed):
+            err.message = _rejected_message([self._account_name(acc)], err)
         kind = _failure_kind(err)
         if kind is not None:
             if kind == "auth" and acc.kind == "oauth":
                 self.tokens.invalidate(acc)
             self.scheduler.report_failure(acc, model, time.monotonic(), kind, err.retry_after_s)
         self._count(acc, 0, 0, err.message)
+
+    def _account_name(self, acc: Account) -> str:
+        """How an error message names an account: its label (email or label), or only its id
+        when routing.expose_account_header is off (a shared deployment hides who served)."""
+        return f"'{acc.display_name()}'" if self._expose_account else f"id {acc.id}"
+
+    def _resting_cause(self, err: RawgateError, now: float) -> RawgateError:
+        """The scheduler's "every account is resting" 503, told truthfully when what rests them
+        all is Google refusing their credentials: upstream_auth_failed naming them."""
+        if not isinstance(err, AccountsFailing):
+            return err
+        names: list[str] = []
+        for st in self.scheduler.snapshot(now):
+            if not st["enabled"]:
+                continue
+            if "auth" not in st["blocked"]:
+                return err  # another cause (5xx, connect) rests at least one of them
+            acc = self._accounts.get(st["id"])
+            names.append(self._account_name(acc) if acc is not None else f"id {st['id']}")
+        if not names:
+            return err
+        secs = max(1, math.ceil(err.retry_after_s or 0))
+        return UpstreamAuthFailed(
+            f"No upstream account is usable: Google rejected the credential of {_names(names)}, "
+            f"which rawgate rests (the first is tried again in {secs} s). This is rawgate's key "
+            "to Google, not your key to rawgate: fix or replace it (`rawgate accounts list` "
+            "shows the last error), or add an account.",
+            status=503,
+            headers=list(err.headers),
+            retry_after_s=err.retry_after_s,
+        )
 
     async def _upstream_request(
         self, acc: Account, call: GeminiCall
@@ -666,11 +707,33 @@ def _retryable(err: RawgateError) -> bool:
     return err.status in (401, 403, 408, 429) or err.status >= 500
 
 
+def _names(names: list[str]) -> str:
+    return ("account " if len(names) == 1 else "accounts ") + ", ".join(names)
+
+
+def _rejected_message(names: list[str], err: UpstreamAuthFailed) -> str:
+    return (
+        f"Google rejected the credential of upstream {_names(names)} ({err.reason}): "
+        f"{err.upstream_message} This is rawgate's key to Google, not your key to rawgate: fix "
+        "or replace it (`rawgate accounts list`)."
+    )
+
+
+def _rejected_all(last: UpstreamAuthFailed, names: list[str]) -> UpstreamAuthFailed:
+    """The 502 for a request whose every attempt ended in a refused credential: it names each
+    account tried (never a key), with the last refusal's words."""
+    if len(names) > 1:
+        last.message = _rejected_message(names, last)
+    return last
+
+
 def _failure_kind(err: RawgateError) -> FailureKind | None:
     """What `err` says about the account that got it; None: nothing (the request's fault, or
     the model's, such as a stream that ends in MALFORMED_FUNCTION_CALL)."""
     if isinstance(err, ModelFailed):
         return None
+    if isinstance(err, UpstreamAuthFailed):
+        return "auth"
     if isinstance(err, RateLimited) or err.status == 429:
         return "rate_limited"
     if isinstance(err, AuthenticationError | PermissionDenied) or err.status in (401, 403):
