@@ -64,6 +64,7 @@ __all__ = [
     "Candidate",
     "Content",
     "FunctionCall",
+    "LogprobsResult",
     "Part",
     "PromptFeedback",
     "Reply",
@@ -128,11 +129,28 @@ class Content(_V):
     role: str | None = None
 
 
+class LogprobCandidate(_V):
+    token: str = ""  # proto3 JSON omits defaults: an absent token is "", an absent logprob 0.0
+    logProbability: float = 0.0
+
+
+class TopCandidates(_V):
+    candidates: list[LogprobCandidate] = []  # sorted by logProbability, descending
+
+
+class LogprobsResult(_V):
+    """One entry per decoding step in each list (generationConfig.responseLogprobs)."""
+
+    topCandidates: list[TopCandidates] = []
+    chosenCandidates: list[LogprobCandidate] = []
+
+
 class Candidate(_V):
     content: Content | None = None
     finishReason: str | None = None
     finishMessage: str | None = None
     index: int = 0
+    logprobsResult: LogprobsResult | None = None
 
 
 class Usage(_V):
