@@ -12,9 +12,10 @@ Invariants:
 - Non-stream requests use the upstream's non-stream call; stream requests send the response head
   as soon as the upstream answered 200, then one downstream write per upstream read (every frame
   that read completed), with SSE comment heartbeats while the upstream is silent.
-- Every proxied response, errors included, carries X-Mapped-Model (once the model is known) and
-  X-Account-Email (once an account was picked, unless routing.expose_account_header is off); the
-  app layer adds x-request-id.
+- Every proxied response, errors included, carries X-Mapped-Model once the model is known (a
+  body that does not decode has none) and X-Account-Email once an account was picked (none for
+  a 400 of the mapping, or a 503 with no usable account; never when
+  routing.expose_account_header is off); the app layer adds x-request-id.
 - The scheduler's bookkeeping (acquire/release) is balanced on every path, cancellation included;
   the upstream response is closed (shielded) on every path, which resets an abandoned h2 stream.
 - Blocking file I/O (accounts.json writes, the cooldown board) runs in a worker thread, never on
@@ -325,12 +326,22 @@ class Gateway:
 
     async def chat(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_chat(req.body, max_depth=self._max_depth)
-        call = mapping.chat_to_gemini(body, self._resolve(req, body.model), key=self._key)
+        model = self._resolve(req, body.model)
+        try:
+            call = mapping.chat_to_gemini(body, model, key=self._key)
+        except RawgateError as e:
+            e.headers.extend(self._headers(req, None))  # the model is known: say which
+            raise
         await self._proxy(req, sink, call)
 
     async def completions(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_completion(req.body, max_depth=self._max_depth)
-        call = mapping.completion_to_gemini(body, self._resolve(req, body.model), key=self._key)
+        model = self._resolve(req, body.model)
+        try:
+            call = mapping.completion_to_gemini(body, model, key=self._key)
+        except RawgateError as e:
+            e.headers.extend(self._headers(req, None))
+            raise
         await self._proxy(req, sink, call)
 
     async def responses_route(self, req: Request, sink: ResponseSink) -> None:
@@ -346,7 +357,11 @@ class Gateway:
                     code="previous_response_not_found",
                     headers=self._headers(req, None),
                 )
-        call = mapping.responses_to_gemini(body, model, history, key=self._key)
+        try:
+            call = mapping.responses_to_gemini(body, model, history, key=self._key)
+        except RawgateError as e:
+            e.headers.extend(self._headers(req, None))
+            raise
         await self._proxy(req, sink, call)
 
     async def models(self, req: Request, sink: ResponseSink) -> None:

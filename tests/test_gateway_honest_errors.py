@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+import httpx2 as httpx
 import openai
 import pytest
 
@@ -127,3 +128,31 @@ async def test_429_message_has_one_try_again_sentence(tmp_path: Path) -> None:
         assert len(re.findall(r"(?i)(?:retry|try again) (?:in|after)", msg)) == 1, msg
         assert msg.endswith("Please try again in 20s."), msg
         assert run.emulator.stats.get("quota_429") == 1
+
+
+async def test_which_errors_carry_which_headers(tmp_path: Path) -> None:
+    """What the README promises: X-Mapped-Model once the model is known, X-Account-Email once an
+    account was picked, x-request-id always."""
+    async with gateway_stack(tmp_path) as run, httpx.AsyncClient(base_url=run.base_url) as h:
+        msgs = [{"role": "user", "content": "x"}]
+
+        async def heads(body: dict[str, object]) -> tuple[int, set[str]]:
+            r = await h.post("/chat/completions", json={"model": "gpt-4o", **body})
+            return r.status_code, {k for k in r.headers if k.startswith("x-")}
+
+        both = {"x-mapped-model", "x-account-email", "x-request-id"}
+        assert await heads({"messages": msgs}) == (200, both)
+        bad = [{"role": "user", "content": "[[emu:error status=400]] x"}]
+        assert await heads({"messages": bad}) == (400, both)  # Google's 400: an account asked
+        # Rejected before any account was picked: the model is named, no account is.
+        assert await heads({"messages": msgs, "top_logprobs": 2}) == (
+            400,
+            {"x-mapped-model", "x-request-id"},
+        )
+        # A body that does not decode names nothing but the request.
+        assert await heads({"messages": 5}) == (400, {"x-request-id"})
+        # No usable account: 503 naming the model only.
+        for a in run.gateway.accounts:
+            a.enabled = False
+        run.gateway.scheduler.set_accounts(run.gateway.accounts)
+        assert await heads({"messages": msgs}) == (503, {"x-mapped-model", "x-request-id"})
