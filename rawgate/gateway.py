@@ -332,7 +332,7 @@ class Gateway:
         except RawgateError as e:
             e.headers.extend(self._headers(req, None))  # the model is known: say which
             raise
-        await self._proxy(req, sink, call)
+        await self._send(req, sink, call)
 
     async def completions(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_completion(req.body, max_depth=self._max_depth)
@@ -342,7 +342,7 @@ class Gateway:
         except RawgateError as e:
             e.headers.extend(self._headers(req, None))
             raise
-        await self._proxy(req, sink, call)
+        await self._send(req, sink, call)
 
     async def responses_route(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_responses(req.body, max_depth=self._max_depth)
@@ -362,7 +362,7 @@ class Gateway:
         except RawgateError as e:
             e.headers.extend(self._headers(req, None))
             raise
-        await self._proxy(req, sink, call)
+        await self._send(req, sink, call)
 
     async def models(self, req: Request, sink: ResponseSink) -> None:
         data = self.router.list_models(await self._upstream_models())
@@ -399,11 +399,26 @@ class Gateway:
             h.append(value)
         return h
 
+    async def _send(self, req: Request, sink: ResponseSink, call: GeminiCall) -> None:
+        """`_proxy`, with refused upstream credentials told as what they are: the account's
+        failure (upstream_auth_failed naming the account labels), never the client's 401."""
+        try:
+            await self._proxy(req, sink, call)
+        except AccountsFailing as e:
+            # Every account rests; when what rests them all is a refused credential, say so.
+            raise self._resting_cause(e, time.monotonic()) from None
+        except UpstreamAuthFailed as e:
+            # The last attempt's credential was refused (so was every earlier one's, or the
+            # request would have been answered or failed otherwise): name the accounts resting
+            # for that reason now, this one included.
+            names = self._auth_resting(time.monotonic()) or [f"'{req.account}'"]
+            e.message = _rejected_message(names, e)
+            raise
+
     async def _proxy(self, req: Request, sink: ResponseSink, call: GeminiCall) -> None:
         """Attempts with rotation; the first usable answer goes to the client."""
         sched = self.scheduler
         tried: set[str] = set()
-        rejected: list[str] = []  # accounts whose credential Google refused in this request
         last: RawgateError | None = None
         acc: Account | None = None
         attempts = sched.attempts_allowed()
@@ -416,9 +431,8 @@ class Gateway:
             except RawgateError as e:
                 # Nothing left to rotate to: the last upstream error is the truthful cause.
                 if last is None:
-                    e = self._resting_cause(e, now)
                     e.headers.extend(self._headers(req, None))
-                    raise e from None
+                    raise
                 break
             tried.add(acc.id)
             req.account = acc.display_name()
@@ -429,13 +443,9 @@ class Gateway:
                 if sink.started:
                     raise
                 last = e
-                if isinstance(e, UpstreamAuthFailed):
-                    rejected.append(self._account_name(acc))
                 if not _retryable(e):
                     break
         assert last is not None
-        if rejected and isinstance(last, UpstreamAuthFailed):
-            last = _rejected_all(last, rejected)
         last.headers.extend(self._headers(req, acc))
         raise last
 
@@ -502,8 +512,6 @@ class Gateway:
 
     def _failed(self, acc: Account, model: str, err: RawgateError) -> None:
         """Teach the scheduler what this failure says about the account."""
-        if isinstance(err, UpstreamAuthFailed):
-            err.message = _rejected_message([self._account_name(acc)], err)
         kind = _failure_kind(err)
         if kind is not None:
             if kind == "auth" and acc.kind == "oauth":
@@ -516,19 +524,25 @@ class Gateway:
         when routing.expose_account_header is off (a shared deployment hides who served)."""
         return f"'{acc.display_name()}'" if self._expose_account else f"id {acc.id}"
 
-    def _resting_cause(self, err: RawgateError, now: float) -> RawgateError:
-        """The scheduler's "every account is resting" 503, told truthfully when what rests them
-        all is Google refusing their credentials: upstream_auth_failed naming them."""
-        if not isinstance(err, AccountsFailing):
-            return err
+    def _auth_resting(self, now: float, only: bool = False) -> list[str]:
+        """Names of the enabled accounts resting because Google refused their credential (a
+        failure path only: O(accounts)). `only`: [] unless every enabled account rests so."""
         names: list[str] = []
         for st in self.scheduler.snapshot(now):
             if not st["enabled"]:
                 continue
             if "auth" not in st["blocked"]:
-                return err  # another cause (5xx, connect) rests at least one of them
+                if only:
+                    return []
+                continue
             acc = self._accounts.get(st["id"])
             names.append(self._account_name(acc) if acc is not None else f"id {st['id']}")
+        return names
+
+    def _resting_cause(self, err: AccountsFailing, now: float) -> RawgateError:
+        """The scheduler's "every account is resting" 503, told truthfully when what rests them
+        all is Google refusing their credentials: upstream_auth_failed naming them."""
+        names = self._auth_resting(now, only=True)
         if not names:
             return err
         secs = max(1, math.ceil(err.retry_after_s or 0))
@@ -732,14 +746,6 @@ def _rejected_message(names: list[str], err: UpstreamAuthFailed) -> str:
         f"{err.upstream_message} This is rawgate's key to Google, not your key to rawgate: fix "
         "or replace it (`rawgate accounts list`)."
     )
-
-
-def _rejected_all(last: UpstreamAuthFailed, names: list[str]) -> UpstreamAuthFailed:
-    """The 502 for a request whose every attempt ended in a refused credential: it names each
-    account tried (never a key), with the last refusal's words."""
-    if len(names) > 1:
-        last.message = _rejected_message(names, last)
-    return last
 
 
 def _failure_kind(err: RawgateError) -> FailureKind | None:
