@@ -28,6 +28,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlencode
@@ -74,6 +75,7 @@ __all__ = ["Gateway"]
 log = logging.getLogger("rawgate.gateway")
 
 Header = tuple[bytes, bytes]
+Route = Callable[["Request", "ResponseSink"], Awaitable[None]]
 
 _JSON: Header = (b"content-type", b"application/json")
 _SSE_HEAD: tuple[Header, ...] = (
@@ -200,10 +202,10 @@ class Gateway:
     def install(self, app: GatewayApp) -> None:
         """Register the OpenAI routes on the app's router."""
         add = app.router.add
-        add("POST", "/v1/chat/completions", self.chat)
-        add("POST", "/v1/completions", self.completions)
-        add("POST", "/v1/responses", self.responses_route)
-        add("POST", "/responses", self.responses_route)
+        add("POST", "/v1/chat/completions", self._honest(self.chat))
+        add("POST", "/v1/completions", self._honest(self.completions))
+        add("POST", "/v1/responses", self._honest(self.responses_route))
+        add("POST", "/responses", self._honest(self.responses_route))
         add("GET", "/v1/models", self.models)
         add("GET", "/v1/models/", self.model, prefix=True, label="/v1/models/{id}")
 
@@ -324,25 +326,40 @@ class Gateway:
 
     # ---- routes -------------------------------------------------------------------------------
 
+    def _honest(self, route: Route) -> Route:
+        """`route` with its errors told as what they are: a refused upstream credential is the
+        account's failure (upstream_auth_failed naming the account labels), never the client's
+        401; a 400 of the mapping names the model it was mapped to. Costs nothing until a
+        route raises."""
+
+        async def honest(req: Request, sink: ResponseSink) -> None:
+            try:
+                await route(req, sink)
+            except AccountsFailing as e:
+                # Every account rests; when a refused credential rests them all, say so.
+                raise self._resting_cause(e, time.monotonic()) from None
+            except UpstreamAuthFailed as e:
+                # The last attempt's credential was refused (and every earlier one's, or the
+                # request would have ended otherwise): name the accounts resting for it now.
+                names = self._auth_resting(time.monotonic()) or [f"'{req.account}'"]
+                e.message = _rejected_message(names, e)
+                raise
+            except RawgateError as e:
+                if req.mapped_model and not any(k == b"x-mapped-model" for k, _ in e.headers):
+                    e.headers.extend(self._headers(req, None))  # raised before _proxy
+                raise
+
+        return honest
+
     async def chat(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_chat(req.body, max_depth=self._max_depth)
-        model = self._resolve(req, body.model)
-        try:
-            call = mapping.chat_to_gemini(body, model, key=self._key)
-        except RawgateError as e:
-            e.headers.extend(self._headers(req, None))  # the model is known: say which
-            raise
-        await self._send(req, sink, call)
+        call = mapping.chat_to_gemini(body, self._resolve(req, body.model), key=self._key)
+        await self._proxy(req, sink, call)
 
     async def completions(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_completion(req.body, max_depth=self._max_depth)
-        model = self._resolve(req, body.model)
-        try:
-            call = mapping.completion_to_gemini(body, model, key=self._key)
-        except RawgateError as e:
-            e.headers.extend(self._headers(req, None))
-            raise
-        await self._send(req, sink, call)
+        call = mapping.completion_to_gemini(body, self._resolve(req, body.model), key=self._key)
+        await self._proxy(req, sink, call)
 
     async def responses_route(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_responses(req.body, max_depth=self._max_depth)
@@ -357,12 +374,8 @@ class Gateway:
                     code="previous_response_not_found",
                     headers=self._headers(req, None),
                 )
-        try:
-            call = mapping.responses_to_gemini(body, model, history, key=self._key)
-        except RawgateError as e:
-            e.headers.extend(self._headers(req, None))
-            raise
-        await self._send(req, sink, call)
+        call = mapping.responses_to_gemini(body, model, history, key=self._key)
+        await self._proxy(req, sink, call)
 
     async def models(self, req: Request, sink: ResponseSink) -> None:
         data = self.router.list_models(await self._upstream_models())
@@ -398,22 +411,6 @@ class Gateway:
                 value = self._account_headers[name] = (b"x-account-email", _header_text(name))
             h.append(value)
         return h
-
-    async def _send(self, req: Request, sink: ResponseSink, call: GeminiCall) -> None:
-        """`_proxy`, with refused upstream credentials told as what they are: the account's
-        failure (upstream_auth_failed naming the account labels), never the client's 401."""
-        try:
-            await self._proxy(req, sink, call)
-        except AccountsFailing as e:
-            # Every account rests; when what rests them all is a refused credential, say so.
-            raise self._resting_cause(e, time.monotonic()) from None
-        except UpstreamAuthFailed as e:
-            # The last attempt's credential was refused (so was every earlier one's, or the
-            # request would have been answered or failed otherwise): name the accounts resting
-            # for that reason now, this one included.
-            names = self._auth_resting(time.monotonic()) or [f"'{req.account}'"]
-            e.message = _rejected_message(names, e)
-            raise
 
     async def _proxy(self, req: Request, sink: ResponseSink, call: GeminiCall) -> None:
         """Attempts with rotation; the first usable answer goes to the client."""

@@ -564,6 +564,12 @@ def _generation(
         gen["responseLogprobs"] = True
         if top_logprobs:
             gen["logprobs"] = top_logprobs
+    elif top_logprobs:
+        raise BadRequest(
+            "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is "
+            "used.",
+            param="top_logprobs",
+        )
     tc = thinking_config(model, effort, want_thoughts)
     if tc is not None:
         gen["thinkingConfig"] = tc
@@ -688,12 +694,6 @@ def _chat_message(conv: _Conversation, m: ChatMessage, i: int, tools: _Tools) ->
 def chat_to_gemini(req: ChatCompletionRequest, model: str, *, key: bool = True) -> GeminiCall:
     """`key=False` skips the sticky-scheduling conversation key (a hash of the first turns,
     ~1.5 us + an orjson dump per request) when the scheduler does not use it."""
-    if req.top_logprobs and not req.logprobs:
-        raise BadRequest(
-            "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is "
-            "used.",
-            param="top_logprobs",
-        )
     tools = _chat_tools(req)
     tool_config = _chat_tool_choice(req, tools)
     conv = _Conversation(tools)
