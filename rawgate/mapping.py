@@ -948,15 +948,9 @@ def responses_to_gemini(
         contents, system = conv.finish(model)
     except BadRequest as e:
         raise BadRequest("The request has no input to send.", param="input") from e
-    if req.top_logprobs or "message.output_text.logprobs" in (req.include or ()):
-        # Not mapped on this route (yet): an honest 400 beats `"logprobs": []` in a 200.
-        asked = "top_logprobs" if req.top_logprobs else "include"
-        raise BadRequest(
-            f"rawgate does not return logprobs on the Responses API ('{asked}'); "
-            "/v1/chat/completions (`logprobs`, `top_logprobs`) and /v1/completions (`logprobs`) "
-            "return Gemini's.",
-            param=asked,
-        )
+    # OpenAI returns output_text logprobs for include "message.output_text.logprobs"; a
+    # top_logprobs > 0 asks for them too (rather than being ignored).
+    want_logprobs = bool(req.top_logprobs) or "message.output_text.logprobs" in (req.include or ())
     r = req.reasoning
     effort = r.effort if r else None
     summary = (r.summary or r.generate_summary) if r else None
@@ -965,6 +959,8 @@ def responses_to_gemini(
         max_tokens=req.max_output_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
+        logprobs=want_logprobs,
+        top_logprobs=req.top_logprobs,
         effort=effort,
         want_thoughts=(effort not in (None, "none")) or summary not in (None, "none"),
     )
@@ -985,6 +981,7 @@ def responses_to_gemini(
         metadata=req.metadata,
         input_items=input_items,
         request_echo=_request_echo(req),
+        logprobs=(req.top_logprobs or 0) if want_logprobs else None,
         conversation_key=_conversation_key(system, contents) if key else None,
     )
 

@@ -166,8 +166,7 @@ async def test_completions_stream_logprobs(tmp_path: Path) -> None:
         ("/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
         ("/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/completions", {"logprobs": 21}, "logprobs"),
-        ("/responses", {"top_logprobs": 2}, "top_logprobs"),
-        ("/responses", {"include": ["message.output_text.logprobs"]}, "include"),
+        ("/responses", {"top_logprobs": 21}, "top_logprobs"),
     ],
 )
 async def test_out_of_range_or_unsupported_logprobs_is_400(
@@ -186,3 +185,55 @@ async def test_out_of_range_or_unsupported_logprobs_is_400(
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["param"] == param
         assert run.emulator.stats.get("generate", 0) == 0  # never reached Google
+
+
+async def test_responses_non_stream_logprobs(tmp_path: Path) -> None:
+    async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
+        r = await c.responses.create(
+            model=MODEL,
+            input=PROMPT,
+            top_logprobs=2,
+            include=["message.output_text.logprobs"],
+        )
+        assert r.output_text == PROMPT
+        (msg,) = [o for o in r.output if o.type == "message"]
+        part = msg.content[0]
+        assert part.type == "output_text" and part.logprobs is not None
+        got = [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in part.logprobs]
+        assert got == _expected(PROMPT, 2)
+        assert all(t.bytes == list(t.token.encode()) for t in part.logprobs)
+        sent = run.emulator.core.recent[-1][4]
+        assert b'"responseLogprobs":true' in sent and b'"logprobs":2' in sent
+        # Not asked: empty lists as before, nothing asked upstream.
+        plain = await c.responses.create(model=MODEL, input=PROMPT)
+        (msg,) = [o for o in plain.output if o.type == "message"]
+        assert msg.content[0].type == "output_text" and msg.content[0].logprobs == []
+        assert b"Logprobs" not in run.emulator.core.recent[-1][4]
+
+
+async def test_responses_stream_logprobs(tmp_path: Path) -> None:
+    async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
+        stream = await c.responses.create(
+            model=MODEL,
+            input="[[emu:chunk_chars n=8]] " + PROMPT,
+            include=["message.output_text.logprobs"],
+            stream=True,
+        )
+        deltas: list[tuple[str, float]] = []
+        done_tokens: list[str] = []
+        final = None
+        async for ev in stream:
+            if ev.type == "response.output_text.delta":
+                assert "".join(t.token for t in ev.logprobs) == ev.delta
+                deltas += [(t.token, t.logprob) for t in ev.logprobs]
+            elif ev.type == "response.output_text.done":
+                done_tokens = [t.token for t in ev.logprobs]
+            elif ev.type == "response.completed":
+                final = ev.response
+        want = _expected(PROMPT, 0)
+        assert deltas == [(w[0], w[1]) for w in want]
+        assert done_tokens == [w[0] for w in want]
+        assert final is not None and final.output_text == PROMPT
+        (msg,) = [o for o in final.output if o.type == "message"]
+        assert msg.content[0].type == "output_text"
+        assert [t.token for t in msg.content[0].logprobs or []] == done_tokens
