@@ -8,10 +8,15 @@ Invariants:
   (anything left -> InternalError, a logged 500).
 - `to_json()` always yields the OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
 - Messages never contain secrets: callers pass labels, never keys or tokens.
+- A retryable 429 (`RateLimited` with a wait, not insufficient_quota) says when to come back in
+  exactly one sentence, "Please try again in Ns." (the phrase Codex reads, protocols.md E5), with
+  the wait rawgate honours: any other "retry in / try again after ..." sentence (Google's
+  "Please retry in 56.18s.", rawgate's own) is replaced by it, wherever the error was built.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import orjson
@@ -45,6 +50,7 @@ __all__ = [
     "UpstreamReadTimeout",
     "UpstreamTimeout",
     "UpstreamWriteTimeout",
+    "try_again_message",
 ]
 
 
@@ -159,12 +165,34 @@ class HeadersTooLarge(RawgateError):
     default_code = "headers_too_large"
 
 
+# A sentence telling when to retry ("Please retry in 56.185908122s.", "Retry after 20 s."): a
+# 429 message keeps one, rawgate's own.
+_RETRY_SENTENCE = re.compile(
+    r"(?i)\s*(?:please\s+)?(?:retry|try\s+again)\s+(?:in|after)\s+\d+(?:\.\d+)?\s*"
+    r"(?:ms|s|sec|seconds?)\b\.?"
+)
+
+
+def try_again_message(message: str, seconds: float) -> str:
+    """`message` with exactly one "Please try again in Ns." sentence, at its end."""
+    message = _RETRY_SENTENCE.sub("", message).rstrip()
+    stop = "" if not message or message.endswith((".", "!", "?")) else "."
+    wait = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return f"{message}{stop} Please try again in {wait}s.".lstrip()
+
+
 class RateLimited(RawgateError):
     """429: every account is cooling, or the upstream said so. Carries Retry-After."""
 
     status = 429
     type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        wait = self.retry_after_s
+        if wait is not None and wait > 0 and self.code != "insufficient_quota":
+            self.message = try_again_message(self.message, wait)
 
 
 # ---- rawgate's or the upstream's fault (5xx) ----------------------------------------------------

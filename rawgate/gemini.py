@@ -373,12 +373,6 @@ _DELAY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$")
 _DELAY_IN_MESSAGE = re.compile(
     r"(?i)(?:retry|try again|reset)\s+(?:in|after)\s+(\d+(?:\.\d+)?)\s*(ms|s|sec|seconds?)\b"
 )
-# A sentence telling when to retry ("Please retry in 56.185908122s.", "Try again in 3s."): the
-# 429 message keeps one, rawgate's own.
-_RETRY_SENTENCE = re.compile(
-    r"(?i)\s*(?:please\s+)?(?:retry|try\s+again)\s+(?:in|after)\s+\d+(?:\.\d+)?\s*"
-    r"(?:ms|s|sec|seconds?)\b\.?"
-)
 _CONTEXT = re.compile(r"(?i)input token count|exceeds the maximum number of tokens|too long")
 _RPC_BY_HTTP = {
     400: "INVALID_ARGUMENT",
@@ -462,10 +456,6 @@ def _header_delay(headers: list[tuple[bytes, bytes]] | None) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-def _fmt_seconds(s: float) -> str:
-    return f"{s:.3f}".rstrip("0").rstrip(".")
 
 
 def retry_headers(seconds: float) -> list[tuple[bytes, bytes]]:
@@ -588,10 +578,6 @@ def _quota_error(
     headers: list[tuple[bytes, bytes]] = []
     if delay is not None and delay > 0:
         headers = retry_headers(delay)
-        # Exactly one "try again" sentence, with the wait rawgate honours: Google's own
-        # ("Please retry in 56.18s.", often a different figure than RetryInfo) is replaced, and
-        # Codex reads the wait from this exact phrase (protocols.md E5).
-        message = _RETRY_SENTENCE.sub("", message).rstrip()
-        stop = "" if not message or message.endswith((".", "!", "?")) else "."
-        message = f"{message}{stop} Please try again in {_fmt_seconds(delay)}s.".lstrip()
+    # RateLimited puts the one "Please try again in Ns." sentence in (Google's own "Please
+    # retry in 56.18s.", often another figure than RetryInfo's, is replaced).
     return RateLimited(message, headers=headers, retry_after_s=delay)

@@ -128,6 +128,15 @@ async def test_429_message_has_one_try_again_sentence(tmp_path: Path) -> None:
         assert len(re.findall(r"(?i)(?:retry|try again) (?:in|after)", msg)) == 1, msg
         assert msg.endswith("Please try again in 20s."), msg
         assert run.emulator.stats.get("quota_429") == 1
+        # The account now cools: rawgate answers the next request itself, also in one sentence.
+        with pytest.raises(openai.RateLimitError) as ei2:
+            await _chat(c, "no directive")
+        body2 = ei2.value.body
+        assert isinstance(body2, dict)
+        msg2 = body2["message"]
+        assert len(re.findall(r"(?i)(?:retry|try again) (?:in|after)", msg2)) == 1, msg2
+        assert re.search(r"Please try again in \d+(\.\d+)?s\.$", msg2), msg2
+        assert run.emulator.stats.get("quota_429") == 1
 
 
 async def test_which_errors_carry_which_headers(tmp_path: Path) -> None:
