@@ -341,7 +341,7 @@ class Gateway:
             except UpstreamAuthFailed as e:
                 # The last attempt's credential was refused (and every earlier one's, or the
                 # request would have ended otherwise): name the accounts resting for it now.
-                names = self._auth_resting(time.monotonic()) or [f"'{req.account}'"]
+                names = self._auth_resting(time.monotonic()) or ["the account tried"]
                 e.message = _rejected_message(names, e)
                 raise
             except RawgateError as e:

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from rawgate.accounts import AccountStore
+from rawgate.emulator import DEMO_ACCOUNT
 from tests.helpers_gateway import gateway_stack
 
 pytestmark = pytest.mark.anyio
@@ -165,3 +166,44 @@ async def test_which_errors_carry_which_headers(tmp_path: Path) -> None:
             a.enabled = False
         run.gateway.scheduler.set_accounts(run.gateway.accounts)
         assert await heads({"messages": msgs}) == (503, {"x-mapped-model", "x-request-id"})
+
+
+@pytest.mark.parametrize(
+    ("directive", "reason"),
+    [
+        ("[[emu:error status=403 reason=SERVICE_DISABLED]]", "SERVICE_DISABLED"),
+        ("[[emu:error status=403]]", "PERMISSION_DENIED"),
+        ("[[emu:error status=401]]", "UNAUTHENTICATED"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_401_and_403_from_google_are_the_accounts_not_the_clients(
+    tmp_path: Path, directive: str, reason: str, stream: bool
+) -> None:
+    async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
+        with pytest.raises(openai.InternalServerError) as ei:
+            await c.chat.completions.create(
+                model="gemini-2.5-flash",
+                messages=[{"role": "user", "content": f"{directive} hi"}],
+                stream=stream,
+            )
+        body = ei.value.body
+        assert ei.value.status_code == 502
+        assert isinstance(body, dict) and body["code"] == "upstream_auth_failed"
+        assert f"account 'emulator-demo' ({reason})" in body["message"]
+        assert "auth" in _blocked(run.gateway, "emulator-demo")
+
+
+async def test_code_assist_403_names_the_oauth_account(tmp_path: Path) -> None:
+    AccountStore(tmp_path / "accounts.json").add_oauth(
+        DEMO_ACCOUNT.refresh_token, email=DEMO_ACCOUNT.email
+    )
+    async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
+        with pytest.raises(openai.InternalServerError) as ei:
+            await _chat(c, "[[emu:error status=403 reason=VALIDATION_REQUIRED]] hi")
+        body = ei.value.body
+        assert isinstance(body, dict) and body["code"] == "upstream_auth_failed"
+        assert f"account '{DEMO_ACCOUNT.email}' (VALIDATION_REQUIRED)" in body["message"]
+        assert DEMO_ACCOUNT.refresh_token not in ei.value.response.text
+        assert "ya29." not in ei.value.response.text
+        assert "auth" in _blocked(run.gateway, DEMO_ACCOUNT.email)
