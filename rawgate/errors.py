@@ -8,10 +8,9 @@ Invariants:
   (anything left -> InternalError, a logged 500).
 - `to_json()` always yields the OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
 - Messages never contain secrets: callers pass labels, never keys or tokens.
-- A retryable 429 (`RateLimited` with a wait, not insufficient_quota) says when to come back in
-  exactly one sentence, "Please try again in Ns." (the phrase Codex reads, protocols.md E5), with
-  the wait rawgate honours: any other "retry in / try again after ..." sentence (Google's
-  "Please retry in 56.18s.", rawgate's own) is replaced by it, wherever the error was built.
+- `try_again_message` gives a retryable 429 its one "when to come back" sentence, "Please try
+  again in Ns." (the phrase Codex reads, protocols.md E5), replacing any other "retry in / try
+  again after ..." sentence; the OpenAI routes apply it to every 429 they answer.
 """
 
 from __future__ import annotations
@@ -188,11 +187,6 @@ class RateLimited(RawgateError):
     type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        wait = self.retry_after_s
-        if wait is not None and wait > 0 and self.code != "insufficient_quota":
-            self.message = try_again_message(self.message, wait)
 
 
 # ---- rawgate's or the upstream's fault (5xx) ----------------------------------------------------

@@ -51,6 +51,7 @@ from rawgate.errors import (
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
+    try_again_message,
 )
 from rawgate.gemini import Reply, decode_reply, error_from_upstream
 from rawgate.oauth import AccountRevoked, TokenManager
@@ -338,6 +339,13 @@ class Gateway:
             except AccountsFailing as e:
                 # Every account rests; when a refused credential rests them all, say so.
                 raise self._resting_cause(e, time.monotonic()) from None
+            except RateLimited as e:
+                # rawgate's own "all cooling" 429 in one "Please try again in Ns." sentence,
+                # as the upstream's (gemini.py) already is.
+                wait = e.retry_after_s
+                if wait is not None and wait > 0 and e.code != "insufficient_quota":
+                    e.message = try_again_message(e.message, wait)
+                raise
             except UpstreamAuthFailed as e:
                 # The last attempt's credential was refused (and every earlier one's, or the
                 # request would have ended otherwise): name the accounts resting for it now.

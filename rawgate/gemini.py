@@ -57,6 +57,7 @@ from rawgate.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    try_again_message,
 )
 
 __all__ = [
@@ -578,6 +579,7 @@ def _quota_error(
     headers: list[tuple[bytes, bytes]] = []
     if delay is not None and delay > 0:
         headers = retry_headers(delay)
-    # RateLimited puts the one "Please try again in Ns." sentence in (Google's own "Please
-    # retry in 56.18s.", often another figure than RetryInfo's, is replaced).
+        # One "Please try again in Ns." sentence with the wait rawgate honours: Google's own
+        # ("Please retry in 56.18s.", often another figure than RetryInfo's) is replaced.
+        message = try_again_message(message, delay)
     return RateLimited(message, headers=headers, retry_after_s=delay)
