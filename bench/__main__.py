@@ -7,7 +7,7 @@ Invariants:
 - Separate processes: the upstream (rawgate's emulator, or the harness's own stand-in when the
   emulator is not there yet), rawgate, each peer, and one load generator per run. All are
   started and stopped by bench.procs, so Ctrl-C or a crash never leaves one behind.
-- `--pin`: rawgate and the peers on CPU 1; load generator and upstream on CPU 0 (issue 6).
+- `--pin`: rawgate and the peers on CPU 1; load generator and upstream on CPU 0.
 - For each scenario case, repeats are interleaved across targets (direct, rawgate, peers,
   direct, ...). Each run: warm-up, then a measured window; the servers' CPU time and peak RSS
   are read over exactly that window.

@@ -277,7 +277,7 @@ def _x(v: float) -> str:
     return "-" if v != v else f"{v:.2f}x"
 
 
-# --- targets (issue 6) ---------------------------------------------------------------------------
+# --- performance goals ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -434,7 +434,7 @@ def full_report(
         "",
         ratio_table(aggs, gateway),
         "",
-        "### Targets (issue 6)",
+        "### Performance goals",
         "",
         goals_table(goals(aggs, gateway)),
     ]

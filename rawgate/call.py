@@ -31,6 +31,9 @@ class GeminiCall:
     tools: dict[str, ToolOrigin] = field(default_factory=dict)  # keyed by Gemini function name
     include_usage: bool = False  # chat stream_options.include_usage
     n: int = 1  # candidates requested
+    # Chat `logprobs: true` / legacy `logprobs: N`: the top alternatives wanted per token (0 =
+    # only the chosen token); None = no logprobs asked, the reply says `"logprobs": null`.
+    logprobs: int | None = None
     # Legacy completions: `echo` prepends the prompt to the text.
     echo_prompt: str | None = None
     # Responses API: what the reply must echo back and what the store needs.

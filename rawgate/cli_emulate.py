@@ -38,8 +38,12 @@ def add_parser(sub: Any) -> None:
                    "with ALPN h2 and http/1.1 (needs --tls-key)")
     p.add_argument("--tls-key", default="", metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument("--engine", choices=("standard", "fast"), default="standard",
-                   help="standard: rawgate's listener (HTTP/1.1, h2c, TLS h2); fast: a minimal "
-                   "HTTP/1.1-only server for benchmarks (default: %(default)s)")
+                   help="standard: rawgate's own listener (HTTP/1.1, h2c, h2 over TLS by ALPN, "
+                   "with its limits and flood guards); fast: a benchmark-only asyncio server with "
+                   "the same replies over HTTP/1.1 (keep-alive, pipelining; request bodies need "
+                   "Content-Length, chunked uploads get 411), h2c by prior knowledge "
+                   "and h2 over TLS by ALPN; size limits but no flood guards, so "
+                   "only for trusted clients (default: %(default)s)")
     g = p.add_argument_group("credentials")
     g.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="accepted API key (repeatable; default: the demo key)")

@@ -13,12 +13,17 @@ Invariants:
   delta) and the last one the finishReason, as the real API does (protocols.md A4/A5).
 - Token counts are deterministic: ceil(chars / 4) per text, 258 per inline/file part (Gemini's
   per-image figure). Nobody should assert real tokenizer numbers against the emulator.
+- With `generationConfig.responseLogprobs`, every candidate with text carries a deterministic
+  `logprobsResult` for its own text (a stream chunk: that chunk's text) and `avgLogprobs`: the
+  tokens are the text's 4-character slices, each chosen token ranked first among
+  `generationConfig.logprobs` top candidates (the others are the token followed by `~`s).
 - The wire bytes are emulator_wire.py's job.
 """
 
 from __future__ import annotations
 
 import base64
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +39,7 @@ __all__ = [
     "Plan",
     "build_plan",
     "count_tokens",
+    "logprobs_result",
     "make_signature",
     "prompt_tokens",
 ]
@@ -336,6 +342,8 @@ def _fill(
 ) -> None:
     ptok = prompt_tokens(body)
     n_cand = gen.get("candidateCount") or gen.get("candidate_count") or 1
+    want_lp = bool(gen.get("responseLogprobs") or gen.get("response_logprobs"))
+    top_lp = gen.get("logprobs") or 0
     tail = {"modelVersion": model, "responseId": rid}
     base_usage: dict[str, Any] = {"promptTokenCount": ptok}
 
@@ -390,6 +398,8 @@ def _fill(
             cand["finishReason"] = finish
             if finish_msg:
                 cand["finishMessage"] = str(finish_msg)
+        if want_lp:
+            cand = _with_logprobs(cand, top_lp)
         plan.events.append({"candidates": _many(cand, n_cand), "usageMetadata": usage(tok),
                             **tail})
     if safety:  # output blocked mid-way: a last chunk with no content (GENAI FinishReason doc)
@@ -415,7 +425,46 @@ def _fill(
                  "finishReason": finish, "index": 0}
         if finish_msg:
             ucand["finishMessage"] = str(finish_msg)
+        if want_lp:
+            ucand = _with_logprobs(ucand, top_lp)
     plan.unary = {"candidates": _many(ucand, n_cand), "usageMetadata": usage(running), **tail}
+
+
+def logprobs_result(text: str, top: int) -> tuple[dict[str, Any], float]:
+    """A deterministic `logprobsResult` for `text` (see the module invariants) and its
+    avgLogprobs. logProbability is -(crc32 of the token mod 2000) / 1000 - 0.001, never 0."""
+    chosen: list[dict[str, Any]] = []
+    tops: list[dict[str, Any]] = []
+    total = 0.0
+    for i in range(0, len(text), 4):
+        tok = text[i : i + 4]
+        crc = zlib.crc32(tok.encode())
+        lp = -round((crc % 2000) / 1000 + 0.001, 6)
+        total += lp
+        cand = {"token": tok, "tokenId": crc % 256_000, "logProbability": lp}
+        chosen.append(cand)
+        if top:
+            alts = [cand] + [
+                {"token": tok + "~" * k, "tokenId": (crc + k) % 256_000,
+                 "logProbability": round(lp - 0.75 * k, 6)}
+                for k in range(1, top)
+            ]
+            tops.append({"candidates": alts})
+    out: dict[str, Any] = {"chosenCandidates": chosen, "logProbabilitySum": round(total, 6)}
+    if top:
+        out["topCandidates"] = tops
+    return out, round(total / len(chosen), 6) if chosen else 0.0
+
+
+def _with_logprobs(cand: dict[str, Any], top: int) -> dict[str, Any]:
+    text = "".join(
+        p["text"] for p in (cand.get("content") or {}).get("parts", ())
+        if isinstance(p.get("text"), str) and not p.get("thought")
+    )
+    if not text:
+        return cand
+    res, avg = logprobs_result(text, top)
+    return {**cand, "logprobsResult": res, "avgLogprobs": avg}
 
 
 def _many(cand: dict[str, Any], n: int) -> list[dict[str, Any]]:

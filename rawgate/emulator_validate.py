@@ -374,6 +374,15 @@ class _Checker:
         top_p = _get(gen, "topP")
         if top_p is not None and (not isinstance(top_p, int | float) or not 0 <= top_p <= 1):
             self.bad(f"{p}.top_p", "must be in the range [0.0, 1.0].")
+        lp = _get(gen, "logprobs")
+        if lp is not None:
+            # GenerationConfig.logprobs: "Only valid if responseLogprobs ... The number must be
+            # in the range of [0, 20]."
+            if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20:
+                self.bad(f"{p}.logprobs", "logprobs must be in the range of [0, 20].")
+            elif not _get(gen, "responseLogprobs"):
+                self.bad(f"{p}.logprobs",
+                         "logprobs is only valid if response_logprobs is set to true.")
         mime = _get(gen, "responseMimeType")
         if mime is not None and mime not in _MIME:
             self.bad(f"{p}.response_mime_type", "allowed mimetypes are `text/plain`, "

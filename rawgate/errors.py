@@ -8,11 +8,15 @@ Invariants:
   (anything left -> InternalError, a logged 500).
 - `to_json()` always yields the OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
 - Messages never contain secrets: callers pass labels, never keys or tokens.
+- `try_again_message` gives a retryable 429 its one "when to come back" sentence, "Please try
+  again in Ns." (the phrase Codex reads, protocols.md E5), replacing any other "retry in / try
+  again after ..." sentence; the OpenAI routes apply it to every 429 they answer.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import re
+from typing import Any, ClassVar
 
 import orjson
 
@@ -35,6 +39,7 @@ __all__ = [
     "ServiceUnavailable",
     "URITooLong",
     "UnsupportedMediaType",
+    "UpstreamAuthFailed",
     "UpstreamClosed",
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
@@ -45,6 +50,7 @@ __all__ = [
     "UpstreamReadTimeout",
     "UpstreamTimeout",
     "UpstreamWriteTimeout",
+    "try_again_message",
 ]
 
 
@@ -165,12 +171,29 @@ class HeadersTooLarge(RawgateError):
     default_code = "headers_too_large"
 
 
+# A sentence telling when to retry ("Please retry in 56.185908122s.", "Retry after 20 s."): a
+# 429 message keeps one, rawgate's own.
+_RETRY_SENTENCE = re.compile(
+    r"(?i)\s*(?:please\s+)?(?:retry|try\s+again)\s+(?:in|after)\s+\d+(?:\.\d+)?\s*"
+    r"(?:ms|s|sec|seconds?)\b\.?"
+)
+
+
+def try_again_message(message: str, seconds: float) -> str:
+    """`message` with exactly one "Please try again in Ns." sentence, at its end."""
+    message = _RETRY_SENTENCE.sub("", message).rstrip()
+    stop = "" if not message or message.endswith((".", "!", "?")) else "."
+    wait = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return f"{message}{stop} Please try again in {wait}s.".lstrip()
+
+
 class RateLimited(RawgateError):
     """429: every account is cooling, or the upstream said so. Carries Retry-After."""
 
     status = 429
     type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
 
 
 # ---- rawgate's or the upstream's fault (5xx) ----------------------------------------------------
@@ -202,6 +225,23 @@ class UpstreamError(RawgateError):
     status = 502
     type = "server_error"
     default_code = "upstream_error"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """Google rejected an account's own credential (API_KEY_INVALID, 401, 403 PERMISSION_DENIED).
+
+    Never the client's 401: the client's key to rawgate is fine, rawgate's key to Google is not.
+    A 502 when the upstream rejected the credential(s) tried, a 503 when every account is resting
+    after such a rejection; the gateway names the account label(s), never the key. `reason` is
+    Google's ErrorInfo reason (API_KEY_INVALID, SERVICE_DISABLED, ...) or the RPC status.
+    """
+
+    default_code = "upstream_auth_failed"
+
+    def __init__(self, message: str, *, reason: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason
+        self.upstream_message = message  # Google's words, before the gateway names the account
 
 
 class ModelFailed(UpstreamError):

@@ -18,9 +18,10 @@ Invariants:
 - Non-stream requests use the upstream's non-stream call; stream requests send the response head
   as soon as the upstream answered 200, then one downstream write per upstream read (every frame
   that read completed), with SSE comment heartbeats while the upstream is silent.
-- Every proxied response, errors included, carries X-Mapped-Model (once the model is known) and
-  X-Account-Email (once an account was picked, unless routing.expose_account_header is off); the
-  app layer adds x-request-id.
+- Every proxied response, errors included, carries X-Mapped-Model once the model is known (a
+  body that does not decode has none) and X-Account-Email once an account was picked (none for
+  a 400 of the mapping, or a 503 with no usable account; never when
+  routing.expose_account_header is off); the app layer adds x-request-id.
 - The scheduler's bookkeeping (acquire/release) is balanced on every path, cancellation included;
   the upstream response is closed (shielded) on every path, which resets an abandoned h2 stream.
 - Blocking file I/O (accounts.json writes, the cooldown board) runs in a worker thread, never on
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlencode
@@ -51,16 +54,18 @@ from rawgate.errors import (
     PermissionDenied,
     RateLimited,
     RawgateError,
+    UpstreamAuthFailed,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
+    try_again_message,
 )
 from rawgate.gemini import Reply, decode_reply, error_from_upstream
 from rawgate.logs import safe_text
 from rawgate.oauth import AccountRevoked, TokenManager
 from rawgate.response_store import ResponseStore
 from rawgate.router import ModelRouter
-from rawgate.scheduler import Cooldown, FailureKind, Scheduler
+from rawgate.scheduler import AccountsFailing, Cooldown, FailureKind, Scheduler
 from rawgate.sse import HEARTBEAT, SSEDecoder
 from rawgate.transcode_chat import ChatStream, chat_response, completion_response
 from rawgate.transcode_responses import ResponsesStream, responses_response
@@ -80,6 +85,7 @@ __all__ = ["Gateway"]
 log = logging.getLogger("rawgate.gateway")
 
 Header = tuple[bytes, bytes]
+Route = Callable[["Request", "ResponseSink"], Awaitable[None]]
 
 _JSON: Header = (b"content-type", b"application/json")
 _SSE_HEAD: tuple[Header, ...] = (
@@ -232,10 +238,10 @@ class Gateway:
     def install(self, app: GatewayApp) -> None:
         """Register the OpenAI routes on the app's router."""
         add = app.router.add
-        add("POST", "/v1/chat/completions", self.chat)
-        add("POST", "/v1/completions", self.completions)
-        add("POST", "/v1/responses", self.responses_route)
-        add("POST", "/responses", self.responses_route)
+        add("POST", "/v1/chat/completions", self._honest(self.chat))
+        add("POST", "/v1/completions", self._honest(self.completions))
+        add("POST", "/v1/responses", self._honest(self.responses_route))
+        add("POST", "/responses", self._honest(self.responses_route))
         add("GET", "/v1/models", self.models)
         add("GET", "/v1/models/", self.model, prefix=True, label="/v1/models/{id}")
 
@@ -355,6 +361,38 @@ class Gateway:
         await self._persist(acc_id, refresh_token=new_token)
 
     # ---- routes -------------------------------------------------------------------------------
+
+    def _honest(self, route: Route) -> Route:
+        """`route` with its errors told as what they are: a refused upstream credential is the
+        account's failure (upstream_auth_failed naming the account labels), never the client's
+        401; a 400 of the mapping names the model it was mapped to. Costs nothing until a
+        route raises."""
+
+        async def honest(req: Request, sink: ResponseSink) -> None:
+            try:
+                await route(req, sink)
+            except AccountsFailing as e:
+                # Every account rests; when a refused credential rests them all, say so.
+                raise self._resting_cause(e, time.monotonic()) from None
+            except RateLimited as e:
+                # rawgate's own "all cooling" 429 in one "Please try again in Ns." sentence,
+                # as the upstream's (gemini.py) already is.
+                wait = e.retry_after_s
+                if wait is not None and wait > 0 and e.code != "insufficient_quota":
+                    e.message = try_again_message(e.message, wait)
+                raise
+            except UpstreamAuthFailed as e:
+                # The last attempt's credential was refused (and every earlier one's, or the
+                # request would have ended otherwise): name the accounts resting for it now.
+                names = self._auth_resting(time.monotonic()) or ["the account tried"]
+                e.message = _rejected_message(names, e)
+                raise
+            except RawgateError as e:
+                if req.mapped_model and not any(k == b"x-mapped-model" for k, _ in e.headers):
+                    e.headers.extend(self._headers(req, None))  # raised before _proxy
+                raise
+
+        return honest
 
     async def chat(self, req: Request, sink: ResponseSink) -> None:
         body = schemas.decode_chat(req.body, max_depth=self._max_depth)
@@ -596,6 +634,43 @@ class Gateway:
         self._count(acc, 0, 0, err.message)
         return block
 
+    def _account_name(self, acc: Account) -> str:
+        """How an error message names an account: its label (email or label), or only its id
+        when routing.expose_account_header is off (a shared deployment hides who served)."""
+        return f"'{acc.display_name()}'" if self._expose_account else f"id {acc.id}"
+
+    def _auth_resting(self, now: float, only: bool = False) -> list[str]:
+        """Names of the enabled accounts resting because Google refused their credential (a
+        failure path only: O(accounts)). `only`: [] unless every enabled account rests so."""
+        names: list[str] = []
+        for st in self.scheduler.snapshot(now):
+            if not st["enabled"]:
+                continue
+            if "auth" not in st["blocked"]:
+                if only:
+                    return []
+                continue
+            acc = self._accounts.get(st["id"])
+            names.append(self._account_name(acc) if acc is not None else f"id {st['id']}")
+        return names
+
+    def _resting_cause(self, err: AccountsFailing, now: float) -> RawgateError:
+        """The scheduler's "every account is resting" 503, told truthfully when what rests them
+        all is Google refusing their credentials: upstream_auth_failed naming them."""
+        names = self._auth_resting(now, only=True)
+        if not names:
+            return err
+        secs = max(1, math.ceil(err.retry_after_s or 0))
+        return UpstreamAuthFailed(
+            f"No upstream account is usable: Google rejected the credential of {_names(names)}, "
+            f"which rawgate rests (the first is tried again in {secs} s). This is rawgate's key "
+            "to Google, not your key to rawgate: fix or replace it (`rawgate accounts list` "
+            "shows the last error), or add an account.",
+            status=503,
+            headers=list(err.headers),
+            retry_after_s=err.retry_after_s,
+        )
+
     async def _upstream_request(
         self, acc: Account, call: GeminiCall
     ) -> tuple[str, list[Header], bytes]:
@@ -810,11 +885,25 @@ def _retryable(err: RawgateError) -> bool:
     return err.status in (401, 403, 408, 429) or err.status >= 500
 
 
+def _names(names: list[str]) -> str:
+    return ("account " if len(names) == 1 else "accounts ") + ", ".join(names)
+
+
+def _rejected_message(names: list[str], err: UpstreamAuthFailed) -> str:
+    return (
+        f"Google rejected the credential of upstream {_names(names)} ({err.reason}): "
+        f"{err.upstream_message} This is rawgate's key to Google, not your key to rawgate: fix "
+        "or replace it (`rawgate accounts list`)."
+    )
+
+
 def _failure_kind(err: RawgateError) -> FailureKind | None:
     """What `err` says about the account that got it; None: nothing (the request's fault, or
     the model's, such as a stream that ends in MALFORMED_FUNCTION_CALL)."""
     if isinstance(err, ModelFailed):
         return None
+    if isinstance(err, UpstreamAuthFailed):
+        return "auth"
     if isinstance(err, RateLimited) or err.status == 429:
         return "rate_limited"
     if isinstance(err, AuthenticationError | PermissionDenied) or err.status in (401, 403):

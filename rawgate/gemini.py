@@ -19,14 +19,16 @@ HTTP / RPC status -> OpenAI (status, type, code):
 
 | upstream                                         | OpenAI                                        |
 |--------------------------------------------------|-----------------------------------------------|
-| ErrorInfo API_KEY_INVALID (Google says 400), 401 | 401 authentication_error invalid_api_key      |
+| ErrorInfo API_KEY_INVALID (Google says 400),     | 502 server_error upstream_auth_failed: the    |
+|   401 UNAUTHENTICATED, 403 PERMISSION_DENIED     |   account's credential, never the client's    |
+|                                                  |   401 (the gateway names the account, rests   |
+|                                                  |   it and rotates; Help links are kept)        |
 | 400 "input token count ... exceeds"              | 400 invalid_request_error context_length_...  |
 | 400 FAILED_PRECONDITION                          | 400 invalid_request_error failed_precondition |
 | 400 INVALID_ARGUMENT / other                     | 400 invalid_request_error (code null)         |
 | 402; 429 terminal (limit: 0, per-day quota, no   | 429 insufficient_quota insufficient_quota, no |
 |   credits, delay > TERMINAL_RETRY_DELAY_S)       |   Retry-After                                 |
 | 429 RESOURCE_EXHAUSTED                           | 429 rate_limit_error rate_limit_exceeded      |
-| 403 PERMISSION_DENIED                            | 403 permission_error (code from ErrorInfo)    |
 | 404 NOT_FOUND                                    | 404 invalid_request_error model_not_found     |
 | other 4xx                                        | same status, invalid_request_error            |
 | 500 INTERNAL / UNKNOWN / 501 / other 5xx         | 502 server_error upstream_error               |
@@ -46,16 +48,16 @@ import msgspec
 import orjson
 
 from rawgate.errors import (
-    AuthenticationError,
     BadRequest,
     ModelFailed,
     NotFound,
-    PermissionDenied,
     RateLimited,
     RawgateError,
+    UpstreamAuthFailed,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    try_again_message,
 )
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "Candidate",
     "Content",
     "FunctionCall",
+    "LogprobsResult",
     "Part",
     "PromptFeedback",
     "Reply",
@@ -127,11 +130,28 @@ class Content(_V):
     role: str | None = None
 
 
+class LogprobCandidate(_V):
+    token: str = ""  # proto3 JSON omits defaults: an absent token is "", an absent logprob 0.0
+    logProbability: float = 0.0
+
+
+class TopCandidates(_V):
+    candidates: list[LogprobCandidate] = []  # sorted by logProbability, descending
+
+
+class LogprobsResult(_V):
+    """One entry per decoding step in each list (generationConfig.responseLogprobs)."""
+
+    topCandidates: list[TopCandidates] = []
+    chosenCandidates: list[LogprobCandidate] = []
+
+
 class Candidate(_V):
     content: Content | None = None
     finishReason: str | None = None
     finishMessage: str | None = None
     index: int = 0
+    logprobsResult: LogprobsResult | None = None
 
 
 class Usage(_V):
@@ -439,10 +459,6 @@ def _header_delay(headers: list[tuple[bytes, bytes]] | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _fmt_seconds(s: float) -> str:
-    return f"{s:.3f}".rstrip("0").rstrip(".")
-
-
 def retry_headers(seconds: float) -> list[tuple[bytes, bytes]]:
     """`retry-after-ms` (read first by the openai SDKs) and the whole-second `retry-after`."""
     return [
@@ -509,13 +525,16 @@ def error_from_upstream(
         delay = _header_delay(headers)
     message = _clean(message) or f"Gemini upstream error (HTTP {status} {rpc})".strip()
 
-    if "API_KEY_INVALID" in reasons or status == 401 or rpc == "UNAUTHENTICATED":
-        return AuthenticationError(message, type="authentication_error")
-    if status == 403 or rpc == "PERMISSION_DENIED":
+    if (
+        "API_KEY_INVALID" in reasons
+        or status in (401, 403)
+        or rpc in ("UNAUTHENTICATED", "PERMISSION_DENIED")
+    ):
+        # The account's credential, not the client's: rawgate's key to Google was refused.
         if links and "VALIDATION_REQUIRED" in reasons:
             message = f"{message} ({links[0]})"
-        code_name = reasons[0].lower() if reasons else None
-        return PermissionDenied(message, code=code_name)
+        reason = reasons[0] if reasons else rpc or f"HTTP {status}"
+        return UpstreamAuthFailed(message, reason=reason)
     if status == 404:
         is_model = "model" in message.lower()
         return NotFound(
@@ -560,8 +579,7 @@ def _quota_error(
     headers: list[tuple[bytes, bytes]] = []
     if delay is not None and delay > 0:
         headers = retry_headers(delay)
-        if not re.search(r"(?i)try again in", message):
-            # Codex reads the wait from this exact phrase (protocols.md E5).
-            stop = "" if message.endswith((".", "!", "?")) else "."
-            message = f"{message}{stop} Please try again in {_fmt_seconds(delay)}s."
+        # One "Please try again in Ns." sentence with the wait rawgate honours: Google's own
+        # ("Please retry in 56.18s.", often another figure than RetryInfo's) is replaced.
+        message = try_again_message(message, delay)
     return RateLimited(message, headers=headers, retry_after_s=delay)

@@ -682,6 +682,12 @@ def _generation(
         gen["responseLogprobs"] = True
         if top_logprobs:
             gen["logprobs"] = top_logprobs
+    elif top_logprobs:
+        raise BadRequest(
+            "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is "
+            "used.",
+            param="top_logprobs",
+        )
     tc = thinking_config(model, effort, want_thoughts)
     if tc is not None:
         gen["thinkingConfig"] = tc
@@ -850,6 +856,7 @@ def chat_to_gemini(
         tools=tools.origins,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         n=req.n or 1,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         conversation_key=_conversation_key(system, contents) if key else None,
     )
 
@@ -897,6 +904,7 @@ def completion_to_gemini(req: CompletionRequest, model: str, *, key: bool = True
         body=_body(contents, None, _Tools(), None, gen),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         n=req.n or 1,
+        logprobs=req.logprobs,
         echo_prompt=prompt if req.echo else None,
         conversation_key=_conversation_key(None, contents) if key else None,
     )
@@ -1074,6 +1082,9 @@ def responses_to_gemini(
         contents, system = conv.finish(model)
     except BadRequest as e:
         raise BadRequest("The request has no input to send.", param="input") from e
+    # OpenAI returns output_text logprobs for include "message.output_text.logprobs"; a
+    # top_logprobs > 0 asks for them too (rather than being ignored).
+    want_logprobs = bool(req.top_logprobs) or "message.output_text.logprobs" in (req.include or ())
     r = req.reasoning
     effort = r.effort if r else None
     summary = (r.summary or r.generate_summary) if r else None
@@ -1082,7 +1093,7 @@ def responses_to_gemini(
         max_tokens=req.max_output_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
-        logprobs=bool(req.top_logprobs),
+        logprobs=want_logprobs,
         top_logprobs=req.top_logprobs,
         effort=effort,
         want_thoughts=(effort not in (None, "none")) or summary not in (None, "none"),
@@ -1104,6 +1115,7 @@ def responses_to_gemini(
         metadata=req.metadata,
         input_items=input_items,
         request_echo=_request_echo(req),
+        logprobs=(req.top_logprobs or 0) if want_logprobs else None,
         conversation_key=_conversation_key(system, contents) if key else None,
     )
 

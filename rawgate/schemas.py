@@ -46,6 +46,9 @@ _TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 _Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 _PosInt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 _NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+# Top logprobs per token: OpenAI's chat bound and Gemini's own (`logprobs` in [0, 20]); the legacy
+# route takes Gemini's bound too (OpenAI's was 5), since rawgate can serve up to 20.
+_TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
 _Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
@@ -193,7 +196,7 @@ class ChatCompletionRequest(_S):
     presence_penalty: _Penalty | None = None
     frequency_penalty: _Penalty | None = None
     logprobs: bool | None = None
-    top_logprobs: _NonNegInt | None = None
+    top_logprobs: _TopLogprobs | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ChatToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -224,7 +227,7 @@ class CompletionRequest(_S):
     stop: str | list[str] | None = None
     echo: bool = False
     suffix: str | None = None
-    logprobs: _NonNegInt | None = None
+    logprobs: _TopLogprobs | None = None
     presence_penalty: _Penalty | None = None
     frequency_penalty: _Penalty | None = None
     seed: _Int64 | None = None
@@ -309,7 +312,7 @@ class ResponsesRequest(_S):
     max_tool_calls: _PosInt | None = None
     temperature: _Temperature | None = None
     top_p: _TopP | None = None
-    top_logprobs: _NonNegInt | None = None
+    top_logprobs: _TopLogprobs | None = None
     truncation: str | None = None
     include: list[str] | None = None
     metadata: dict[str, str] | None = None

@@ -25,6 +25,12 @@ Invariants (streams, protocols.md C3/C6/D):
   delta naming the reason, then finish_reason content_filter (vector 10).
 - Legacy completions chunks are whole `text_completion` objects; thought text and tool calls
   have no place there and are dropped; `echo` prepends the prompt to each choice's first text.
+- Logprobs (only when the call asked, `call.logprobs` not None): a candidate's
+  `logprobsResult` becomes the choice's `logprobs`: Chat `{"content": [{token, logprob, bytes,
+  top_logprobs}], "refusal": null}`, legacy `{tokens, token_logprobs, top_logprobs,
+  text_offset}` (offsets count from the start of the choice's text, echo included). In a stream
+  each chunk's tokens ride on that chunk's first text frame; a chunk without a logprobsResult
+  says `null`, as every frame of a call that did not ask.
 
 finish_reason (Gemini -> Chat; see `gemini.finish_kind`):
   STOP / OTHER / FINISH_REASON_UNSPECIFIED / unknown -> stop, or tool_calls when the choice
@@ -47,6 +53,7 @@ from rawgate.errors import RawgateError, UpstreamError, UpstreamProtocolError
 from rawgate.gemini import (
     Candidate,
     FunctionCall,
+    LogprobsResult,
     Part,
     Reply,
     Usage,
@@ -87,6 +94,49 @@ def _tool_call(call: GeminiCall, part: Part, fc: FunctionCall) -> dict[str, Any]
         "type": "function",
         "function": {"name": name, "arguments": arguments_text(fc)},
     }
+
+
+def _chat_logprobs(res: LogprobsResult, top: int) -> dict[str, Any]:
+    """Chat `choices[].logprobs` for Gemini's logprobsResult, `top` alternatives per token."""
+    tops = res.topCandidates
+    content: list[dict[str, Any]] = []
+    for i, c in enumerate(res.chosenCandidates):
+        alts = tops[i].candidates[:top] if top and i < len(tops) else ()
+        content.append(
+            {
+                "token": c.token,
+                "logprob": c.logProbability,
+                "bytes": list(c.token.encode()),
+                "top_logprobs": [
+                    {"token": a.token, "logprob": a.logProbability, "bytes": list(a.token.encode())}
+                    for a in alts
+                ],
+            }
+        )
+    return {"content": content, "refusal": None}
+
+
+def _legacy_logprobs(res: LogprobsResult, top: int, offset: int) -> tuple[dict[str, Any], int]:
+    """Legacy `choices[].logprobs` and the text offset after its last token."""
+    tops = res.topCandidates
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+    for i, c in enumerate(res.chosenCandidates):
+        tokens.append(c.token)
+        token_logprobs.append(c.logProbability)
+        alts = tops[i].candidates[:top] if top and i < len(tops) else ()
+        top_logprobs.append({a.token: a.logProbability for a in alts})
+        text_offset.append(offset)
+        offset += len(c.token)
+    lp = {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
+    return lp, offset
 
 
 def _chat_finish(reason: str | None, tools: bool) -> str:
@@ -165,11 +215,16 @@ def chat_response(call: GeminiCall, reply: Reply) -> bytes:
             msg["reasoning_content"] = thoughts
         if tools:
             msg["tool_calls"] = tools
+        lp = cand.logprobsResult
         choices.append(
             {
                 "index": cand.index,
                 "message": msg,
-                "logprobs": None,
+                "logprobs": (
+                    _chat_logprobs(lp, call.logprobs)
+                    if call.logprobs is not None and lp is not None
+                    else None
+                ),
                 "finish_reason": _chat_finish(cand.finishReason, bool(tools)),
             }
         )
@@ -200,8 +255,14 @@ def completion_response(call: GeminiCall, reply: Reply) -> bytes:
     for cand in sorted(reply.candidates, key=lambda c: c.index):
         text, _, _ = _collect(call, cand, False)
         fr = _chat_finish(cand.finishReason, False)
+        lp = cand.logprobsResult
+        logprobs = (
+            _legacy_logprobs(lp, call.logprobs, len(echo))[0]
+            if call.logprobs is not None and lp is not None
+            else None
+        )
         choices.append(
-            {"text": echo + text, "index": cand.index, "logprobs": None, "finish_reason": fr}
+            {"text": echo + text, "index": cand.index, "logprobs": logprobs, "finish_reason": fr}
         )
     return _dumps(
         {
@@ -224,7 +285,17 @@ class _Choice:
     prebuilt ones 0.31 us), and its state. A text frame is `pre_content + json(text) + close`
     in both Chat and legacy Completions."""
 
-    __slots__ = ("close", "finish", "index", "pre", "pre_content", "pre_reason", "tools")
+    __slots__ = (
+        "close",
+        "finish",
+        "index",
+        "lp",
+        "offset",
+        "pre",
+        "pre_content",
+        "pre_reason",
+        "tools",
+    )
 
     def __init__(self, index: int, pre: bytes, pre_content: bytes, close: bytes) -> None:
         self.index = index
@@ -234,6 +305,10 @@ class _Choice:
         self.close = close
         self.tools = 0
         self.finish: str | None = None
+        # The close of the next text frame when this chunk carries logprobs (used once), and
+        # the legacy text_offset reached so far.
+        self.lp: bytes | None = None
+        self.offset = 0
 
 
 class ChatStream:
@@ -305,7 +380,13 @@ class ChatStream:
                 continue
             content = cand.content
             if content is not None and content.parts:
-                self._parts(ch, content.parts, out)
+                lp = cand.logprobsResult
+                if lp is not None and self._call.logprobs is not None:
+                    ch.lp = self._logprobs_close(ch, lp)
+                    self._parts(ch, content.parts, out)
+                    ch.lp = None  # a chunk's tokens never ride on a later chunk's frame
+                else:
+                    self._parts(ch, content.parts, out)
             if cand.finishReason:
                 self._end_choice(ch, cand, out)
         return b"".join(out)
@@ -377,6 +458,7 @@ class ChatStream:
             self._choices[index] = ch
             echo = self._call.echo_prompt
             if echo:
+                ch.offset = len(echo)
                 out.append(pre + _dumps(echo) + ch.close)
             return ch
         pre = self._head + b'[{"index":' + str(index).encode() + b',"delta":'
@@ -384,6 +466,28 @@ class ChatStream:
         self._choices[index] = ch
         out.append(pre + b'{"role":"assistant","content":"","refusal":null}' + self._tail)
         return ch
+
+    def _logprobs_close(self, ch: _Choice, res: LogprobsResult) -> bytes:
+        """The close of a text frame that carries this chunk's logprobs."""
+        top = self._call.logprobs or 0
+        if self._completions:
+            lp, ch.offset = _legacy_logprobs(res, top, ch.offset)
+            return (
+                b',"index":'
+                + str(ch.index).encode()
+                + b',"logprobs":'
+                + _dumps(lp)
+                + b',"finish_reason":null}]'
+                + self._usage_null
+                + b"}\n\n"
+            )
+        return (
+            b'},"logprobs":'
+            + _dumps(_chat_logprobs(res, top))
+            + b',"finish_reason":null}]'
+            + self._usage_null
+            + b"}\n\n"
+        )
 
     def _text_tail(self, index: int, finish: bytes) -> bytes:
         return (
@@ -402,8 +506,13 @@ class ChatStream:
             p = parts[0]
             t = p.text
             if t and p.functionCall is None and not (p.thought and completions):
-                pre = ch.pre_reason if p.thought else ch.pre_content
-                out.append(b"".join((pre, _dumps(t), ch.close)))
+                if p.thought:
+                    out.append(b"".join((ch.pre_reason, _dumps(t), ch.close)))
+                elif ch.lp is None:
+                    out.append(b"".join((ch.pre_content, _dumps(t), ch.close)))
+                else:
+                    out.append(b"".join((ch.pre_content, _dumps(t), ch.lp)))
+                    ch.lp = None
                 return
         run: list[str] = []  # consecutive text of one kind, sent as one delta
         run_thought = False
@@ -434,7 +543,10 @@ class ChatStream:
 
     def _text_frame(self, ch: _Choice, run: list[str], thought: bool, out: list[bytes]) -> None:
         text = run[0] if len(run) == 1 else "".join(run)
-        out.append((ch.pre_reason if thought else ch.pre_content) + _dumps(text) + ch.close)
+        close = ch.close
+        if ch.lp is not None and not thought:
+            close, ch.lp = ch.lp, None
+        out.append((ch.pre_reason if thought else ch.pre_content) + _dumps(text) + close)
 
     def _finish_frame(self, ch: _Choice, reason: bytes) -> bytes:
         if self._completions:

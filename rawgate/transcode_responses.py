@@ -28,6 +28,9 @@ Invariants (stream, protocols.md E3/E4/E5):
   times (E5), while openai-python's stream helper needs response.completed for
   get_final_response(). MALFORMED_FUNCTION_CALL and friends, and a stream that ends with no
   finishReason and no call, make finish() raise; fail(err) then sends response.failed.
+- Logprobs (only when the call asked, `call.logprobs` not None): the candidate's logprobsResult
+  of each chunk rides on that chunk's first output_text delta (`logprobs`: token, logprob, bytes,
+  top_logprobs) and accumulates into the output_text part (done event, item, response).
 - fail(err): a 429 becomes code rate_limit_exceeded with "Please try again in Ns" in the
   message (Codex sleeps exactly that long), insufficient_quota / context_length_exceeded keep
   their codes (Codex does not retry them), a 4xx is invalid_prompt, anything else server_error.
@@ -46,6 +49,7 @@ from rawgate.call import GeminiCall
 from rawgate.errors import RawgateError, UpstreamError, UpstreamProtocolError
 from rawgate.gemini import (
     FunctionCall,
+    LogprobsResult,
     Part,
     Reply,
     Usage,
@@ -93,6 +97,26 @@ _INPUT_DONE = _prefix("response.custom_tool_call_input.done")
 _TEXT_DELTA_END = b',"logprobs":[]}'
 _TEXT_DELTA_TAIL = _TEXT_DELTA_END + b"\n\n"
 _TRY_AGAIN = re.compile(r"(?i)try again in\s*\d")
+
+
+def _logprobs(res: LogprobsResult, top: int) -> list[dict[str, Any]]:
+    """Responses `logprobs` entries for Gemini's logprobsResult, `top` alternatives per token."""
+    tops = res.topCandidates
+    out: list[dict[str, Any]] = []
+    for i, c in enumerate(res.chosenCandidates):
+        alts = tops[i].candidates[:top] if top and i < len(tops) else ()
+        out.append(
+            {
+                "token": c.token,
+                "logprob": c.logProbability,
+                "bytes": list(c.token.encode()),
+                "top_logprobs": [
+                    {"token": a.token, "logprob": a.logProbability, "bytes": list(a.token.encode())}
+                    for a in alts
+                ],
+            }
+        )
+    return out
 
 
 def _new_id(prefix: str) -> str:
@@ -166,12 +190,13 @@ class _Reasoning:
 
 
 class _Message:
-    __slots__ = ("id", "index", "mid", "pieces")
+    __slots__ = ("id", "index", "lps", "mid", "pieces")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.id = _new_id("msg_")
         self.pieces: list[str] = []
+        self.lps: list[dict[str, Any]] = []  # logprobs of the text so far (when asked)
         self.mid = b',"item_id":"%s","output_index":%d,"content_index":0,"delta":' % (
             self.id.encode(),
             index,
@@ -275,7 +300,11 @@ class ResponsesStream:
             if cand.index != 0:
                 continue  # the Responses API has one answer
             if cand.content is not None and cand.content.parts:
-                self._parts(cand.content.parts, out)
+                lp = cand.logprobsResult
+                if lp is not None and self._call.logprobs is not None:
+                    self._parts(cand.content.parts, out, _logprobs(lp, self._call.logprobs))
+                else:
+                    self._parts(cand.content.parts, out)
             if cand.finishReason:
                 self._finish_reason = cand.finishReason
                 self._finish_message = cand.finishMessage
@@ -361,11 +390,14 @@ class ResponsesStream:
         self._response = resp
         return resp
 
-    def _parts(self, parts: list[Part], out: list[bytes]) -> None:
+    def _parts(
+        self, parts: list[Part], out: list[bytes], lps: list[dict[str, Any]] | None = None
+    ) -> None:
+        """`lps`: this chunk's logprobs, for its first text delta."""
         m = self._message
         # The common chunk, more text for the open message: the same shortcut as transcode_chat's
         # one-part path (1.0 instead of 1.4 us per chunk there).
-        if m is not None and len(parts) == 1:
+        if m is not None and len(parts) == 1 and lps is None:
             p = parts[0]
             t = p.text
             if t and not p.thought and p.functionCall is None and p.thoughtSignature is None:
@@ -386,7 +418,8 @@ class ResponsesStream:
                 if p.thought:
                     self._thought(t, out)
                 else:
-                    self._text(t, out)
+                    self._text(t, out, lps)
+                    lps = None
             if p.thoughtSignature is not None and self._reasoning is not None:
                 # A text/thought part's signature: into the reasoning item in front of it. With
                 # no reasoning item in front there is no carrier (Gemini < 3): dropped, Gemini
@@ -401,7 +434,7 @@ class ResponsesStream:
         r.pieces.append(text)
         out.append(self._frame(_SUM_DELTA, r.mid + _dumps(text) + b"}"))
 
-    def _text(self, text: str, out: list[bytes]) -> None:
+    def _text(self, text: str, out: list[bytes], lps: list[dict[str, Any]] | None = None) -> None:
         m = self._message
         if m is None:
             r = self._reasoning
@@ -411,7 +444,13 @@ class ResponsesStream:
                 self._open_reasoning(out, summary=False)
             m = self._open_message(out)
         m.pieces.append(text)
-        out.append(self._frame(_TEXT_DELTA, m.mid + _dumps(text) + _TEXT_DELTA_END))
+        if lps is None:
+            out.append(self._frame(_TEXT_DELTA, m.mid + _dumps(text) + _TEXT_DELTA_END))
+            return
+        m.lps.extend(lps)
+        out.append(
+            self._frame(_TEXT_DELTA, m.mid + _dumps(text) + b',"logprobs":' + _dumps(lps) + b"}")
+        )
 
     def _add(self, item: dict[str, Any], out: list[bytes]) -> int:
         index = len(self._items)
@@ -472,8 +511,8 @@ class ResponsesStream:
     def _close_message(self, m: _Message, out: list[bytes]) -> None:
         text = "".join(m.pieces)
         base = {"item_id": m.id, "output_index": m.index, "content_index": 0}
-        out.append(self._event(_TEXT_DONE, {**base, "text": text, "logprobs": []}))
-        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+        out.append(self._event(_TEXT_DONE, {**base, "text": text, "logprobs": m.lps}))
+        part = {"type": "output_text", "annotations": [], "logprobs": m.lps, "text": text}
         out.append(self._event(_PART_DONE, {**base, "part": part}))
         item = _message_item(m.id, "completed", [part])
         self._message = None

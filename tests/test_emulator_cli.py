@@ -41,6 +41,17 @@ def test_every_flag_has_help() -> None:
         assert action.help, action.option_strings
 
 
+def test_engine_help_says_what_the_fast_engine_serves() -> None:
+    # It once said "HTTP/1.1-only"; emulator_fast.py serves h2c and TLS h2 too
+    # (tests/test_emulator_fast.py drives both).
+    sub = build_parser()._subparsers._group_actions[0].choices["emulate"]  # type: ignore[union-attr]
+    (engine,) = [a for a in sub._actions if "--engine" in a.option_strings]
+    fast = engine.help.split("fast:", 1)[1]
+    assert "HTTP/1.1-only" not in engine.help
+    for words in ("HTTP/1.1", "h2c", "h2 over TLS", "411", "benchmark-only"):
+        assert words in fast, words
+
+
 def test_tls_flags_go_together() -> None:
     from rawgate.cli_emulate import run
 

@@ -242,9 +242,18 @@ def test_thinking_config_accepted(model: str, tc: dict[str, Any]) -> None:
       "responseJsonSchema": {}}, "mutually exclusive"),
     ({"responseJsonSchema": {"type": "object"}}, "response_mime_type must be"),
     ({"stopSequences": ["1", "2", "3", "4", "5", "6"]}, "at most 5"),
+    ({"responseLogprobs": True, "logprobs": 21}, "range of [0, 20]"),
+    ({"responseLogprobs": True, "logprobs": -1}, "range of [0, 20]"),
+    ({"logprobs": 3}, "only valid if response_logprobs"),
 ])
 def test_generation_config_rules(gen: dict[str, Any], needle: str) -> None:
     assert needle in one({"contents": [U], "generationConfig": gen})
+
+
+def test_logprobs_in_range_pass() -> None:
+    for n in (0, 1, 20):
+        gen = {"responseLogprobs": True, "logprobs": n}
+        assert errors({"contents": [U], "generationConfig": gen}) == []
 
 
 def test_many_violations_are_all_reported_up_to_a_cap() -> None:

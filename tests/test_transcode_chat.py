@@ -526,3 +526,64 @@ def test_property_chat_stream_invariants(replies: list[dict[str, Any]], end: str
             list(client.chat.completions.create(model="m", messages=HI, stream=True))  # type: ignore[arg-type]
         except openai.APIError:
             assert "error" in frames_[-1]
+
+
+# ---- logprobs ------------------------------------------------------------------------------------
+
+
+def _lp(*tokens: tuple[str, float]) -> dict[str, Any]:
+    return {
+        "chosenCandidates": [{"token": t, "logProbability": v} for t, v in tokens],
+        "topCandidates": [
+            {
+                "candidates": [
+                    {"token": t, "logProbability": v},
+                    {"token": t + "?", "logProbability": v - 1},
+                ]
+            }
+            for t, v in tokens
+        ],
+    }
+
+
+def test_stream_logprobs_ride_on_the_text_frame_not_the_thought() -> None:
+    call = chat_call(logprobs=True, top_logprobs=1, reasoning_effort="low")
+    cs = ChatStream(call)
+    chunk = {
+        "candidates": [
+            {
+                "content": {"parts": [{"text": "hmm", "thought": True}, {"text": "Hi!"}]},
+                "index": 0,
+                "logprobsResult": _lp(("Hi", -0.5), ("!", -0.25)),
+            }
+        ]
+    }
+    got = frames(cs.feed(decode_reply(orjson.dumps(chunk))))
+    by_kind = {next(iter(f["choices"][0]["delta"]), ""): f["choices"][0]["logprobs"] for f in got}
+    assert by_kind["role"] is None and by_kind["reasoning_content"] is None
+    assert by_kind["content"] == {
+        "content": [
+            {"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+             "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]},
+            {"token": "!", "logprob": -0.25, "bytes": [33],
+             "top_logprobs": [{"token": "!", "logprob": -0.25, "bytes": [33]}]},
+        ],
+        "refusal": None,
+    }
+    # A chunk without a logprobsResult says null, even though the call asked.
+    nxt = {"candidates": [{"content": {"parts": [{"text": " more"}]}, "index": 0}]}
+    (f,) = frames(cs.feed(decode_reply(orjson.dumps(nxt))))
+    assert f["choices"][0]["logprobs"] is None
+
+
+def test_logprobs_not_asked_stay_null_even_if_gemini_sends_them() -> None:
+    reply = {
+        "candidates": [
+            {"content": {"parts": [{"text": "Hi"}]}, "finishReason": "STOP", "index": 0,
+             "logprobsResult": _lp(("Hi", -0.5))}
+        ]
+    }
+    doc = orjson.loads(chat_response(chat_call(), decode_reply(orjson.dumps(reply))))
+    assert doc["choices"][0]["logprobs"] is None
+    got = frames(ChatStream(chat_call()).feed(decode_reply(orjson.dumps(reply))))
+    assert [f["choices"][0]["logprobs"] for f in got] == [None] * len(got)

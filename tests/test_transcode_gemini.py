@@ -9,12 +9,11 @@ import orjson
 import pytest
 
 from rawgate.errors import (
-    AuthenticationError,
     BadRequest,
     NotFound,
-    PermissionDenied,
     RateLimited,
     RawgateError,
+    UpstreamAuthFailed,
     UpstreamError,
     UpstreamProtocolError,
 )
@@ -130,21 +129,18 @@ def _check(
     assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
-def test_api_key_invalid_is_401() -> None:
+def test_api_key_invalid_is_the_accounts_failure_not_the_clients_401() -> None:
     body = gerr(400, "API key not valid.", "INVALID_ARGUMENT", [error_info("API_KEY_INVALID")])
-    _check(
-        error_from_upstream(400, body),
-        AuthenticationError,
-        401,
-        "authentication_error",
-        "invalid_api_key",
-    )
+    err = error_from_upstream(400, body)
+    _check(err, UpstreamAuthFailed, 502, "server_error", "upstream_auth_failed")
+    assert isinstance(err, UpstreamAuthFailed) and err.reason == "API_KEY_INVALID"
 
 
-def test_unauthenticated_is_401() -> None:
+def test_unauthenticated_is_upstream_auth_failed() -> None:
     body = gerr(401, "Request had invalid authentication credentials.", "UNAUTHENTICATED")
     err = error_from_upstream(401, body)
-    _check(err, AuthenticationError, 401, "authentication_error", "invalid_api_key")
+    _check(err, UpstreamAuthFailed, 502, "server_error", "upstream_auth_failed")
+    assert isinstance(err, UpstreamAuthFailed) and err.reason == "UNAUTHENTICATED"
 
 
 def test_invalid_argument_keeps_googles_message() -> None:
@@ -177,7 +173,8 @@ def test_permission_denied_with_validation_link() -> None:
         {"@type": "type.googleapis.com/google.rpc.Help", "links": [{"url": "https://x/verify"}]},
     ]
     err = error_from_upstream(403, gerr(403, "Verify your account.", "PERMISSION_DENIED", details))
-    _check(err, PermissionDenied, 403, "permission_error", "validation_required")
+    _check(err, UpstreamAuthFailed, 502, "server_error", "upstream_auth_failed")
+    assert isinstance(err, UpstreamAuthFailed) and err.reason == "VALIDATION_REQUIRED"
     assert "https://x/verify" in err.message
 
 
@@ -196,6 +193,9 @@ def test_rate_limit_with_retry_info() -> None:
     assert err.retry_after_s == 12.5
     assert dict(err.headers) == {b"retry-after-ms": b"12500", b"retry-after": b"13"}
     assert "Please try again in 12.5s." in err.message
+    # One "try again" sentence: Google's own "Please retry in 56.18...s." (another figure than
+    # the RetryInfo rawgate honours) is replaced, not followed by a second one.
+    assert err.message == "You exceeded your current quota. Please try again in 12.5s."
 
 
 @pytest.mark.parametrize(
