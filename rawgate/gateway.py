@@ -54,6 +54,7 @@ from rawgate.errors import (
     PermissionDenied,
     RateLimited,
     RawgateError,
+    ServiceUnavailable,
     UpstreamAuthFailed,
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -83,6 +84,14 @@ if TYPE_CHECKING:
 __all__ = ["Gateway"]
 
 log = logging.getLogger("rawgate.gateway")
+
+# A stream cut by the server's shutdown (its grace ran out) ends with this error event; writing
+# it may take at most CUT_NOTICE_S seconds (a client that reads nothing must not hold shutdown).
+CUT_NOTICE_S = 0.5
+_CUT = ServiceUnavailable(
+    "rawgate is shutting down and cut this answer before it finished; send the request again",
+    code="server_shutting_down",
+)
 
 Header = tuple[bytes, bytes]
 Route = Callable[["Request", "ResponseSink"], Awaitable[None]]
@@ -784,6 +793,17 @@ class Gateway:
             # Frames already made from this read go out before the error event.
             upstream_error = e
             out.append(fail(e))
+        except anyio.get_cancelled_exc_class():
+            # Cut from outside: the shutdown grace ran out (or the client left). A client that
+            # is still there gets an error event it can see instead of a stream that just
+            # stops (on HTTP/2 the driver's RST_STREAM follows); bounded and shielded, so the
+            # cancellation goes on at once after it.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CUT_NOTICE_S):
+                try:
+                    await sink.end(b"".join(out) + fail(_CUT))
+                except Exception:  # the client may be gone: nothing to tell
+                    pass
+            raise
         await sink.end(b"".join(out))
         now = time.monotonic()
         usage = (rs.usage if rs is not None else cs.usage if cs is not None else None) or {}

@@ -11,6 +11,7 @@ import gc
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, cast
 
 import anyio
@@ -28,6 +29,7 @@ from rawgate.config import Config
 from rawgate.conn import ConnInfo, ServerState
 from rawgate.events import Request, ResponseSink
 from rawgate.respond import json_response
+from tests.helpers_gateway import gateway_stack
 from tests.helpers_h1 import h1_serving, memory_stream_pair
 from tests.helpers_h2 import FrameFactory, FrameReader, H2Client, h2_client
 
@@ -632,3 +634,44 @@ async def test_time_spent_sniffing_counts_against_the_head_timeout(proto: str) -
         assert isinstance(goaway, GoAwayFrame) and goaway.error_code == 0
     else:
         assert got.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_h1_stream_cut_by_the_shutdown_grace_ends_with_an_error_event(
+    tmp_path: Path,
+) -> None:
+    """Issue 12: when the grace runs out, an SSE client on HTTP/1.1 gets an error event it can
+    see (openai SDKs raise APIError), not a stream that merely stops."""
+    async with gateway_stack(tmp_path, config={"limits": {"sse_heartbeat_s": 0}}) as run:
+        s = await anyio.connect_tcp("127.0.0.1", run.server.port)
+        async with s:
+            body = msgspec.json.encode(
+                {
+                    "model": "gemini-2.5-flash",
+                    "stream": True,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": "[[emu:reply chars=500]] [[emu:chunks n=50]]"
+                            " [[emu:delay ms=200]]",
+                        }
+                    ],
+                }
+            )
+            await s.send(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+            )
+            got = b""
+            with anyio.fail_after(10):
+                while b"data: {" not in got:  # the stream is running
+                    got += await s.receive()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run.server.shutdown, 0.3)
+                with anyio.fail_after(10):
+                    while True:
+                        try:
+                            got += await s.receive()
+                        except (anyio.EndOfStream, anyio.BrokenResourceError):
+                            break
+    assert b'"code":"server_shutting_down"' in got, got[-400:]
+    assert b"data: [DONE]" not in got  # a cut answer is never passed off as complete
