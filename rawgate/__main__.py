@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rawgate import __version__, cli_accounts, cli_emulate, cli_serve
+from rawgate import __version__
+from rawgate.cli import accounts as cli_accounts, emulate as cli_emulate, serve as cli_serve
 
 _COMMANDS = (cli_serve, cli_emulate, cli_accounts)
 

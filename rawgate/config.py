@@ -423,7 +423,7 @@ def _check_semantics(cfg: Config, origins: _Origins) -> None:
         if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
             raise fail("upstream", key, url, "must be an http(s):// URL")
     if up.proxy:
-        from rawgate.backends import parse_proxy  # config must not import the I/O layer eagerly
+        from rawgate.netaddr import parse_proxy
 
         try:
             parse_proxy(up.proxy)
@@ -436,7 +436,7 @@ def _check_semantics(cfg: Config, origins: _Origins) -> None:
         raise fail("routing", "max_attempts", cfg.routing.max_attempts, "must be >= 1")
     # Model names go into upstream URLs: a bad mapping or target is a start-up line (exit 2),
     # not a traceback when the gateway is built.
-    from rawgate.router import ModelRouter  # the router imports this module
+    from rawgate.model_router import ModelRouter  # the router imports this module
 
     r = cfg.routing
     try:

@@ -40,8 +40,8 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from rawgate.backends import AnyIOBackend
 from rawgate.config import TimeoutsConfig, UpstreamConfig
+from rawgate.upstream.backends import AnyIOBackend
 
 WAIT_S = 10.0
 Header = tuple[bytes, bytes]

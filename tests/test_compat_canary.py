@@ -66,10 +66,10 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from rawgate.compat import dispatch_frame
 from rawgate.config import LimitsConfig, UpstreamConfig
-from rawgate.h2_client import _H2, new_h2
-from rawgate.h2_frames import dispatch_frame
-from rawgate.h2_server import _CALM, _connection_error_code, _new_h2
+from rawgate.http.h2_server import _CALM, _connection_error_code, _new_h2
+from rawgate.upstream.h2_client import _H2, new_h2
 
 ROOT = Path(__file__).resolve().parent.parent
 RAWGATE = ROOT / "rawgate"
@@ -92,7 +92,7 @@ def expect(cond: object, what: str) -> None:
 class Canary:
     id: str  # the library internal, as the library spells it
     lib: str  # its distribution (what pyproject.toml bounds)
-    users: tuple[str, ...]  # the rawgate modules relying on it ("h1_server")
+    users: tuple[str, ...]  # the rawgate modules relying on it ("http/h1_server")
     touches: tuple[str, ...]  # what the scan finds in those modules (see scan_private_touches)
     assumes: str  # what the users assume, in one line
     check: Callable[[], None]  # raises when the assumption no longer holds
@@ -819,121 +819,124 @@ def check_frame_types() -> None:
 
 CANARIES: tuple[Canary, ...] = (
     # h11
-    Canary("h11.Connection._receive_buffer", "h11", ("h1_server",), ("_receive_buffer",),
+    Canary("h11.Connection._receive_buffer", "h11", ("http/h1_server",), ("_receive_buffer",),
            "its len() before and after a head is the head's size; a fresh Connection takes it "
            "over for the next pipelined request", check_h11_receive_buffer),
-    Canary("h11.ReceiveBuffer._data", "h11", ("h1_server",), ("_data",),
+    Canary("h11.ReceiveBuffer._data", "h11", ("http/h1_server",), ("_data",),
            "a bytearray of exactly the unparsed bytes, read by the fast head parser",
            check_h11_receive_buffer_data),
-    Canary("h11.ReceiveBuffer.maybe_extract_at_most", "h11", ("h1_server",), (),
+    Canary("h11.ReceiveBuffer.maybe_extract_at_most", "h11", ("http/h1_server",), (),
            "takes a fast-parsed head and Content-Length bodies out of h11's buffer",
            check_h11_maybe_extract_at_most),
-    Canary("h11.Headers._full_items", "h11", ("h1_server",), ("_full_items",),
+    Canary("h11.Headers._full_items", "h11", ("http/h1_server",), ("_full_items",),
            "(raw name, lower-case name, value) triples of a parsed head",
            check_h11_full_items),
-    Canary("h11 Content-Length checks", "h11", ("h1_server", "h1_client"), (),
+    Canary("h11 Content-Length checks", "h11", ("http/h1_server", "upstream/h1_client"), (),
            "h11 merged identical Content-Lengths and refused bad ones before rawgate reads it",
            check_h11_content_length),
-    Canary("h11 Transfer-Encoding checks", "h11", ("h1_server", "h1_client"), (),
+    Canary("h11 Transfer-Encoding checks", "h11", ("http/h1_server", "upstream/h1_client"), (),
            "h11 accepts no Transfer-Encoding but chunked (501 otherwise)",
            check_h11_transfer_encoding),
-    Canary("h11 incomplete-head limit", "h11", ("h1_server",), (),
+    Canary("h11 incomplete-head limit", "h11", ("http/h1_server",), (),
            "an over-long incomplete head is a 431 hint; no LF in the buffer means 414",
            check_h11_incomplete_head_limit),
-    Canary("h11.Connection.trailing_data", "h11", ("h1_client",), (),
+    Canary("h11.Connection.trailing_data", "h11", ("upstream/h1_client",), (),
            "after the Response event it holds the body bytes that came with the head",
            check_h11_trailing_data),
     # h2: dispatch_frame, the copy of H2Connection._receive_frame
-    Canary("h2.H2Connection._frame_dispatch_table", "h2", ("h2_frames",),
+    Canary("h2.H2Connection._frame_dispatch_table", "h2", ("compat",),
            ("_frame_dispatch_table",),
            "a dict from every hyperframe frame class to the connection's bound handler",
            check_dispatch_table),
-    Canary("h2.H2Connection._prepare_for_sending", "h2", ("h2_frames", "h2_server"),
+    Canary("h2.H2Connection._prepare_for_sending", "h2", ("compat", "http/h2_server"),
            ("_prepare_for_sending",), "queues the handlers' reply frames for data_to_send()",
            check_prepare_for_sending),
-    Canary("h2.H2Connection._stream_is_closed_by_reset", "h2", ("h2_frames",),
+    Canary("h2.H2Connection._stream_is_closed_by_reset", "h2", ("compat",),
            ("_stream_is_closed_by_reset",),
            "tells a stream closed by RST_STREAM, also once h2 forgot it", check_closed_by_reset),
-    Canary("h2.H2Connection._stream_is_closed_by_end", "h2", ("h2_frames",),
+    Canary("h2.H2Connection._stream_is_closed_by_end", "h2", ("compat",),
            ("_stream_is_closed_by_end",),
            "tells a stream closed by END_STREAM, also once h2 forgot it", check_closed_by_end),
-    Canary("h2.exceptions.StreamClosedError._events", "h2", ("h2_frames",), ("_events",),
+    Canary("h2.exceptions.StreamClosedError._events", "h2", ("compat",), ("_events",),
            "the events to report when a frame hits a reset stream", check_stream_closed_events),
-    Canary("h2.H2Connection._receive_frame (source)", "h2", ("h2_frames",), (),
+    Canary("h2.H2Connection._receive_frame (source)", "h2", ("compat",), (),
            "dispatch_frame is h2's _receive_frame minus its repr: same names, same branches",
            check_receive_frame_source),
-    Canary("h2.H2Connection._receive_frame (behaviour)", "h2", ("h2_frames",), (),
+    Canary("h2.H2Connection._receive_frame (behaviour)", "h2", ("compat",), (),
            "dispatch_frame gives h2's events, output and errors on every branch",
            check_receive_frame_behaviour),
     # h2: overridden hooks
-    Canary("h2.H2Connection._receive_frame", "h2", ("h2_server", "h2_client"),
+    Canary("h2.H2Connection._receive_frame", "h2", ("http/h2_server", "upstream/h2_client"),
            ("override _receive_frame",),
            "receive_data calls it once per frame; an exception raised there stops the batch",
            check_receive_frame_hook),
-    Canary("h2.H2Connection._receive_goaway_frame", "h2", ("h2_client",),
+    Canary("h2.H2Connection._receive_goaway_frame", "h2", ("upstream/h2_client",),
            ("override _receive_goaway_frame",),
            "the GOAWAY handler, reached through the dispatch table; the override reports what "
            "h2 reports", check_receive_goaway_frame),
     Canary("h2.H2Connection.open_outbound_streams/open_inbound_streams", "h2",
-           ("h2_client", "h2_server"), (),
+           ("upstream/h2_client", "http/h2_server"), (),
            "properties h2 asks per new stream; the recount is where closed streams are forgotten",
            check_open_streams_properties),
-    Canary("h2.H2Connection.encoder", "h2", ("h2_client", "h2_server"), (),
+    Canary("h2.H2Connection.encoder", "h2", ("upstream/h2_client", "http/h2_server"), (),
            "h2 uses an encoder only through encode(headers) and header_table_size = n, so "
            "rawgate's own HPACK encoders stand in", check_encoder_protocol),
-    Canary("hpack.Decoder.max_header_list_size", "hpack", ("h2_server", "h2_client"), (),
+    Canary("hpack.Decoder.max_header_list_size", "hpack",
+           ("http/h2_server", "upstream/h2_client"), (),
            "h2 refuses a header block over it", check_decoder_header_list_limit),
     Canary("h2.H2Connection.local_settings (replaced after initiate_connection)", "h2",
-           ("h2_server",), (),
+           ("http/h2_server",), (),
            "the SETTINGS frame advertises the first value, h2 enforces the replacement",
            check_local_settings_replaced),
-    Canary("h2 CONTINUATION flood error text", "h2", ("h2_server",), (),
+    Canary("h2 CONTINUATION flood error text", "h2", ("http/h2_server",), (),
            "the 'too many continuation frames' ProtocolError is told apart by its text",
            check_continuation_flood_text),
-    Canary("h2.errors._error_code_from_int", "h2", ("h2_client",),
+    Canary("h2.errors._error_code_from_int", "h2", ("upstream/h2_client",),
            ("import h2.errors._error_code_from_int",),
            "an int code -> ErrorCodes member (or the int when unknown)",
            check_error_code_from_int),
     # h2: the client's DATA fast path
-    Canary("h2.H2Connection._data_to_send", "h2", ("h2_client",), ("_data_to_send",),
+    Canary("h2.H2Connection._data_to_send", "h2", ("upstream/h2_client",), ("_data_to_send",),
            "a bytearray, non-empty exactly when data_to_send() has bytes", check_data_to_send),
-    Canary("h2.H2Connection._inbound_flow_control_window_manager", "h2", ("h2_client", "h2_server"),
+    Canary("h2.H2Connection._inbound_flow_control_window_manager", "h2",
+           ("upstream/h2_client", "http/h2_server"),
            ("_inbound_flow_control_window_manager",),
            "its current_window_size is the connection window, shrunk in place per DATA frame",
            check_connection_window_manager),
-    Canary("h2.stream.H2Stream._inbound_window_manager", "h2", ("h2_client",),
+    Canary("h2.stream.H2Stream._inbound_window_manager", "h2", ("upstream/h2_client",),
            ("_inbound_window_manager",),
            "its current_window_size is the stream window, shrunk in place per DATA frame",
            check_stream_window_manager),
-    Canary("h2.stream.H2Stream._expected_content_length", "h2", ("h2_client",),
+    Canary("h2.stream.H2Stream._expected_content_length", "h2", ("upstream/h2_client",),
            ("_expected_content_length",),
            "None unless the response has a content-length to check",
            check_expected_content_length),
-    Canary("h2.frame_buffer.FrameBuffer._data/_headers_buffer", "h2", ("h2_client",),
+    Canary("h2.frame_buffer.FrameBuffer._data/_headers_buffer", "h2", ("upstream/h2_client",),
            ("_data", "_headers_buffer"),
            "incoming_buffer's partial-frame bytes and pending header block (fast path off "
            "while either is non-empty)", check_frame_buffer),
-    Canary("h2.connection.ConnectionState", "h2", ("h2_client",),
+    Canary("h2.connection.ConnectionState", "h2", ("upstream/h2_client",),
            ("import h2.connection.ConnectionState",),
            "state_machine.state is CLIENT_OPEN while the fast path may run",
            check_connection_state),
-    Canary("h2.stream.StreamState", "h2", ("h2_client",), ("import h2.stream.StreamState",),
+    Canary("h2.stream.StreamState", "h2", ("upstream/h2_client",),
+           ("import h2.stream.StreamState",),
            "OPEN / HALF_CLOSED_LOCAL and headers_received of H2Stream.state_machine; .closed",
            check_stream_state),
     # hpack
-    Canary("hpack.table.HeaderTable.STATIC_TABLE", "hpack", ("h2_server", "emulator_fast_h2"),
+    Canary("hpack.table.HeaderTable.STATIC_TABLE", "hpack", ("http/h2_server", "emulator/fast_h2"),
            ("import hpack.table.HeaderTable",),
            "RFC 7541's static table as (name, value) bytes pairs, index - 1",
            check_static_table),
-    Canary("hpack.huffman_table.decode_huffman", "hpack", ("emulator_fast_h2",),
+    Canary("hpack.huffman_table.decode_huffman", "hpack", ("emulator/fast_h2",),
            ("import hpack.huffman_table.decode_huffman",),
            "decodes an HPACK Huffman string to bytes", check_decode_huffman),
-    Canary("hpack.hpack.encode_integer", "hpack", ("h2_client",),
+    Canary("hpack.hpack.encode_integer", "hpack", ("upstream/h2_client",),
            ("import hpack.hpack.encode_integer",),
            "an HPACK integer as a bytearray whose first byte takes the flag bits",
            check_encode_integer),
     # hyperframe
-    Canary("hyperframe.frame.Frame.type/flags", "hyperframe", ("h2_server",), (),
+    Canary("hyperframe.frame.Frame.type/flags", "hyperframe", ("http/h2_server",), (),
            "frame type numbers and flag names the flood counters compare with",
            check_frame_types),
 )
@@ -1165,7 +1168,10 @@ def scan_private_touches(sources: dict[str, str]) -> dict[tuple[str, str], list[
 
 
 def _rawgate_sources() -> dict[str, str]:
-    return {p.stem: p.read_text(encoding="utf-8") for p in sorted(RAWGATE.glob("*.py"))}
+    return {
+        p.relative_to(RAWGATE).with_suffix("").as_posix(): p.read_text(encoding="utf-8")
+        for p in sorted(RAWGATE.rglob("*.py"))
+    }
 
 
 # Private names of rawgate's own objects that a library happens to define too (the scan cannot
@@ -1210,7 +1216,7 @@ def test_no_canary_lists_a_touch_that_is_gone() -> None:
 
 
 def test_every_user_module_exists() -> None:
-    names = {p.stem for p in RAWGATE.glob("*.py")}
+    names = set(_rawgate_sources())
     assert not [m for c in CANARIES for m in c.users if m not in names]
 
 
@@ -1299,17 +1305,17 @@ def test_the_message_names_the_installed_version(monkeypatch: pytest.MonkeyPatch
     msg = str(run_canary(c))
     assert "installed: h2 4.5.0" in msg
     assert 'pin h2 below 4.5.0 in pyproject.toml ("h2<4.5.0")' in msg
-    assert "or update rawgate/h2_frames.py and rawgate/h2_server.py for h2 4.5.0" in msg
+    assert "or update rawgate/compat.py and rawgate/http/h2_server.py for h2 4.5.0" in msg
 
 
 def test_the_scan_finds_a_new_private_touch() -> None:
     sources = _rawgate_sources()
-    sources["h2_frames"] += (
+    sources["compat"] += (
         "\n\ndef _peek(conn: H2Connection) -> object:\n"
         "    return conn._closed_streams, conn._brand_new_private\n"
     )
-    sources["h1_server"] += "\n\nfrom h11._util import bytesify\n"
-    sources["h2_client"] += (
+    sources["http/h1_server"] += "\n\nfrom h11._util import bytesify\n"
+    sources["upstream/h2_client"] += (
         "\n\nclass _More(_H2Base):\n"
         "    def _receive_ping_frame(self, frame: Any) -> Any:\n"
         "        return self._header_frames\n"
@@ -1317,20 +1323,20 @@ def test_the_scan_finds_a_new_private_touch() -> None:
     found = scan_private_touches(sources)
     missing = dict((k, found[k]) for k in uncovered(found))
     assert set(missing) == {
-        ("h2_frames", "_closed_streams"),
-        ("h2_frames", "_brand_new_private"),
-        ("h1_server", "import h11._util.bytesify"),
-        ("h2_client", "override _receive_ping_frame"),
-        ("h2_client", "_header_frames"),
+        ("compat", "_closed_streams"),
+        ("compat", "_brand_new_private"),
+        ("http/h1_server", "import h11._util.bytesify"),
+        ("upstream/h2_client", "override _receive_ping_frame"),
+        ("upstream/h2_client", "_header_frames"),
     }
     msg = uncovered_message(missing)
-    assert "rawgate/h2_frames.py:" in msg and ": _closed_streams" in msg
+    assert "rawgate/compat.py:" in msg and ": _closed_streams" in msg
     assert "add a canary in tests/test_compat_canary.py" in msg
 
 
 def test_the_scan_ignores_rawgates_own_private_attributes() -> None:
     sources = {
-        "h2_frames": (
+        "compat": (
             "from h2.connection import H2Connection\n\n"
             "class _Mine:\n"
             "    def __init__(self) -> None:\n"

@@ -10,7 +10,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from rawgate.emulator_script import logprobs_result
+from rawgate.emulator.script import logprobs_result
 from tests.helpers_gateway import gateway_stack
 
 pytestmark = pytest.mark.anyio

@@ -20,10 +20,10 @@ import anyio
 import httpx2 as httpx
 import pytest
 
-from rawgate import scheduler as sched_mod
-from rawgate.accounts import AccountStore
-from rawgate.emulator import Settings
-from rawgate.emulator_state import OAuthAccount
+from rawgate.accounts import scheduler as sched_mod
+from rawgate.accounts.store import AccountStore
+from rawgate.emulator.server import Settings
+from rawgate.emulator.state import OAuthAccount
 from tests.helpers_gateway import Running, gateway_stack
 
 pytestmark = pytest.mark.anyio
@@ -321,7 +321,7 @@ def test_serve_log_level_debug_logs_a_real_rotation(tmp_path: Path) -> None:
     log = err_path.read_text()
     lines = [x for x in log.splitlines() if "rid=cli-rotation attempt" in x]
     assert len(lines) == 2, log
-    assert " DEBUG rawgate.gateway " in lines[0]
+    assert " DEBUG rawgate.gateway.core " in lines[0]
     assert "attempt 1/2 account=A model=gemini-2.5-flash status=429" in lines[0]
     assert "cooldown=rate_limited:" in lines[0] and lines[0].endswith("decision=rotate")
     assert lines[1].endswith("account=B model=gemini-2.5-flash status=200 error=- decision=answer")

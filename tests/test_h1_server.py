@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from rawgate.config import Config
 from rawgate.conn import ServerState
 from rawgate.errors import BadRequest
-from rawgate.events import ClientDisconnected, Request, ResponseSink
 from rawgate.respond import error_response, json_response
+from rawgate.seam import ClientDisconnected, Request, ResponseSink
 from tests.helpers_h1 import h1_serving, normalize_date, parse_responses
 
 pytestmark = pytest.mark.anyio
@@ -758,8 +758,8 @@ async def test_draining_closes_an_idle_connection() -> None:
 
 
 async def test_gateway_app_over_h1() -> None:
-    from rawgate.app import GatewayApp
     from rawgate.config import ServerConfig
+    from rawgate.http.app import GatewayApp
 
     cfg = Config(server=ServerConfig(allowed_hosts=["test"]))  # get() sends Host: test
     state = ServerState()
@@ -779,7 +779,7 @@ async def test_gateway_app_over_h1() -> None:
 
 @pytest.mark.parametrize("on_asyncio", [True, False])
 async def test_wakeup_wakes_its_waiter(monkeypatch: pytest.MonkeyPatch, on_asyncio: bool) -> None:
-    from rawgate import h1_server
+    from rawgate.http import h1_server
 
     if not on_asyncio:  # what a non-asyncio backend sees: no running asyncio loop
 

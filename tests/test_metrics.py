@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from rawgate.app import GatewayApp
 from rawgate.config import AuthConfig, Config
 from rawgate.conn import ServerState
-from rawgate.events import Request, ResponseSink
+from rawgate.http.app import GatewayApp
 from rawgate.metrics import DURATION_BUCKETS_S, Metrics, method_label
 from rawgate.respond import json_response
+from rawgate.seam import Request, ResponseSink
 from tests.helpers_app import call
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]

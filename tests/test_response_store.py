@@ -13,7 +13,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from rawgate.response_store import ResponseStore
+from rawgate.gateway.response_store import ResponseStore
 from rawgate.sizes import deep_size
 
 MiB = 1024 * 1024

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rawgate import scheduler as sched_mod
-from rawgate.accounts import Account
-from rawgate.cooldowns import CooldownBoard, sync_cooldowns
-from rawgate.errors import NoAccountAvailable, RateLimited, ServiceUnavailable
-from rawgate.scheduler import (
+from rawgate.accounts import scheduler as sched_mod
+from rawgate.accounts.cooldowns import CooldownBoard, sync_cooldowns
+from rawgate.accounts.scheduler import (
     BREAKER_OPEN_S,
     BREAKER_THRESHOLD,
     RATE_LIMIT_DEFAULT_S,
@@ -22,6 +20,8 @@ from rawgate.scheduler import (
     Cooldown,
     Scheduler,
 )
+from rawgate.accounts.store import Account
+from rawgate.errors import NoAccountAvailable, RateLimited, ServiceUnavailable
 
 M = "gemini-2.5-flash"
 P = "gemini-2.5-pro"
@@ -568,8 +568,8 @@ def test_metrics_collectors_render() -> None:
 
 _PUBLISHER = """
 import sys, time
-from rawgate.cooldowns import CooldownBoard
-from rawgate.scheduler import Cooldown
+from rawgate.accounts.cooldowns import CooldownBoard
+from rawgate.accounts.scheduler import Cooldown
 board = CooldownBoard(sys.argv[1])
 me = sys.argv[2]
 for i in range(100):
@@ -601,7 +601,7 @@ def test_board_publishers_in_two_processes_lose_nothing(tmp_path: Path) -> None:
 
 def test_retry_budget_settings_reach_the_scheduler_and_are_checked(tmp_path: Path) -> None:
     from rawgate.config import ConfigError, build_config
-    from rawgate.gateway import Gateway
+    from rawgate.gateway.core import Gateway
 
     env = {"RAWGATE_ROUTING_RETRY_BUDGET_MIN": "0", "RAWGATE_ROUTING_RETRY_BUDGET_WINDOW_S": "2.5"}
     cfg = build_config({}, env, {})

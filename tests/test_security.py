@@ -20,13 +20,13 @@ from typing import Any
 import anyio
 import pytest
 
-from rawgate.app import GatewayApp
 from rawgate.config import Config, ConfigError, ServerConfig, build_config
 from rawgate.conn import ServerState
-from rawgate.events import Request, ResponseSink
-from rawgate.listener import open_server
+from rawgate.http.app import GatewayApp
+from rawgate.http.listener import open_server
+from rawgate.model_router import InvalidModel, ModelRouter
 from rawgate.respond import json_response
-from rawgate.router import InvalidModel, ModelRouter
+from rawgate.seam import Request, ResponseSink
 from tests.helpers_app import call
 from tests.helpers_gateway import Running, gateway_stack
 from tests.helpers_h1 import Response, exchange

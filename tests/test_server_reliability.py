@@ -23,12 +23,12 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
-from rawgate import h1_server, h2_server, listener
-from rawgate.app import GatewayApp
 from rawgate.config import Config
 from rawgate.conn import ConnInfo, ServerState
-from rawgate.events import Request, ResponseSink
+from rawgate.http import h1_server, h2_server, listener
+from rawgate.http.app import GatewayApp
 from rawgate.respond import json_response
+from rawgate.seam import Request, ResponseSink
 from tests.helpers_gateway import gateway_stack
 from tests.helpers_h1 import h1_serving, memory_stream_pair
 from tests.helpers_h2 import FrameFactory, FrameReader, H2Client, h2_client

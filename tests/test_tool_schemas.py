@@ -15,10 +15,15 @@ import httpx2 as httpx
 import orjson
 import pytest
 
-from rawgate import jsonschema
 from rawgate.errors import BadRequest
-from rawgate.mapping import SchemasOffLoop, ToolSchemas, chat_to_gemini, responses_to_gemini
-from rawgate.schemas import decode_chat, decode_responses
+from rawgate.translate import jsonschema
+from rawgate.translate.mapping import (
+    SchemasOffLoop,
+    ToolSchemas,
+    chat_to_gemini,
+    responses_to_gemini,
+)
+from rawgate.translate.schemas import decode_chat, decode_responses
 from tests.helpers_gateway import gateway_stack
 
 FLASH = "gemini-2.5-flash"
