@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rawgate import __version__, cli_accounts, cli_emulate, cli_serve
+from rawgate import __version__, cli_accounts, cli_emulate, cli_keys, cli_serve
 
-_COMMANDS = (cli_serve, cli_emulate, cli_accounts)
+_COMMANDS = (cli_serve, cli_emulate, cli_accounts, cli_keys)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,315 @@
+"""Shared state: one interface, two backends (state_local.py: files under RAWGATE_HOME;
+state_redis.py: Redis/Valkey through coredis), chosen by `[state] backend`.
+
+What is shared: cooldowns and auth rests per (account, model) (model "" = every model), stored
+Responses (previous_response_id), client keys with their limits and usage, usage per key /
+account / model in hourly buckets, OAuth access tokens with one refresh per account at a time,
+the accounts list. What is not: circuit breakers (a per-instance health estimate), connection
+pools, in-flight counts.
+
+Invariants (both backends; tests/test_state.py runs the same tests on each):
+- Hot path, per request: `lookup_key` and `cooldown_until` read a local mirror (no I/O);
+  `check_key` is one round trip (one script that checks and counts); `record_usage` one more,
+  after the answer. Nothing else touches the store while serving.
+- A cooldown only ever grows: `set_cooldown` with an earlier end than the current one is a
+  no-op (the Lua script, or the same rule locally), whoever calls it and in whatever order.
+- Methods never raise for a store failure: the Redis backend answers from local state, flips
+  `degraded` (one warning per episode), retries with backoff in the background and, once back,
+  pushes what it learned meanwhile (cooldowns, usage). Limits then follow `[state]
+  limits_fail`. Bad arguments (an unknown key name in `rotate_key` ...) raise KeyStoreError.
+- Times crossing the interface are wall-clock unix seconds (floats), because they are compared
+  across processes and machines.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from rawgate.accounts import Account
+from rawgate.config import Config, StateConfig
+from rawgate.keys import KeyRecord, KeyStoreError
+from rawgate.limiter import Decision, Usage
+
+__all__ = [
+    "BACKOFF_BASE_S",
+    "Cooldown",
+    "Health",
+    "State",
+    "StateUnavailable",
+    "open_state",
+    "refresh_once",
+]
+
+log = logging.getLogger("rawgate.state")
+
+# First retry of an unreachable store after this; doubling up to [state] redis_backoff_max_s.
+BACKOFF_BASE_S = 0.5
+# Usage kinds: per client key, per upstream account, per (mapped) model.
+USAGE_KINDS = ("key", "account", "model")
+
+
+class StateUnavailable(Exception):
+    """`rawgate keys` needs the store and it does not answer (one line for the user)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cooldown:
+    account: str
+    model: str  # "" = every model of the account (an auth rest)
+    until: float  # wall-clock unix seconds
+    reason: str
+
+
+class Health:
+    """Degraded-mode bookkeeping, sans-IO: episodes, one warning each, and the backoff.
+
+    An episode starts at the first failure after a success and ends at the next success. The
+    gateway shows `degraded` in /healthz and exports `episodes` / `failures` as metrics.
+    """
+
+    __slots__ = ("_clock", "backoff_max_s", "degraded", "delay_s", "episodes", "failures",
+                 "name", "since")  # fmt: skip
+
+    def __init__(
+        self, name: str, backoff_max_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.name = name
+        self.backoff_max_s = max(BACKOFF_BASE_S, backoff_max_s)
+        self._clock = clock
+        self.degraded = False
+        self.since = 0.0
+        self.episodes = 0
+        self.failures = 0
+        self.delay_s = BACKOFF_BASE_S
+
+    def failed(self, err: BaseException) -> None:
+        self.failures += 1
+        if not self.degraded:
+            self.degraded = True
+            self.since = self._clock()
+            self.episodes += 1
+            self.delay_s = BACKOFF_BASE_S
+            # The message of a connection error names host:port, never the URL's password.
+            log.warning(
+                "%s unreachable (%s: %s); serving on local state until it is back",
+                self.name, type(err).__name__, str(err)[:200],
+            )  # fmt: skip
+
+    def next_delay(self) -> float:
+        """How long to wait before the next attempt (doubles each call while degraded)."""
+        d = self.delay_s
+        self.delay_s = min(self.backoff_max_s, self.delay_s * 2)
+        return d
+
+    def succeeded(self) -> None:
+        if self.degraded:
+            log.warning("%s is back after %.1f s", self.name, self._clock() - self.since)
+        self.degraded = False
+        self.delay_s = BACKOFF_BASE_S
+
+
+class State(abc.ABC):
+    """The interface the gateway, the CLI and the token manager call. See the module note."""
+
+    health: Health
+
+    @property
+    def degraded(self) -> bool:
+        return self.health.degraded
+
+    @abc.abstractmethod
+    async def run(
+        self, *, task_status: Any = anyio.TASK_STATUS_IGNORED, background: bool = True
+    ) -> None:
+        """Background work (subscriber, reconnection, usage flushes) until cancelled.
+        `background=False` (the CLI): connect only, no subscriber, no periodic work."""
+
+    # ---- cooldowns: per (account, model), shared within 100 ms (redis: pub/sub) ----
+
+    @abc.abstractmethod
+    async def set_cooldown(self, account: str, model: str, seconds: float, reason: str) -> float:
+        """Block (account, model) for `seconds` unless already blocked longer; the end in force."""
+
+    @abc.abstractmethod
+    async def clear_cooldowns(self, account: str) -> None:
+        """Forget every cooldown of an account (re-enabled or removed by hand)."""
+
+    @abc.abstractmethod
+    def cooldowns(self) -> list[Cooldown]:
+        """Every live cooldown, from the local mirror."""
+
+    @abc.abstractmethod
+    def cooldown_until(self, account: str, model: str) -> float:
+        """When (account, model) is usable again: the later of its own and the account-wide
+        end; 0.0 = now. From the local mirror (no I/O)."""
+
+    @abc.abstractmethod
+    def on_cooldown(self, listener: Callable[[Cooldown], None]) -> None:
+        """Call `listener` for every cooldown learned (here or on another instance); a clear
+        arrives as Cooldown(account, "", 0.0, "cleared")."""
+
+    # ---- client keys ----
+
+    @abc.abstractmethod
+    def lookup_key(self, plain: str) -> KeyRecord | None:
+        """The record of a presented client key (enabled or not), None if unknown. No I/O."""
+
+    @abc.abstractmethod
+    async def check_key(self, record: KeyRecord, model: str) -> Decision:
+        """Admit one request of `record` for `model` and count it, or refuse (429/403 data)."""
+
+    @abc.abstractmethod
+    async def record_usage(
+        self, key: str | None, account: str, model: str, tokens_in: int, tokens_out: int
+    ) -> None:
+        """After the answer: the key's token windows (tpm, daily) and the hourly usage of the
+        key, the account and the model. `model` is the mapped upstream model (bounded set)."""
+
+    @abc.abstractmethod
+    async def usage(self, kind: str, name: str | None, since_s: float) -> dict[str, list[Usage]]:
+        """Hourly buckets of `kind` ("key" | "account" | "model") since `since_s` ago."""
+
+    @abc.abstractmethod
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    @abc.abstractmethod
+    async def add_key(
+        self, name: str, *, rpm: int = 0, tpm: int = 0, daily_tokens: int = 0,
+        models: list[str] | None = None,
+    ) -> tuple[KeyRecord, str]:  # fmt: skip
+        """A new key (the plain key is returned once and stored hashed)."""
+
+    @abc.abstractmethod
+    async def rotate_key(self, name: str) -> tuple[KeyRecord, str]: ...
+
+    @abc.abstractmethod
+    async def set_key_enabled(self, name: str, enabled: bool) -> KeyRecord: ...
+
+    @abc.abstractmethod
+    async def remove_key(self, name: str) -> KeyRecord: ...
+
+    # ---- stored Responses (previous_response_id) ----
+
+    @abc.abstractmethod
+    async def put_response(
+        self, response_id: str, input_items: list[dict[str, Any]],
+        output_items: list[dict[str, Any]],
+    ) -> bool:  # fmt: skip
+        """Store now (write-through, before response.completed); False when over the bytes
+        bound (then not stored)."""
+
+    @abc.abstractmethod
+    async def get_response(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The conversation up to and including that response, None if unknown or expired."""
+
+    # ---- OAuth access tokens ----
+
+    @abc.abstractmethod
+    async def get_access_token(self, account: str) -> tuple[str, float] | None:
+        """(token, expires_at) if one is cached and not expired."""
+
+    @abc.abstractmethod
+    async def put_access_token(self, account: str, token: str, expires_at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def acquire_refresh_lock(self, account: str, ttl_s: float) -> str | None:
+        """An owner token if this caller may refresh the account's token now, else None. The
+        lock lapses by itself after `ttl_s` (a refresher that died does not block others)."""
+
+    @abc.abstractmethod
+    async def release_refresh_lock(self, account: str, owner: str) -> None:
+        """Release if still held by `owner` (a lapsed and re-taken lock is left alone)."""
+
+    # ---- accounts ----
+
+    @abc.abstractmethod
+    async def load_accounts(self) -> list[Account]: ...
+
+    @abc.abstractmethod
+    async def import_accounts(self, accounts: list[Account]) -> tuple[int, int]:
+        """Add the accounts whose secret is not there yet: (added, skipped)."""
+
+
+async def refresh_once(
+    state: State,
+    account: str,
+    refresh: Callable[[], Awaitable[tuple[str, float]]],
+    *,
+    lock_ttl_s: float = 30.0,
+    poll_s: float = 0.05,
+    min_valid_s: float = 60.0,
+) -> str:
+    """An access token for `account`, refreshed by at most one caller in the fleet at a time.
+
+    A cached token valid for `min_valid_s` more is returned as is. Otherwise the caller that
+    takes the lock calls `refresh()` (-> token, expires_at), stores and releases; the others
+    poll the cache every `poll_s` until the token appears or the lock lapses (then they try to
+    take it). `refresh()`'s errors propagate to its caller; waiters then take the lock in turn.
+    """
+    deadline = time.time() + lock_ttl_s * 2
+    while True:
+        cached = await state.get_access_token(account)
+        if cached is not None and cached[1] - time.time() >= min_valid_s:
+            return cached[0]
+        owner = await state.acquire_refresh_lock(account, lock_ttl_s)
+        if owner is not None:
+            try:
+                token, expires_at = await refresh()
+                await state.put_access_token(account, token, expires_at)
+                return token
+            finally:
+                await state.release_refresh_lock(account, owner)
+        if time.time() > deadline:  # a wedged lock holder; refresh on our own
+            token, expires_at = await refresh()
+            await state.put_access_token(account, token, expires_at)
+            return token
+        await anyio.sleep(poll_s)
+
+
+def _make(cfg: Config, home: Path, processes: int) -> State:
+    st: StateConfig = cfg.state
+    if st.backend == "redis":
+        try:
+            from rawgate.state_redis import RedisState
+        except ImportError as e:  # pragma: no cover - coredis is a runtime dependency
+            raise StateUnavailable(f"[state] backend = redis needs coredis: {e}") from None
+        return RedisState(cfg, home)
+    from rawgate.state_local import LocalState
+
+    return LocalState(cfg, home, shared_limits=processes > 1)
+
+
+@contextlib.asynccontextmanager
+async def open_state(
+    cfg: Config, home: Path, *, processes: int = 1, background: bool = True
+) -> AsyncIterator[State]:
+    """The configured backend, running (its background tasks live in this context).
+
+    `processes` > 1 (serve --workers N) makes the local backend count limits in a shared,
+    locked file instead of in memory, so N workers on one host enforce one limit.
+    """
+    state = _make(cfg, home, processes)
+    raised: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(state.run, background=background))
+        try:
+            yield state
+        except Exception as e:  # re-raised as itself below, not inside an ExceptionGroup
+            raised = e
+        finally:
+            tg.cancel_scope.cancel()
+    if raised is not None:
+        raise raised
+
+
+__all__ += ["KeyStoreError"]
