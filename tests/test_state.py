@@ -115,11 +115,12 @@ async def test_cooldown_reaches_other_instance_by_pubsub(
             print(f"\npub/sub cooldown propagation, ms: {[round(d, 2) for d in delays]}")
         # The extend-only rule holds on the receiving side too: a shorter one is not an event.
         n = len(seen)
+        marker = anyio.Event()
+        b.on_cooldown(lambda c: marker.set() if c.account == "zz" else None)
         await a.set_cooldown("acc0", "gemini-2.5-flash", 1, "429")
         await a.set_cooldown("zz", "m", 1, "marker")  # a later event: the earlier one is past
         with anyio.fail_after(5):
-            while not b.cooldown_until("zz", "m"):
-                await anyio.sleep(0.01)
+            await marker.wait()
         assert [c.account for _, c in seen[n:]] == ["zz"]
 
 
@@ -309,11 +310,12 @@ async def test_redis_killed_mid_use_degrades_and_recovers(
                 await st.check_key(rec, "m")
             assert st.health.failures == failures
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING
-                        and r.name == "rawgate.state" and "unreachable" in r.getMessage()]  # fmt: skip
-            assert len([r for r in warnings if "unreachable" in r.getMessage()]) <= 2  # st, sc
+                        and r.name == "rawgate.state"]  # fmt: skip
+            # One warning per instance for the whole episode, however many calls failed.
+            assert len([r for r in warnings if "unreachable" in r.getMessage()]) == 2
             srv.start()  # same port
             with anyio.fail_after(15):
-                while st.degraded or sc.degraded:
+                while st.degraded or sc.degraded:  # noqa: ASYNC110 - a flag, not an event
                     await anyio.sleep(0.05)
             assert st.health.episodes == 1
             assert (await st.check_key(rec, "m")).allowed and not st.degraded
