@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import coredis
 import coredis.exceptions
 import coredis.retry
@@ -282,6 +283,9 @@ class RedisState(State):
             except BaseException as e:
                 if isinstance(e, KeyboardInterrupt | SystemExit):
                     raise
+                # Shutting down? coredis' pubsub cleanup can raise ClosedResourceError inside
+                # a group while we are cancelled; the cancellation surfaces at this checkpoint.
+                await anyio.lowlevel.checkpoint()
                 self.health.failed(e if isinstance(e, Exception) else RuntimeError(str(e)))
             self._ready.set()
             await anyio.sleep(self.health.next_delay())
