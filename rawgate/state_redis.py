@@ -207,6 +207,9 @@ class RedisState(State):
         self._cas = self.client.register_script(_CAS)
         self._cooldowns: dict[tuple[str, str], Cooldown] = {}
         self._pending_cd: dict[tuple[str, str], Cooldown] = {}
+        self._pending_clear: set[str] = set()
+        self._trouble = anyio.Event()  # a request-path call failed: the watchdog probes
+        self._keys_changed = anyio.Event()  # a "keys" event: the reloader re-reads the table
         self._listeners: list[Callable[[Cooldown], None]] = []
         self._salt = ""
         self._by_hash: dict[str, KeyRecord] = {}
@@ -235,6 +238,7 @@ class RedisState(State):
         except Exception as e:  # a coredis internal (ExceptionGroup ...): still not the caller's
             log.debug("redis call failed", exc_info=True)
             self.health.failed(e)
+        self._trouble.set()
         return _FAILED
 
     async def _admin(self, fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -275,6 +279,7 @@ class RedisState(State):
                     await self._resync()
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._watchdog)
+                        tg.start_soon(self._keys_reloader)
                         async for msg in ps:
                             self._on_message(_text(msg["data"]))
                 raise ConnectionError("subscription ended")
@@ -293,7 +298,9 @@ class RedisState(State):
     async def _watchdog(self) -> None:
         """While subscribed: a request-path failure marked us degraded; probe until back."""
         while True:
-            if self.health.degraded:
+            await self._trouble.wait()
+            self._trouble = anyio.Event()
+            while self.health.degraded:
                 await anyio.sleep(self.health.next_delay())
                 try:
                     with anyio.fail_after(self.timeout_s):
@@ -301,12 +308,20 @@ class RedisState(State):
                     await self._resync()
                 except (TimeoutError, OSError, coredis.exceptions.RedisError):
                     continue
-            else:
-                await anyio.sleep(0.1)
+
+    async def _keys_reloader(self) -> None:
+        """A key was added, changed or removed somewhere: re-read the table (one HGETALL)."""
+        while True:
+            await self._keys_changed.wait()
+            self._keys_changed = anyio.Event()
+            await self._call(self._load_keys)
 
     async def _resync(self) -> None:
         """Push what was learned while away, rebuild the mirrors, then declare health."""
         with anyio.fail_after(max(self.timeout_s * 8, 2.0)):
+            for account in list(self._pending_clear):
+                await self._clear(keys=[self.k_cd], args=[account + SEP, self.channel, account])
+            self._pending_clear.clear()
             now = time.time()
             for c in list(self._pending_cd.values()):
                 if c.until > now:
@@ -339,8 +354,7 @@ class RedisState(State):
                 del self._cooldowns[k]
             self._notify(Cooldown(parts[1], "", 0.0, "cleared"))
         elif parts[0] == "keys":
-            # A key changed somewhere: reload the table (one HGETALL) off the subscriber loop.
-            self._keys_dirty = True
+            self._keys_changed.set()  # reloaded by _keys_reloader, off the subscriber loop
 
     def _fold(self, c: Cooldown) -> bool:
         k = (c.account, c.model)
@@ -390,9 +404,11 @@ class RedisState(State):
             del self._cooldowns[k]
         for k in [k for k in self._pending_cd if k[0] == account]:
             del self._pending_cd[k]
-        await self._call(
+        res = await self._call(
             lambda: self._clear(keys=[self.k_cd], args=[account + SEP, self.channel, account])
         )
+        if res is _FAILED:  # cleared in Redis on recovery, before the mirror is rebuilt from it
+            self._pending_clear.add(account)
         self._notify(Cooldown(account, "", 0.0, "cleared"))
 
     def cooldowns(self) -> list[Cooldown]:
@@ -410,20 +426,15 @@ class RedisState(State):
 
     # ---- keys ----
 
-    _keys_dirty = False
-
     async def _load_keys(self) -> None:
         salt = await self.client.get(self.k_salt)
         raw = await self.client.hgetall(self.k_keys)
         self._salt = _text(salt) if salt else ""
         recs = [decode_record(v if isinstance(v, bytes) else v.encode()) for v in raw.values()]
         self._by_hash = {r.hash: r for r in recs}
-        self._keys_dirty = False
 
     async def refresh_keys(self) -> bool:
-        """Reload the key table if an event said it changed (the gateway's tick calls this)."""
-        if not self._keys_dirty:
-            return False
+        """Re-read the key table now (it also follows every change by itself, via pub/sub)."""
         return await self._call(self._load_keys) is not _FAILED
 
     def lookup_key(self, plain: str) -> KeyRecord | None:

@@ -289,6 +289,7 @@ async def test_redis_killed_mid_use_degrades_and_recovers(
             rec, key = await st.add_key("k", rpm=100)
             await sc.refresh_keys()
             assert (await st.check_key(rec, "m")).allowed and not st.degraded
+            await st.set_cooldown("acc9", "m", 60, "429")
             caplog.clear()
             srv.kill()
             # Every call returns (no exception); the first failure starts the episode.
@@ -304,6 +305,7 @@ async def test_redis_killed_mid_use_degrades_and_recovers(
             assert await st.get_response("resp_d") == [{"a": 1}, {"b": 2}]
             assert await st.get_access_token("acc1") is None
             assert st.lookup_key(key) == rec  # the key table mirror still answers
+            await st.clear_cooldowns("acc9")  # cleared locally now, in Redis on recovery
             assert st.degraded and st.health.episodes == 1
             failures = st.health.failures
             for _ in range(20):  # degraded: calls skip Redis, no timeout paid, nothing counted
@@ -322,6 +324,7 @@ async def test_redis_killed_mid_use_degrades_and_recovers(
             # What was learned while away reached Redis: a fresh instance sees it.
             async with open_state(cfg_open, tmp_path) as fresh:
                 assert fresh.cooldown_until("acc1", "m") >= end - 0.01
+                assert fresh.cooldown_until("acc9", "m") == 0.0
                 usage = await fresh.usage("account", "acc1", 3600)
                 assert usage["acc1"][0].tokens_in == 10
     finally:
@@ -337,3 +340,23 @@ async def test_redis_down_at_start_serves_degraded(tmp_path: Path) -> None:
             assert st.degraded
             assert await st.set_cooldown("a", "m", 10, "429") > time.time()
             assert st.lookup_key("rk-nothing") is None
+
+
+async def test_key_changes_reach_other_instances_by_themselves(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cfg = _cfg("redis", redis_server.url)
+    async with open_state(cfg, tmp_path) as a, open_state(cfg, tmp_path) as b:
+        _, key = await a.add_key("shared", rpm=10)
+
+        async def seen_by_b(pred: Callable[[Any], bool]) -> None:
+            with anyio.fail_after(5):
+                while not pred(b.lookup_key(key)):  # noqa: ASYNC110 - a mirror, not an event
+                    await anyio.sleep(0.005)
+
+        await seen_by_b(lambda r: r is not None and r.enabled)
+        await a.set_key_enabled("shared", False)
+        await seen_by_b(lambda r: r is not None and not r.enabled)
+        _, new_key = await a.rotate_key("shared")
+        await seen_by_b(lambda r: r is None)
+        assert b.lookup_key(new_key) is not None
