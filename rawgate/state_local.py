@@ -9,7 +9,8 @@ Invariants:
 - Limits: in memory with one process. With `shared_limits` (serve --workers N) every check and
   every token record is one read-modify-write of `limits.json` under an flock, so N workers
   enforce ONE limit, not N (the honest choice; its cost is in bench/state_cost.py). The file
-  holds one row per limited key: [minute_ms, requests, tokens, day_ms, day_tokens].
+  holds one row per limited key: [minute_ms, requests, tokens, day_ms, day_tokens], rewritten
+  in place under the flock of the file itself.
 - Usage: counted in memory, merged into `usage.json` (under its flock, added, never replaced)
   every USAGE_FLUSH_S and when `run` ends; buckets older than `[state] usage_days` are dropped.
   A crash loses at most USAGE_FLUSH_S of usage.
@@ -112,6 +113,7 @@ class LocalState(State):
         self.accounts = AccountStore(self.home / "accounts.json")
         self.shared_limits = shared_limits
         self._limits_path = self.home / "limits.json"
+        self._limits_fd: int | None = None
         self._usage_path = self.home / "usage.json"
         self._salt = ""
         self._by_hash: dict[str, KeyRecord] = {}
@@ -136,7 +138,7 @@ class LocalState(State):
             try:
                 await anyio.sleep_forever()
             finally:
-                self.flush_usage()
+                self._close()
         last_flush = time.monotonic()
         try:
             while True:
@@ -146,7 +148,13 @@ class LocalState(State):
                     self.flush_usage()
                     last_flush = time.monotonic()
         finally:
-            self.flush_usage()  # blocking and short: nothing to shield
+            self._close()  # blocking and short: nothing to shield
+
+    def _close(self) -> None:
+        self.flush_usage()
+        if self._limits_fd is not None:
+            os.close(self._limits_fd)
+            self._limits_fd = None
 
     # ---- cooldowns ----
 
@@ -233,13 +241,31 @@ class LocalState(State):
     def _with_rows(self, fn: Callable[[dict[str, _Row]], Decision | None], now: int) -> Any:
         if not self.shared_limits:
             return fn(self._rows)
-        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with _flocked(self._limits_path.with_name("limits.json.lock")):
-            rows = _read_json(self._limits_path) or {}
+        # One open file per process, locked itself: flock, fstat, pread, pwrite, ftruncate,
+        # unlock (6 syscalls; a temp file + rename would be ~11). A write torn by a crash reads
+        # as unparseable and restarts the windows empty (logged): limits are advisory here.
+        if self._limits_fd is None:
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._limits_fd = os.open(self._limits_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                      0o600)  # fmt: skip
+        fd = self._limits_fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, size, 0) if size else b""
+            try:
+                rows = orjson.loads(raw) if raw else {}
+            except orjson.JSONDecodeError:
+                log.warning("%s unreadable; limit windows restart empty", self._limits_path)
+                rows = {}
             result = fn(rows)
             day = now - now % DAY_MS
-            live = {k: v for k, v in rows.items() if v[3] == day}  # yesterday's rows are done
-            write_atomic(self._limits_path, orjson.dumps(live), durable=False)
+            data = orjson.dumps({k: v for k, v in rows.items() if v[3] == day})
+            os.pwrite(fd, data, 0)
+            if len(data) < size:
+                os.ftruncate(fd, len(data))
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         return result
 
     async def record_usage(
