@@ -451,11 +451,11 @@ class RedisState(State):
         if limits.unlimited:
             return Decision(True)
         res = await self._call(
-            lambda: self._check(
-                keys=[f"{self._p}{{k:{record.name}}}:lim"],
-                args=[limits.rpm, limits.tpm, limits.daily_tokens],
+            lambda: self._evalsha(
+                self._check, f"{self._p}{{k:{record.name}}}:lim",
+                (limits.rpm, limits.tpm, limits.daily_tokens),
             )
-        )
+        )  # fmt: skip
         if res is _FAILED:
             if self.cfg.state.limits_fail == "open":
                 return Decision(True, degraded=True)
@@ -464,6 +464,21 @@ class RedisState(State):
         if int(res[0]) == 1:
             return Decision(True)
         return Decision(False, max(1, -(-int(res[1]) // 1000)), _text(res[2]))
+
+    async def _evalsha(self, script: Any, key: str, args: tuple[int, ...]) -> Any:
+        """The hot path's one script call, straight on a pooled connection: ~70 us less CPU
+        than the client's command layer (bench.state_cost). NOSCRIPT (a restarted or failed-over
+        server) goes through the Script object, which loads it and runs it again."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            req = conn.create_request(b"EVALSHA", script.sha, 1, key, *args, decode=False)
+        finally:
+            pool.release(conn)  # multiplexed: the reply is matched to `req`, not to a lease
+        try:
+            return await req
+        except coredis.exceptions.NoScriptError:
+            return await script(keys=[key], args=list(args))
 
     async def record_usage(
         self, key: str | None, account: str, model: str, tokens_in: int, tokens_out: int

@@ -360,3 +360,16 @@ async def test_key_changes_reach_other_instances_by_themselves(
         _, new_key = await a.rotate_key("shared")
         await seen_by_b(lambda r: r is None)
         assert b.lookup_key(new_key) is not None
+
+
+async def test_limiter_survives_a_script_cache_flush(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A restarted or failed-over server has no scripts: NOSCRIPT loads it, not degraded mode."""
+    async with open_state(_cfg("redis", redis_server.url), tmp_path) as st:
+        assert isinstance(st, RedisState)
+        rec, _ = await st.add_key("flush", rpm=1000)
+        assert (await st.check_key(rec, "m")).allowed
+        await st.client.script_flush()
+        d = await st.check_key(rec, "m")
+        assert d.allowed and not d.degraded and not st.degraded
