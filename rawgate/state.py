@@ -239,6 +239,22 @@ class State(abc.ABC):
     async def import_accounts(self, accounts: list[Account]) -> tuple[int, int]:
         """Add the accounts whose secret is not there yet: (added, skipped)."""
 
+    @abc.abstractmethod
+    async def update_accounts(
+        self, fn: Callable[[list[Account]], list[Account] | None]
+    ) -> list[Account]:
+        """AccountStore.update's contract: `fn` edits the current list (or returns a new one),
+        the result is validated and written all or nothing; concurrent writers never lose each
+        other's changes (flock locally, a version compare-and-set in Redis)."""
+
+    @abc.abstractmethod
+    def on_accounts_changed(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (no arguments) after the accounts list changed anywhere."""
+
+    @abc.abstractmethod
+    async def cooldown_entries(self) -> list[Cooldown]:
+        """Every live cooldown read from the store itself (for the CLI, which has no mirror)."""
+
 
 async def refresh_once(
     state: State,

@@ -5,7 +5,8 @@ Invariants:
   `serve --workers N` processes, cooldowns keep travelling through cooldowns.json as before
   (cooldowns.py); tokens are refreshed per worker (one refresh per worker per hour, harmless).
 - Client keys: keys.json (keys.py), reloaded when its stat signature changes (checked at most
-  every KEYS_POLL_S by `run`, and by `refresh_keys()`).
+  every KEYS_POLL_S by `run`, and by `refresh_keys()`); accounts.json likewise for
+  `on_accounts_changed` listeners.
 - Limits: in memory with one process. With `shared_limits` (serve --workers N) every check and
   every token record is one read-modify-write of `limits.json` under an flock, so N workers
   enforce ONE limit, not N (the honest choice; its cost is in bench/state_cost.py). The file
@@ -111,6 +112,7 @@ class LocalState(State):
         self.health = Health("local state")  # never degraded: files do not go away
         self.keyfile = KeyFile(self.home / "keys.json")
         self.accounts = AccountStore(self.home / "accounts.json")
+        self._accounts_watch = AccountStore(self.home / "accounts.json")
         self.shared_limits = shared_limits
         self._limits_path = self.home / "limits.json"
         self._limits_fd: int | None = None
@@ -123,6 +125,7 @@ class LocalState(State):
         self._cooldowns: dict[tuple[str, str], Cooldown] = {}
         self._listeners: list[Callable[[Cooldown], None]] = []
         self._tokens: dict[str, tuple[str, float]] = {}
+        self._accounts_listeners: list[Callable[[], None]] = []
         self._locks: dict[str, tuple[str, float]] = {}
         lim = cfg.limits
         self._responses = ResponseStore(
@@ -144,6 +147,7 @@ class LocalState(State):
             while True:
                 await anyio.sleep(KEYS_POLL_S)
                 self.refresh_keys()
+                self._poll_accounts()
                 if time.monotonic() - last_flush >= USAGE_FLUSH_S:
                     self.flush_usage()
                     last_flush = time.monotonic()
@@ -418,4 +422,26 @@ class LocalState(State):
     async def import_accounts(self, accounts: list[Account]) -> tuple[int, int]:
         added, skipped = self.accounts.import_accounts(accounts)
         return len(added), skipped
+
+    async def update_accounts(
+        self, fn: Callable[[list[Account]], list[Account] | None]
+    ) -> list[Account]:
+        return self.accounts.update(fn)
+
+    def on_accounts_changed(self, listener: Callable[[], None]) -> None:
+        if not self._accounts_listeners:
+            with contextlib.suppress(Exception):  # baseline: notify on later changes only
+                self._accounts_watch.load()
+        self._accounts_listeners.append(listener)
+
+    def _poll_accounts(self) -> None:
+        # Its own AccountStore: load_accounts() on self.accounts must not reset the baseline.
+        if self._accounts_listeners and self._accounts_watch.changed():
+            with contextlib.suppress(Exception):  # a broken file is the gateway's to report
+                self._accounts_watch.load()
+            for fn in self._accounts_listeners:
+                fn()
+
+    async def cooldown_entries(self) -> list[Cooldown]:
+        return self.cooldowns()
 

@@ -8,9 +8,9 @@ touches exactly one key, hence one slot):
     P{u}:HOUR_MS          hash "kind\\x1fname\\x1f(r|i|o)" -> count   (TTL [state] usage_days)
     P{r:ID}               stored Response (JSON [input, output]), PX = response_store_max_age_s
     P{a:ACCOUNT}:tok      "expires_ms\\x1ftoken", PXAT expires;  P{a:ACCOUNT}:lock  owner, PX ttl
-    P{accts}              hash id -> Account JSON
+    P{accts}              hash id -> Account JSON;  P{accts}:v  its version (INCR per write)
     channel P events      "cd\\x1faccount\\x1fmodel\\x1funtil_ms\\x1freason"
-                          | "clr\\x1faccount" | "keys"
+                          | "clr\\x1faccount" | "keys" | "accts"
 
 Invariants:
 - Cooldowns: EXTEND only ever moves an end later (it compares with the stored end and does
@@ -46,7 +46,14 @@ import coredis.retry
 import msgspec
 import orjson
 
-from rawgate.accounts import Account, AccountStoreError, find_secret, new_account_id
+from rawgate.accounts import (
+    ID_RE,
+    Account,
+    AccountStoreError,
+    find_secret,
+    new_account_id,
+    validate_accounts,
+)
 from rawgate.config import Config
 from rawgate.keys import (
     KeyRecord,
@@ -167,6 +174,16 @@ redis.call('PUBLISH', ARGV[4], 'keys')
 return 1
 """
 
+# KEYS = P{accts}, P{accts}:v; ARGV = expected version, channel, id1, json1, id2, json2, ...
+_REPLACE_ACCTS = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[2], 'accts')
+return 1
+"""
+
 _FAILED: Any = object()
 _account_dec = msgspec.json.Decoder(Account)
 _account_enc = msgspec.json.Encoder()
@@ -197,6 +214,7 @@ class RedisState(State):
         self.k_keys = f"{p}{{keys}}"
         self.k_salt = f"{p}{{keys}}:salt"
         self.k_accts = f"{p}{{accts}}"
+        self.k_accts_v = f"{p}{{accts}}:v"
         self.channel = f"{p}events"
         self._p = p
         self._extend = self.client.register_script(_EXTEND)
@@ -205,6 +223,8 @@ class RedisState(State):
         self._record = self.client.register_script(_RECORD)
         self._release = self.client.register_script(_RELEASE)
         self._cas = self.client.register_script(_CAS)
+        self._replace_accts = self.client.register_script(_REPLACE_ACCTS)
+        self._accounts_listeners: list[Callable[[], None]] = []
         self._cooldowns: dict[tuple[str, str], Cooldown] = {}
         self._pending_cd: dict[tuple[str, str], Cooldown] = {}
         self._pending_clear: set[str] = set()
@@ -355,6 +375,12 @@ class RedisState(State):
             self._notify(Cooldown(parts[1], "", 0.0, "cleared"))
         elif parts[0] == "keys":
             self._keys_changed.set()  # reloaded by _keys_reloader, off the subscriber loop
+        elif parts[0] == "accts":
+            for fn in self._accounts_listeners:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("accounts listener failed")
 
     def _fold(self, c: Cooldown) -> bool:
         k = (c.account, c.model)
@@ -685,29 +711,78 @@ class RedisState(State):
 
     # ---- accounts ----
 
+    async def accounts_snapshot(self) -> tuple[int, list[Account]]:
+        """(version, accounts) read together; the version grows with every write."""
+
+        async def read() -> tuple[Any, Any]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                v = pipe.get(self.k_accts_v)
+                h = pipe.hgetall(self.k_accts)
+            return await v, await h
+
+        v, raw = await self._admin(read)
+        accts = [_account_dec.decode(x if isinstance(x, bytes) else x.encode())
+                 for x in raw.values()]  # fmt: skip
+        return int(v or 0), sorted(accts, key=lambda a: (a.created, a.id))
+
+    async def accounts_replace(self, version: int, accounts: list[Account]) -> bool:
+        """Write the whole list if nobody wrote since `version` was read; False otherwise."""
+        args: list[Any] = [version, self.channel]
+        for a in accounts:
+            args += [a.id, _account_enc.encode(a)]
+        ok = await self._admin(
+            partial(self._replace_accts, keys=[self.k_accts, self.k_accts_v], args=args)
+        )
+        return int(ok) == 1
+
+    async def update_accounts(
+        self, fn: Callable[[list[Account]], list[Account] | None]
+    ) -> list[Account]:
+        """AccountStore.update's contract (validate, then write all or nothing) on Redis:
+        read with the version, apply `fn`, write if the version did not move; else retry."""
+        for _ in range(10):
+            version, current = await self.accounts_snapshot()
+            result = fn(current)
+            accounts = current if result is None else result
+            validate_accounts(accounts, "accounts in Redis")
+            if await self.accounts_replace(version, accounts):
+                return accounts
+        raise AccountStoreError("the accounts in Redis keep changing under us; try again")
+
     async def load_accounts(self) -> list[Account]:
-        raw = await self._admin(lambda: self.client.hgetall(self.k_accts))
-        accts = [_account_dec.decode(v if isinstance(v, bytes) else v.encode())
-                 for v in raw.values()]  # fmt: skip
-        return sorted(accts, key=lambda a: (a.created, a.id))
+        return (await self.accounts_snapshot())[1]
 
     async def import_accounts(self, accounts: list[Account]) -> tuple[int, int]:
-        current = await self.load_accounts()
-        ids = {a.id for a in current}
-        added = skipped = 0
-        for acc in accounts:
-            if find_secret(current, acc.secret()) is not None:
-                skipped += 1
-                continue
-            new = msgspec.structs.replace(acc)
-            if not new.id or new.id in ids:
-                new.id = new_account_id(ids)
-            ok = await self._admin(
-                partial(self.client.hsetnx, self.k_accts, new.id, _account_enc.encode(new))
-            )
-            if not ok:
-                raise AccountStoreError(f"account id {new.id} taken concurrently; run again")
-            ids.add(new.id)
-            current.append(new)
-            added += 1
-        return added, skipped
+        counts = [0, 0]
+
+        def apply(current: list[Account]) -> None:
+            counts[:] = [0, 0]
+            ids = {a.id for a in current}
+            for acc in accounts:
+                if find_secret(current, acc.secret()) is not None:
+                    counts[1] += 1
+                    continue
+                new = msgspec.structs.replace(acc)
+                if not ID_RE.match(new.id) or new.id in ids:
+                    new.id = new_account_id(ids)
+                ids.add(new.id)
+                current.append(new)
+                counts[0] += 1
+
+        await self.update_accounts(apply)
+        return counts[0], counts[1]
+
+    def on_accounts_changed(self, listener: Callable[[], None]) -> None:
+        self._accounts_listeners.append(listener)
+
+    async def cooldown_entries(self) -> list[Cooldown]:
+        """Every live cooldown read from Redis now (the CLI has no subscriber mirror)."""
+        raw = await self._admin(lambda: self.client.hgetall(self.k_cd))
+        now = time.time()
+        out = []
+        for f, v in raw.items():
+            acct, _, model = _text(f).partition(SEP)
+            until_ms, _, reason = _text(v).partition(SEP)
+            if int(until_ms) / 1000 > now:
+                out.append(Cooldown(acct, model, int(until_ms) / 1000, reason))
+        return out

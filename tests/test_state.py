@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
-from rawgate.accounts import Account
+from rawgate.accounts import Account, AccountStoreError
 from rawgate.config import Config, build_config
 from rawgate.keys import KeyStoreError
 from rawgate.state import Cooldown, State, open_state, refresh_once
@@ -373,3 +374,68 @@ async def test_limiter_survives_a_script_cache_flush(
         await st.client.script_flush()
         d = await st.check_key(rec, "m")
         assert d.allowed and not d.degraded and not st.degraded
+
+
+@both
+async def test_account_updates_from_two_instances_lose_nothing(opener: Opener) -> None:
+    async with opener() as a, opener() as b:
+        changed = anyio.Event()
+        b.on_accounts_changed(changed.set)
+
+        async def add(st: State, i: int) -> None:
+            acc = Account(id=f"id{i}", kind="api_key", api_key=f"AIza{i:035d}")
+            await st.update_accounts(lambda accs: [*accs, acc])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(add, a if i % 2 else b, i)
+        assert sorted(x.id for x in await a.load_accounts()) == sorted(f"id{i}" for i in range(20))
+        with pytest.raises(AccountStoreError, match="duplicate id"):
+            await a.update_accounts(lambda accs: [*accs, accs[0]])
+        assert len(await b.load_accounts()) == 20  # the refused write changed nothing
+        with anyio.fail_after(5):  # redis: pub/sub; local: accounts.json polled every second
+            await changed.wait()
+
+
+def test_accounts_cli_on_redis(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from rawgate.__main__ import main
+
+    monkeypatch.setenv("RAWGATE_HOME", str(tmp_path))
+    monkeypatch.setenv("RAWGATE_STATE_BACKEND", "redis")
+    monkeypatch.setenv("RAWGATE_STATE_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("RAWGATE_STATE_KEY_PREFIX", f"acli{secrets.token_hex(4)}:")
+    secret = "AIza" + "s" * 35
+    assert main(["accounts", "add", "--api-key", secret, "--label", "work"]) == 0
+    (tmp_path / "more.txt").write_text("AIza" + "t" * 35 + " second\n")
+    assert main(["accounts", "import", str(tmp_path / "more.txt")]) == 0
+    capsys.readouterr()
+    assert main(["accounts", "list", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"work"' in out and '"second"' in out and secret not in out
+    assert main(["accounts", "disable", "work", "--reason", "paused"]) == 0
+    assert main(["accounts", "list"]) == 0
+    assert "disabled: paused" in capsys.readouterr().out
+    assert main(["accounts", "remove", "work"]) == 0
+    assert main(["accounts", "remove", "work"]) == 1
+    assert "no account 'work'" in capsys.readouterr().err
+    assert not (tmp_path / "accounts.json").exists()  # everything went to Redis
+
+
+async def test_accounts_list_shows_redis_cooldowns(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from rawgate.state_cli import RedisCooldownBoard
+
+    cfg = _cfg("redis", redis_server.url)
+    async with open_state(cfg, tmp_path) as st:
+        await st.set_cooldown("acc1", "gemini-2.5-pro", 60, "429")
+        board = RedisCooldownBoard(cfg, tmp_path)
+        entries = await anyio.to_thread.run_sync(board.entries, time.time())
+        assert [(c.account, c.model) for c in entries] == [("acc1", "gemini-2.5-pro")]
+        await anyio.to_thread.run_sync(board.clear_account, "acc1")
+        with anyio.fail_after(5):
+            while st.cooldown_until("acc1", "gemini-2.5-pro"):  # noqa: ASYNC110 - a mirror
+                await anyio.sleep(0.01)
