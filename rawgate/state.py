@@ -280,6 +280,11 @@ async def refresh_once(
         owner = await state.acquire_refresh_lock(account, lock_ttl_s)
         if owner is not None:
             try:
+                # Checked again under the lock: a holder may have stored a token and released
+                # between our cache miss and our acquire (else that is a second refresh).
+                cached = await state.get_access_token(account)
+                if cached is not None and cached[1] - time.time() >= min_valid_s:
+                    return cached[0]
                 token, expires_at = await refresh()
                 await state.put_access_token(account, token, expires_at)
                 return token

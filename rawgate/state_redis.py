@@ -31,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -80,6 +81,8 @@ MAX_PENDING_USAGE_ROWS = 10_000
 MAX_COOLDOWN_FIELDS = 4096
 # The subscriber PINGs a silent connection after this long, so a dead one is noticed.
 PUBSUB_IDLE_S = 5.0
+# Optimistic writes of the accounts list: tries before giving up (with jittered backoff).
+ACCOUNTS_CAS_ATTEMPTS = 50
 
 # KEYS[1] = P{cd}; ARGV = field, duration_ms, reason, channel, max_fields
 _EXTEND = """
@@ -740,13 +743,15 @@ class RedisState(State):
     ) -> list[Account]:
         """AccountStore.update's contract (validate, then write all or nothing) on Redis:
         read with the version, apply `fn`, write if the version did not move; else retry."""
-        for _ in range(10):
+        for attempt in range(ACCOUNTS_CAS_ATTEMPTS):
             version, current = await self.accounts_snapshot()
             result = fn(current)
             accounts = current if result is None else result
             validate_accounts(accounts, "accounts in Redis")
             if await self.accounts_replace(version, accounts):
                 return accounts
+            # Lost a race: back off with jitter so N writers do not collide again in lockstep.
+            await anyio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise AccountStoreError("the accounts in Redis keep changing under us; try again")
 
     async def load_accounts(self) -> list[Account]:
