@@ -307,7 +307,7 @@ def _make(cfg: Config, home: Path, processes: int) -> State:
         return RedisState(cfg, home)
     from rawgate.state_local import LocalState
 
-    return LocalState(cfg, home, shared_limits=processes > 1)
+    return LocalState(cfg, home, shared=processes > 1)
 
 
 @contextlib.asynccontextmanager
@@ -317,7 +317,8 @@ async def open_state(
     """The configured backend, running (its background tasks live in this context).
 
     `processes` > 1 (serve --workers N) makes the local backend count limits in a shared,
-    locked file instead of in memory, so N workers on one host enforce one limit.
+    locked file instead of in memory, so N workers on one host enforce one limit, and share
+    cooldowns through cooldowns.json.
     """
     state = _make(cfg, home, processes)
     raised: Exception | None = None

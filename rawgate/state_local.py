@@ -1,13 +1,15 @@
 """The local state backend: one machine, files under RAWGATE_HOME (today's behaviour).
 
 Invariants:
-- Cooldowns, access tokens, refresh locks and stored Responses live in this process. Between
-  `serve --workers N` processes, cooldowns keep travelling through cooldowns.json as before
-  (cooldowns.py); tokens are refreshed per worker (one refresh per worker per hour, harmless).
+- Cooldowns, access tokens, refresh locks and stored Responses live in this process. With
+  `shared` (serve --workers N) cooldowns also travel through cooldowns.json (cooldowns.py's
+  board: published when learned, polled every SYNC_INTERVAL_S), as the gateway does today; a
+  clear by hand reaches the others when they next learn from the file, not at once. Tokens are
+  refreshed per worker (one refresh per worker per hour, harmless).
 - Client keys: keys.json (keys.py), reloaded when its stat signature changes (checked at most
   every KEYS_POLL_S by `run`, and by `refresh_keys()`); accounts.json likewise for
   `on_accounts_changed` listeners.
-- Limits: in memory with one process. With `shared_limits` (serve --workers N) every check and
+- Limits: in memory with one process. With `shared` (serve --workers N) every check and
   every token record is one read-modify-write of `limits.json` under an flock, so N workers
   enforce ONE limit, not N (the honest choice; its cost is in bench/state_cost.py). The file
   holds one row per limited key: [minute_ms, requests, tokens, day_ms, day_tokens], rewritten
@@ -37,6 +39,7 @@ import orjson
 
 from rawgate.accounts import Account, AccountStore, write_atomic
 from rawgate.config import Config
+from rawgate.cooldowns import SYNC_INTERVAL_S, CooldownBoard
 from rawgate.keys import KeyFile, KeyRecord, add_record, find, hash_key, rotate_record
 from rawgate.limiter import (
     DAY_MS,
@@ -49,6 +52,7 @@ from rawgate.limiter import (
     windows,
 )
 from rawgate.response_store import ResponseStore
+from rawgate.scheduler import Cooldown as SchedulerCooldown
 from rawgate.state import Cooldown, Health, State
 
 __all__ = ["KEYS_POLL_S", "USAGE_FLUSH_S", "LocalState"]
@@ -106,14 +110,15 @@ def _read_json(path: Path) -> Any:
 
 
 class LocalState(State):
-    def __init__(self, cfg: Config, home: Path, *, shared_limits: bool = False) -> None:
+    def __init__(self, cfg: Config, home: Path, *, shared: bool = False) -> None:
         self.cfg = cfg
         self.home = Path(home)
         self.health = Health("local state")  # never degraded: files do not go away
         self.keyfile = KeyFile(self.home / "keys.json")
         self.accounts = AccountStore(self.home / "accounts.json")
         self._accounts_watch = AccountStore(self.home / "accounts.json")
-        self.shared_limits = shared_limits
+        self.shared = shared
+        self._board = CooldownBoard(self.home / "cooldowns.json") if shared else None
         self._limits_path = self.home / "limits.json"
         self._limits_fd: int | None = None
         self._usage_path = self.home / "usage.json"
@@ -142,12 +147,16 @@ class LocalState(State):
                 await anyio.sleep_forever()
             finally:
                 self._close()
-        last_flush = time.monotonic()
+        last_flush = last_keys = time.monotonic()
         try:
             while True:
-                await anyio.sleep(KEYS_POLL_S)
-                self.refresh_keys()
-                self._poll_accounts()
+                await anyio.sleep(SYNC_INTERVAL_S if self._board else KEYS_POLL_S)
+                if self._board is not None:
+                    self._poll_board()
+                if time.monotonic() - last_keys >= KEYS_POLL_S - 0.01:
+                    self.refresh_keys()
+                    self._poll_accounts()
+                    last_keys = time.monotonic()
                 if time.monotonic() - last_flush >= USAGE_FLUSH_S:
                     self.flush_usage()
                     last_flush = time.monotonic()
@@ -180,12 +189,26 @@ class LocalState(State):
         return True
 
     async def set_cooldown(self, account: str, model: str, seconds: float, reason: str) -> float:
-        self._learn(Cooldown(account, model, time.time() + max(0.0, seconds), reason))
+        c = Cooldown(account, model, time.time() + max(0.0, seconds), reason)
+        if self._learn(c) and self._board is not None:
+            try:  # ~0.1 ms, only when something new was learned (a 429, an auth failure)
+                self._board.publish([SchedulerCooldown(account, model, c.until, reason)],
+                                    time.time())  # fmt: skip
+            except OSError as e:
+                log.warning("cooldowns.json not written (%s); this worker keeps it", e.strerror)
         return self._cooldowns[(account, model)].until
+
+    def _poll_board(self) -> None:
+        """What the other workers learned (one stat when nothing changed)."""
+        assert self._board is not None
+        for e in self._board.poll(time.time()) or ():
+            self._learn(Cooldown(e.account, e.model, e.until, e.reason))
 
     async def clear_cooldowns(self, account: str) -> None:
         for k in [k for k in self._cooldowns if k[0] == account]:
             del self._cooldowns[k]
+        if self._board is not None:
+            self._board.clear_account(account)
         for fn in self._listeners:
             fn(Cooldown(account, "", 0.0, "cleared"))
 
@@ -243,7 +266,7 @@ class LocalState(State):
         return decision
 
     def _with_rows(self, fn: Callable[[dict[str, _Row]], Decision | None], now: int) -> Any:
-        if not self.shared_limits:
+        if not self.shared:
             return fn(self._rows)
         # One open file per process, locked itself: flock, fstat, pread, pwrite, ftruncate,
         # unlock (6 syscalls; a temp file + rename would be ~11). A write torn by a crash reads

@@ -470,3 +470,17 @@ async def test_redis_stalled_times_out_into_degraded_and_recovers(tmp_path: Path
             assert d.allowed and not d.degraded
     finally:
         srv.stop()
+
+
+async def test_local_workers_share_cooldowns_through_the_board(tmp_path: Path) -> None:
+    """serve --workers N on the local backend: what one worker learns reaches the others."""
+    cfg = _cfg("local")
+    async with open_state(cfg, tmp_path, processes=2) as a, \
+            open_state(cfg, tmp_path, processes=2) as b:  # fmt: skip
+        learned = anyio.Event()
+        b.on_cooldown(lambda c: learned.set() if c.account == "acc1" else None)
+        end = await a.set_cooldown("acc1", "gemini-2.5-pro", 30, "429")
+        with anyio.fail_after(5):  # polled every cooldowns.SYNC_INTERVAL_S
+            await learned.wait()
+        assert b.cooldown_until("acc1", "gemini-2.5-pro") == end
+        assert (tmp_path / "cooldowns.json").exists()
