@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -56,6 +56,9 @@ log = logging.getLogger("rawgate.state")
 BACKOFF_BASE_S = 0.5
 # Usage kinds: per client key, per upstream account, per (mapped) model.
 USAGE_KINDS = ("key", "account", "model")
+# /metrics: per-key series for at most this many key names; the rest are summed as OTHER_KEY.
+METRIC_KEYS_MAX = 256
+OTHER_KEY = "_other"
 
 
 class StateUnavailable(Exception):
@@ -122,10 +125,77 @@ class State(abc.ABC):
     """The interface the gateway, the CLI and the token manager call. See the module note."""
 
     health: Health
+    backend: str = ""
+
+    def __init__(self) -> None:
+        # Per-key counters of this process for /metrics: name -> outcome -> count, and
+        # name -> [tokens in, tokens out]. Names beyond METRIC_KEYS_MAX share OTHER_KEY.
+        self.key_outcomes: dict[str, dict[str, int]] = {}
+        self.key_tokens: dict[str, list[int]] = {}
 
     @property
     def degraded(self) -> bool:
         return self.health.degraded
+
+    def status(self) -> dict[str, Any]:
+        """For /healthz: {"backend", "state": "ok" | "degraded", "degraded_episodes"}."""
+        return {
+            "backend": self.backend,
+            "state": "degraded" if self.health.degraded else "ok",
+            "degraded_episodes": self.health.episodes,
+        }
+
+    def _metric_name(self, name: str, table: dict[str, Any]) -> str:
+        return name if name in table or len(table) < METRIC_KEYS_MAX else OTHER_KEY
+
+    def tally_decision(self, key: str, decision: Decision) -> None:
+        """Count a check_key outcome (both backends call it; the gateway need not)."""
+        outcomes = self.key_outcomes.setdefault(self._metric_name(key, self.key_outcomes), {})
+        outcome = "allowed" if decision.allowed else decision.reason
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    def tally_tokens(self, key: str, tokens_in: int, tokens_out: int) -> None:
+        row = self.key_tokens.setdefault(self._metric_name(key, self.key_tokens), [0, 0])
+        row[0] += max(0, tokens_in)
+        row[1] += max(0, tokens_out)
+
+    def metrics_collectors(self) -> list[tuple[str, Literal["gauge", "counter"], str, Any]]:
+        """Series for `Metrics.add_collector(*entry)`. Key names are chosen by the admin and
+        bounded (METRIC_KEYS_MAX, then "_other"); the keys themselves never appear."""
+
+        def degraded() -> list[tuple[dict[str, str], float]]:
+            return [({"backend": self.backend}, 1.0 if self.health.degraded else 0.0)]
+
+        def episodes() -> list[tuple[dict[str, str], float]]:
+            return [({"backend": self.backend}, float(self.health.episodes))]
+
+        def failures() -> list[tuple[dict[str, str], float]]:
+            return [({"backend": self.backend}, float(self.health.failures))]
+
+        def outcomes() -> list[tuple[dict[str, str], float]]:
+            return [({"key": k, "outcome": o}, float(n))
+                    for k, per in self.key_outcomes.items() for o, n in per.items()]  # fmt: skip
+
+        def tokens() -> list[tuple[dict[str, str], float]]:
+            out: list[tuple[dict[str, str], float]] = []
+            for k, (tin, tout) in self.key_tokens.items():
+                out.append(({"key": k, "direction": "in"}, float(tin)))
+                out.append(({"key": k, "direction": "out"}, float(tout)))
+            return out
+
+        return [
+            ("rawgate_state_degraded", "gauge",
+             "1 while the shared state store does not answer (served on local state).", degraded),
+            ("rawgate_state_degraded_episodes_total", "counter",
+             "Times the shared state store became unreachable.", episodes),
+            ("rawgate_state_errors_total", "counter",
+             "Shared state store calls that failed or timed out.", failures),
+            ("rawgate_key_requests_total", "counter",
+             "Client-key checks by outcome (allowed, rpm, tpm, daily_tokens, model, disabled, "
+             "state_unavailable).", outcomes),
+            ("rawgate_key_tokens_total", "counter", "Tokens per client key and direction.",
+             tokens),
+        ]  # fmt: skip
 
     @abc.abstractmethod
     async def run(

@@ -110,7 +110,10 @@ def _read_json(path: Path) -> Any:
 
 
 class LocalState(State):
+    backend = "local"
+
     def __init__(self, cfg: Config, home: Path, *, shared: bool = False) -> None:
+        super().__init__()
         self.cfg = cfg
         self.home = Path(home)
         self.health = Health("local state")  # never degraded: files do not go away
@@ -246,6 +249,11 @@ class LocalState(State):
         return self._by_hash.get(hash_key(self._salt, plain))
 
     async def check_key(self, record: KeyRecord, model: str) -> Decision:
+        decision = await self._decide(record, model)
+        self.tally_decision(record.name, decision)
+        return decision
+
+    async def _decide(self, record: KeyRecord, model: str) -> Decision:
         if not record.enabled:
             return Decision(False, 0, "disabled")
         limits = record.limits()
@@ -298,6 +306,8 @@ class LocalState(State):
     async def record_usage(
         self, key: str | None, account: str, model: str, tokens_in: int, tokens_out: int
     ) -> None:
+        if key is not None:
+            self.tally_tokens(key, tokens_in, tokens_out)
         now = _now_ms()
         tokens = max(0, tokens_in) + max(0, tokens_out)
         if key is not None and tokens:

@@ -197,7 +197,10 @@ def _text(v: Any) -> str:
 
 
 class RedisState(State):
+    backend = "redis"
+
     def __init__(self, cfg: Config, home: Path) -> None:
+        super().__init__()
         st = cfg.state
         self.cfg = cfg
         self.home = Path(home)
@@ -472,6 +475,11 @@ class RedisState(State):
         return self._by_hash.get(hash_key(self._salt, plain))
 
     async def check_key(self, record: KeyRecord, model: str) -> Decision:
+        decision = await self._decide(record, model)
+        self.tally_decision(record.name, decision)
+        return decision
+
+    async def _decide(self, record: KeyRecord, model: str) -> Decision:
         if not record.enabled:
             return Decision(False, 0, "disabled")
         limits = record.limits()
@@ -512,6 +520,8 @@ class RedisState(State):
     async def record_usage(
         self, key: str | None, account: str, model: str, tokens_in: int, tokens_out: int
     ) -> None:
+        if key is not None:
+            self.tally_tokens(key, tokens_in, tokens_out)
         now_ms = time.time_ns() // 1_000_000
         hour = now_ms - now_ms % HOUR_MS
         tin, tout = max(0, tokens_in), max(0, tokens_out)

@@ -484,3 +484,33 @@ async def test_local_workers_share_cooldowns_through_the_board(tmp_path: Path) -
             await learned.wait()
         assert b.cooldown_until("acc1", "gemini-2.5-pro") == end
         assert (tmp_path / "cooldowns.json").exists()
+
+
+@both
+async def test_status_and_metrics_with_bounded_key_labels(opener: Opener) -> None:
+    from rawgate.limiter import Decision
+    from rawgate.metrics import Metrics
+    from rawgate.state import METRIC_KEYS_MAX, OTHER_KEY
+
+    async with opener() as st:
+        rec, key = await st.add_key("alice", rpm=1, models=["gemini-*"])
+        _minute_margin()
+        await st.check_key(rec, "gemini-2.5-pro")
+        await st.check_key(rec, "gemini-2.5-pro")
+        await st.check_key(rec, "gpt-4o")
+        await st.record_usage("alice", "acc1", "gemini-2.5-pro", 7, 3)
+        for i in range(METRIC_KEYS_MAX + 50):  # names beyond the bound share one series
+            st.tally_decision(f"k{i}", Decision(True))
+        m = Metrics()
+        for entry in st.metrics_collectors():
+            m.add_collector(*entry)
+        text = m.render().decode()
+        assert st.status() == {"backend": st.backend, "state": "ok", "degraded_episodes": 0}
+        assert f'rawgate_state_degraded{{backend="{st.backend}"}} 0' in text
+        assert 'rawgate_key_requests_total{key="alice",outcome="allowed"} 1' in text
+        assert 'rawgate_key_requests_total{key="alice",outcome="rpm"} 1' in text
+        assert 'rawgate_key_requests_total{key="alice",outcome="model"} 1' in text
+        assert 'rawgate_key_tokens_total{direction="in",key="alice"} 7' in text or \
+            'rawgate_key_tokens_total{key="alice",direction="in"} 7' in text  # fmt: skip
+        assert len(st.key_outcomes) == METRIC_KEYS_MAX + 1 and OTHER_KEY in st.key_outcomes
+        assert key not in text
