@@ -200,3 +200,22 @@ def test_local_limits_are_shared_by_worker_processes(tmp_path: Path) -> None:
     ]
     counts = [int(p.communicate(timeout=60)[0]) for p in procs]
     assert sum(counts) == 25, counts
+
+
+def test_health_episodes_warn_once_and_back_off(caplog: pytest.LogCaptureFixture) -> None:
+    from rawgate.state import BACKOFF_BASE_S, Health
+
+    now = [100.0]
+    h = Health("store", backoff_max_s=3.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="rawgate.state"):
+        for _ in range(5):
+            h.failed(ConnectionError("refused"))
+        assert h.degraded and h.episodes == 1 and h.failures == 5
+        assert [h.next_delay() for _ in range(5)] == [BACKOFF_BASE_S, 1.0, 2.0, 3.0, 3.0]
+        now[0] = 107.5
+        h.succeeded()
+        h.failed(TimeoutError("slow"))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len([m for m in msgs if "unreachable" in m]) == 2  # one per episode
+    assert any("back after 7.5 s" in m for m in msgs)
+    assert h.episodes == 2 and h.next_delay() == BACKOFF_BASE_S  # the backoff restarts
