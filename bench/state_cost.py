@@ -9,6 +9,9 @@ cooldown lookup (`cooldown_until`), on each backend:
 - redis c=1: one request at a time (the Lua script's round trip on loopback);
 - redis c=16: 16 concurrent callers (coredis pipelines them over its connections).
 
+Case `after_answer`: `record_usage` (the key's token windows and the hourly usage of key,
+account and model), one call at a time, after each answer (off the latency path).
+
 Reported: rawgate's CPU (process_time: user+sys of this process) per request in microseconds,
 redis-server's CPU per request when this script started it (from /proc/<pid>/stat), and wall
 time per request. Best of --repeat (the machine is shared). Without --redis-url a redis-server
@@ -61,8 +64,16 @@ async def _measure(st: State, n: int, conc: int, server_pid: int | None) -> dict
     cpu = time.process_time() - cpu0
     srv = _proc_cpu_s(server_pid) - srv0
     done = (n // conc) * conc
-    return {"cpu_us": cpu / done * 1e6, "server_cpu_us": srv / done * 1e6,
-            "wall_us": wall / done * 1e6}  # fmt: skip
+    out = {"cpu_us": cpu / done * 1e6, "server_cpu_us": srv / done * 1e6,
+           "wall_us": wall / done * 1e6}  # fmt: skip
+    # Case after_answer: record_usage (the key's token windows + hourly usage), one at a time.
+    for _ in range(100):
+        await st.record_usage(rec.name, "acc1", "gemini-2.5-flash", 10, 20)
+    cpu0 = time.process_time()
+    for _ in range(n // 4):
+        await st.record_usage(rec.name, "acc1", "gemini-2.5-flash", 10, 20)
+    out["record_cpu_us"] = (time.process_time() - cpu0) / (n // 4) * 1e6
+    return out
 
 
 async def _one(
@@ -117,7 +128,7 @@ def main() -> None:
         cases += [("redis c=1", "redis", 1, 1), ("redis c=16", "redis", 1, 16)]
     print(f"per_request: check_key + cooldown_until, n={args.n}, best of {args.repeat}")
     print(f"{'backend':<14} {'rawgate CPU us/req':>19} {'redis CPU us/req':>17}"
-          f" {'wall us/req':>12}")  # fmt: skip
+          f" {'wall us/req':>12} {'after_answer CPU us':>20}")  # fmt: skip
     try:
         for label, backend, processes, conc in cases:
             best: dict[str, float] | None = None
@@ -135,7 +146,8 @@ def main() -> None:
                     best = r
             assert best is not None
             srv = f"{best['server_cpu_us']:.1f}" if backend == "redis" and proc else "-"
-            print(f"{label:<14} {best['cpu_us']:>19.1f} {srv:>17} {best['wall_us']:>12.1f}")
+            print(f"{label:<14} {best['cpu_us']:>19.1f} {srv:>17} {best['wall_us']:>12.1f}"
+                  f" {best['record_cpu_us']:>20.1f}")  # fmt: skip
         if url:
             r = min((anyio.run(_raw_ping, url, args.n) for _ in range(args.repeat)),
                     key=lambda r: r["cpu_us"])  # fmt: skip

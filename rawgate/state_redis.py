@@ -160,6 +160,13 @@ _RECORD = (
     + "return 1\n"
 )
 
+# KEYS[1] = P{u}:HOUR; ARGV = ttl_ms, field, n, field, n, ...
+_USAGE = """
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 # KEYS[1] = lock; ARGV = owner
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -228,6 +235,7 @@ class RedisState(State):
         self._check = self.client.register_script(_CHECK)
         self._record = self.client.register_script(_RECORD)
         self._release = self.client.register_script(_RELEASE)
+        self._usage = self.client.register_script(_USAGE)
         self._cas = self.client.register_script(_CAS)
         self._replace_accts = self.client.register_script(_REPLACE_ACCTS)
         self._accounts_listeners: list[Callable[[], None]] = []
@@ -502,20 +510,28 @@ class RedisState(State):
             return Decision(True)
         return Decision(False, max(1, -(-int(res[1]) // 1000)), _text(res[2]))
 
-    async def _evalsha(self, script: Any, key: str, args: tuple[int, ...]) -> Any:
+    async def _evalsha(self, script: Any, key: str, args: tuple[Any, ...]) -> Any:
         """The hot path's one script call, straight on a pooled connection: ~70 us less CPU
         than the client's command layer (bench.state_cost). NOSCRIPT (a restarted or failed-over
         server) goes through the Script object, which loads it and runs it again."""
+        return (await self._evalsha_many([(script, key, args)]))[0]
+
+    async def _evalsha_many(self, calls: list[tuple[Any, str, tuple[Any, ...]]]) -> list[Any]:
+        """Several one-key scripts written back to back on one connection: one round trip."""
         pool = self.client.connection_pool
         conn = await pool.get_connection()
         try:
-            req = conn.create_request(b"EVALSHA", script.sha, 1, key, *args, decode=False)
+            reqs = [conn.create_request(b"EVALSHA", script.sha, 1, key, *args, decode=False)
+                    for script, key, args in calls]  # fmt: skip
         finally:
-            pool.release(conn)  # multiplexed: the reply is matched to `req`, not to a lease
-        try:
-            return await req
-        except coredis.exceptions.NoScriptError:
-            return await script(keys=[key], args=list(args))
+            pool.release(conn)  # multiplexed: replies are matched to `reqs`, not to a lease
+        out = []
+        for req, (script, key, args) in zip(reqs, calls, strict=True):
+            try:
+                out.append(await req)
+            except coredis.exceptions.NoScriptError:
+                out.append(await script(keys=[key], args=list(args)))
+        return out
 
     async def record_usage(
         self, key: str | None, account: str, model: str, tokens_in: int, tokens_out: int
@@ -536,17 +552,15 @@ class RedisState(State):
 
         tokens = tin + tout if key is not None else 0
 
-        async def send() -> None:
-            # One round trip: the key's token windows (script, its own slot) and the usage hash.
-            async with self.client.pipeline(transaction=False) as pipe:
-                if key is not None and tokens:
-                    self._record(keys=[f"{self._p}{{k:{key}}}:lim"], args=[tokens], client=pipe)
-                for f, n in fields.items():
-                    if n:
-                        pipe.hincrby(ukey, f, n)
-                pipe.pexpire(ukey, ttl)
-
-        if await self._call(send) is _FAILED:
+        calls: list[tuple[Any, str, tuple[Any, ...]]] = []
+        if key is not None and tokens:  # the key's token windows: its own slot
+            calls.append((self._record, f"{self._p}{{k:{key}}}:lim", (tokens,)))
+        uargs: list[Any] = [ttl]
+        for f, n in fields.items():
+            if n:
+                uargs += [f, n]
+        calls.append((self._usage, ukey, tuple(uargs)))
+        if await self._call(lambda: self._evalsha_many(calls)) is _FAILED:
             if key is not None and tokens:
                 self._pending_tokens[key] = self._pending_tokens.get(key, 0) + tokens
             self._buffer_usage(hour, fields)

@@ -377,6 +377,10 @@ async def test_limiter_survives_a_script_cache_flush(
         await st.client.script_flush()
         d = await st.check_key(rec, "m")
         assert d.allowed and not d.degraded and not st.degraded
+        await st.client.script_flush()
+        await st.record_usage("flush", "acc1", "m", 4, 5)  # two scripts in one round trip
+        assert not st.degraded
+        assert (await st.usage("key", "flush", 3600))["flush"][0].tokens_out == 5
 
 
 @both
