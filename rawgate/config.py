@@ -158,6 +158,8 @@ class StateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redis_url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss:// (TLS) or unix://
     # Every key and channel starts with this; the part in {braces} after it is the hash tag.
     key_prefix: str = "rawgate:"
+    # redis_url names one node of a Redis Cluster; the others are discovered from it.
+    redis_cluster: bool = False
     # One Redis call (connect included) may take this long; then the call is served from local
     # state and the episode starts. Same-datacenter round trips are ~0.2-1 ms.
     redis_timeout_ms: int = 250
@@ -332,6 +334,8 @@ def _check_semantics(cfg: Config, source: str) -> None:
     if st.backend == "redis" and not st.redis_url.startswith(("redis://", "rediss://", "unix://")):
         # The URL may carry a password: name the key, not the value.
         raise ConfigError(f"{source}: state.redis_url must start with redis://, rediss:// or unix://")
+    if st.redis_cluster and not st.redis_url.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"{source}: state.redis_cluster needs a redis:// or rediss:// URL")
     if not st.key_prefix or any(c in st.key_prefix for c in "{} \t\r\n"):
         raise ConfigError(
             f"{source}: state.key_prefix = {st.key_prefix!r}: must be non-empty, without braces"

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -46,6 +47,7 @@ import coredis.exceptions
 import coredis.retry
 import msgspec
 import orjson
+from coredis.connection import TCPLocation
 
 from rawgate.accounts import (
     ID_RE,
@@ -213,15 +215,30 @@ class RedisState(State):
         self.home = Path(home)
         self.timeout_s = st.redis_timeout_ms / 1000
         self.health = Health("redis state store", st.redis_backoff_max_s)
-        self.client: Any = coredis.Redis.from_url(
-            st.redis_url,
-            stream_timeout=self.timeout_s,
-            connect_timeout=self.timeout_s,
-            pool_timeout=self.timeout_s,
-            max_connections=st.redis_max_connections,
-            retry_policy=coredis.retry.NoRetryPolicy(),
-            client_name="rawgate",
-        )
+        common: dict[str, Any] = {
+            "stream_timeout": self.timeout_s,
+            "connect_timeout": self.timeout_s,
+            "pool_timeout": self.timeout_s,
+            "max_connections": st.redis_max_connections,
+            "retry_policy": coredis.retry.NoRetryPolicy(),
+        }
+        self.cluster = st.redis_cluster
+        self.client: Any
+        if self.cluster:
+            # (RedisCluster.from_url warns about its own startup-node dicts in coredis 6.9.)
+            # non_atomic_cross_slot=False: a command across slots is an error, never split
+            # silently; the key layout guarantees none is sent (tests run on a real cluster).
+            u = urlsplit(st.redis_url)
+            self.client = coredis.RedisCluster(
+                startup_nodes=[TCPLocation(u.hostname or "127.0.0.1", u.port or 6379)],
+                username=unquote(u.username) if u.username else None,
+                password=unquote(u.password) if u.password else None,
+                ssl=u.scheme == "rediss",
+                non_atomic_cross_slot=False,
+                **common,
+            )
+        else:
+            self.client = coredis.Redis.from_url(st.redis_url, client_name="rawgate", **common)
         p = st.key_prefix
         self.k_cd = f"{p}{{cd}}"
         self.k_keys = f"{p}{{keys}}"
@@ -517,7 +534,10 @@ class RedisState(State):
         return (await self._evalsha_many([(script, key, args)]))[0]
 
     async def _evalsha_many(self, calls: list[tuple[Any, str, tuple[Any, ...]]]) -> list[Any]:
-        """Several one-key scripts written back to back on one connection: one round trip."""
+        """Several one-key scripts written back to back on one connection: one round trip.
+        On a cluster each goes to its slot's node through the Script object."""
+        if self.cluster:
+            return [await script(keys=[key], args=list(args)) for script, key, args in calls]
         pool = self.client.connection_pool
         conn = await pool.get_connection()
         try:

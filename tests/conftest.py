@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers_redis import redis_server  # noqa: F401 - one session-wide redis-server
+from tests.helpers_redis import (  # noqa: F401 - session-wide servers
+    redis_cluster,
+    redis_server,
+)
 
 
 @pytest.fixture

@@ -78,3 +78,75 @@ def redis_server() -> Iterator[RedisServer]:
         yield srv
     finally:
         srv.stop()
+
+
+class RedisClusterNodes:
+    """Three masters on free loopback ports joined by `redis-cli --cluster create`."""
+
+    def __init__(self, tmp: str) -> None:
+        if REDIS_BIN is None or shutil.which("redis-cli") is None:
+            pytest.skip("redis-server / redis-cli not installed (apt-get install redis-server)")
+        self.tmp = tmp
+        # Six distinct ports (3 clients + 3 cluster buses; the default bus port is port+10000,
+        # beyond 65535 for most ephemeral ports): all sockets held while picking, since one
+        # at a time the kernel may hand the same just-closed port out twice.
+        socks = [socket.socket() for _ in range(6)]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            ports = [s.getsockname()[1] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        self.nodes = [RedisServer(p) for p in ports[:3]]
+        self.bus_ports = ports[3:]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisClusterNodes:
+        assert REDIS_BIN is not None
+        for i, n in enumerate(self.nodes):
+            n.proc = subprocess.Popen(
+                [REDIS_BIN, "--port", str(n.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--cluster-enabled", "yes",
+                 "--cluster-config-file", f"{self.tmp}/nodes-{i}.conf", "--dir", self.tmp,
+                 "--cluster-port", str(self.bus_ports[i])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(_ping(n.port) for n in self.nodes):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("cluster nodes did not start")
+            time.sleep(0.02)
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30,
+        )  # fmt: skip
+        while True:
+            info = subprocess.run(
+                ["redis-cli", "-p", str(self.nodes[0].port), "cluster", "info"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout
+            if "cluster_state:ok" in info:
+                return self
+            if time.monotonic() > deadline + 20:
+                self.stop()
+                raise RuntimeError("cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    c = RedisClusterNodes(str(tmp_path_factory.mktemp("cluster"))).start()
+    try:
+        yield c
+    finally:
+        c.stop()

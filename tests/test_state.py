@@ -24,7 +24,7 @@ from tests.helpers_redis import RedisServer
 
 pytestmark = pytest.mark.anyio
 
-BACKENDS = ["local", "redis"]
+BACKENDS = ["local", "redis", "cluster"]
 
 
 def _cfg(backend: str, url: str = "", **state: Any) -> Config:
@@ -38,6 +38,16 @@ def _cfg(backend: str, url: str = "", **state: Any) -> Config:
     return build_config({"state": st, "limits": limits}, {}, {})
 
 
+def _backend_cfg(request: pytest.FixtureRequest, backend: str, **state: Any) -> Config:
+    """"local", "redis" (one server) or "cluster" (three masters, redis_cluster = true)."""
+    if backend == "redis":
+        return _cfg("redis", request.getfixturevalue("redis_server").url, **state)
+    if backend == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+        return _cfg("redis", url, redis_cluster=True, **state)
+    return _cfg("local", **state)
+
+
 Opener = Callable[..., AbstractAsyncContextManager[State]]
 
 
@@ -45,8 +55,7 @@ Opener = Callable[..., AbstractAsyncContextManager[State]]
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     """open(cfg=None, processes=...) -> a running State; two opens share the same store."""
     backend: str = request.param
-    url = request.getfixturevalue("redis_server").url if backend == "redis" else ""
-    shared = _cfg(backend, url)
+    shared = _backend_cfg(request, backend)
 
     @asynccontextmanager
     async def open_(cfg: Config | None = None, processes: int = 2) -> AsyncIterator[State]:
@@ -91,10 +100,15 @@ async def test_cooldown_only_ever_extends(opener: Opener) -> None:
         assert {c.account for c in a.cooldowns()} == {"acc2"}
 
 
+redis_kinds = pytest.mark.parametrize("kind", ["redis", "cluster"])
+
+
+@redis_kinds
 async def test_cooldown_reaches_other_instance_by_pubsub(
-    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    cfg = _cfg("redis", redis_server.url)
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    cfg = _backend_cfg(request, kind)
     async with open_state(cfg, tmp_path) as a, open_state(cfg, tmp_path) as b:
         seen: list[tuple[float, Cooldown]] = []
         arrived = anyio.Event()
@@ -115,7 +129,7 @@ async def test_cooldown_reaches_other_instance_by_pubsub(
             assert seen[-1][1].account == f"acc{i}"
             assert b.cooldown_until(f"acc{i}", "gemini-2.5-flash") > time.time() + 25
         with capsys.disabled():
-            print(f"\npub/sub cooldown propagation, ms: {[round(d, 2) for d in delays]}")
+            print(f"\npub/sub cooldown propagation ({kind}), ms: {[round(d, 2) for d in delays]}")
         # The extend-only rule holds on the receiving side too: a shorter one is not an event.
         n = len(seen)
         marker = anyio.Event()
@@ -210,8 +224,7 @@ async def test_token_limits_count_reported_tokens_and_usage(opener: Opener) -> N
 @both
 async def test_response_store_bounds(opener: Opener, tmp_path: Path, request: Any) -> None:
     backend = request.node.callspec.params["opener"]
-    url = request.getfixturevalue("redis_server").url if backend == "redis" else ""
-    cfg = _cfg(backend, url, response_max_bytes=2000, max_age_s=0.3)
+    cfg = _backend_cfg(request, backend, response_max_bytes=2000, max_age_s=0.3)
     async with opener(cfg) as st:
         items_in = [{"role": "user", "content": "hi"}]
         items_out = [{"type": "message", "content": [{"type": "output_text", "text": "yo"}]}]
@@ -346,10 +359,11 @@ async def test_redis_down_at_start_serves_degraded(tmp_path: Path) -> None:
             assert st.lookup_key("rk-nothing") is None
 
 
+@redis_kinds
 async def test_key_changes_reach_other_instances_by_themselves(
-    redis_server: RedisServer, tmp_path: Path
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    cfg = _cfg("redis", redis_server.url)
+    cfg = _backend_cfg(request, kind)
     async with open_state(cfg, tmp_path) as a, open_state(cfg, tmp_path) as b:
         _, key = await a.add_key("shared", rpm=10)
 
@@ -517,3 +531,17 @@ async def test_status_and_metrics_with_bounded_key_labels(opener: Opener) -> Non
         assert 'rawgate_key_tokens_total{key="alice",direction="in"} 7' in text
         assert len(st.key_outcomes) == METRIC_KEYS_MAX + 1 and OTHER_KEY in st.key_outcomes
         assert key not in text
+
+
+async def test_cluster_client_refuses_cross_slot_commands(
+    redis_cluster: Any, tmp_path: Path
+) -> None:
+    """What makes the cluster runs of the tests above a proof of the key layout: with
+    redis_cluster = true a command spanning two slots fails instead of being split."""
+    import coredis.exceptions
+
+    async with open_state(_cfg("redis", redis_cluster.url, redis_cluster=True), tmp_path) as st:
+        assert isinstance(st, RedisState) and st.cluster
+        with pytest.raises(coredis.exceptions.RedisError, match="(?i)slot"):
+            await st.client.mget(["a{one}", "b{two}"])
+        assert await st.client.mget(["a{one}", "b{one}"]) == (None, None)
