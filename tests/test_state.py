@@ -542,6 +542,6 @@ async def test_cluster_client_refuses_cross_slot_commands(
 
     async with open_state(_cfg("redis", redis_cluster.url, redis_cluster=True), tmp_path) as st:
         assert isinstance(st, RedisState) and st.cluster
-        with pytest.raises(coredis.exceptions.RedisError, match="(?i)slot"):
+        with pytest.raises(coredis.exceptions.RedisError, match=r"(?i)slot"):
             await st.client.mget(["a{one}", "b{two}"])
         assert await st.client.mget(["a{one}", "b{one}"]) == (None, None)
