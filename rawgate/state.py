@@ -13,10 +13,14 @@ Invariants (both backends; tests/test_state.py runs the same tests on each):
   after the answer. Nothing else touches the store while serving.
 - A cooldown only ever grows: `set_cooldown` with an earlier end than the current one is a
   no-op (the Lua script, or the same rule locally), whoever calls it and in whatever order.
-- Methods never raise for a store failure: the Redis backend answers from local state, flips
-  `degraded` (one warning per episode), retries with backoff in the background and, once back,
-  pushes what it learned meanwhile (cooldowns, usage). Limits then follow `[state]
-  limits_fail`. Bad arguments (an unknown key name in `rotate_key` ...) raise KeyStoreError.
+- Request-path methods (cooldowns, lookup_key, check_key, record_usage, responses, tokens,
+  refresh locks) never raise for a store failure: the Redis backend answers from local state,
+  flips `degraded` (one warning per episode), retries with backoff in the background and, once
+  back, pushes what it learned meanwhile (cooldowns, clears, usage). Limits then follow
+  `[state] limits_fail`. A Response stored while degraded stays in this process only.
+- Admin methods (keys add/list/rotate/..., usage, accounts) need the store: they raise
+  StateUnavailable (one line, no URL) when it does not answer, KeyStoreError /
+  AccountStoreError for bad arguments (an unknown key name ...).
 - Times crossing the interface are wall-clock unix seconds (floats), because they are compared
   across processes and machines.
 """
@@ -42,8 +46,11 @@ from rawgate.limiter import Decision, Usage
 
 __all__ = [
     "BACKOFF_BASE_S",
+    "METRIC_KEYS_MAX",
+    "OTHER_KEY",
     "Cooldown",
     "Health",
+    "KeyStoreError",
     "State",
     "StateUnavailable",
     "open_state",
@@ -403,5 +410,3 @@ async def open_state(
     if raised is not None:
         raise raised
 
-
-__all__ += ["KeyStoreError"]

@@ -259,6 +259,7 @@ class RedisState(State):
         self._cooldowns: dict[tuple[str, str], Cooldown] = {}
         self._pending_cd: dict[tuple[str, str], Cooldown] = {}
         self._pending_clear: set[str] = set()
+        self._during_resync: list[Cooldown] | None = None
         self._trouble = anyio.Event()  # a request-path call failed: the watchdog probes
         self._keys_changed = anyio.Event()  # a "keys" event: the reloader re-reads the table
         self._listeners: list[Callable[[Cooldown], None]] = []
@@ -379,7 +380,14 @@ class RedisState(State):
                     await self._extend_raw(c.account, c.model, c.until - now, c.reason)
             self._pending_cd.clear()
             await self._flush_usage()
-            raw = await self.client.hgetall(self.k_cd)
+            # Events folded while HGETALL is in flight may postdate its answer (the watchdog
+            # resyncs while the subscriber runs): they are kept aside and folded in again.
+            self._during_resync = []
+            try:
+                raw = await self.client.hgetall(self.k_cd)
+            except BaseException:
+                self._during_resync = None
+                raise
             mirror: dict[tuple[str, str], Cooldown] = {}
             for f, v in raw.items():
                 acct, _, model = _text(f).partition(SEP)
@@ -388,6 +396,9 @@ class RedisState(State):
             learned = [c for k, c in mirror.items() if (old := self._cooldowns.get(k)) is None
                        or c.until > old.until]  # fmt: skip
             self._cooldowns = mirror
+            late, self._during_resync = self._during_resync, None
+            for c in late:
+                self._fold(c)
             await self._load_keys()
         self.health.succeeded()
         self.synced += 1
@@ -414,6 +425,8 @@ class RedisState(State):
                     log.exception("accounts listener failed")
 
     def _fold(self, c: Cooldown) -> bool:
+        if self._during_resync is not None:
+            self._during_resync.append(c)
         k = (c.account, c.model)
         old = self._cooldowns.get(k)
         if old is not None and old.until >= c.until:
@@ -592,18 +605,22 @@ class RedisState(State):
                 self._pending_usage[k] = self._pending_usage.get(k, 0) + n
 
     async def _flush_usage(self) -> None:
-        pending, self._pending_usage = self._pending_usage, {}
-        tokens, self._pending_tokens = self._pending_tokens, {}
-        if not pending and not tokens:
+        """Push what was counted while degraded; on failure it stays buffered for next time."""
+        if not self._pending_usage and not self._pending_tokens:
             return
         ttl = self.cfg.state.usage_days * DAY_MS + HOUR_MS
-        async with self.client.pipeline(transaction=False) as pipe:
-            for name, n in tokens.items():
-                self._record(keys=[f"{self._p}{{k:{name}}}:lim"], args=[n], client=pipe)
-            for (hour, f), n in pending.items():
-                if n:
-                    pipe.hincrby(f"{self._p}{{u}}:{hour}", f, n)
-                    pipe.pexpire(f"{self._p}{{u}}:{hour}", ttl)
+        for name, n in list(self._pending_tokens.items()):
+            await self._record(keys=[f"{self._p}{{k:{name}}}:lim"], args=[n])
+            del self._pending_tokens[name]
+        by_hour: dict[int, list[Any]] = {}
+        for (hour, f), n in self._pending_usage.items():
+            if n:
+                by_hour.setdefault(hour, [ttl]).extend((f, n))
+        for hour, args in by_hour.items():
+            await self._usage(keys=[f"{self._p}{{u}}:{hour}"], args=args)
+            for f in args[1::2]:
+                del self._pending_usage[(hour, f)]
+        self._pending_usage.clear()  # only zero rows can be left
 
     async def usage(self, kind: str, name: str | None, since_s: float) -> dict[str, list[Usage]]:
         now_ms = time.time_ns() // 1_000_000
