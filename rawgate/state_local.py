@@ -405,6 +405,11 @@ class LocalState(State):
 
     async def remove_key(self, name: str) -> KeyRecord:
         out: KeyRecord = self._edit(lambda salt, recs: recs.pop(find(recs, name).name))
+
+        def forget(rows: dict[str, _Row]) -> None:  # a new key of that name starts afresh
+            rows.pop(name, None)
+
+        self._with_rows(forget, _now_ms())
         return out
 
     # ---- stored Responses ----

@@ -704,6 +704,8 @@ class RedisState(State):
 
     async def remove_key(self, name: str) -> KeyRecord:
         out: KeyRecord = await self._edit(name, lambda salt, recs: recs.pop(find(recs, name).name))
+        # A new key of that name starts with empty windows (usage history stays).
+        await self._admin(lambda: self.client.delete([f"{self._p}{{k:{name}}}:lim"]))
         return out
 
     # ---- stored Responses ----

@@ -168,6 +168,13 @@ async def test_key_lifecycle(opener: Opener) -> None:
         assert st.lookup_key(key) is None and st.lookup_key(new_key) == new_rec
         assert new_rec.rpm == 5
         assert [r.name for r in await st.list_keys()] == ["alice"]
+        _minute_margin()
+        for _ in range(6):
+            await st.check_key(new_rec, "gemini-2.5-pro")
+        assert (await st.check_key(new_rec, "gemini-2.5-pro")).reason == "rpm"
+        await st.remove_key("alice")
+        again, _ = await st.add_key("alice", rpm=5)  # same name: fresh windows
+        assert (await st.check_key(again, "gemini-2.5-pro")).allowed
         await st.remove_key("alice")
         assert st.lookup_key(new_key) is None and await st.list_keys() == []
         with pytest.raises(KeyStoreError, match="no key named"):
