@@ -117,9 +117,9 @@ class Bench:
     def start_upstream(self) -> None:
         kind = self.args.upstream
         if kind == "auto":
-            kind = "emulator" if importlib.util.find_spec("rawgate.emulator") else "standin"
+            kind = "emulator" if importlib.util.find_spec("rawgate.emulator.server") else "standin"
             if kind == "standin":
-                self.note("rawgate.emulator not importable yet: upstream is the harness's "
+                self.note("rawgate.emulator.server not importable yet: upstream is the harness's "
                           "stand-in (bench/standin.py)")
         port = procs.free_port()
         if kind == "emulator":

@@ -52,7 +52,7 @@ def serve_bare(port: int) -> None:
     import anyio
 
     from rawgate.config import Config
-    from rawgate.listener import open_server
+    from rawgate.http.listener import open_server
     from rawgate.respond import json_response
 
     body = b'{"status":"ok","version":"bare"}'

@@ -282,7 +282,7 @@ async def run_case(
     import anyio
 
     from rawgate.config import TimeoutsConfig, UpstreamConfig
-    from rawgate.upstream import UpstreamClient
+    from rawgate.upstream.client import UpstreamClient
 
     cfg = UpstreamConfig(
         cleartext_http2="off" if proto == "h1" else "prior_knowledge",

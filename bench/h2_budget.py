@@ -23,7 +23,7 @@ from h2.connection import H2Connection
 from h2.events import RequestReceived
 
 from rawgate.config import UpstreamConfig
-from rawgate.h2_client import _H2, new_h2
+from rawgate.upstream.h2_client import _H2, new_h2
 
 _REQUEST = [
     (b":method", b"POST"),

@@ -28,11 +28,12 @@ from typing import Any
 
 import orjson
 
-from rawgate import mapping, schemas
-from rawgate.gemini import decode_reply
-from rawgate.sse import SSEDecoder
-from rawgate.transcode_chat import ChatStream, chat_response
-from rawgate.transcode_responses import ResponsesStream, responses_response
+from rawgate.translate import mapping
+from rawgate.translate import schemas
+from rawgate.translate.gemini import decode_reply
+from rawgate.translate.sse import SSEDecoder
+from rawgate.translate.transcode_chat import ChatStream, chat_response
+from rawgate.translate.transcode_responses import ResponsesStream, responses_response
 
 ROOT = Path(__file__).resolve().parent.parent
 READ_BYTES = 16 * 1024  # a typical TLS record / socket read

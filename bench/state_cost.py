@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 
 from rawgate.config import build_config
-from rawgate.state import State, open_state
+from rawgate.state.store import State, open_state
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

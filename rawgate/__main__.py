@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rawgate import __version__, cli_accounts, cli_emulate, cli_keys, cli_serve
+from rawgate import __version__
+from rawgate.cli import accounts as cli_accounts
+from rawgate.cli import emulate as cli_emulate
+from rawgate.cli import keys as cli_keys
+from rawgate.cli import serve as cli_serve
 
 _COMMANDS = (cli_serve, cli_emulate, cli_accounts, cli_keys)
 

@@ -317,7 +317,7 @@ def _check_semantics(cfg: Config, source: str) -> None:
         if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) == 0:
             raise ConfigError(f"{source}: upstream.{key} = {url!r}: must be an http(s):// URL")
     if up.proxy:
-        from rawgate.backends import parse_proxy  # config must not import the I/O layer eagerly
+        from rawgate.upstream.backends import parse_proxy  # config must not import the I/O layer eagerly
 
         try:
             parse_proxy(up.proxy)

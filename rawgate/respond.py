@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from rawgate.errors import RawgateError
-from rawgate.events import ResponseSink
+from rawgate.seam import ResponseSink
 
 __all__ = [
     "JSON_CONTENT_TYPE",

@@ -1,8 +1,8 @@
 """Test helpers for anything behind the Request/ResponseSink seam, with no sockets.
 
-- `make_request(method, target, headers, body)` builds a rawgate.events.Request the way the HTTP
-  drivers do (path and query from rawgate.target.parse_target, lower-case header names, bytes).
-- `RecordingSink` implements rawgate.events.ResponseSink in memory and checks the call order a
+- `make_request(method, target, headers, body)` builds a rawgate.seam.Request the way the HTTP
+  drivers do (path and query from rawgate.http.target.parse_target, lower-case header names, bytes).
+- `RecordingSink` implements rawgate.seam.ResponseSink in memory and checks the call order a
   driver would enforce (start once, nothing after end). `disconnect_after` makes `send()` raise
   ClientDisconnected after that many body pieces, like a client that goes away mid-stream.
 - `call(app, ...)` = make_request + a fresh RecordingSink + `await app(request, sink)`.
@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import orjson
 
-from rawgate.events import App, ClientDisconnected, Request
-from rawgate.target import parse_target
+from rawgate.seam import App, ClientDisconnected, Request
+from rawgate.http.target import parse_target
 
 __all__ = ["RecordingSink", "call", "make_request"]
 

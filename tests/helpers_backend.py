@@ -40,7 +40,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
-from rawgate.backends import AnyIOBackend
+from rawgate.upstream.backends import AnyIOBackend
 from rawgate.config import TimeoutsConfig, UpstreamConfig
 
 WAIT_S = 10.0

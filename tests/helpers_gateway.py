@@ -1,6 +1,6 @@
 """The whole product on loopback for end-to-end tests: emulator + gateway + listener.
 
-`gateway_stack(home, ...)` runs `rawgate.stack.open_stack(emulate=True)` (the code path of
+`gateway_stack(home, ...)` runs `rawgate.cli.stack.open_stack(emulate=True)` (the code path of
 `rawgate serve --emulate`) behind a real listener on 127.0.0.1:0 and yields a `Running` with the
 OpenAI base_url to point SDKs at, the emulator (its test hooks) and the gateway (its scheduler).
 """
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rawgate.accounts import AccountStore
+from rawgate.accounts.store import AccountStore
 from rawgate.config import Config, build_config
 from rawgate.conn import ServerState
-from rawgate.emulator import RunningEmulator, Settings
-from rawgate.gateway import Gateway
-from rawgate.listener import Server, open_server
-from rawgate.stack import open_stack
+from rawgate.emulator.server import RunningEmulator, Settings
+from rawgate.gateway.core import Gateway
+from rawgate.http.listener import Server, open_server
+from rawgate.cli.stack import open_stack
 
 __all__ = ["Running", "gateway_stack", "serve_process"]
 

@@ -27,7 +27,7 @@ from anyio.abc import ByteStream
 
 from rawgate.config import Config
 from rawgate.conn import ConnInfo, ServerState
-from rawgate.h1_server import serve_h1
+from rawgate.http.h1_server import serve_h1
 
 __all__ = [
     "Client",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rawgate.__main__ import main
-from rawgate.accounts import (
+from rawgate.accounts.store import (
     Account,
     AccountStore,
     AccountStoreError,
@@ -24,7 +24,7 @@ from rawgate.accounts import (
     mask_secret,
     write_atomic,
 )
-from rawgate.cli_accounts import parse_import
+from rawgate.cli.accounts import parse_import
 
 KEY = "AIzaSyA1234567890abcdefghijklmnopqrstu"
 KEY2 = "AIzaSyB0987654321zyxwvutsrqponmlkjihgf"
@@ -398,7 +398,7 @@ def test_import_skips_present_accounts_and_renames_taken_ids(tmp_path: Path) -> 
 
 _WRITER = """
 import contextlib, os, sys, time
-from rawgate.accounts import AccountStore
+from rawgate.accounts.store import AccountStore
 store = AccountStore(sys.argv[1])
 me, n, go = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 if len(sys.argv) > 5:  # the control experiment: no lock
@@ -472,7 +472,7 @@ def test_control_without_the_lock_updates_are_lost(tmp_path: Path) -> None:
 
 _KILLED = """
 import sys
-from rawgate.accounts import Account, AccountStore
+from rawgate.accounts.store import Account, AccountStore
 store = AccountStore(sys.argv[1])
 gen = int(sys.argv[2])
 pad = "x" * 2000
@@ -617,8 +617,8 @@ def test_cli_corrupt_store_as_a_real_process(home: Path) -> None:
 
 
 def test_cli_list_shows_shared_cooldowns(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from rawgate.cooldowns import CooldownBoard
-    from rawgate.scheduler import Cooldown
+    from rawgate.accounts.cooldowns import CooldownBoard
+    from rawgate.accounts.scheduler import Cooldown
 
     assert main(["accounts", "add", "--api-key", KEY, "--label", "work"]) == 0
     acc_id = capsys.readouterr().out.split()[2]

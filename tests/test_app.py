@@ -14,10 +14,10 @@ import anyio
 import orjson
 import pytest
 
-from rawgate.app import GatewayApp, Router, path_param
+from rawgate.http.app import GatewayApp, Router, path_param
 from rawgate.config import AuthConfig, Config, ConfigError, LimitsConfig, ServerConfig
 from rawgate.errors import BadRequest, RateLimited
-from rawgate.events import ClientDisconnected, Request, ResponseSink
+from rawgate.seam import ClientDisconnected, Request, ResponseSink
 from rawgate.logs import configure_logging
 from rawgate.respond import SSE_DONE, json_response, sse_headers
 from tests.helpers_app import RecordingSink, call, make_request
@@ -624,7 +624,7 @@ async def test_unexpected_exception_is_500_with_request_id(
         raise ValueError("kaboom-internal-detail")
 
     app.router.add("POST", "/boom", boom)
-    with caplog.at_level(logging.ERROR, logger="rawgate.app"):
+    with caplog.at_level(logging.ERROR, logger="rawgate.http.app"):
         sink = await call(app, "POST", "/boom", [("x-request-id", "rid-500")])
     assert sink.status == 500
     err = sink.json()["error"]  # type: ignore[index]
@@ -632,7 +632,7 @@ async def test_unexpected_exception_is_500_with_request_id(
     assert "rid-500" in err["message"]
     assert "kaboom" not in err["message"]  # internals stay in the log
     assert sink.header("x-request-id") == b"rid-500"
-    recs = [r for r in caplog.records if r.name == "rawgate.app"]
+    recs = [r for r in caplog.records if r.name == "rawgate.http.app"]
     assert len(recs) == 1 and "rid-500" in recs[0].getMessage()
     assert recs[0].exc_info is not None and recs[0].exc_info[0] is ValueError
     assert "kaboom-internal-detail" in caplog.text  # the traceback is in the log

@@ -247,7 +247,7 @@ def test_prompt_is_seeded_and_sized() -> None:
 
 
 def test_emulator_directives_parse_with_the_emulators_parser() -> None:
-    from rawgate import emulator_directives as directives
+    from rawgate.emulator.server import directives
 
     w = scenarios.Workload(stream=True, chunks=100, chunk_bytes=16, delay_ms=250)
     found, _rest = directives.parse_directives(scenarios.prompt(UP_EMU, w))

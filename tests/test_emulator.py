@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from rawgate.emulator import (
+from rawgate.emulator.server import (
     DEMO_ACCOUNT,
     DEMO_API_KEY,
     DEMO_CLIENT_ID,
@@ -302,7 +302,7 @@ async def test_stall_and_hang_end_after_stall_max(directive: str) -> None:
 
 
 async def test_client_going_away_mid_stream_is_counted(app: EmulatorApp) -> None:
-    from rawgate.events import ClientDisconnected
+    from rawgate.seam import ClientDisconnected
 
     sink = RecordingSink(disconnect_after=1)
     with pytest.raises(ClientDisconnected):

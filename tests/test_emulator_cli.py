@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from rawgate.__main__ import build_parser
-from rawgate.cli_emulate import build_settings
-from rawgate.emulator import DEMO_ACCOUNT, DEMO_API_KEY
+from rawgate.cli.emulate import build_settings
+from rawgate.emulator.server import DEMO_ACCOUNT, DEMO_API_KEY
 
 
 def test_flags_map_onto_settings() -> None:
@@ -42,7 +42,7 @@ def test_every_flag_has_help() -> None:
 
 
 def test_tls_flags_go_together() -> None:
-    from rawgate.cli_emulate import run
+    from rawgate.cli.emulate import run
 
     assert run(build_parser().parse_args(["emulate", "--tls-cert", "x.pem"])) == 2
 

@@ -14,9 +14,9 @@ from h2.settings import SettingCodes
 from hpack import Encoder
 from hypothesis import given, settings, strategies as st
 
-from rawgate import emulator
-from rawgate.emulator import DEMO_API_KEY, Settings
-from rawgate.emulator_fast_h2 import _Decoder, _encode_block
+from rawgate.emulator import server as emulator
+from rawgate.emulator.server import DEMO_API_KEY, Settings
+from rawgate.emulator.fast_h2 import _Decoder, _encode_block
 from tests.helpers_h2 import h2_client
 
 KEY_HDR = (b"x-goog-api-key", DEMO_API_KEY.encode())

@@ -16,8 +16,8 @@ import trustme
 from google import genai
 from google.genai import errors, types
 
-from rawgate import emulator
-from rawgate.emulator import DEMO_API_KEY, RunningEmulator, Settings
+from rawgate.emulator import server as emulator
+from rawgate.emulator.server import DEMO_API_KEY, RunningEmulator, Settings
 from tests.helpers_h2 import h2_client
 
 pytestmark = pytest.mark.anyio

@@ -8,9 +8,9 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rawgate.emulator_directives import ScriptError, parse_directives
-from rawgate.emulator_script import Options, build_plan, count_tokens, prompt_tokens
-from rawgate.emulator_wire import encode_array, encode_sse
+from rawgate.emulator.directives import ScriptError, parse_directives
+from rawgate.emulator.script import Options, build_plan, count_tokens, prompt_tokens
+from rawgate.emulator.wire import encode_array, encode_sse
 
 
 def test_parse_values_and_strip() -> None:

@@ -20,9 +20,9 @@ import orjson
 import pytest
 from pydantic import BaseModel, Field
 
-from rawgate.accounts import AccountStore
-from rawgate.emulator import DEMO_API_KEY, Emulator
-from rawgate.emulator_sample import _Sampler, sample
+from rawgate.accounts.store import AccountStore
+from rawgate.emulator.server import DEMO_API_KEY, Emulator
+from rawgate.emulator.sample import _Sampler, sample
 from tests.helpers_gateway import gateway_stack, serve_process
 
 pytestmark = pytest.mark.anyio

@@ -1,7 +1,7 @@
 """Google-like request validation, and rawgate's own translation checked by it.
 
 The last section is the point of the emulator's validator: OpenAI requests mapped by
-rawgate.mapping and schemas cleaned by rawgate.jsonschema must pass it.
+rawgate.translate.mapping and schemas cleaned by rawgate.translate.jsonschema must pass it.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rawgate import mapping, schemas
-from rawgate.emulator_models import CATALOG
-from rawgate.emulator_validate import SKIP_SIGNATURE, Invalid, validate_request
-from rawgate.jsonschema import to_gemini_parameters
+from rawgate.translate import mapping
+from rawgate.translate import schemas
+from rawgate.emulator.models import CATALOG
+from rawgate.emulator.validate import SKIP_SIGNATURE, Invalid, validate_request
+from rawgate.translate.jsonschema import to_gemini_parameters
 
 FLASH = CATALOG["gemini-2.5-flash"]
 PRO3 = CATALOG["gemini-3-pro-preview"]

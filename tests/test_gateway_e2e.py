@@ -146,7 +146,7 @@ async def test_responses_tool_call_round_trip_with_previous_response_id(tmp_path
 
 
 async def test_accounts_added_while_running_are_picked_up(tmp_path: Path) -> None:
-    from rawgate.accounts import AccountStore
+    from rawgate.accounts.store import AccountStore
 
     async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
         r = await c.chat.completions.with_raw_response.create(

@@ -10,8 +10,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from rawgate.accounts import AccountStore
-from rawgate.emulator import DEMO_ACCOUNT, Settings
+from rawgate.accounts.store import AccountStore
+from rawgate.emulator.server import DEMO_ACCOUNT, Settings
 from tests.helpers_gateway import gateway_stack
 
 pytestmark = pytest.mark.anyio

@@ -10,8 +10,8 @@ import httpx2 as httpx
 import orjson
 import pytest
 
-from rawgate.emulator import Settings
-from rawgate.sse import DONE, HEARTBEAT
+from rawgate.emulator.server import Settings
+from rawgate.translate.sse import DONE, HEARTBEAT
 from tests.helpers_gateway import gateway_stack
 
 pytestmark = pytest.mark.anyio

@@ -9,10 +9,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from rawgate.accounts import AccountStore
+from rawgate.accounts.store import AccountStore
 from rawgate.config import Config
 from rawgate.errors import RateLimited
-from rawgate.gateway import Gateway
+from rawgate.gateway.core import Gateway
 
 pytestmark = pytest.mark.anyio
 

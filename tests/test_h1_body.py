@@ -1,4 +1,4 @@
-"""BodyReader (rawgate.h1_client): the upstream HTTP/1.1 response body framing, sans-IO."""
+"""BodyReader (rawgate.upstream.h1_client): the upstream HTTP/1.1 response body framing, sans-IO."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import UpstreamClosed, UpstreamProtocolError
-from rawgate.h1_client import BodyReader
+from rawgate.upstream.h1_client import BodyReader
 
 
 def chunked(pieces: list[bytes], trailers: bytes = b"") -> bytes:

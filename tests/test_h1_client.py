@@ -20,7 +20,7 @@ from rawgate.errors import (
     UpstreamReadTimeout,
     UpstreamWriteTimeout,
 )
-from rawgate.upstream import UpstreamClient
+from rawgate.upstream.client import UpstreamClient
 from tests.helpers_backend import (
     H1Origin,
     MockBackend,

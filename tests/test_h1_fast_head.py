@@ -11,8 +11,8 @@ import h11
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rawgate.events import Request, ResponseSink
-from rawgate.h1_server import _fast_head
+from rawgate.seam import Request, ResponseSink
+from rawgate.http.h1_server import _fast_head
 from tests.helpers_h1 import h1_serving
 
 PLAIN = (

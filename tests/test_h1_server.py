@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from rawgate.config import Config
 from rawgate.conn import ServerState
 from rawgate.errors import BadRequest
-from rawgate.events import ClientDisconnected, Request, ResponseSink
+from rawgate.seam import ClientDisconnected, Request, ResponseSink
 from rawgate.respond import error_response, json_response
 from tests.helpers_h1 import h1_serving, normalize_date, parse_responses
 
@@ -758,7 +758,7 @@ async def test_draining_closes_an_idle_connection() -> None:
 
 
 async def test_gateway_app_over_h1() -> None:
-    from rawgate.app import GatewayApp
+    from rawgate.http.app import GatewayApp
 
     cfg = Config()
     state = ServerState()
@@ -778,7 +778,7 @@ async def test_gateway_app_over_h1() -> None:
 
 @pytest.mark.parametrize("on_asyncio", [True, False])
 async def test_wakeup_wakes_its_waiter(monkeypatch: pytest.MonkeyPatch, on_asyncio: bool) -> None:
-    from rawgate import h1_server
+    from rawgate.http import h1_server
 
     if not on_asyncio:  # what a non-asyncio backend sees: no running asyncio loop
 

@@ -19,8 +19,8 @@ from rawgate.errors import (
     UpstreamReadTimeout,
     UpstreamWriteTimeout,
 )
-from rawgate.h2_client import H2Stream
-from rawgate.upstream import UpstreamClient, UpstreamResponse
+from rawgate.upstream.h2_client import H2Stream
+from rawgate.upstream.client import UpstreamClient, UpstreamResponse
 from tests.helpers_backend import (
     H1Origin,
     H2Origin,
@@ -541,7 +541,7 @@ async def test_closed_streams_are_forgotten_even_when_the_peer_sets_no_limit() -
 def test_stateless_hpack_encoder_round_trips_and_never_uses_the_table() -> None:
     from hpack import Decoder
 
-    from rawgate.h2_client import _Encoder
+    from rawgate.upstream.h2_client import _Encoder
 
     enc, dec = _Encoder(), Decoder()
     fields = [

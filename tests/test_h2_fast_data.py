@@ -13,7 +13,7 @@ import pytest
 from hyperframe.frame import DataFrame, PingFrame, RstStreamFrame, WindowUpdateFrame
 from hypothesis import given, settings, strategies as st
 
-from rawgate.h2_client import _H2, _Data, _Encoder
+from rawgate.upstream.h2_client import _H2, _Data, _Encoder
 
 CLIENT_WINDOW = 4096  # small, so that flow-control violations are easy to produce
 

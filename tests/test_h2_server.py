@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from rawgate.config import Config, LimitsConfig, TimeoutsConfig
 from rawgate.conn import ConnInfo, ServerState
 from rawgate.errors import BadRequest
-from rawgate.events import Request, ResponseSink
-from rawgate.h2_server import serve_h2
+from rawgate.seam import Request, ResponseSink
+from rawgate.http.h2_server import serve_h2
 from rawgate.respond import error_response, json_response
 from tests.helpers_h2 import FrameFactory, FrameReader, H2Client, h2_client
 
@@ -929,7 +929,7 @@ async def test_random_frames_never_escape_serve_h2(
 
 
 def _guard(**kw: Any) -> Any:
-    from rawgate.h2_server import _new_h2
+    from rawgate.http.h2_server import _new_h2
 
     h2 = _new_h2(make_cfg(**kw).limits)
     h2.new_batch(0.0)
@@ -977,7 +977,7 @@ def test_closed_streams_do_not_pile_up_inside_h2() -> None:
 
 
 async def test_gateway_app_over_h2() -> None:
-    from rawgate.app import GatewayApp
+    from rawgate.http.app import GatewayApp
 
     cfg = Config()
     state = ServerState()
@@ -992,7 +992,7 @@ async def test_gateway_app_over_h2() -> None:
     assert metrics.status == 200 and b'protocol="h2"' in metrics.body
 
 
-# ---- through the shared listener (rawgate.listener, written alongside this driver) --------------
+# ---- through the shared listener (rawgate.http.listener, written alongside this driver) --------------
 
 
 def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -1007,7 +1007,7 @@ def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 
 async def test_listener_h2c_prior_knowledge_and_tls_alpn() -> None:
-    from rawgate import listener
+    from rawgate.http import listener
     server_ctx, client_ctx = _tls_contexts()
     app = Recorder()
     async with listener.open_server(app, Config(), host="127.0.0.1", port=0) as server:
@@ -1024,7 +1024,7 @@ async def test_listener_h2c_prior_knowledge_and_tls_alpn() -> None:
 
 
 async def test_listener_graceful_shutdown_lets_an_h2_stream_finish() -> None:
-    from rawgate import listener
+    from rawgate.http import listener
     app = Recorder()
     app.expect = 1
     async with listener.open_server(app, Config(), host="127.0.0.1", port=0) as server:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hpack import Decoder
 from hypothesis import given, settings, strategies as st
 
-from rawgate.h2_server import _Encoder, _hpack_int
+from rawgate.http.h2_server import _Encoder, _hpack_int
 
 HEAD = [
     (b":status", b"200"),

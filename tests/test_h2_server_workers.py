@@ -8,7 +8,7 @@ import anyio
 import pytest
 from h2.errors import ErrorCodes
 
-from rawgate.events import Request, ResponseSink
+from rawgate.seam import Request, ResponseSink
 from tests.test_h2_server import Recorder, client_for, make_cfg
 
 pytestmark = pytest.mark.anyio

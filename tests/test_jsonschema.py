@@ -10,7 +10,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rawgate.jsonschema import (
+from rawgate.translate.jsonschema import (
     MAX_SCHEMA_NODES,
     SchemaError,
     to_gemini_parameters,

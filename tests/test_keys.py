@@ -14,8 +14,8 @@ import pytest
 
 from rawgate.__main__ import main
 from rawgate.config import ConfigError, build_config
-from rawgate.keys import KeyFile, KeyStoreError, add_record, hash_key, parse_since
-from rawgate.limiter import (
+from rawgate.state.keys import KeyFile, KeyStoreError, add_record, hash_key, parse_since
+from rawgate.state.limiter import (
     DAY_MS,
     MINUTE_MS,
     Limits,
@@ -163,7 +163,7 @@ _WORKER = """
 import sys, anyio
 from pathlib import Path
 from rawgate.config import build_config
-from rawgate.state import open_state
+from rawgate.state.store import open_state
 
 async def main():
     cfg = build_config({}, {}, {})
@@ -181,7 +181,7 @@ anyio.run(main)
 def test_local_limits_are_shared_by_worker_processes(tmp_path: Path) -> None:
     import anyio
 
-    from rawgate.state import open_state
+    from rawgate.state.store import open_state
 
     async def setup() -> str:
         async with open_state(build_config({}, {}, {}), tmp_path) as st:
@@ -203,11 +203,11 @@ def test_local_limits_are_shared_by_worker_processes(tmp_path: Path) -> None:
 
 
 def test_health_episodes_warn_once_and_back_off(caplog: pytest.LogCaptureFixture) -> None:
-    from rawgate.state import BACKOFF_BASE_S, Health
+    from rawgate.state.store import BACKOFF_BASE_S, Health
 
     now = [100.0]
     h = Health("store", backoff_max_s=3.0, clock=lambda: now[0])
-    with caplog.at_level("WARNING", logger="rawgate.state"):
+    with caplog.at_level("WARNING", logger="rawgate.state.store"):
         for _ in range(5):
             h.failed(ConnectionError("refused"))
         assert h.degraded and h.episodes == 1 and h.failures == 5

@@ -26,11 +26,11 @@ import pytest
 import trustme
 from anyio.abc import SocketAttribute
 
-from rawgate import listener
-from rawgate.app import GatewayApp
+from rawgate.http import listener
+from rawgate.http.app import GatewayApp
 from rawgate.config import Config, ConfigError
 from rawgate.conn import ServerState
-from rawgate.events import Request, ResponseSink
+from rawgate.seam import Request, ResponseSink
 from rawgate.respond import json_response
 from tests.helpers_h1 import exchange, memory_stream_pair
 from tests.helpers_h2 import PREFACE, h2_client

@@ -20,11 +20,11 @@ import anyio
 import orjson
 import pytest
 
-from rawgate import emulator
-from rawgate.accounts import AccountStore
-from rawgate.cli_login import has_display
-from rawgate.emulator import Emulator, RunningEmulator
-from rawgate.oauth import LoginRequest, OAuthError, code_from_redirect, parse_code_response
+from rawgate.emulator import server as emulator
+from rawgate.accounts.store import AccountStore
+from rawgate.cli.login import has_display
+from rawgate.emulator.server import Emulator, RunningEmulator
+from rawgate.accounts.oauth import LoginRequest, OAuthError, code_from_redirect, parse_code_response
 from tests.helpers_gateway import gateway_stack
 
 pytestmark = pytest.mark.anyio

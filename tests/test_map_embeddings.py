@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from rawgate.errors import BadRequest, UpstreamProtocolError
-from rawgate.map_embeddings import (
+from rawgate.translate.map_embeddings import (
     BATCH_LIMIT,
     batch_bodies,
     decode_embeddings,

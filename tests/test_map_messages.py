@@ -8,14 +8,14 @@ from typing import Any
 import orjson
 import pytest
 
-from rawgate.emulator_models import CATALOG
-from rawgate.emulator_validate import Invalid, validate_request
+from rawgate.emulator.models import CATALOG
+from rawgate.emulator.validate import Invalid, validate_request
 from rawgate.errors import BadRequest
-from rawgate.gemini import decode_reply
-from rawgate.map_messages import decode_messages, messages_to_gemini
-from rawgate.signatures import SKIP_SIGNATURE
-from rawgate.sigtag import SignatureTagger
-from rawgate.transcode_messages import MessagesOptions, messages_response
+from rawgate.translate.gemini import decode_reply
+from rawgate.translate.map_messages import decode_messages, messages_to_gemini
+from rawgate.translate.signatures import SKIP_SIGNATURE
+from rawgate.translate.sigtag import SignatureTagger
+from rawgate.translate.transcode_messages import MessagesOptions, messages_response
 
 SIG = SignatureTagger(b"s" * 32)
 PRO3 = "gemini-3-pro-preview"

@@ -14,16 +14,16 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import BadRequest
-from rawgate.mapping import (
+from rawgate.translate.mapping import (
     chat_to_gemini,
     code_assist_body,
     completion_to_gemini,
     gemini_body,
     responses_to_gemini,
 )
-from rawgate.schemas import decode_chat, decode_completion, decode_responses
-from rawgate.signatures import SKIP_SIGNATURE, mint_call_id, pack_reasoning
-from rawgate.thinking import family, thinking_config
+from rawgate.translate.schemas import decode_chat, decode_completion, decode_responses
+from rawgate.translate.signatures import SKIP_SIGNATURE, mint_call_id, pack_reasoning
+from rawgate.translate.thinking import family, thinking_config
 
 DATA = Path(__file__).parent / "data" / "requests"
 FLASH = "gemini-2.5-flash"

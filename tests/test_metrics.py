@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from rawgate.app import GatewayApp
+from rawgate.http.app import GatewayApp
 from rawgate.config import AuthConfig, Config
 from rawgate.conn import ServerState
-from rawgate.events import Request, ResponseSink
+from rawgate.seam import Request, ResponseSink
 from rawgate.metrics import DURATION_BUCKETS_S, Metrics, method_label
 from rawgate.respond import json_response
 from tests.helpers_app import call

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from rawgate.errors import AuthenticationError, BadRequest, RateLimited, UpstreamError
-from rawgate.native import (
+from rawgate.translate.native import (
     check_body,
     google_error,
     has_finish_reason,

@@ -9,9 +9,9 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from rawgate.accounts import Account
+from rawgate.accounts.store import Account
 from rawgate.errors import UpstreamConnectError, UpstreamError
-from rawgate.oauth import (
+from rawgate.accounts.oauth import (
     REFRESH_MARGIN_S,
     AccountRevoked,
     CodeAssistSetupError,

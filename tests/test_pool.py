@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import UpstreamConnectError, UpstreamPoolTimeout
-from rawgate.pool import (
+from rawgate.upstream.pool import (
     ConnState,
     Limits,
     OriginPool,
@@ -240,7 +240,7 @@ def test_plan_invariants(conns: list[Fake], n_waiters: int, max_conns: int, expe
 
 def _reference_assign(conns: list[Fake], ws: list[Waiter], lim: Limits, expect: int) -> Plan:
     """assign() as first written: every waiter one by one (O(waiters) per call)."""
-    from rawgate.pool import _USABLE, _pick
+    from rawgate.upstream.pool import _USABLE, _pick
 
     plan = Plan()
     live: list[Fake] = []

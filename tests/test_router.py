@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.config import ConfigError
-from rawgate.router import LISTED_ALIASES, MODELS_CREATED, ModelRouter, _Pattern
+from rawgate.model_router import LISTED_ALIASES, MODELS_CREATED, ModelRouter, _Pattern
 
 D = "gemini-2.5-flash"
 
@@ -141,7 +141,7 @@ def test_bad_default_model() -> None:
 
 
 def test_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import rawgate.router as router_mod
+    import rawgate.model_router as router_mod
 
     monkeypatch.setattr(router_mod, "RESOLVE_CACHE_MAX", 16)
     r = ModelRouter(D)

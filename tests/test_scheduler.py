@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from rawgate import scheduler as sched_mod
-from rawgate.accounts import Account
-from rawgate.cooldowns import CooldownBoard, sync_cooldowns
+from rawgate.accounts.store import scheduler as sched_mod
+from rawgate.accounts.store import Account
+from rawgate.accounts.cooldowns import CooldownBoard, sync_cooldowns
 from rawgate.errors import NoAccountAvailable, RateLimited, ServiceUnavailable
-from rawgate.scheduler import (
+from rawgate.accounts.scheduler import (
     BREAKER_OPEN_S,
     BREAKER_THRESHOLD,
     RATE_LIMIT_DEFAULT_S,
@@ -486,8 +486,8 @@ def test_metrics_collectors_render() -> None:
 
 _PUBLISHER = """
 import sys, time
-from rawgate.cooldowns import CooldownBoard
-from rawgate.scheduler import Cooldown
+from rawgate.accounts.cooldowns import CooldownBoard
+from rawgate.accounts.scheduler import Cooldown
 board = CooldownBoard(sys.argv[1])
 me = sys.argv[2]
 for i in range(100):

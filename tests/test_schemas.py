@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rawgate.errors import BadRequest
-from rawgate.schemas import (
+from rawgate.translate.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     ResponsesRequest,
@@ -358,7 +358,7 @@ _nested = st.recursive(
 @settings(max_examples=500, deadline=None)
 @given(_nested, st.integers(min_value=0, max_value=8))
 def test_depth_check_is_exact(value: Any, limit: int) -> None:
-    from rawgate.schemas import _too_deep
+    from rawgate.translate.schemas import _too_deep
 
     body = orjson.dumps(value)
     assert _too_deep(body, limit) == (_depth(value) > limit)

@@ -12,8 +12,8 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import SocketAttribute
 
-from rawgate import server_stream
-from rawgate.server_stream import ServerStream, accept
+from rawgate.http import server_stream
+from rawgate.http.server_stream import ServerStream, accept
 
 pytestmark = pytest.mark.anyio
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from rawgate.signatures import mint_call_id, split_call_id
+from rawgate.translate.signatures import mint_call_id, split_call_id
 
 
 def test_plain_id_has_no_signature() -> None:
@@ -31,7 +31,7 @@ def test_ids_are_unique() -> None:
     st.none() | st.text(max_size=200),
 )
 def test_reasoning_round_trip(sigs: dict[str, str], text: str | None) -> None:
-    from rawgate.signatures import pack_reasoning, unpack_reasoning
+    from rawgate.translate.signatures import pack_reasoning, unpack_reasoning
 
     blob = pack_reasoning(sigs, text)
     assert blob.isascii()
@@ -40,7 +40,7 @@ def test_reasoning_round_trip(sigs: dict[str, str], text: str | None) -> None:
 
 @given(st.text(max_size=300))
 def test_foreign_encrypted_content_yields_nothing(blob: str) -> None:
-    from rawgate.signatures import unpack_reasoning
+    from rawgate.translate.signatures import unpack_reasoning
 
     got = unpack_reasoning(blob)
     assert isinstance(got, dict)
@@ -49,7 +49,7 @@ def test_foreign_encrypted_content_yields_nothing(blob: str) -> None:
 
 
 def test_corrupt_reasoning_blobs() -> None:
-    from rawgate.signatures import unpack_reasoning
+    from rawgate.translate.signatures import unpack_reasoning
 
     for blob in ["rg1.", "rg1.!!!!", "rg1.bnVsbA", "rg1.W10", "rg1.eyJzIjogWzFdfQ", "gAAAAABo"]:
         assert unpack_reasoning(blob) == {}

@@ -1,4 +1,4 @@
-"""rawgate.sse: the upstream SSE decoder (framing, Google's raw error objects, bounds) and the
+"""rawgate.translate.sse: the upstream SSE decoder (framing, Google's raw error objects, bounds) and the
 downstream encoders. Hypothesis checks that any split of any input gives the same events and
 that well-formed streams decode to exactly what was encoded."""
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import UpstreamProtocolError
-from rawgate.sse import DONE, HEARTBEAT, SSEDecoder, data_frame, event_frame
+from rawgate.translate.sse import DONE, HEARTBEAT, SSEDecoder, data_frame, event_frame
 
 
 def decode(*chunks: bytes, limit: int | None = None) -> list[bytes]:

@@ -15,11 +15,11 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from rawgate.accounts import Account, AccountStoreError
+from rawgate.accounts.store import Account, AccountStoreError
 from rawgate.config import Config, build_config
-from rawgate.keys import KeyStoreError
-from rawgate.state import Cooldown, State, open_state, refresh_once
-from rawgate.state_redis import RedisState
+from rawgate.state.keys import KeyStoreError
+from rawgate.state.store import Cooldown, State, open_state, refresh_once
+from rawgate.state.redis_backend import RedisState
 from tests.helpers_redis import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -336,7 +336,7 @@ async def test_redis_killed_mid_use_degrades_and_recovers(
                 await st.check_key(rec, "m")
             assert st.health.failures == failures
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING
-                        and r.name == "rawgate.state"]  # fmt: skip
+                        and r.name == "rawgate.state.store"]  # fmt: skip
             # One warning per instance for the whole episode, however many calls failed.
             assert len([r for r in warnings if "unreachable" in r.getMessage()]) == 2
             srv.start()  # same port
@@ -455,7 +455,7 @@ def test_accounts_cli_on_redis(
 async def test_accounts_list_shows_redis_cooldowns(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from rawgate.state_cli import RedisCooldownBoard
+    from rawgate.state.admin import RedisCooldownBoard
 
     cfg = _cfg("redis", redis_server.url)
     async with open_state(cfg, tmp_path) as st:
@@ -513,9 +513,9 @@ async def test_local_workers_share_cooldowns_through_the_board(tmp_path: Path) -
 
 @both
 async def test_status_and_metrics_with_bounded_key_labels(opener: Opener) -> None:
-    from rawgate.limiter import Decision
+    from rawgate.state.limiter import Decision
     from rawgate.metrics import Metrics
-    from rawgate.state import METRIC_KEYS_MAX, OTHER_KEY
+    from rawgate.state.store import METRIC_KEYS_MAX, OTHER_KEY
 
     async with opener() as st:
         rec, key = await st.add_key("alice", rpm=1, models=["gemini-*"])

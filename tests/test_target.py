@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from rawgate.errors import BadRequest
-from rawgate.target import parse_target
+from rawgate.http.target import parse_target
 
 
 @pytest.mark.parametrize(

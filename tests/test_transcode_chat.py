@@ -1,4 +1,4 @@
-"""rawgate.transcode_chat: Chat and legacy Completions, streamed and whole, checked rule by rule
+"""rawgate.translate.transcode_chat: Chat and legacy Completions, streamed and whole, checked rule by rule
 and through the official openai SDK (raw iteration, the strict `chat.completions.stream()`
 helper, AsyncOpenAI, error events), all without sockets."""
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import RateLimited, UpstreamError, UpstreamProtocolError
-from rawgate.gemini import decode_reply
-from rawgate.signatures import split_call_id
-from rawgate.transcode_chat import ChatStream, chat_response, completion_response
+from rawgate.translate.gemini import decode_reply
+from rawgate.translate.signatures import split_call_id
+from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
 from tests.test_transcode_golden import (
     CASES,
     async_sdk,

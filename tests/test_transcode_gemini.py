@@ -1,4 +1,4 @@
-"""rawgate.gemini: reply views (envelope, arrays, in-stream errors) and the Gemini / Code Assist
+"""rawgate.translate.gemini: reply views (envelope, arrays, in-stream errors) and the Gemini / Code Assist
 error -> OpenAI error table, one row per upstream shape."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rawgate.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from rawgate.gemini import (
+from rawgate.translate.gemini import (
     TERMINAL_RETRY_DELAY_S,
     chat_usage,
     decode_reply,

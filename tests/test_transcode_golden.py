@@ -25,13 +25,14 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rawgate import mapping, schemas
-from rawgate.call import GeminiCall
+from rawgate.translate import mapping
+from rawgate.translate import schemas
+from rawgate.translate.call import GeminiCall
 from rawgate.errors import RawgateError
-from rawgate.gemini import decode_reply
-from rawgate.sse import SSEDecoder
-from rawgate.transcode_chat import ChatStream, chat_response, completion_response
-from rawgate.transcode_responses import ResponsesStream, responses_response
+from rawgate.translate.gemini import decode_reply
+from rawgate.translate.sse import SSEDecoder
+from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
+from rawgate.translate.transcode_responses import ResponsesStream, responses_response
 
 DATA = Path(__file__).parent / "data" / "gemini"
 EXPECTED = DATA / "expected"

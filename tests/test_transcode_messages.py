@@ -12,11 +12,11 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rawgate.call import GeminiCall, ToolOrigin
+from rawgate.translate.call import GeminiCall, ToolOrigin
 from rawgate.errors import RateLimited, ServiceUnavailable, UpstreamError
-from rawgate.gemini import decode_reply
-from rawgate.sigtag import SignatureTagger
-from rawgate.transcode_messages import (
+from rawgate.translate.gemini import decode_reply
+from rawgate.translate.sigtag import SignatureTagger
+from rawgate.translate.transcode_messages import (
     MessagesOptions,
     MessagesStream,
     anthropic_error,

@@ -1,4 +1,4 @@
-"""rawgate.transcode_responses and rawgate.response_store: the Responses event sequence (every
+"""rawgate.translate.transcode_responses and rawgate.gateway.response_store: the Responses event sequence (every
 invariant checked on every golden stream), signatures in encrypted_content and their round trip
 through mapping, Codex's view of the stream, the official SDK (raw, the strict
 `responses.stream()` helper, async, non-stream), and the bounded store."""
@@ -13,12 +13,13 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rawgate import mapping, schemas
+from rawgate.translate import mapping
+from rawgate.translate import schemas
 from rawgate.errors import BadRequest, RateLimited, UpstreamError
-from rawgate.gemini import decode_reply, error_from_upstream
-from rawgate.response_store import ResponseStore
-from rawgate.signatures import split_call_id, unpack_reasoning
-from rawgate.transcode_responses import ResponsesStream, responses_response
+from rawgate.translate.gemini import decode_reply, error_from_upstream
+from rawgate.gateway.response_store import ResponseStore
+from rawgate.translate.signatures import split_call_id, unpack_reasoning
+from rawgate.translate.transcode_responses import ResponsesStream, responses_response
 from tests.test_transcode_golden import (
     CASES,
     RESPONSE_ID,

@@ -14,16 +14,16 @@ import pytest
 import trustme
 from anyio.abc import ByteStream, SocketStream
 
-from rawgate import emulator
-from rawgate.backends import AnyIOBackend, NetworkBackend
-from rawgate.emulator import RunningEmulator, Settings, emulator_config
+from rawgate.emulator import server as emulator
+from rawgate.upstream.backends import AnyIOBackend, NetworkBackend
+from rawgate.emulator.server import RunningEmulator, Settings, emulator_config
 from rawgate.errors import (
     UpstreamConnectError,
     UpstreamHeadersTimeout,
     UpstreamReadTimeout,
     UpstreamWriteTimeout,
 )
-from rawgate.upstream import UpstreamClient
+from rawgate.upstream.client import UpstreamClient
 from tests.helpers_backend import (
     PREFACE,
     H1Origin,

@@ -14,11 +14,11 @@ import orjson
 import pytest
 
 from rawgate.config import LimitsConfig
-from rawgate.gemini import decode_reply, error_from_upstream
-from rawgate.signatures import split_call_id, unpack_reasoning
-from rawgate.sse import HEARTBEAT, SSEDecoder
-from rawgate.transcode_chat import chat_response
-from rawgate.transcode_responses import ResponsesStream
+from rawgate.translate.gemini import decode_reply, error_from_upstream
+from rawgate.translate.signatures import split_call_id, unpack_reasoning
+from rawgate.translate.sse import HEARTBEAT, SSEDecoder
+from rawgate.translate.transcode_chat import chat_response
+from rawgate.translate.transcode_responses import ResponsesStream
 from tests.test_mapping import (
     test_vector_6_results_out_of_order_become_one_turn_in_call_order as mapping_vector_6,
     test_vector_7_unknown_calls_get_skip_signature_in_active_loop_only as mapping_vector_7,

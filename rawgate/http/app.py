@@ -1,0 +1,564 @@
+"""The application edge: request ids, CORS, auth, routing, error mapping, access log, metrics.
+
+Invariants:
+- Auth and routing look at the SAME string, `request.path` (raw, not normalised: see target.py).
+  Routes match exactly; auth is skipped only for an exact (method, path) match of a route
+  registered `auth="public"` (always) or `auth="health"` (mode all_except_health). Anything else,
+  including unknown paths, needs a valid key when auth is on, so `/healthz/../v1/models`,
+  `//v1/models`, `/v1%2Fmodels`, `/V1/models`, `/healthz/` can never reach a protected handler.
+- Order per request: in-flight cap (503) -> CORS preflight -> auth (401) -> route (404/405) ->
+  handler. With auth on, an unauthenticated client learns nothing about which paths exist (401
+  for all); the 404 that lists routes and base_url hints goes only to authenticated clients.
+- Keys are compared in constant time on bytes: SHA-256 of the presented key against the digest
+  of every configured key, no early exit; non-ASCII bytes are just bytes.
+- Every response carries x-request-id (and CORS headers for an allowed Origin), whatever answered.
+- Errors: RawgateError -> its status and OpenAI JSON; any other exception -> logged traceback and
+  a 500 naming the request id. After the response started nothing can be sent: the error is
+  logged and re-raised so the driver aborts the stream/connection.
+- Exactly one access-log line and one metrics observation per request, in `finally`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import hmac
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from random import getrandbits
+from typing import Literal
+from urllib.parse import unquote, unquote_to_bytes
+
+from rawgate import __version__
+from rawgate.config import Config, ConfigError, auth_mode
+from rawgate.conn import ServerState
+from rawgate.errors import (
+    AuthenticationError,
+    BadRequest,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    RawgateError,
+)
+from rawgate.seam import ClientDisconnected, Request, ResponseSink, is_disconnect
+from rawgate.logs import log_access
+from rawgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, method_label
+from rawgate.respond import error_response, json_response
+
+__all__ = ["AuthLevel", "GatewayApp", "Handler", "Route", "Router", "path_param"]
+
+log = logging.getLogger("rawgate.http.app")
+
+Handler = Callable[[Request, ResponseSink], Awaitable[None]]
+AuthLevel = Literal["protected", "public", "health"]
+Header = tuple[bytes, bytes]
+
+# Label for requests that matched no route: one series, whatever paths clients invent.
+UNMATCHED = "unmatched"
+# Status recorded when the client vanished before the response finished (nginx's convention).
+CLIENT_CLOSED = 499
+
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}\Z")
+_SANE_HOST = re.compile(rb"[A-Za-z0-9.\-:\[\]]{1,255}\Z")
+_SANE_HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~\-, \t]{1,1024}\Z")
+_BEARER = b"bearer"
+
+_HEALTH_BODY = b'{"status":"ok","version":"' + __version__.encode() + b'"}'
+_RETRY_1: Header = (b"retry-after", b"1")
+_WWW_AUTH: Header = (b"www-authenticate", b'Bearer realm="rawgate"')
+_VARY_ORIGIN: Header = (b"vary", b"origin")
+_ACAO_ANY: Header = (b"access-control-allow-origin", b"*")
+# Browsers hide response headers from scripts unless exposed; these are the ones clients read.
+_EXPOSE: Header = (
+    b"access-control-expose-headers",
+    b"x-request-id, x-mapped-model, x-account-email, retry-after, retry-after-ms",
+)
+_DEFAULT_ALLOW_HEADERS = (
+    b"authorization, content-type, x-api-key, x-goog-api-key, x-request-id, openai-beta,"
+    b" openai-organization, openai-project, x-stainless-retry-count"
+)
+
+# Header name -> slot in the per-request scan below: one pass over the headers finds them all.
+_SLOT = {
+    b"x-request-id": 0,
+    b"origin": 1,
+    b"authorization": 2,
+    b"x-api-key": 3,
+    b"x-goog-api-key": 4,
+    b"access-control-request-method": 5,
+    b"access-control-request-headers": 6,
+}
+_N_SLOTS = 7
+_DUPLICATE = b"\x00dup"  # a repeated credential header: ambiguous, never accepted
+
+
+def new_request_id() -> str:
+    """16 hex chars. Not a secret: Mersenne Twister is enough and costs no syscall."""
+    return f"{getrandbits(64):016x}"
+
+
+def path_param(request: Request, prefix: str) -> str:
+    """The percent-decoded rest of `request.path` after a prefix route's `prefix`."""
+    raw = request.path[len(prefix) :]
+    try:
+        value = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("path parameter is not valid UTF-8 after percent-decoding") from None
+    if not value:
+        raise NotFound(f"missing name after {prefix}")
+    return value
+
+
+class Route:
+    __slots__ = ("auth", "handler", "label", "method", "path", "prefix", "query_key")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        handler: Handler,
+        auth: AuthLevel,
+        prefix: bool,
+        query_key: bool,
+        label: str,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.handler = handler
+        self.auth = auth
+        self.prefix = prefix
+        self.query_key = query_key  # Gemini-style route: `?key=` is accepted as a credential
+        self.label = label  # metrics label and 404 listing: the pattern, never a raw path
+
+
+class Router:
+    """Exact (method, path) routes plus explicit prefix routes such as `/v1/models/{id}`."""
+
+    def __init__(self) -> None:
+        self._exact: dict[tuple[str, str], Route] = {}
+        self._methods: dict[str, list[str]] = {}  # path -> methods, for 405 Allow
+        self._prefixes: list[Route] = []
+
+    def add(
+        self,
+        method: str,
+        path: str,
+        handler: Handler,
+        *,
+        auth: AuthLevel = "protected",
+        prefix: bool = False,
+        query_key: bool = False,
+        label: str | None = None,
+    ) -> None:
+        """Register a handler. GET routes answer HEAD too (the driver drops the body).
+
+        prefix=True: `path` must end in "/" and matches any longer path; the handler reads the
+        rest with `path_param(request, path)`. query_key=True: `?key=` counts as a credential.
+        """
+        if not path.startswith("/"):
+            raise ValueError(f"route path must start with '/': {path!r}")
+        if auth not in ("protected", "public", "health"):
+            raise ValueError(f"auth must be protected, public or health, not {auth!r}")
+        method = method.upper()
+        if prefix:
+            if not path.endswith("/"):
+                raise ValueError(f"prefix route must end with '/': {path!r}")
+            if any(r.method == method and r.path == path for r in self._prefixes):
+                raise ValueError(f"duplicate route {method} {path}*")
+            route = Route(method, path, handler, auth, True, query_key, label or path + "{id}")
+            self._prefixes.append(route)
+            # Longest prefix first, so /v1beta/models/x/ beats /v1beta/models/.
+            self._prefixes.sort(key=lambda r: -len(r.path))
+            return
+        if (method, path) in self._exact:
+            raise ValueError(f"duplicate route {method} {path}")
+        self._exact[method, path] = Route(
+            method, path, handler, auth, False, query_key, label or path
+        )
+        self._methods.setdefault(path, []).append(method)
+
+    def match(self, method: str, path: str) -> Route | None:
+        route = self._exact.get((method, path))
+        if route is not None:
+            return route
+        if method == "HEAD":
+            route = self._exact.get(("GET", path))
+            if route is not None:
+                return route
+        for r in self._prefixes:
+            if (
+                (r.method == method or (method == "HEAD" and r.method == "GET"))
+                and len(path) > len(r.path)
+                and path.startswith(r.path)
+            ):
+                return r
+        return None
+
+    def allowed(self, path: str) -> list[str]:
+        """Methods that `path` answers to (empty if the path is unknown)."""
+        methods = set(self._methods.get(path, ()))
+        for r in self._prefixes:
+            if len(path) > len(r.path) and path.startswith(r.path):
+                methods.add(r.method)
+        if "GET" in methods:
+            methods.add("HEAD")
+        return sorted(methods)
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(method, pattern) of every route, sorted by pattern."""
+        routes = [*self._exact.values(), *self._prefixes]
+        return sorted(((r.method, r.label) for r in routes), key=lambda mr: (mr[1], mr[0]))
+
+    def all_methods(self) -> list[str]:
+        methods = {m for m, _ in self._exact} | {r.method for r in self._prefixes}
+        if "GET" in methods:
+            methods.add("HEAD")
+        return sorted(methods | {"OPTIONS"})
+
+
+class _Sink:
+    """Wraps the driver's sink to add x-request-id and CORS headers to whatever answers."""
+
+    __slots__ = ("_extra", "_inner")
+
+    def __init__(self, inner: ResponseSink, extra: list[Header]) -> None:
+        self._inner = inner
+        self._extra = extra
+
+    @property
+    def started(self) -> bool:
+        return self._inner.started
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._inner.bytes_sent
+
+    @property
+    def status(self) -> int:
+        return self._inner.status
+
+    async def start(self, status: int, headers: list[Header]) -> None:
+        await self._inner.start(status, headers + self._extra)
+
+    async def send(self, data: bytes) -> None:
+        await self._inner.send(data)
+
+    async def end(self, data: bytes = b"") -> None:
+        await self._inner.end(data)
+
+    async def respond(self, status: int, headers: list[Header], body: bytes) -> None:
+        await self._inner.respond(status, headers + self._extra, body)
+
+
+class GatewayApp:
+    """The App the HTTP drivers call. Built-in routes: /healthz, /health, /metrics."""
+
+    def __init__(self, cfg: Config, state: ServerState | None = None) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.router = Router()
+        self.metrics = Metrics(state)
+        self.in_flight = 0
+        self.metrics.set_in_flight_source(lambda: self.in_flight)
+        self._max_in_flight = cfg.limits.max_in_flight
+        self._access_log = cfg.log.access_log
+        self.auth_mode = auth_mode(cfg)
+        if self.auth_mode != "off":
+            if not cfg.auth.api_keys:
+                raise ConfigError(
+                    f"auth.mode = {self.auth_mode!r} needs at least one key in auth.api_keys"
+                    " (or RAWGATE_AUTH_API_KEYS); refusing to start with an open door"
+                )
+            if any(not k.strip() for k in cfg.auth.api_keys):
+                raise ConfigError("auth.api_keys contains an empty key")
+        # Digests of the keys: equal-length values for compare_digest whatever the key lengths.
+        self._key_digests = [hashlib.sha256(k.encode()).digest() for k in cfg.auth.api_keys]
+        origins = cfg.server.cors_allowed_origins
+        self._cors_any = "*" in origins
+        self._cors_origins = frozenset(o.encode() for o in origins if o != "*")
+        self._cors_max_age = str(cfg.server.cors_max_age_s).encode()
+        self._fallback_host = f"{cfg.server.host or '127.0.0.1'}:{cfg.server.port}"
+        self.router.add("GET", "/healthz", self._health, auth="health")
+        self.router.add("GET", "/health", self._health, auth="health")
+        self.router.add("GET", "/metrics", self._metrics)
+
+    # ---- the request cycle ----------------------------------------------------------------
+
+    async def __call__(self, request: Request, sink: ResponseSink) -> None:
+        t0 = time.perf_counter()
+        slots: list[bytes | None] = [None] * _N_SLOTS
+        for name, value in request.headers:
+            i = _SLOT.get(name)
+            if i is not None:
+                slots[i] = value if slots[i] is None else _DUPLICATE
+        rid_raw = slots[0]
+        if rid_raw is not None and _SANE_ID.match(rid_raw):
+            rid = rid_raw.decode("ascii")
+        else:
+            rid = new_request_id()
+        request.request_id = rid
+        extra: list[Header] = [(b"x-request-id", rid.encode("ascii"))]
+        origin = slots[1]
+        cors_ok = origin is not None and self._cors_allows(origin)
+        if cors_ok:
+            assert origin is not None
+            if self._cors_any:
+                extra.append(_ACAO_ANY)
+            else:
+                extra.append((b"access-control-allow-origin", origin))
+                extra.append(_VARY_ORIGIN)
+            extra.append(_EXPOSE)
+        out = _Sink(sink, extra)
+        route: Route | None = None
+        status = 0
+        over = self.in_flight >= self._max_in_flight
+        self.in_flight += 1
+        try:
+            try:
+                if over:
+                    raise Overloaded(
+                        "rawgate is handling too many requests; retry shortly", headers=[_RETRY_1]
+                    )
+                if request.method == "OPTIONS" and origin is not None and slots[5] is not None:
+                    await self._preflight(out, cors_ok, slots[6])
+                    return
+                route = self.router.match(request.method, request.path)
+                if self.auth_mode != "off" and not self._exempt(route):
+                    self._authenticate(request, route, slots)
+                if route is None:
+                    raise self._no_route(request)
+                await route.handler(request, out)
+                if not out.started:
+                    raise RuntimeError(f"handler for {route.label} returned without responding")
+            except ClientDisconnected:
+                status = CLIENT_CLOSED
+                raise
+            except Exception as exc:
+                if is_disconnect(exc):
+                    status = CLIENT_CLOSED
+                    raise
+                err = _as_rawgate_error(exc)
+                if out.started:
+                    log.error(
+                        "%s %s failed after the response started (request id %s)",
+                        request.method,
+                        request.path,
+                        rid,
+                        exc_info=err is None or err.status >= 500,
+                    )
+                    raise
+                if err is None:
+                    log.error(
+                        "unhandled error in %s %s (request id %s)",
+                        request.method,
+                        request.path,
+                        rid,
+                        exc_info=exc,
+                    )
+                    err = InternalError(
+                        f"The server had an error while processing your request (request id"
+                        f" {rid}). Retry, or report the request id if the error persists."
+                    )
+                try:
+                    await error_response(out, err)
+                except ClientDisconnected:
+                    status = CLIENT_CLOSED
+        finally:
+            self.in_flight -= 1
+            if status == 0:
+                status = out.status or CLIENT_CLOSED
+            duration = time.perf_counter() - t0
+            label = route.label if route is not None else UNMATCHED
+            self.metrics.observe(label, method_label(request.method), status, duration)
+            if self._access_log:
+                log_access(
+                    request.method,
+                    request.path,
+                    status,
+                    "h2" if request.http_version == "2" else "h1",
+                    duration,
+                    out.bytes_sent,
+                    request.model,
+                    request.mapped_model,
+                    request.account,
+                    rid,
+                )
+
+    # ---- auth ------------------------------------------------------------------------------
+
+    def _exempt(self, route: Route | None) -> bool:
+        if route is None:
+            return False
+        if route.auth == "public":
+            return True
+        return route.auth == "health" and self.auth_mode == "all_except_health"
+
+    def _authenticate(
+        self, request: Request, route: Route | None, slots: list[bytes | None]
+    ) -> None:
+        presented: bytes | None = None
+        for i in (2, 3, 4):  # Authorization, then x-api-key, then x-goog-api-key
+            value = slots[i]
+            if value is not None:
+                if value is _DUPLICATE:
+                    presented = value
+                elif i == 2:
+                    presented = _bearer(value)
+                else:
+                    presented = value.strip(b" \t")
+                break
+        if presented is None and route is not None and route.query_key:
+            presented = _query_key(request.query)
+        if presented is None:
+            raise AuthenticationError(
+                "Missing API key. Send it as 'Authorization: Bearer <key>' (the OpenAI SDKs do"
+                " this when api_key is set).",
+                headers=[_WWW_AUTH],
+            )
+        if presented is _DUPLICATE or not self._key_matches(presented):
+            raise AuthenticationError(
+                "Incorrect API key provided. Use one of the keys in rawgate's auth.api_keys.",
+                headers=[_WWW_AUTH],
+            )
+
+    def _key_matches(self, presented: bytes) -> bool:
+        digest = hashlib.sha256(presented).digest()
+        ok = False
+        for d in self._key_digests:  # no early exit: time does not depend on which key matched
+            ok |= hmac.compare_digest(digest, d)
+        return ok and bool(presented)
+
+    # ---- CORS ------------------------------------------------------------------------------
+
+    def _cors_allows(self, origin: bytes) -> bool:
+        return self._cors_any or origin in self._cors_origins
+
+    async def _preflight(self, sink: _Sink, allowed: bool, req_headers: bytes | None) -> None:
+        if not allowed:
+            raise PermissionDenied("this Origin is not allowed (server.cors_allowed_origins)")
+        if req_headers is not None and _SANE_HEADER_LIST.match(req_headers):
+            allow_headers = req_headers
+        else:
+            allow_headers = _DEFAULT_ALLOW_HEADERS
+        headers: list[Header] = [
+            (b"access-control-allow-methods", ", ".join(self.router.all_methods()).encode()),
+            (b"access-control-allow-headers", allow_headers),
+            (b"access-control-max-age", self._cors_max_age),
+        ]
+        await sink.respond(204, headers, b"")
+
+    # ---- 404 / 405 -------------------------------------------------------------------------
+
+    def _no_route(self, request: Request) -> RawgateError:
+        allowed = self.router.allowed(request.path)
+        if allowed:
+            return MethodNotAllowed(
+                f"Method {request.method} is not allowed on {request.path};"
+                f" allowed: {', '.join(allowed)}.",
+                headers=[(b"allow", ", ".join(allowed).encode())],
+            )
+        listing = ", ".join(f"{m} {p}" for m, p in self.router.listing())
+        hint = self._hint(request)
+        msg = f"Unknown path '{request.path}'."
+        if hint:
+            msg += " " + hint
+        return NotFound(f"{msg} Valid routes: {listing}.")
+
+    def _hint(self, request: Request) -> str:
+        path = request.path
+        stripped = path.rstrip("/")
+        if stripped != path and stripped and self.router.allowed(stripped):
+            return f"Did you mean '{stripped}' (no trailing slash)?"
+        lowered = path.lower()
+        if lowered != path and self.router.allowed(lowered):
+            return f"Paths are case-sensitive: did you mean '{lowered}'?"
+        # What an OpenAI SDK appends to base_url ("/chat/completions", "/models/"): if the path
+        # ends in one of those but does not start with exactly "/v1", base_url is wrong.
+        tails = sorted(
+            {p[3:].split("{", 1)[0] for _, p in self.router.listing() if p.startswith("/v1/")},
+            key=len,
+            reverse=True,
+        )
+        for tail in tails:
+            if tail.endswith("/"):  # prefix route: something must follow the tail
+                idx = path.find(tail)
+                if idx < 0 or len(path) <= idx + len(tail):
+                    continue
+            elif path.endswith(tail):
+                idx = len(path) - len(tail)
+            else:
+                continue
+            used = path[:idx]
+            if used == "/v1":
+                continue
+            shown = f"base_url ends in '{used}'" if used else "base_url lacks '/v1'"
+            base_url = f"{request.scheme}://{self._host(request)}/v1"
+            return (
+                f"It looks like your {shown}; set base_url to {base_url}"
+                f" (the client appends '{tail}' itself)."
+            )
+        # A typo of a fixed route ("/v1/chat/completion", "/v1/response"): name the route.
+        # Only on this 404 path, so the cost (a few us for ~10 routes) never touches a request.
+        fixed = sorted({p for _, p in self.router.listing() if "{" not in p})
+        close = difflib.get_close_matches(path, fixed, n=1, cutoff=0.85)
+        if close:
+            return f"Did you mean '{close[0]}'?"
+        return ""
+
+    def _host(self, request: Request) -> str:
+        host = request.header(b"host") or request.header(b":authority")
+        if host is not None and _SANE_HOST.match(host):
+            return host.decode("ascii")
+        return self._fallback_host
+
+    # ---- built-in routes -------------------------------------------------------------------
+
+    async def _health(self, request: Request, sink: ResponseSink) -> None:
+        await json_response(sink, 200, _HEALTH_BODY)
+
+    async def _metrics(self, request: Request, sink: ResponseSink) -> None:
+        await sink.respond(200, [(b"content-type", METRICS_CONTENT_TYPE)], self.metrics.render())
+
+
+def _bearer(value: bytes) -> bytes:
+    """The credential in an Authorization value: after `Bearer ` (any case), else the raw value.
+
+    Raw values are accepted because some clients send the bare key (the seed did too). Leading
+    and trailing blanks are ignored; anything else (a second token, a comma list) stays part of
+    the credential and so simply fails to match.
+    """
+    v = value.strip(b" \t")
+    if v[:6].lower() == _BEARER and v[6:7] in (b" ", b"\t"):
+        return v[7:].lstrip(b" \t")
+    return v
+
+
+def _query_key(query: str) -> bytes | None:
+    found: bytes | None = None
+    for part in query.split("&"):
+        name, eq, value = part.partition("=")
+        if name == "key" and eq:
+            if found is not None:
+                return _DUPLICATE
+            found = unquote_to_bytes(value)
+    return found
+
+
+
+def _as_rawgate_error(exc: BaseException) -> RawgateError | None:
+    """The RawgateError `exc` stands for, unwrapping task-group ExceptionGroups of them."""
+    if isinstance(exc, RawgateError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(RawgateError)
+        if matched is not None and rest is None:
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, RawgateError)
+            return leaf
+    return None

@@ -1,0 +1,1034 @@
+"""The inbound HTTP/1.1 driver: h11 parses requests, this module writes responses.
+
+Invariants:
+- h11 parses every request (request line, headers, Content-Length and chunked bodies). Responses
+  are written here from precomputed status lines and header blocks: h11's outbound path (event
+  validation + state machine + writer) costs ~35 us per request on the bench box, a third of the
+  whole budget of a /healthz (1). Each request cycle gets a fresh h11.Connection that inherits the
+  previous cycle's receive buffer (pipelined bytes are moved, never copied), so h11's client-side
+  state machine runs in full and its server side is never used.
+- Three tasks per connection. The reader is the only caller of receive(); the worker is the only
+  writer and answers requests strictly in arrival order; the watchdog owns every timeout.
+- The reader keeps reading while a handler runs. That is how pipelined requests queue up (at most
+  limits.max_pipelined behind the one being answered, and at most limits.max_body_bytes of their
+  bodies) and how a disconnect is seen at once: EOF or a reset cancels the connection's task
+  group, the running handler included; the sink raises ClientDisconnected afterwards.
+- The whole request body is collected (bounded by limits.max_body_bytes) before the handler runs.
+- Limits rawgate enforces itself, whatever h11 says: head bytes (431, counted on what h11 consumed,
+  because h11 only checks heads that are still incomplete), header count (431), target length
+  (414), Content-Length over the body limit (413 before any body byte; no 100 Continue is sent),
+  chunked bodies over it (413 as they arrive), Content-Length together with Transfer-Encoding (400:
+  a smuggling shape). A driver-level error is answered in order, then the connection closes after
+  a short lingering close (timeouts.lingering_close_s): framing after a bad request is not trusted.
+- Timeouts are plain float deadlines checked by the watchdog: arming one is a float store, where a
+  CancelScope costs ~4 us and fail_after ~12 us on the bench box (2). Head (slowloris): 408, close.
+  Body idle gap: 408, close. Keep-alive idle (header_read_s before the first request): quiet close.
+  Write: send() returns only once the socket took the bytes (anyio's transports keep no buffer);
+  no progress for timeouts.write_s aborts the connection.
+- Keep-alive ends after the current response when: the client sent Connection: close or spoke
+  HTTP/1.0, limits.max_requests_per_connection was reached, ServerState.draining is set, the
+  handler left its response unfinished, or a response was framed by closing the connection.
+- Response headers are the handler's (lower-case names, no hop-by-hop headers: events.py). A CR or
+  LF inside one is refused (response splitting) with one bytes.count over the block (3).
+- Nothing escapes serve_h1 (cancellation aside), and it leaves no task behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections import deque
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, cast
+
+import anyio
+import h11
+
+from rawgate.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    InternalError,
+    PayloadTooLarge,
+    RawgateError,
+    RequestTimeout,
+    URITooLong,
+)
+from rawgate.seam import ClientDisconnected, Request, is_disconnect
+from rawgate.respond import error_response
+from rawgate.http.server_stream import CONNECTION_GONE
+from rawgate.http.target import parse_target
+
+if TYPE_CHECKING:
+    from anyio.abc import ByteStream, TaskGroup
+
+    from rawgate.config import Config
+    from rawgate.conn import ConnInfo, ServerState
+    from rawgate.seam import App
+
+__all__ = ["serve_h1"]
+
+log = logging.getLogger("rawgate.h1")
+
+Header = tuple[bytes, bytes]
+
+# One receive() is at most this much: it bounds what one read can add to the parser's buffer.
+_READ_BYTES = 64 * 1024
+_INF = math.inf
+# Closing a TLS stream may try to send close_notify to a peer that does not read: bounded.
+_CLOSE_S = 1.0
+# h11's error messages may quote the offending bytes; an error body must stay small.
+_MAX_REASON_CHARS = 200
+
+# (4) Status lines for every code, built once: no per-response formatting.
+_STATUS_LINE: dict[int, bytes] = {}
+for _s in range(100, 600):
+    try:
+        _phrase = HTTPStatus(_s).phrase.encode("ascii")
+    except ValueError:
+        _phrase = b""
+    _STATUS_LINE[_s] = b"HTTP/1.1 %d %s\r\n" % (_s, _phrase)
+del _s, _phrase
+# Statuses whose responses never carry a body or framing headers (RFC 9110 6.4.1).
+_NO_BODY = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# (4) Framing lines, each ending the head. %d is the only per-response formatting.
+_END = b"\r\n"
+_END_CLOSE = b"connection: close\r\n\r\n"
+_LENGTH = b"content-length: %d\r\n\r\n"
+_LENGTH_CLOSE = b"content-length: %d\r\nconnection: close\r\n\r\n"
+_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
+_CHUNKED_CLOSE = b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+# Interned method strings: no decode per request for the methods clients actually send.
+_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")}
+
+# (10) The common request head parsed without h11: one regex over the request line and CRLF
+# header lines, then one partition per header: ~9 us against h11's ~70 us for the bench's
+# 4-header POST on the bench box (1). It accepts a strict subset of what h11 accepts (token
+# method, VCHAR target, exactly HTTP/1.1, token names, values of HTAB/SP/VCHAR/obs-text, CRLF
+# line ends only; h11 also takes bare LF, obs-fold and control bytes in values) and yields
+# what h11 would (lower-case names, values without surrounding OWS). Whatever needs h11's
+# judgement goes to h11 untouched: heads that do not match (incomplete ones included),
+# CONNECT, and heads with transfer-encoding, expect or upgrade, a missing or repeated host, or a
+# repeated or non-digit content-length. The character classes exclude CR and LF, so the match
+# is linear and ends at the first blank line.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_FAST_HEAD = re.compile(
+    rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n"
+    rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n"
+)
+_TO_H11 = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_OWS = b" \t"
+
+
+class _FastHead:
+    """A request head parsed by _fast_head (the fields _Conn._start needs)."""
+
+    __slots__ = ("close", "headers", "length", "method", "size", "target")
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[Header],
+        length: bytes | None,
+        close: bool,
+        size: int,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.length = length
+        self.close = close
+        self.size = size  # head bytes
+
+
+def _fast_head(data: bytes | bytearray) -> _FastHead | None:
+    """The head at the start of `data` if it is a plain HTTP/1.1 head (10), else None."""
+    m = _FAST_HEAD.match(data)
+    if m is None:
+        return None
+    method, target, block = m.groups()
+    if method == b"CONNECT":
+        return None
+    headers: list[Header] = []
+    length: bytes | None = None
+    hosts = 0
+    close = False
+    if block:
+        for line in block[:-2].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            value = value.strip(_OWS)
+            headers.append((name, value))
+            if name == b"host":
+                hosts += 1
+            elif name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return None
+                length = value
+            elif name == b"connection":
+                close = close or _says_close(value)
+            elif name in _TO_H11:
+                return None
+    if hosts != 1:
+        return None
+    return _FastHead(method, target, headers, length, close, m.end())
+
+# What the read deadline means when it passes.
+_IDLE, _HEAD, _BODY = 1, 2, 3
+
+_date_second = -1
+_date_lines = b""
+
+
+def _common_lines() -> bytes:
+    """(5) `date` + `server` lines, formatted at most once per second (formatdate costs ~5 us)."""
+    global _date_second, _date_lines
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_lines = (
+            b"date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\nserver: rawgate\r\n"
+        )
+    return _date_lines
+
+
+def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
+    """A response head. Raises ValueError for a bad status or a header holding CR/LF."""
+    line = _STATUS_LINE.get(status)
+    if line is None or status < 200:
+        raise ValueError(f"response status {status} is not a final status (200..599)")
+    if not headers:
+        return line + _common_lines() + framing
+    # (3) map + join run in C: no Python loop per header. A CR or LF inside a name or value shows
+    # up as one more than the separators in the block.
+    block = b"\r\n".join(map(b": ".join, headers))
+    n = len(headers) - 1
+    if block.count(b"\n") != n or block.count(b"\r") != n:
+        raise ValueError("response header name or value contains CR or LF")
+    return b"".join((line, _common_lines(), block, b"\r\n", framing))
+
+
+def _says_close(value: bytes) -> bool:
+    """Whether a Connection header value holds the `close` token (h11's rule, RFC 9112 9.6)."""
+    return any(t.strip() == b"close" for t in value.lower().split(b","))
+
+
+
+
+class _Wakeup:
+    """A reusable wake-up for the one waiting worker task.
+
+    (9) On asyncio this is one asyncio.Event per connection, cleared after each wait; anyio.Event
+    is one-shot and creating one costs ~5 us on the bench box (~1 us for asyncio.Event), once
+    per keep-alive request. Other backends get a fresh anyio.Event per wait. A set() with nobody
+    waiting is either kept (asyncio) or not needed: the worker looks at its queue before waiting.
+    """
+
+    __slots__ = ("_asyncio", "_event")
+
+    def __init__(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio)
+            self._asyncio: asyncio.Event | None = None
+        else:
+            self._asyncio = asyncio.Event()
+        self._event: anyio.Event | None = None
+
+    def set(self) -> None:
+        if self._asyncio is not None:
+            self._asyncio.set()
+        elif self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        ev = self._asyncio
+        if ev is not None:
+            await ev.wait()
+            ev.clear()
+            return
+        self._event = anyio.Event()
+        try:
+            await self._event.wait()
+        finally:
+            self._event = None
+
+
+class _Exchange:
+    """One request/response cycle: the parsed head, the collected body and the ResponseSink."""
+
+    __slots__ = (
+        "_bytes_sent",
+        "_c",
+        "_chunked",
+        "_drop_body",
+        "_ended",
+        "_remaining",
+        "_started",
+        "_status",
+        "body",
+        "body_size",
+        "close",
+        "continue_sent",
+        "done",
+        "error",
+        "event",
+        "expect_100",
+        "headers",
+        "http_version",
+        "is_head",
+        "method",
+        "path",
+        "query",
+        "target",
+    )
+
+    def __init__(self, c: _Conn) -> None:
+        self._c = c
+        self.method = ""
+        self.target = b""
+        self.path = ""
+        self.query = ""
+        self.headers: list[Header] = []
+        self.http_version = "1.1"
+        self.is_head = False
+        self.body: list[bytes | bytearray] = []
+        self.body_size = 0
+        self.done = False  # the whole body arrived (or there is none)
+        self.error: RawgateError | None = None  # answer this instead, then close
+        self.event: anyio.Event | None = None  # the worker waits on it for the body
+        self.expect_100 = False
+        self.continue_sent = False
+        self.close = False  # the connection closes after this response
+        self._started = False
+        self._ended = False
+        self._drop_body = False  # HEAD, 204, 304: body bytes from the handler are dropped
+        self._chunked = False
+        self._remaining: int | None = None  # declared Content-Length still to send
+        self._status = 0
+        self._bytes_sent = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<h1 exchange {self.method} {self.path} status={self._status}"
+            f" started={self._started} ended={self._ended} close={self.close}>"
+        )
+
+    # ---- ResponseSink ---------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_sent
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    def _begin(self) -> bool:
+        """Checks before a head goes out; returns whether the connection closes after it."""
+        if self._started:
+            raise RuntimeError("response already started")
+        c = self._c
+        if c.dead:
+            raise ClientDisconnected("connection lost")
+        if not self.close and c.draining.is_set():
+            self.close = True
+        return self.close
+
+    async def start(self, status: int, headers: list[Header]) -> None:
+        close = self._begin()
+        length: int | None = None
+        for k, v in headers:
+            if k == b"content-length":  # the handler knows its length: no chunked framing
+                length = int(v)
+        if status in _NO_BODY or self.is_head:
+            framing = _END_CLOSE if close else _END
+            if status in _NO_BODY:
+                length = None
+            elif length is None and self.http_version == "1.1":
+                # A HEAD answer shows the framing the GET would have had.
+                framing = _CHUNKED_CLOSE if close else _CHUNKED
+            self._drop_body = True
+        elif length is not None:
+            framing = _END_CLOSE if close else _END
+            self._remaining = length
+        elif self.http_version == "1.1":
+            framing = _CHUNKED_CLOSE if close else _CHUNKED
+            self._chunked = True
+        else:
+            # HTTP/1.0 has no chunked coding: the body ends when the connection does.
+            self.close = True
+            framing = _END_CLOSE
+        data = _head(status, headers, framing)
+        self._started = True
+        self._status = status
+        self._ended = self._drop_body
+        await self._c.write(data)
+
+    async def respond(self, status: int, headers: list[Header], body: bytes) -> None:
+        close = self._begin()
+        n = len(body)
+        if status in _NO_BODY:
+            data = _head(status, headers, _END_CLOSE if close else _END)
+        else:
+            data = _head(status, headers, (_LENGTH_CLOSE if close else _LENGTH) % n)
+            if n and not self.is_head:
+                data += body  # (6) head and body leave in one socket write
+                self._bytes_sent = n
+        self._started = True
+        self._ended = True
+        self._status = status
+        await self._c.write(data)
+
+    async def send(self, data: bytes) -> None:
+        if not self._started:
+            raise RuntimeError("send() before start()")
+        if self._ended:
+            if self._drop_body:
+                return  # HEAD / 204 / 304: the handler's bytes are dropped
+            raise RuntimeError("send() after end()")
+        n = len(data)
+        if not n:
+            return
+        if self._chunked:
+            data = b"".join((b"%x\r\n" % n, data, _END))
+        elif self._remaining is not None:
+            if n > self._remaining:
+                raise RuntimeError("more body than the declared content-length")
+            self._remaining -= n
+        self._bytes_sent += n
+        await self._c.write(data)
+
+    async def end(self, data: bytes = b"") -> None:
+        if not self._started:
+            raise RuntimeError("end() before start()")
+        if self._ended:
+            if self._drop_body:
+                return
+            raise RuntimeError("end() called twice")
+        n = len(data)
+        if self._chunked:
+            data = b"".join((b"%x\r\n" % n, data, b"\r\n", _LAST_CHUNK)) if n else _LAST_CHUNK
+        elif self._remaining is not None:
+            if n > self._remaining:
+                raise RuntimeError("more body than the declared content-length")
+            self._remaining -= n
+            if self._remaining:
+                # Shorter than declared: only closing the connection tells the client.
+                self.close = True
+        self._ended = True
+        self._bytes_sent += n
+        if data:
+            await self._c.write(data)
+
+
+class _Conn:
+    """One HTTP/1.1 connection: reader, worker and watchdog around a queue of exchanges."""
+
+    __slots__ = (
+        "_app",
+        "_body_s",
+        "_buffered",
+        "_cur",
+        "_h",
+        "_h_used",
+        "_head_s",
+        "_head_t",
+        "_idle_s",
+        "_idle_t",
+        "_info",
+        "_length_left",
+        "_lim",
+        "_linger_s",
+        "_max_body",
+        "_max_head",
+        "_max_pipelined",
+        "_max_requests",
+        "_queue",
+        "_read_deadline",
+        "_read_kind",
+        "_requests",
+        "_room",
+        "_state",
+        "_stream",
+        "_tg",
+        "_tick",
+        "_work",
+        "_write_deadline",
+        "_write_s",
+        "dead",
+        "discard",
+        "draining",
+    )
+
+    def __init__(
+        self, stream: ByteStream, app: App, cfg: Config, info: ConnInfo, state: ServerState
+    ) -> None:
+        lim = cfg.limits
+        t = cfg.timeouts
+        self._stream = stream
+        self._app = app
+        self._info = info
+        self._state = state
+        self.draining = state.draining
+        self._lim = lim
+        self._max_head = lim.max_header_bytes
+        self._max_body = lim.max_body_bytes
+        self._max_pipelined = max(1, lim.max_pipelined)
+        self._max_requests = lim.max_requests_per_connection
+        # A timeout of 0 means "off": an infinite deadline.
+        self._head_s = t.header_read_s or _INF
+        self._body_s = t.body_read_s or _INF
+        self._idle_s = t.keepalive_idle_s or _INF
+        self._write_s = t.write_s or _INF
+        self._linger_s = t.lingering_close_s
+        # The watchdog never sleeps longer than the shortest timeout, so a deadline armed while
+        # it sleeps is never seen late (a new deadline is at least that far in the future).
+        self._tick = min(self._head_s, self._body_s, self._idle_s, self._write_s)
+        self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        self._h_used = False  # h11 parsed a head: the next cycle needs a fresh h11.Connection
+        self._queue: deque[_Exchange] = deque()
+        self._cur: _Exchange | None = None  # receiving its body
+        self._length_left = 0  # Content-Length body bytes still to come for _cur (0: chunked)
+        self._head_t: float | None = None  # when the first byte of the pending head arrived
+        self._idle_t = time.monotonic()
+        self._read_deadline = _INF
+        self._read_kind = 0
+        self._write_deadline = _INF
+        self._work = _Wakeup()  # the worker waits on it for a request
+        self._room: anyio.Event | None = None  # the reader waits for queue room
+        self._buffered = 0  # body bytes held for exchanges not yet handed to the app
+        self._requests = 0
+        self._tg: TaskGroup | None = None
+        self.discard = False  # nothing more will be answered: read only to see EOF
+        self.dead = False  # the peer is gone or stuck: nothing more can be written
+
+    # ---- output ---------------------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        if self.dead:
+            raise ClientDisconnected("connection lost")
+        # (2) a float store instead of fail_after(); the watchdog aborts if it passes.
+        self._write_deadline = time.monotonic() + self._write_s
+        try:
+            await self._stream.send(data)
+        except CONNECTION_GONE:
+            self.dead = True
+            raise ClientDisconnected("connection lost") from None
+        finally:
+            self._write_deadline = _INF
+
+    def _cancel(self) -> None:
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    # ---- input ----------------------------------------------------------------------------
+
+    def _should_pause(self) -> bool:
+        return len(self._queue) > self._max_pipelined or self._buffered > self._max_body
+
+    async def _reader(self, initial: bytes) -> None:
+        if initial:
+            self._feed(initial)
+        receive = self._stream.receive
+        while True:
+            if self._should_pause() and not self.discard:
+                ev = self._room = anyio.Event()
+                self._arm_read()
+                await ev.wait()  # the worker clears self._room when it sets the event
+                self._parse()
+                self._arm_read()
+                continue
+            try:
+                data = await receive(_READ_BYTES)
+            except CONNECTION_GONE:
+                # EOF or reset: the client is gone. Whatever runs for it stops now.
+                self.dead = True
+                self._cancel()
+                return
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        if self.discard:
+            return
+        self._h.receive_data(data)
+        self._parse()
+        self._arm_read()
+
+    def _parse(self) -> None:
+        """Turn buffered bytes into exchanges and body pieces until more bytes are needed."""
+        while not self.discard:
+            h = self._h
+            ex = self._cur
+            if ex is None:
+                # h11 private: the receive buffer. Its length before and after the head is the
+                # exact number of head bytes (h11's own check misses complete heads, h11#182).
+                buf = h._receive_buffer
+                before = len(buf)
+                if not before:
+                    self._head_t = None
+                    return
+                if self._should_pause():
+                    return  # parse the rest once the worker has caught up
+                # (10) h11 private: ReceiveBuffer._data is the bytearray of unparsed bytes.
+                fast = _fast_head(buf._data)
+                if fast is not None:
+                    self._head_t = None
+                    buf.maybe_extract_at_most(fast.size)  # consumes the head
+                    self._on_fast_head(fast)
+                    continue
+                try:
+                    ev = h.next_event()
+                except h11.RemoteProtocolError as e:
+                    self._fail(_protocol_error(e, h))
+                    return
+                if ev is h11.NEED_DATA:
+                    if self._head_t is None:
+                        self._head_t = time.monotonic()
+                    return
+                self._head_t = None
+                if type(ev) is not h11.Request:  # cannot happen: no EOF is ever fed to h11
+                    self._fail(BadRequest("unexpected HTTP/1.1 event"))
+                    return
+                self._h_used = True
+                self._on_head(ev, before - len(h._receive_buffer))
+                continue
+            left = self._length_left
+            if left:
+                # (7) A Content-Length body is taken straight from h11's buffer (private API):
+                # h11's Data + EndOfMessage events cost two state-machine rounds per request.
+                piece = h._receive_buffer.maybe_extract_at_most(left)
+                if piece is None:
+                    return
+                self._length_left = left - len(piece)
+                if not self._add_body(ex, piece):
+                    return
+                if not self._length_left:
+                    self._end_body(ex)
+                continue
+            # Chunked: h11 parses the framing.
+            try:
+                ev = h.next_event()
+            except h11.RemoteProtocolError as e:
+                self._body_error(ex, BadRequest(_reason("malformed request body", e)))
+                return
+            t = type(ev)
+            if t is h11.Data:
+                if not self._add_body(ex, cast(h11.Data, ev).data):
+                    return
+            elif t is h11.EndOfMessage:
+                self._end_body(ex)
+            else:
+                return  # NEED_DATA (PAUSED cannot happen before EndOfMessage)
+
+    def _add_body(self, ex: _Exchange, data: bytes | bytearray) -> bool:
+        n = len(data)
+        ex.body_size += n
+        self._buffered += n
+        if ex.body_size > self._max_body:
+            self._body_error(ex, PayloadTooLarge.body_over(self._max_body))
+            return False
+        ex.body.append(data)
+        return True
+
+    def _end_body(self, ex: _Exchange) -> None:
+        ex.done = True
+        self._cur = None
+        if ex.close:
+            self.discard = True  # nothing after this request is answered
+        # (1) The next cycle parses with a fresh h11.Connection that takes over this one's buffer
+        # (private attribute): pipelined bytes are moved, not copied, so n pipelined requests in
+        # one read cost O(n), not O(n^2) as trailing_data's copies would.
+        # (10) After a fast-parsed head h11 saw no event and is still IDLE: it is kept.
+        if self._h_used:
+            self._h_used = False
+            h = self._h
+            nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+            nxt._receive_buffer = h._receive_buffer
+            self._h = nxt
+        if ex.event is not None:
+            ex.event.set()
+
+    def _new_exchange(self) -> _Exchange:
+        ex = _Exchange(self)
+        self._requests += 1
+        if self._max_requests and self._requests >= self._max_requests:
+            ex.close = True  # bounds what one connection can make us do
+        return ex
+
+    def _head_error(self, head_bytes: int, n_headers: int, target: bytes) -> RawgateError | None:
+        lim = self._lim
+        if head_bytes > self._max_head:
+            return HeadersTooLarge(f"request head larger than {self._max_head} bytes")
+        if n_headers > lim.max_header_count:
+            return HeadersTooLarge(f"more than {lim.max_header_count} request headers")
+        if len(target) > lim.max_url_bytes:
+            return URITooLong(f"request target longer than {lim.max_url_bytes} bytes")
+        return None
+
+    def _on_head(self, ev: h11.Request, head_bytes: int) -> None:
+        ex = self._new_exchange()
+        version = ev.http_version
+        if version != b"1.1":
+            ex.http_version = "1.0"
+            ex.close = True  # h11 (and rawgate) keep HTTP/1.0 connections for one request
+            if version != b"1.0":  # h11 accepts any digit.digit
+                self._reject(ex, _version_error(version))
+                return
+        method = ev.method
+        ex.is_head = method == b"HEAD"
+        # h11 private: Headers keeps (raw name, lower-case name, value) triples; reading them
+        # directly skips a Python-level __getitem__ per header.
+        items = ev.headers._full_items
+        target = ev.target
+        err = self._head_error(head_bytes, len(items), target)
+        if err is not None:
+            self._reject(ex, err)
+            return
+        headers: list[Header] = []
+        length: bytes | None = None
+        chunked = False
+        for _, name, value in items:
+            headers.append((name, value))
+            if name == b"content-length":
+                length = value  # h11 checked the digits and merged duplicates
+            elif name == b"transfer-encoding":
+                chunked = True  # h11 allows nothing but "chunked" (501 otherwise)
+            elif name == b"connection" and _says_close(value):
+                ex.close = True
+        self._start(ex, method, target, headers, length, chunked, h11_expect=True)
+
+    def _on_fast_head(self, head: _FastHead) -> None:
+        """A head parsed by _fast_head (10): HTTP/1.1, no transfer-encoding, no expect."""
+        ex = self._new_exchange()
+        ex.is_head = head.method == b"HEAD"
+        headers = head.headers
+        err = self._head_error(head.size, len(headers), head.target)
+        if err is not None:
+            self._reject(ex, err)
+            return
+        if head.close:
+            ex.close = True
+        self._start(ex, head.method, head.target, headers, head.length, False, h11_expect=False)
+
+    def _start(
+        self,
+        ex: _Exchange,
+        method: bytes,
+        target: bytes,
+        headers: list[Header],
+        length: bytes | None,
+        chunked: bool,
+        *,
+        h11_expect: bool,
+    ) -> None:
+        """Queue a parsed, size-checked head; then take its body (or end it at once)."""
+        size = int(length) if length is not None else 0
+        err: RawgateError | None = None
+        if chunked and length is not None:
+            # Two framings at once is the request-smuggling shape; h11 would let TE win.
+            err = BadRequest("both Content-Length and Transfer-Encoding sent")
+        elif size > self._max_body:
+            err = PayloadTooLarge.body_over(self._max_body)
+        else:
+            try:
+                ex.path, ex.query = parse_target(target)
+            except BadRequest as e:
+                err = e
+        if err is not None:
+            self._reject(ex, err)
+            return
+        known = _METHODS.get(method)
+        ex.method = known if known is not None else method.decode("ascii")  # h11: a token
+        ex.target = target
+        ex.headers = headers
+        # A fast-parsed head has no expect header (10).
+        ex.expect_100 = h11_expect and self._h.they_are_waiting_for_100_continue
+        self._enqueue(ex)
+        self._cur = ex
+        if chunked:
+            self._length_left = 0
+        elif size:
+            self._length_left = size
+        else:
+            # (8) No body: the request is complete now, without asking h11 for EndOfMessage.
+            self._end_body(ex)
+
+    def _enqueue(self, ex: _Exchange) -> None:
+        self._queue.append(ex)
+        self._work.set()
+
+    def _reject(self, ex: _Exchange, err: RawgateError) -> None:
+        ex.error = err
+        ex.done = True
+        ex.close = True
+        self.discard = True
+        self._enqueue(ex)
+
+    def _fail(self, err: RawgateError) -> None:
+        """An error before any request head could be parsed: answer it in order, then close."""
+        self._reject(_Exchange(self), err)
+
+    def _body_error(self, ex: _Exchange, err: RawgateError) -> None:
+        ex.error = err
+        ex.close = True
+        self._buffered -= ex.body_size
+        ex.body = []
+        ex.body_size = 0
+        self._cur = None
+        self.discard = True
+        if ex.event is not None:
+            ex.event.set()
+
+    # ---- deadlines ------------------------------------------------------------------------
+
+    def _arm_read(self) -> None:
+        """Recompute the read deadline from the connection's state (a float store)."""
+        if self.discard or self._room is not None:
+            self._read_deadline = _INF  # not reading on purpose: nothing to time
+            return
+        ex = self._cur
+        if ex is not None:
+            if ex.expect_100 and not ex.continue_sent and not ex.body_size:
+                self._read_deadline = _INF  # the client waits for our 100 Continue
+            else:
+                self._read_deadline = time.monotonic() + self._body_s
+                self._read_kind = _BODY
+        elif self._head_t is not None:
+            self._read_deadline = self._head_t + self._head_s
+            self._read_kind = _HEAD
+        elif not self._queue:
+            # Before the first request a connection gets header_read_s, not the keep-alive
+            # allowance: a connection that never sends is the cheapest slowloris.
+            wait = self._idle_s if self._requests else self._head_s
+            self._read_deadline = self._idle_t + wait
+            self._read_kind = _IDLE
+        else:
+            self._read_deadline = _INF  # a request is being answered
+
+    async def _watchdog(self) -> None:
+        draining = self.draining
+        drain_seen = False
+        while True:
+            now = time.monotonic()
+            if self._write_deadline <= now:
+                log.info(
+                    "h1 client %s: no write progress for %g s; closing",
+                    self._info.client,
+                    self._write_s,
+                )
+                self.dead = True
+                self._cancel()
+                return
+            if self._read_deadline <= now:
+                self._expire_read()
+                continue
+            if not drain_seen and draining.is_set():
+                drain_seen = True
+                if not self._queue:
+                    self._cancel()  # idle (or half a head): nothing in flight to finish
+                    return
+            wait = min(self._read_deadline, self._write_deadline, now + self._tick) - now
+            if drain_seen:
+                if wait == _INF:
+                    await anyio.sleep_forever()
+                await anyio.sleep(wait)
+            else:
+                with anyio.move_on_after(wait):
+                    await draining.wait()
+
+    def _expire_read(self) -> None:
+        kind = self._read_kind
+        self._read_deadline = _INF
+        if kind == _IDLE:
+            self._cancel()  # quiet close: no request was in progress
+        elif kind == _HEAD:
+            self._fail(RequestTimeout(f"request head not received within {self._head_s:g} s"))
+        elif kind == _BODY and self._cur is not None:
+            self._body_error(
+                self._cur, RequestTimeout(f"no request body bytes for {self._body_s:g} s")
+            )
+
+    # ---- the worker -----------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        q = self._queue
+        try:
+            while True:
+                if not q:
+                    if self.discard:
+                        return  # the last request said close; nothing else will come
+                    self._idle_t = time.monotonic()
+                    self._arm_read()
+                    await self._work.wait()
+                    continue
+                ex = q[0]
+                if ex.error is None and not ex.done:
+                    await self._wait_body(ex)
+                if ex.error is not None:
+                    await self._answer_error(ex)
+                    return
+                await self._run(ex)
+                q.popleft()
+                if ex.close or self.dead or self.draining.is_set():
+                    return
+                room = self._room
+                if room is not None and not self._should_pause():
+                    self._room = None
+                    room.set()
+        except ClientDisconnected:
+            return
+
+    async def _wait_body(self, ex: _Exchange) -> None:
+        if ex.expect_100 and not ex.continue_sent and not ex.body_size:
+            ex.continue_sent = True
+            await self.write(_CONTINUE)
+            self._arm_read()  # the body clock starts now
+        while not ex.done and ex.error is None:
+            ev = ex.event = anyio.Event()
+            await ev.wait()
+        ex.event = None
+
+    async def _answer_error(self, ex: _Exchange) -> None:
+        assert ex.error is not None
+        ex.close = True
+        await error_response(ex, ex.error)
+        # Lingering close: the client may still be sending the body we refused. Closing with
+        # unread bytes makes the kernel send RST, which can destroy our answer in the client's
+        # receive buffer. Half-close, keep reading (and dropping) until EOF or the timeout.
+        if self._linger_s > 0:
+            with anyio.move_on_after(self._linger_s):
+                try:
+                    await self._stream.send_eof()
+                except (NotImplementedError, *CONNECTION_GONE):
+                    pass  # TLS has no half-close: the client sees connection: close
+                await anyio.sleep(self._linger_s)  # the reader's EOF cancels this early
+
+    async def _run(self, ex: _Exchange) -> None:
+        # Always a join: h11's pieces are bytearrays, and the app gets bytes.
+        body = b"".join(ex.body) if ex.body else b""
+        ex.body = []
+        self._buffered -= ex.body_size
+        info = self._info
+        request = Request(
+            ex.method,
+            ex.target,
+            ex.path,
+            ex.query,
+            ex.headers,
+            body,
+            http_version=ex.http_version,
+            scheme=info.scheme,
+            client=info.client,
+        )
+        state = self._state
+        state.in_flight += 1
+        try:
+            await self._app(request, ex)
+        except Exception as e:
+            if is_disconnect(e) or self.dead:
+                ex.close = True
+                return
+            log.exception("h1 handler failed: %s", request)
+            if not ex._started:
+                await error_response(ex, InternalError("internal server error"))
+            elif not ex._ended:
+                ex.close = True
+            return
+        finally:
+            state.in_flight -= 1
+        if not ex._started:
+            log.error("handler returned without a response: %s", request)
+            await error_response(ex, InternalError("the handler sent no response"))
+        elif not ex._ended:
+            ex.close = True  # the client cannot tell where this response ends otherwise
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, initial: bytes) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._reader, initial)
+                tg.start_soon(self._watchdog)
+                await self._worker()
+                tg.cancel_scope.cancel()
+        finally:
+            await self._close_stream()
+
+    async def _close_stream(self) -> None:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_CLOSE_S):
+                try:
+                    await self._stream.aclose()
+                except CONNECTION_GONE:
+                    pass
+                return
+            await anyio.aclose_forcefully(self._stream)
+
+
+def _reason(prefix: str, e: h11.RemoteProtocolError) -> str:
+    text = str(e)
+    if len(text) > _MAX_REASON_CHARS:
+        text = text[:_MAX_REASON_CHARS] + "..."
+    return f"{prefix}: {text}"
+
+
+def _version_error(version: bytes) -> RawgateError:
+    return RawgateError(
+        f"HTTP/{version.decode('ascii', 'replace')} is not supported; use HTTP/1.1 or HTTP/2",
+        status=505,
+        type="invalid_request_error",
+        code="http_version_not_supported",
+    )
+
+
+def _protocol_error(e: h11.RemoteProtocolError, h: h11.Connection) -> RawgateError:
+    hint = e.error_status_hint
+    if hint == 431:
+        # h11 gave up on an incomplete head. If not even the request line ended, the target is
+        # what is too long (414); otherwise the headers are (431).
+        if b"\n" not in bytes(h._receive_buffer):
+            return URITooLong("request line too long")
+        return HeadersTooLarge("request head too large")
+    if hint == 501:
+        return RawgateError(
+            _reason("not implemented", e),
+            status=501,
+            type="invalid_request_error",
+            code="not_implemented",
+        )
+    return BadRequest(_reason("malformed HTTP/1.1 request", e))
+
+
+async def serve_h1(
+    stream: ByteStream,
+    app: App,
+    cfg: Config,
+    info: ConnInfo,
+    state: ServerState,
+    initial: bytes = b"",
+) -> None:
+    """Serve one HTTP/1.1 connection until it closes. Never raises (cancellation aside).
+
+    `initial` holds bytes the listener already read while sniffing for the h2c preface. The
+    stream is closed on return.
+    """
+    state.open_connections["h1"] += 1
+    try:
+        conn = _Conn(stream, app, cfg, info, state)
+        await conn.run(initial)
+    except Exception:
+        log.exception("h1 connection from %s failed", info.client)
+    finally:
+        state.open_connections["h1"] -= 1
