@@ -7,9 +7,14 @@ import argparse
 import sys
 
 from rawgate import __version__
-from rawgate.cli import accounts as cli_accounts, emulate as cli_emulate, serve as cli_serve
+from rawgate.cli import (
+    accounts as cli_accounts,
+    emulate as cli_emulate,
+    keys as cli_keys,
+    serve as cli_serve,
+)
 
-_COMMANDS = (cli_serve, cli_emulate, cli_accounts)
+_COMMANDS = (cli_serve, cli_emulate, cli_accounts, cli_keys)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -194,6 +194,34 @@ class TimeoutsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     upstream_write_s: float = 30.0
 
 
+class StateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What several rawgate processes or machines share (rawgate/state/)."""
+
+    # local: files under RAWGATE_HOME (one machine) | redis: Redis >= 7 or Valkey
+    backend: Literal["local", "redis"] = "local"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss:// (TLS) or unix://
+    # Every key and channel starts with this; the part in {braces} after it is the hash tag.
+    key_prefix: str = "rawgate:"
+    # redis_url names one node of a Redis Cluster; the others are discovered from it.
+    redis_cluster: bool = False
+    # One Redis call (connect included) may take this long; then the call is served from local
+    # state and the episode starts. Same-datacenter round trips are ~0.2-1 ms.
+    redis_timeout_ms: int = 250
+    # While degraded, Redis is retried after 0.5 s, doubling up to this (then every this long).
+    redis_backoff_max_s: float = 30.0
+    # Connections to Redis per process; calls are pipelined over them (coredis multiplexes).
+    redis_max_connections: int = 16
+    # Per-key limits while Redis is unreachable: open = serve without limits (logged once per
+    # episode), closed = refuse with 429 until it is back. Never silently per-process.
+    limits_fail: Literal["open", "closed"] = "open"
+    # Stored Responses (previous_response_id) in Redis: one entry larger than this is not
+    # stored (its follow-up gets previous_response_not_found); each lives
+    # limits.response_store_max_age_s.
+    response_max_bytes: int = 4 * MiB
+    # Hourly usage buckets (per key, account and model) are kept this many days.
+    usage_days: int = 35
+
+
 class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -208,6 +236,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
 
 
 class ConfigError(Exception):
@@ -253,7 +282,9 @@ def config_path(path: str | Path | None = None, env: dict[str, str] | None = Non
 
 
 # Never echoed in an error: they are credentials (a proxy URL may carry user:password).
-_SECRET_KEYS = frozenset({"auth.api_keys", "upstream.oauth_client_secret", "upstream.proxy"})
+_SECRET_KEYS = frozenset(
+    {"auth.api_keys", "upstream.oauth_client_secret", "upstream.proxy", "state.redis_url"}
+)
 
 
 class _Origins:
@@ -456,7 +487,21 @@ def _check_semantics(cfg: Config, origins: _Origins) -> None:
         raise fail("routing", "retry_budget_min", r.retry_budget_min, "must be >= 0")
     if not r.retry_budget_window_s > 0:
         raise fail("routing", "retry_budget_window_s", r.retry_budget_window_s, "must be > 0")
-    for sec in (cfg.limits, cfg.timeouts):
+    st = cfg.state
+    if st.backend == "redis" and not st.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        # The URL may carry a password: name the key, not the value.
+        raise fail("state", "redis_url", None, "must start with redis://, rediss:// or unix://")
+    if st.redis_cluster and not st.redis_url.startswith(("redis://", "rediss://")):
+        raise fail("state", "redis_cluster", st.redis_cluster, "needs a redis:// or rediss:// URL")
+    if not st.key_prefix or any(c in st.key_prefix for c in "{} \t\r\n"):
+        raise fail(
+            "state", "key_prefix", st.key_prefix, "must be non-empty, without braces or spaces"
+        )
+    if st.redis_timeout_ms < 1:
+        raise fail("state", "redis_timeout_ms", st.redis_timeout_ms, "must be >= 1")
+    if st.redis_max_connections < 1:
+        raise fail("state", "redis_max_connections", st.redis_max_connections, "must be >= 1")
+    for sec in (cfg.limits, cfg.timeouts, cfg.state):
         name = type(sec).__name__.removesuffix("Config").lower()
         for f in msgspec.structs.fields(type(sec)):
             v = getattr(sec, f.name)

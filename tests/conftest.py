@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers_redis import (  # noqa: F401 - session-wide servers
+    redis_cluster,
+    redis_server,
+)
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -3,6 +3,7 @@ functions): a forbidden import fails here, naming the file, the line and the rul
 
     base (the top-level modules: errors, config, logs, metrics, compat, seam, ...)
       < translate | accounts | upstream | http      (siblings: never import each other)
+      < state                                       (shared state: local files or Redis)
       < gateway | emulator                          (siblings: never import each other)
       < cli                                         (and rawgate/__main__.py)
 
@@ -24,9 +25,10 @@ LAYER = {
     "accounts": 1,
     "upstream": 1,
     "http": 1,
-    "gateway": 2,
-    "emulator": 2,
-    "cli": 3,
+    "state": 2,
+    "gateway": 3,
+    "emulator": 3,
+    "cli": 4,
 }
 IO_MODULES = {"anyio", "asyncio", "socket", "ssl", "selectors", "subprocess", "uvloop", "sniffio"}
 
@@ -123,7 +125,8 @@ def test_the_package_tree_follows_its_dependency_rules() -> None:
         ("config.py", "rawgate.http.app", "base (layer 0) may not import http"),
         ("http/app.py", "rawgate.gateway.core", "http (layer 1) may not import gateway"),
         ("gateway/core.py", "rawgate.emulator.server", "siblings"),
-        ("emulator/server.py", "rawgate.cli.stack", "emulator (layer 2) may not import cli"),
+        ("emulator/server.py", "rawgate.cli.stack", "emulator (layer 3) may not import cli"),
+        ("state/store.py", "rawgate.gateway.core", "state (layer 2) may not import gateway"),
     ],
 )
 def test_a_forbidden_import_fails(file: str, target: str, why: str) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from rawgate.gateway.response_store import ResponseStore
 from rawgate.sizes import deep_size
+from rawgate.state.response_store import ResponseStore
 
 MiB = 1024 * 1024
 

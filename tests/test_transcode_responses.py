@@ -1,4 +1,4 @@
-"""rawgate.translate.transcode_responses and rawgate.gateway.response_store: the Responses event
+"""rawgate.translate.transcode_responses and rawgate.state.response_store: the Responses event
 sequence (every invariant checked on every golden stream), signatures in encrypted_content and
 their round trip through mapping, Codex's view of the stream, the official SDK (raw, the strict
 `responses.stream()` helper, async, non-stream), and the bounded store."""
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import BadRequest, RateLimited, UpstreamError
-from rawgate.gateway.response_store import ResponseStore
+from rawgate.state.response_store import ResponseStore
 from rawgate.translate import mapping, schemas
 from rawgate.translate.gemini import decode_reply, error_from_upstream
 from rawgate.translate.signatures import split_call_id, unpack_reasoning

@@ -46,6 +46,7 @@ __all__ = [
     "find_account",
     "mask_secret",
     "new_account_id",
+    "validate_accounts",
     "write_atomic",
 ]
 
@@ -186,6 +187,11 @@ def find_account(accounts: list[Account], ref: str) -> Account:
 def one_line(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def validate_accounts(accounts: list[Account], source: str) -> None:
+    """What every stored account list must satisfy (ids, secrets, counters)."""
+    _validate(accounts, source)
 
 
 def _validate(accounts: list[Account], source: str) -> None:

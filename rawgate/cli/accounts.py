@@ -1,4 +1,5 @@
-"""`rawgate accounts`: manage $RAWGATE_HOME/accounts.json (the server reloads it by itself).
+"""`rawgate accounts`: manage $RAWGATE_HOME/accounts.json (the server reloads it by itself), or
+the accounts in Redis with `[state] backend = "redis"` (state_cli.py: the same methods).
 
 Every command goes through AccountStore (locked, atomic); a failure prints one line on stderr
 and exits 1 (argparse usage errors exit 2). Secrets are read from the command line or, with
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -131,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
         args._accounts_parser.print_help()
         return 2
     home = rawgate_home()
-    store = AccountStore(home / ACCOUNTS_FILE)
-    board = CooldownBoard(home / COOLDOWNS_FILE)
+    try:
+        store, board = _stores(home, getattr(args, "config", None))
+    except ConfigError as e:
+        return _fail(str(e))
     try:
         if cmd == "add":
             key = _secret_arg(args.api_key, "the API key")
@@ -166,6 +170,16 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         return _fail(f"{e.filename or home}: {e.strerror}")
     return 0
+
+
+def _stores(home: Path, config: str | None) -> tuple[AccountStore, CooldownBoard]:
+    """accounts.json + cooldowns.json, or the same in Redis with [state] backend = "redis"."""
+    cfg = load_config(config)
+    if cfg.state.backend == "redis":
+        from rawgate.state.admin import RedisAccountStore, RedisCooldownBoard
+
+        return RedisAccountStore(cfg, home), RedisCooldownBoard(cfg, home)
+    return AccountStore(home / ACCOUNTS_FILE), CooldownBoard(home / COOLDOWNS_FILE)
 
 
 def _login(store: AccountStore, args: argparse.Namespace) -> int:

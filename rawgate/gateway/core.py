@@ -63,9 +63,9 @@ from rawgate.errors import (
     UpstreamError,
     try_again_message,
 )
-from rawgate.gateway.response_store import ResponseStore
 from rawgate.logs import safe_text
 from rawgate.model_router import ModelRouter
+from rawgate.state.response_store import ResponseStore
 from rawgate.translate import mapping, schemas
 from rawgate.translate.gemini import Reply, decode_reply, error_from_upstream
 from rawgate.translate.sse import HEARTBEAT, SSEDecoder

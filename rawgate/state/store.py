@@ -1,0 +1,412 @@
+"""Shared state: one interface, two backends (state_local.py: files under RAWGATE_HOME;
+state_redis.py: Redis/Valkey through coredis), chosen by `[state] backend`.
+
+What is shared: cooldowns and auth rests per (account, model) (model "" = every model), stored
+Responses (previous_response_id), client keys with their limits and usage, usage per key /
+account / model in hourly buckets, OAuth access tokens with one refresh per account at a time,
+the accounts list. What is not: circuit breakers (a per-instance health estimate), connection
+pools, in-flight counts.
+
+Invariants (both backends; tests/test_state.py runs the same tests on each):
+- Hot path, per request: `lookup_key` and `cooldown_until` read a local mirror (no I/O);
+  `check_key` is one round trip (one script that checks and counts); `record_usage` one more,
+  after the answer. Nothing else touches the store while serving.
+- A cooldown only ever grows: `set_cooldown` with an earlier end than the current one is a
+  no-op (the Lua script, or the same rule locally), whoever calls it and in whatever order.
+- Request-path methods (cooldowns, lookup_key, check_key, record_usage, responses, tokens,
+  refresh locks) never raise for a store failure: the Redis backend answers from local state,
+  flips `degraded` (one warning per episode), retries with backoff in the background and, once
+  back, pushes what it learned meanwhile (cooldowns, clears, usage). Limits then follow
+  `[state] limits_fail`. A Response stored while degraded stays in this process only.
+- Admin methods (keys add/list/rotate/..., usage, accounts) need the store: they raise
+  StateUnavailable (one line, no URL) when it does not answer, KeyStoreError /
+  AccountStoreError for bad arguments (an unknown key name ...).
+- Times crossing the interface are wall-clock unix seconds (floats), because they are compared
+  across processes and machines.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+
+from rawgate.accounts.store import Account
+from rawgate.config import Config, StateConfig
+from rawgate.state.keys import KeyRecord, KeyStoreError
+from rawgate.state.limiter import Decision, Usage
+
+__all__ = [
+    "BACKOFF_BASE_S",
+    "METRIC_KEYS_MAX",
+    "OTHER_KEY",
+    "Cooldown",
+    "Health",
+    "KeyStoreError",
+    "State",
+    "StateUnavailable",
+    "open_state",
+    "refresh_once",
+]
+
+log = logging.getLogger("rawgate.state.store")
+
+# First retry of an unreachable store after this; doubling up to [state] redis_backoff_max_s.
+BACKOFF_BASE_S = 0.5
+# Usage kinds: per client key, per upstream account, per (mapped) model.
+USAGE_KINDS = ("key", "account", "model")
+# /metrics: per-key series for at most this many key names; the rest are summed as OTHER_KEY.
+METRIC_KEYS_MAX = 256
+OTHER_KEY = "_other"
+
+
+class StateUnavailable(Exception):
+    """`rawgate keys` needs the store and it does not answer (one line for the user)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cooldown:
+    account: str
+    model: str  # "" = every model of the account (an auth rest)
+    until: float  # wall-clock unix seconds
+    reason: str
+
+
+class Health:
+    """Degraded-mode bookkeeping, sans-IO: episodes, one warning each, and the backoff.
+
+    An episode starts at the first failure after a success and ends at the next success. The
+    gateway shows `degraded` in /healthz and exports `episodes` / `failures` as metrics.
+    """
+
+    __slots__ = ("_clock", "backoff_max_s", "degraded", "delay_s", "episodes", "failures",
+                 "name", "since")  # fmt: skip
+
+    def __init__(
+        self, name: str, backoff_max_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.name = name
+        self.backoff_max_s = max(BACKOFF_BASE_S, backoff_max_s)
+        self._clock = clock
+        self.degraded = False
+        self.since = 0.0
+        self.episodes = 0
+        self.failures = 0
+        self.delay_s = BACKOFF_BASE_S
+
+    def failed(self, err: BaseException) -> None:
+        self.failures += 1
+        if not self.degraded:
+            self.degraded = True
+            self.since = self._clock()
+            self.episodes += 1
+            self.delay_s = BACKOFF_BASE_S
+            # The message of a connection error names host:port, never the URL's password.
+            log.warning(
+                "%s unreachable (%s: %s); serving on local state until it is back",
+                self.name, type(err).__name__, str(err)[:200],
+            )  # fmt: skip
+
+    def next_delay(self) -> float:
+        """How long to wait before the next attempt (doubles each call while degraded)."""
+        d = self.delay_s
+        self.delay_s = min(self.backoff_max_s, self.delay_s * 2)
+        return d
+
+    def succeeded(self) -> None:
+        if self.degraded:
+            log.warning("%s is back after %.1f s", self.name, self._clock() - self.since)
+        self.degraded = False
+        self.delay_s = BACKOFF_BASE_S
+
+
+class State(abc.ABC):
+    """The interface the gateway, the CLI and the token manager call. See the module note."""
+
+    health: Health
+    backend: str = ""
+
+    def __init__(self) -> None:
+        # Per-key counters of this process for /metrics: name -> outcome -> count, and
+        # name -> [tokens in, tokens out]. Names beyond METRIC_KEYS_MAX share OTHER_KEY.
+        self.key_outcomes: dict[str, dict[str, int]] = {}
+        self.key_tokens: dict[str, list[int]] = {}
+
+    @property
+    def degraded(self) -> bool:
+        return self.health.degraded
+
+    def status(self) -> dict[str, Any]:
+        """For /healthz: {"backend", "state": "ok" | "degraded", "degraded_episodes"}."""
+        return {
+            "backend": self.backend,
+            "state": "degraded" if self.health.degraded else "ok",
+            "degraded_episodes": self.health.episodes,
+        }
+
+    def _metric_name(self, name: str, table: dict[str, Any]) -> str:
+        return name if name in table or len(table) < METRIC_KEYS_MAX else OTHER_KEY
+
+    def tally_decision(self, key: str, decision: Decision) -> None:
+        """Count a check_key outcome (both backends call it; the gateway need not)."""
+        outcomes = self.key_outcomes.setdefault(self._metric_name(key, self.key_outcomes), {})
+        outcome = "allowed" if decision.allowed else decision.reason
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    def tally_tokens(self, key: str, tokens_in: int, tokens_out: int) -> None:
+        row = self.key_tokens.setdefault(self._metric_name(key, self.key_tokens), [0, 0])
+        row[0] += max(0, tokens_in)
+        row[1] += max(0, tokens_out)
+
+    def metrics_collectors(self) -> list[tuple[str, Literal["gauge", "counter"], str, Any]]:
+        """Series for `Metrics.add_collector(*entry)`. Key names are chosen by the admin and
+        bounded (METRIC_KEYS_MAX, then "_other"); the keys themselves never appear."""
+
+        def degraded() -> list[tuple[dict[str, str], float]]:
+            return [({"backend": self.backend}, 1.0 if self.health.degraded else 0.0)]
+
+        def episodes() -> list[tuple[dict[str, str], float]]:
+            return [({"backend": self.backend}, float(self.health.episodes))]
+
+        def failures() -> list[tuple[dict[str, str], float]]:
+            return [({"backend": self.backend}, float(self.health.failures))]
+
+        def outcomes() -> list[tuple[dict[str, str], float]]:
+            return [({"key": k, "outcome": o}, float(n))
+                    for k, per in self.key_outcomes.items() for o, n in per.items()]  # fmt: skip
+
+        def tokens() -> list[tuple[dict[str, str], float]]:
+            out: list[tuple[dict[str, str], float]] = []
+            for k, (tin, tout) in self.key_tokens.items():
+                out.append(({"key": k, "direction": "in"}, float(tin)))
+                out.append(({"key": k, "direction": "out"}, float(tout)))
+            return out
+
+        return [
+            ("rawgate_state_degraded", "gauge",
+             "1 while the shared state store does not answer (served on local state).", degraded),
+            ("rawgate_state_degraded_episodes_total", "counter",
+             "Times the shared state store became unreachable.", episodes),
+            ("rawgate_state_errors_total", "counter",
+             "Shared state store calls that failed or timed out.", failures),
+            ("rawgate_key_requests_total", "counter",
+             "Client-key checks by outcome (allowed, rpm, tpm, daily_tokens, model, disabled, "
+             "state_unavailable).", outcomes),
+            ("rawgate_key_tokens_total", "counter", "Tokens per client key and direction.",
+             tokens),
+        ]  # fmt: skip
+
+    @abc.abstractmethod
+    async def run(
+        self, *, task_status: Any = anyio.TASK_STATUS_IGNORED, background: bool = True
+    ) -> None:
+        """Background work (subscriber, reconnection, usage flushes) until cancelled.
+        `background=False` (the CLI): connect only, no subscriber, no periodic work."""
+
+    # ---- cooldowns: per (account, model), shared within 100 ms (redis: pub/sub) ----
+
+    @abc.abstractmethod
+    async def set_cooldown(self, account: str, model: str, seconds: float, reason: str) -> float:
+        """Block (account, model) for `seconds` unless already blocked longer; the end in force."""
+
+    @abc.abstractmethod
+    async def clear_cooldowns(self, account: str) -> None:
+        """Forget every cooldown of an account (re-enabled or removed by hand)."""
+
+    @abc.abstractmethod
+    def cooldowns(self) -> list[Cooldown]:
+        """Every live cooldown, from the local mirror."""
+
+    @abc.abstractmethod
+    def cooldown_until(self, account: str, model: str) -> float:
+        """When (account, model) is usable again: the later of its own and the account-wide
+        end; 0.0 = now. From the local mirror (no I/O)."""
+
+    @abc.abstractmethod
+    def on_cooldown(self, listener: Callable[[Cooldown], None]) -> None:
+        """Call `listener` for every cooldown learned (here or on another instance); a clear
+        arrives as Cooldown(account, "", 0.0, "cleared")."""
+
+    # ---- client keys ----
+
+    @abc.abstractmethod
+    def lookup_key(self, plain: str) -> KeyRecord | None:
+        """The record of a presented client key (enabled or not), None if unknown. No I/O."""
+
+    @abc.abstractmethod
+    async def check_key(self, record: KeyRecord, model: str) -> Decision:
+        """Admit one request of `record` for `model` and count it, or refuse (429/403 data)."""
+
+    @abc.abstractmethod
+    async def record_usage(
+        self, key: str | None, account: str, model: str, tokens_in: int, tokens_out: int
+    ) -> None:
+        """After the answer: the key's token windows (tpm, daily) and the hourly usage of the
+        key, the account and the model. `model` is the mapped upstream model (bounded set)."""
+
+    @abc.abstractmethod
+    async def usage(self, kind: str, name: str | None, since_s: float) -> dict[str, list[Usage]]:
+        """Hourly buckets of `kind` ("key" | "account" | "model") since `since_s` ago."""
+
+    @abc.abstractmethod
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    @abc.abstractmethod
+    async def add_key(
+        self, name: str, *, rpm: int = 0, tpm: int = 0, daily_tokens: int = 0,
+        models: list[str] | None = None,
+    ) -> tuple[KeyRecord, str]:  # fmt: skip
+        """A new key (the plain key is returned once and stored hashed)."""
+
+    @abc.abstractmethod
+    async def rotate_key(self, name: str) -> tuple[KeyRecord, str]: ...
+
+    @abc.abstractmethod
+    async def set_key_enabled(self, name: str, enabled: bool) -> KeyRecord: ...
+
+    @abc.abstractmethod
+    async def remove_key(self, name: str) -> KeyRecord: ...
+
+    # ---- stored Responses (previous_response_id) ----
+
+    @abc.abstractmethod
+    async def put_response(
+        self, response_id: str, input_items: list[dict[str, Any]],
+        output_items: list[dict[str, Any]],
+    ) -> bool:  # fmt: skip
+        """Store now (write-through, before response.completed); False when over the bytes
+        bound (then not stored)."""
+
+    @abc.abstractmethod
+    async def get_response(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The conversation up to and including that response, None if unknown or expired."""
+
+    # ---- OAuth access tokens ----
+
+    @abc.abstractmethod
+    async def get_access_token(self, account: str) -> tuple[str, float] | None:
+        """(token, expires_at) if one is cached and not expired."""
+
+    @abc.abstractmethod
+    async def put_access_token(self, account: str, token: str, expires_at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def acquire_refresh_lock(self, account: str, ttl_s: float) -> str | None:
+        """An owner token if this caller may refresh the account's token now, else None. The
+        lock lapses by itself after `ttl_s` (a refresher that died does not block others)."""
+
+    @abc.abstractmethod
+    async def release_refresh_lock(self, account: str, owner: str) -> None:
+        """Release if still held by `owner` (a lapsed and re-taken lock is left alone)."""
+
+    # ---- accounts ----
+
+    @abc.abstractmethod
+    async def load_accounts(self) -> list[Account]: ...
+
+    @abc.abstractmethod
+    async def import_accounts(self, accounts: list[Account]) -> tuple[int, int]:
+        """Add the accounts whose secret is not there yet: (added, skipped)."""
+
+    @abc.abstractmethod
+    async def update_accounts(
+        self, fn: Callable[[list[Account]], list[Account] | None]
+    ) -> list[Account]:
+        """AccountStore.update's contract: `fn` edits the current list (or returns a new one),
+        the result is validated and written all or nothing; concurrent writers never lose each
+        other's changes (flock locally, a version compare-and-set in Redis)."""
+
+    @abc.abstractmethod
+    def on_accounts_changed(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (no arguments) after the accounts list changed anywhere."""
+
+    @abc.abstractmethod
+    async def cooldown_entries(self) -> list[Cooldown]:
+        """Every live cooldown read from the store itself (for the CLI, which has no mirror)."""
+
+
+async def refresh_once(
+    state: State,
+    account: str,
+    refresh: Callable[[], Awaitable[tuple[str, float]]],
+    *,
+    lock_ttl_s: float = 30.0,
+    poll_s: float = 0.05,
+    min_valid_s: float = 60.0,
+) -> str:
+    """An access token for `account`, refreshed by at most one caller in the fleet at a time.
+
+    A cached token valid for `min_valid_s` more is returned as is. Otherwise the caller that
+    takes the lock calls `refresh()` (-> token, expires_at), stores and releases; the others
+    poll the cache every `poll_s` until the token appears or the lock lapses (then they try to
+    take it). `refresh()`'s errors propagate to its caller; waiters then take the lock in turn.
+    """
+    deadline = time.time() + lock_ttl_s * 2
+    while True:
+        cached = await state.get_access_token(account)
+        if cached is not None and cached[1] - time.time() >= min_valid_s:
+            return cached[0]
+        owner = await state.acquire_refresh_lock(account, lock_ttl_s)
+        if owner is not None:
+            try:
+                # Checked again under the lock: a holder may have stored a token and released
+                # between our cache miss and our acquire (else that is a second refresh).
+                cached = await state.get_access_token(account)
+                if cached is not None and cached[1] - time.time() >= min_valid_s:
+                    return cached[0]
+                token, expires_at = await refresh()
+                await state.put_access_token(account, token, expires_at)
+                return token
+            finally:
+                await state.release_refresh_lock(account, owner)
+        if time.time() > deadline:  # a wedged lock holder; refresh on our own
+            token, expires_at = await refresh()
+            await state.put_access_token(account, token, expires_at)
+            return token
+        await anyio.sleep(poll_s)
+
+
+def _make(cfg: Config, home: Path, processes: int) -> State:
+    st: StateConfig = cfg.state
+    if st.backend == "redis":
+        try:
+            from rawgate.state.redis_backend import RedisState
+        except ImportError as e:  # pragma: no cover - coredis is a runtime dependency
+            raise StateUnavailable(f"[state] backend = redis needs coredis: {e}") from None
+        return RedisState(cfg, home)
+    from rawgate.state.local import LocalState
+
+    return LocalState(cfg, home, shared=processes > 1)
+
+
+@contextlib.asynccontextmanager
+async def open_state(
+    cfg: Config, home: Path, *, processes: int = 1, background: bool = True
+) -> AsyncIterator[State]:
+    """The configured backend, running (its background tasks live in this context).
+
+    `processes` > 1 (serve --workers N) makes the local backend count limits in a shared,
+    locked file instead of in memory, so N workers on one host enforce one limit, and share
+    cooldowns through cooldowns.json.
+    """
+    state = _make(cfg, home, processes)
+    raised: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(state.run, background=background))
+        try:
+            yield state
+        except Exception as e:  # re-raised as itself below, not inside an ExceptionGroup
+            raised = e
+        finally:
+            tg.cancel_scope.cancel()
+    if raised is not None:
+        raise raised
+
