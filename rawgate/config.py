@@ -51,6 +51,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Host names (or host:port) accepted besides localhost, 127.0.0.1 and [::1]. Checked while
     # listening on loopback only, or whenever this is set (DNS rebinding); "*" = no check.
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # Off: every fast path that reads h11/h2/hpack internals (and rawgate's own fast parsers)
+    # is skipped, the public library APIs alone serve (rawgate/compat.py). For diagnosis.
+    fast_paths: bool = True
     # How long a browser may cache a preflight answer; 10 min (Chromium's own cap is 2 h).
     cors_max_age_s: int = 600
 
@@ -539,6 +542,7 @@ RESTART_SETTINGS: frozenset[str] = frozenset(
         "server.workers",
         "server.tls_cert",
         "server.tls_key",
+        "server.fast_paths",
         "upstream",
         "limits.max_connections",
         "limits.listen_backlog",

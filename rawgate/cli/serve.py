@@ -47,6 +47,7 @@ import anyio
 from rawgate import __version__
 from rawgate.accounts.store import AccountStore, AccountStoreError
 from rawgate.cli.stack import Stack, open_stack
+from rawgate.compat import set_fast_paths
 from rawgate.config import (
     Config,
     ConfigError,
@@ -227,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
         configure_logging(cfg.log.format, cfg.log.level)
+        set_fast_paths(cfg.server.fast_paths)  # workers inherit it (fork), and read their own
         ssl_context = server_ssl_context(cfg)
     except ConfigError as e:
         return _fail(str(e), 2)
