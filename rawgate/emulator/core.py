@@ -32,7 +32,8 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-from rawgate.emulator.directives import ScriptError
+from rawgate.emulator.directives import ScriptError, parse_directives
+from rawgate.emulator.embed import EmbedInvalid, embed_batch, embed_one
 from rawgate.emulator.models import CATALOG, ModelSpec, extra_model, model_object
 from rawgate.emulator.script import Options, Plan, build_plan, prompt_tokens
 from rawgate.emulator.state import (
@@ -95,6 +96,7 @@ SSE_HEADERS: tuple[Header, ...] = ((b"content-type", b"text/event-stream"),
 HTML_HEADERS: tuple[Header, ...] = ((b"content-type", b"text/html; charset=UTF-8"), *_COMMON)
 TEXT_HEADERS: tuple[Header, ...] = ((b"content-type", b"text/plain; charset=utf-8"),)
 _OPS = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
+_EMBED_OPS = frozenset({"embedContent", "batchEmbedContents"})
 _ENVELOPE = frozenset({"model", "project", "request", "user_prompt_id", "userPromptId",
                        "enabled_credit_types", "enabledCreditTypes", "requestId", "userAgent",
                        "requestType"})
@@ -211,13 +213,20 @@ class Emulator:
             self._auth(headers, q, False)
             self.count("models")
             return _json(200, model_object(self._model(name, version, "get", False)))
-        if verb not in _OPS or method != "POST":
+        if (verb not in _OPS and verb not in _EMBED_OPS) or method != "POST":
             return _not_found_html(f"/{version}/{rest}")
         stream = verb == "streamGenerateContent"
         sse = q.get("alt") == "sse"
         array = stream and not sse
         label = self._auth(headers, q, array)
         spec = self._model(name, version, verb, array)
+        if (verb in _EMBED_OPS) != spec.embedding and verb != "countTokens":
+            raise _fail(404, google_error(404, (
+                f"models/{name} is not found for API version {version}, or is not supported for "
+                f"{verb}. Call ListModels to see the list of available models and their "
+                "supported methods.")), array)
+        if verb in _EMBED_OPS:
+            return self._embed(body, spec, label, verb == "batchEmbedContents")
         if verb == "countTokens":
             return self._count_tokens(_decode(body, False), spec, version)
         return self._generate(body, None, spec, version, label, stream, sse, array, False)
@@ -349,6 +358,36 @@ class Emulator:
         r.drip_s = plan.drip_s
         r.cut, r.cut_after = plan.cut, plan.cut_after
         return r
+
+    def _embed(self, body: bytes, spec: ModelSpec, label: str, batch: bool) -> Reply:
+        req = _decode(body, False)
+        try:
+            if batch:
+                vectors, texts = embed_batch(req, spec.name)
+            else:
+                one, text = embed_one(req, spec.name)
+                vectors, texts = [one], [text]
+        except EmbedInvalid as e:
+            raise self._invalid(Invalid([(e.field, e.description)]), False) from None
+        # An `error` directive in any text answers instead, as on generate calls.
+        for text in texts:
+            try:
+                found, _ = parse_directives(text)
+            except ScriptError as e:
+                raise _fail(400, google_error(400, f"emulator directive: {e}")) from None
+            err = next((d for d in found if d.name == "error"), None)
+            if err is not None:
+                plan = Plan(events=[], unary={}, error=err, prompt=text)
+                if self._fires(plan, label):
+                    return self._directive_error(plan, spec, label, False, False)
+        retry = self.creds.take_quota(label)
+        if retry is not None:
+            self.count("quota_429")
+            return _json(429, self.creds.quota_error(retry, spec.name, label, False))
+        self.count("embed")
+        if batch:
+            return _json(200, {"embeddings": [{"values": v} for v in vectors]})
+        return _json(200, {"embedding": {"values": vectors[0]}})
 
     def _fires(self, plan: Plan, label: str) -> bool:
         d = plan.error

@@ -33,6 +33,7 @@ class ModelSpec:
     search_with_functions: bool = False  # googleSearch alongside functionDeclarations
     input_limit: int = 1_048_576
     output_limit: int = 65_536
+    embedding: bool = False  # an embedding model: embedContent / batchEmbedContents only
 
     @property
     def thinks_by_default(self) -> bool:
@@ -59,6 +60,8 @@ CATALOG: dict[str, ModelSpec] = {
                   signatures_required=True, search_with_functions=True),
         ModelSpec("gemma-3-27b-it", "Gemma 3 27B", system_instruction=False, tools=False,
                   input_limit=131_072, output_limit=8192),
+        ModelSpec("gemini-embedding-001", "Gemini Embedding 001", tools=False,
+                  input_limit=2048, output_limit=1, embedding=True),
     )
 }
 
@@ -77,7 +80,11 @@ def model_object(spec: ModelSpec) -> dict[str, Any]:
         "description": f"Emulated {spec.display} (rawgate emulator)",
         "inputTokenLimit": spec.input_limit,
         "outputTokenLimit": spec.output_limit,
-        "supportedGenerationMethods": ["generateContent", "countTokens"],
+        "supportedGenerationMethods": (
+            ["embedContent", "batchEmbedContents", "countTokens"]
+            if spec.embedding
+            else ["generateContent", "countTokens"]
+        ),
         "temperature": 1.0,
         "maxTemperature": 2.0,
         "topP": 0.95,
