@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -386,6 +387,34 @@ def run(seconds: float, repeat: int, chunks: int) -> list[tuple[str, float, str]
         _bench(attack(fan), seconds, repeat),
         "req/s",
     )
+
+    # request_log_record: what the request path pays for the request log (a Row built and
+    # queued; the SQLite writes happen on the writer thread). Goal: under 10 us per request.
+    from rawgate.monitor.request_log import RequestLog, Row
+
+    rlog = RequestLog(Path(tempfile.mkdtemp()) / "requests.db", queue_max=1 << 30)
+
+    def request_log_record() -> int:
+        rlog.record(
+            Row(
+                request_id="req_0123456789abcdef",
+                protocol="openai",
+                route="/v1/chat/completions",
+                status=200,
+                latency_ms=12.5,
+                client_model="gpt-4o",
+                mapped_model="gemini-2.5-flash",
+                account="acct-a",
+                attempts=[("acct-a", 200)],
+                tokens_in=7,
+                tokens_out=3,
+            )
+        )
+        if rlog.queued > 100_000:
+            rlog._q.clear()  # the writer is not running here: keep memory flat
+        return 1
+
+    add("request_log_record (row + queue)", _bench(request_log_record, seconds, repeat), "req/s")
     return results
 
 

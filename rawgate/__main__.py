@@ -1,4 +1,4 @@
-"""The `rawgate` command line. Each subcommand lives in its own module (cli_*.py) that provides
+"""The `rawgate` command line. Each subcommand lives in its own module (rawgate/cli/) that provides
 `add_parser(subparsers)` and `run(args) -> int`, so the parts of the CLI evolve independently."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from rawgate.cli import (
     accounts as cli_accounts,
     emulate as cli_emulate,
     keys as cli_keys,
+    logs as cli_logs,
     serve as cli_serve,
 )
 
-_COMMANDS = (cli_serve, cli_emulate, cli_accounts, cli_keys)
+_COMMANDS = (cli_serve, cli_emulate, cli_accounts, cli_keys, cli_logs)
 
 
 def build_parser() -> argparse.ArgumentParser:

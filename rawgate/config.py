@@ -229,6 +229,12 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    # One row per request in RAWGATE_HOME/requests.db (SQLite, WAL; never bodies or secrets),
+    # written off the event loop; kept request_log_days days; at most request_log_queue rows
+    # wait for the writer (more are dropped and counted, never slowing a request).
+    request_log: bool = True
+    request_log_days: float = 7.0
+    request_log_queue: int = 10_000
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -3,7 +3,7 @@ functions): a forbidden import fails here, naming the file, the line and the rul
 
     base (the top-level modules: errors, config, logs, metrics, compat, seam, ...)
       < translate | accounts | upstream | http      (siblings: never import each other)
-      < state                                       (shared state: local files or Redis)
+      < state | monitor                             (shared state; the request log)
       < gateway | emulator                          (siblings: never import each other)
       < cli                                         (and rawgate/__main__.py)
 
@@ -26,6 +26,7 @@ LAYER = {
     "upstream": 1,
     "http": 1,
     "state": 2,
+    "monitor": 2,
     "gateway": 3,
     "emulator": 3,
     "cli": 4,
