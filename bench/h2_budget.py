@@ -3,8 +3,8 @@
 
 Why it exists: at concurrency 1 a non-stream request through rawgate costs ~0.25 ms more CPU
 over an h2c upstream than over HTTP/1.1 (bench/README.md, "Results"). This isolates the library
-part of that: rawgate's own h2 connection as `h2_client.new_h2` configures it (its `_H2`
-subclass with the DATA fast path, its HPACK encoder, inbound validation off) sending a
+part of that: rawgate's own h2 connection as `h2_client.new_h2` configures it (`h2_data.FastH2`
+with the DATA fast path, its HPACK encoder, inbound validation off) sending a
 Gemini-sized request (8 header fields, a 300-byte body) and receiving the reply Google's shape
 has (HEADERS with 4 fields, one DATA frame with END_STREAM, a connection WINDOW_UPDATE), all in
 memory. The server side is plain h2 and is not timed.
@@ -22,8 +22,9 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import RequestReceived
 
+from rawgate.compat import H2ClientConnection
 from rawgate.config import UpstreamConfig
-from rawgate.upstream.h2_client import _H2, new_h2
+from rawgate.upstream.h2_client import new_h2
 
 _REQUEST = [
     (b":method", b"POST"),
@@ -43,7 +44,7 @@ _REPLY = [
 ]
 
 
-def _pair() -> tuple[_H2, H2Connection]:
+def _pair() -> tuple[H2ClientConnection, H2Connection]:
     client = new_h2(UpstreamConfig(), 100)
     server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
     client.initiate_connection()
