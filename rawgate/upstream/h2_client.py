@@ -178,9 +178,9 @@ def new_h2(cfg: UpstreamConfig, stream_cap: int, fast: bool | None = None) -> H2
             # h2's per-header outbound checks would cost ~10% of a small request.
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
-            # (9) Response headers are never forwarded to the client; H2Stream._head checks
-            # the one rawgate relies on (:status). h2's generator chain per header was
-            # ~26 of the ~100 us a response head + end of stream cost.
+            # (bench.h2_budget: receive) Response headers are never forwarded to the client;
+            # H2Stream._head checks the one rawgate relies on (:status). h2's generator chain per
+            # header was ~26 of the ~100 us a response head + end of stream cost.
             validate_inbound_headers=False,
         )
     )
@@ -711,10 +711,10 @@ class H2Stream:
             while True:
                 chunks = self.chunks
                 if chunks:
-                    # (1) Every DATA frame already buffered, joined: one piece per read of the
-                    # connection instead of one per frame (Gemini sends one SSE event per
-                    # frame), so the caller makes one async step and one downstream write per
-                    # batch. Bounded by the stream window (what may be buffered at all).
+                    # (bench.client_pool: h2-stream) Every DATA frame already buffered, joined: one
+                    # piece per read of the connection instead of one per frame (Gemini sends one
+                    # SSE event per frame), so the caller makes one async step and one downstream
+                    # write per batch. Bounded by the stream window (what may be buffered at all).
                     if len(chunks) == 1:
                         data = chunks.popleft()
                     else:

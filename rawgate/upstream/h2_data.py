@@ -52,7 +52,7 @@ class FastH2(H2ClientFastConnection):
     def receive_data(self, data: Any) -> list[Any]:
         """h2's receive_data, with the plain DATA frames taken here.
 
-        (bench.micro: h2_data_frames) h2 spends ~10 us per DATA frame (FrameBuffer 4 us, two
+        (bench.h2_budget: data frame) h2 spends ~10 us per DATA frame (FrameBuffer 4 us, two
         state machines, flag sets, events); Gemini sends one per SSE event, so that was twice
         the cost of transcoding the event. A DATA frame qualifies when it is complete,
         unpadded, without END_STREAM, within the frame size limit and both windows, on a stream
