@@ -71,3 +71,101 @@ def dispatch_frame(conn: H2Connection, frame: Any) -> list[Event]:
         raise
     conn._prepare_for_sending(frames)
     return list(events)
+
+
+# ---- h2 client ----
+# What rawgate/upstream/ (h2_client's connection driver, h2_data's DATA fast path) touches of
+# h2's and hpack's internals. The client builds its h2 state machine from one of two classes:
+# H2ClientConnection (fast paths off: h2's public API, plus the draining GOAWAY, which is
+# behaviour, not speed) or H2ClientFastConnection (fast paths on: also h2's dispatch without
+# its per-frame repr). The functions below serve the fast path only; with fast paths off the
+# client never calls them.
+
+from h2.connection import ConnectionState, H2Connection as _H2Connection  # noqa: E402
+from h2.errors import _error_code_from_int  # noqa: E402
+from h2.events import ConnectionTerminated  # noqa: E402
+from h2.stream import StreamState  # noqa: E402
+from hpack.hpack import encode_integer  # noqa: E402
+
+if TYPE_CHECKING:
+    from hyperframe.frame import GoAwayFrame
+
+__all__ += [
+    "H2ClientConnection",
+    "H2ClientFastConnection",
+    "h2_connection_window",
+    "h2_data_ready",
+    "h2_error_code",
+    "h2_has_output",
+    "h2_take_data",
+    "hpack_table_size_update",
+]
+
+_DATA_OK = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # where DATA may arrive
+_CLIENT_OPEN = ConnectionState.CLIENT_OPEN
+
+
+class H2ClientConnection(_H2Connection):
+    """h2 as the upstream client runs it with fast paths off: a draining GOAWAY, else h2."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Event]]:
+        # h2 moves the connection to CLOSED here and clears our output, after which every
+        # DATA frame of the streams the server still finishes is a ProtocolError. Report the
+        # GOAWAY and keep the connection open; rawgate opens no new stream on it.
+        ev = ConnectionTerminated()
+        ev.error_code = _error_code_from_int(frame.error_code)
+        ev.last_stream_id = frame.last_stream_id
+        ev.additional_data = frame.additional_data or None
+        return [], [ev]
+
+
+class H2ClientFastConnection(H2ClientConnection):
+    """With fast paths on: h2's per-frame step without its repr (dispatch_frame)."""
+
+    def _receive_frame(self, frame: Any) -> list[Event]:
+        return dispatch_frame(self, frame)
+
+
+def h2_error_code(code: int) -> ErrorCodes | int:
+    """An RST_STREAM / GOAWAY code as h2 reports it: the ErrorCodes member, or the int."""
+    return _error_code_from_int(code)
+
+
+def hpack_table_size_update(size: int) -> bytes:
+    """RFC 7541 6.3: the dynamic table size update announcing `size`."""
+    b = encode_integer(size, 5)
+    b[0] |= 0x20
+    return bytes(b)
+
+
+def h2_has_output(conn: H2Connection) -> bool:
+    """Whether data_to_send() would return bytes, without taking them."""
+    return bool(conn._data_to_send)
+
+
+def h2_data_ready(conn: H2Connection) -> bool:
+    """The DATA fast path may run: h2 holds no partial frame and no header block waiting for
+    CONTINUATION, and the connection is open."""
+    fb = conn.incoming_buffer
+    return not (fb._data or fb._headers_buffer) and conn.state_machine.state is _CLIENT_OPEN
+
+
+def h2_connection_window(conn: H2Connection) -> Any:
+    """The connection's inbound window manager (current_window_size shrinks in place)."""
+    return conn._inbound_flow_control_window_manager
+
+
+def h2_take_data(conn_window: Any, stream: Any, length: int) -> bool:
+    """Account a complete, unpadded DATA frame without END_STREAM of `length` bytes on `stream`
+    (an h2.stream.H2Stream, a private class) as h2 would, when that is all h2 would do: the
+    stream is OPEN / HALF_CLOSED_LOCAL with its head received and no Content-Length to check,
+    and both windows hold the frame. Then both windows shrink and True is returned; else
+    nothing changed (h2 takes the frame)."""
+    sm = stream.state_machine
+    if sm.state in _DATA_OK and sm.headers_received and stream._expected_content_length is None:
+        win = stream._inbound_window_manager
+        if length <= win.current_window_size and length <= conn_window.current_window_size:
+            conn_window.current_window_size -= length
+            win.current_window_size -= length
+            return True
+    return False

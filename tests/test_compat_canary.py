@@ -12,8 +12,9 @@ module).
 Invariants kept by this file:
 - test_every_private_touch_has_a_canary: an AST scan of rawgate/ finds every private attribute
   touched in the modules importing these libraries (on any object, and through `self` in
-  subclasses of library classes), every override of a library's private method and every import
-  from a library's internal module; each must be listed in some canary's `touches`.
+  subclasses of library classes, also through a class of the same module in between), every
+  override of a library's private method and every import from a library's internal module;
+  each must be listed in some canary's `touches`.
 - test_no_canary_lists_a_touch_that_is_gone: the converse, so the list stays true.
 - Public API used in a way only the library's internals guarantee (h11's header checks, h2's
   encoder protocol, hyperframe type numbers) has canaries too, with no `touches`.
@@ -66,10 +67,10 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from rawgate.compat import dispatch_frame
+from rawgate.compat import H2ClientConnection, dispatch_frame
 from rawgate.config import LimitsConfig, UpstreamConfig
 from rawgate.http.h2_server import _CALM, _connection_error_code, _new_h2
-from rawgate.upstream.h2_client import _H2, new_h2
+from rawgate.upstream.h2_client import new_h2
 
 ROOT = Path(__file__).resolve().parent.parent
 RAWGATE = ROOT / "rawgate"
@@ -289,10 +290,10 @@ def _server(cls: type[H2Connection] = H2Connection) -> H2Connection:
     return c
 
 
-def _client(fast: bool = False) -> _H2:
-    """An upstream connection exactly as rawgate configures it (h2_client.new_h2)."""
-    c = new_h2(UpstreamConfig(), 100)
-    c.fast_data = fast
+def _client(fast: bool = False) -> H2ClientConnection:
+    """An upstream connection exactly as rawgate configures it (h2_client.new_h2); by default
+    without the DATA fast path, so that h2 itself is what the checks see."""
+    c = new_h2(UpstreamConfig(), 100, fast)
     c.initiate_connection()
     c.receive_data(SettingsFrame(0).serialize())
     c.clear_outbound_data_buffer()
@@ -527,7 +528,7 @@ def check_receive_frame_hook() -> None:
 def check_receive_goaway_frame() -> None:
     h = new_h2(UpstreamConfig(), 100)
     bound = h._frame_dispatch_table[GoAwayFrame]
-    expect(getattr(bound, "__func__", None) is _H2._receive_goaway_frame,
+    expect(getattr(bound, "__func__", None) is H2ClientConnection._receive_goaway_frame,
            "GOAWAY does not reach the override through the dispatch table")
     for code, extra in ((0xB, b"bye"), (0xFFF, b"")):
         frame = GoAwayFrame(0, last_stream_id=5, error_code=code, additional_data=extra)
@@ -535,7 +536,7 @@ def check_receive_goaway_frame() -> None:
         plain.initiate_connection()
         theirs = [e for e in plain.receive_data(frame.serialize())
                   if isinstance(e, ConnectionTerminated)]
-        frames, mine = _H2._receive_goaway_frame(h, frame)
+        frames, mine = H2ClientConnection._receive_goaway_frame(h, frame)
         expect(len(theirs) == 1 and len(mine) == 1 and not frames, "not one ConnectionTerminated")
         a, b = theirs[0], mine[0]
         expect((a.error_code, a.last_stream_id, a.additional_data)
@@ -662,10 +663,10 @@ def check_error_code_from_int() -> None:
     expect(_error_code_from_int(7).name == "REFUSED_STREAM", "ErrorCodes lost .name")
 
 
-# ---- h2: what the client's DATA fast path (h2_client._H2.receive_data) reads ------------------
+# ---- h2: what the client's DATA fast path (h2_data.FastH2 via compat) reads ------------------
 
 
-def _client_with_response(*, content_length: bool = False, end: bool = False) -> _H2:
+def _client_with_response(*, content_length: bool = False, end: bool = False) -> H2ClientConnection:
     c = _client()
     c.send_headers(1, REQUEST, end_stream=True)
     c.send_headers(3, REQUEST, end_stream=False)
@@ -795,7 +796,7 @@ def check_encode_integer() -> None:
     from hpack.hpack import encode_integer
 
     b = encode_integer(0, 5)
-    expect(type(b) is bytearray, f"returns {type(b).__name__}; h2_client sets bits in place")
+    expect(type(b) is bytearray, f"returns {type(b).__name__}; compat sets bits in place")
     expect(b == b"\x00", f"0 with a 5-bit prefix is {b!r}")
     expect(encode_integer(1337, 5) == bytearray([31, 154, 10]), "1337 is not RFC 7541 C.1.2")
 
@@ -866,16 +867,16 @@ CANARIES: tuple[Canary, ...] = (
            "dispatch_frame gives h2's events, output and errors on every branch",
            check_receive_frame_behaviour),
     # h2: overridden hooks
-    Canary("h2.H2Connection._receive_frame", "h2", ("http/h2_server", "upstream/h2_client"),
+    Canary("h2.H2Connection._receive_frame", "h2", ("http/h2_server", "compat"),
            ("override _receive_frame",),
            "receive_data calls it once per frame; an exception raised there stops the batch",
            check_receive_frame_hook),
-    Canary("h2.H2Connection._receive_goaway_frame", "h2", ("upstream/h2_client",),
+    Canary("h2.H2Connection._receive_goaway_frame", "h2", ("compat",),
            ("override _receive_goaway_frame",),
            "the GOAWAY handler, reached through the dispatch table; the override reports what "
            "h2 reports", check_receive_goaway_frame),
     Canary("h2.H2Connection.open_outbound_streams/open_inbound_streams", "h2",
-           ("upstream/h2_client", "http/h2_server"), (),
+           ("upstream/h2_data", "http/h2_server"), (),
            "properties h2 asks per new stream; the recount is where closed streams are forgotten",
            check_open_streams_properties),
     Canary("h2.H2Connection.encoder", "h2", ("upstream/h2_client", "http/h2_server"), (),
@@ -891,35 +892,35 @@ CANARIES: tuple[Canary, ...] = (
     Canary("h2 CONTINUATION flood error text", "h2", ("http/h2_server",), (),
            "the 'too many continuation frames' ProtocolError is told apart by its text",
            check_continuation_flood_text),
-    Canary("h2.errors._error_code_from_int", "h2", ("upstream/h2_client",),
+    Canary("h2.errors._error_code_from_int", "h2", ("compat",),
            ("import h2.errors._error_code_from_int",),
            "an int code -> ErrorCodes member (or the int when unknown)",
            check_error_code_from_int),
     # h2: the client's DATA fast path
-    Canary("h2.H2Connection._data_to_send", "h2", ("upstream/h2_client",), ("_data_to_send",),
+    Canary("h2.H2Connection._data_to_send", "h2", ("compat",), ("_data_to_send",),
            "a bytearray, non-empty exactly when data_to_send() has bytes", check_data_to_send),
     Canary("h2.H2Connection._inbound_flow_control_window_manager", "h2",
-           ("upstream/h2_client", "http/h2_server"),
+           ("compat", "http/h2_server"),
            ("_inbound_flow_control_window_manager",),
            "its current_window_size is the connection window, shrunk in place per DATA frame",
            check_connection_window_manager),
-    Canary("h2.stream.H2Stream._inbound_window_manager", "h2", ("upstream/h2_client",),
+    Canary("h2.stream.H2Stream._inbound_window_manager", "h2", ("compat",),
            ("_inbound_window_manager",),
            "its current_window_size is the stream window, shrunk in place per DATA frame",
            check_stream_window_manager),
-    Canary("h2.stream.H2Stream._expected_content_length", "h2", ("upstream/h2_client",),
+    Canary("h2.stream.H2Stream._expected_content_length", "h2", ("compat",),
            ("_expected_content_length",),
            "None unless the response has a content-length to check",
            check_expected_content_length),
-    Canary("h2.frame_buffer.FrameBuffer._data/_headers_buffer", "h2", ("upstream/h2_client",),
+    Canary("h2.frame_buffer.FrameBuffer._data/_headers_buffer", "h2", ("compat",),
            ("_data", "_headers_buffer"),
            "incoming_buffer's partial-frame bytes and pending header block (fast path off "
            "while either is non-empty)", check_frame_buffer),
-    Canary("h2.connection.ConnectionState", "h2", ("upstream/h2_client",),
+    Canary("h2.connection.ConnectionState", "h2", ("compat",),
            ("import h2.connection.ConnectionState",),
            "state_machine.state is CLIENT_OPEN while the fast path may run",
            check_connection_state),
-    Canary("h2.stream.StreamState", "h2", ("upstream/h2_client",),
+    Canary("h2.stream.StreamState", "h2", ("compat",),
            ("import h2.stream.StreamState",),
            "OPEN / HALF_CLOSED_LOCAL and headers_received of H2Stream.state_machine; .closed",
            check_stream_state),
@@ -931,7 +932,7 @@ CANARIES: tuple[Canary, ...] = (
     Canary("hpack.huffman_table.decode_huffman", "hpack", ("emulator/fast_h2",),
            ("import hpack.huffman_table.decode_huffman",),
            "decodes an HPACK Huffman string to bytes", check_decode_huffman),
-    Canary("hpack.hpack.encode_integer", "hpack", ("upstream/h2_client",),
+    Canary("hpack.hpack.encode_integer", "hpack", ("compat",),
            ("import hpack.hpack.encode_integer",),
            "an HPACK integer as a bytearray whose first byte takes the flag bits",
            check_encode_integer),
@@ -1139,6 +1140,17 @@ def scan_private_touches(sources: dict[str, str]) -> dict[tuple[str, str], list[
                             add(module, f"import {a.name}", n.lineno)
         if not uses_lib:
             continue
+        # A class of this module deriving from one that derives from a library class is a
+        # library subclass too (compat's H2ClientFastConnection over H2ClientConnection).
+        grew = True
+        while grew:
+            grew = False
+            for cls in ast.walk(tree):
+                if isinstance(cls, ast.ClassDef) and cls.name not in lib_classes and any(
+                    ast.unparse(b).split(".")[0] in lib_classes for b in cls.bases
+                ):
+                    lib_classes.add(cls.name)
+                    grew = True
         subclass_nodes: set[int] = set()
         for cls in ast.walk(tree):
             if not isinstance(cls, ast.ClassDef):
@@ -1313,9 +1325,13 @@ def test_the_scan_finds_a_new_private_touch() -> None:
     sources["compat"] += (
         "\n\ndef _peek(conn: H2Connection) -> object:\n"
         "    return conn._closed_streams, conn._brand_new_private\n"
+        "\n\nclass _Deeper(H2ClientFastConnection):\n"  # a library subclass two steps down
+        "    def _receive_priority_frame(self, frame: Any) -> Any:\n"
+        "        return self._priority_thing\n"
     )
     sources["http/h1_server"] += "\n\nfrom h11._util import bytesify\n"
     sources["upstream/h2_client"] += (
+        "\n\nfrom h2.connection import H2Connection as _H2Base\n"
         "\n\nclass _More(_H2Base):\n"
         "    def _receive_ping_frame(self, frame: Any) -> Any:\n"
         "        return self._header_frames\n"
@@ -1325,6 +1341,8 @@ def test_the_scan_finds_a_new_private_touch() -> None:
     assert set(missing) == {
         ("compat", "_closed_streams"),
         ("compat", "_brand_new_private"),
+        ("compat", "override _receive_priority_frame"),
+        ("compat", "_priority_thing"),
         ("http/h1_server", "import h11._util.bytesify"),
         ("upstream/h2_client", "override _receive_ping_frame"),
         ("upstream/h2_client", "_header_frames"),

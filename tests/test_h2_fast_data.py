@@ -1,5 +1,6 @@
-"""The h2 client's DATA fast path (`_H2.receive_data`) against plain h2: for any server traffic,
-legal or not, cut into any reads, both give the same events, windows, output and errors."""
+"""The h2 client's DATA fast path (`h2_data.FastH2.receive_data`) against plain h2: for any
+server traffic, legal or not, cut into any reads, both give the same events, windows, output and
+errors. Both clients come from the production constructor (`h2_client.new_h2`), fast or not."""
 
 from __future__ import annotations
 
@@ -13,25 +14,20 @@ import pytest
 from hyperframe.frame import DataFrame, PingFrame, RstStreamFrame, WindowUpdateFrame
 from hypothesis import given, settings, strategies as st
 
-from rawgate.upstream.h2_client import _H2, _Data, _Encoder
+from rawgate.compat import H2ClientConnection
+from rawgate.config import UpstreamConfig
+from rawgate.upstream.h2_client import new_h2
+from rawgate.upstream.h2_data import Data as _Data, FastH2
 
 CLIENT_WINDOW = 4096  # small, so that flow-control violations are easy to produce
+CFG = UpstreamConfig(h2_stream_window_bytes=CLIENT_WINDOW)
 
 
-def _client(fast: bool) -> _H2:
-    c = _H2(
-        h2.config.H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-    )
-    c.fast_data = fast
-    c.encoder = _Encoder()  # type: ignore[assignment]
-    c.local_settings = h2.settings.Settings(
-        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: CLIENT_WINDOW}
-    )
+def _client(fast: bool) -> H2ClientConnection:
+    """rawgate's own client connection (new_h2: its settings, encoder and validation), with or
+    without the fast path, whatever compat.fast_paths() says."""
+    c = new_h2(CFG, 100, fast)
+    assert isinstance(c, FastH2) is fast
     c.initiate_connection()
     return c
 
@@ -160,7 +156,7 @@ def test_plain_data_frames_take_the_fast_path() -> None:
                                    (b":authority", b"x"), (b":path", b"/")], end_stream=True)
     events = c.receive_data(wire)
     kinds = [type(e).__name__ for e in events]
-    assert kinds[-2:] == ["_Data", "_Data"]  # not h2's DataReceived: the fast path took them
+    assert kinds[-2:] == ["Data", "Data"]  # not h2's DataReceived: the fast path took them
     assert [bytes(e.data) for e in events[-2:]] == [b"A" * 100, b"A" * 50]
     assert c.streams[1]._inbound_window_manager.current_window_size == CLIENT_WINDOW - 150
 
@@ -179,7 +175,7 @@ def test_a_frame_cut_by_the_read_keeps_the_fast_path() -> None:
                                    (b":authority", b"x"), (b":path", b"/")], end_stream=True)
     cut = len(wire) - 2 * 109 + 50  # inside the third DATA frame (9 + 100 bytes each)
     first = c.receive_data(wire[:cut])
-    assert c.incoming_buffer._data == b""  # h2 holds nothing: the cut frame waits in _H2
+    assert c.incoming_buffer._data == b""  # h2 holds nothing: the cut frame waits in FastH2
     rest = c.receive_data(wire[cut:])
     got = [e for e in first + rest if type(e) is _Data]
     assert [len(e.data) for e in got] == [100] * 4

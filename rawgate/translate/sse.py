@@ -19,6 +19,8 @@ Invariants (decoder):
   (the seed system dropped it).
 - Memory is bounded: an incomplete line or event longer than `max_event_bytes` raises
   `UpstreamProtocolError` instead of growing the buffer. Bytes are scanned at most twice.
+- The CRLF fast path (`_feed_fast`) runs only while `compat.fast_paths()` was on when the
+  decoder was made; with it off every byte goes through the general parser.
 
 Encoders: `data_frame` / `event_frame` build downstream frames from a payload that has no
 newline (orjson output never has one); `DONE` ends Chat/Completions streams; `HEARTBEAT` is a
@@ -28,6 +30,7 @@ call json.loads("") and crash, protocols.md C6).
 
 from __future__ import annotations
 
+from rawgate import compat
 from rawgate.errors import UpstreamProtocolError
 
 __all__ = [
@@ -95,7 +98,8 @@ class SSEDecoder:
         self._buf = bytearray()  # bytes after the last blank line (an incomplete event)
         self._cr = False  # the previous read ended in CR: maybe half of a CRLF
         self._start = True  # nothing fed yet (BOM check)
-        self._fast = True  # Gemini's own framing so far (see _feed_fast)
+        # Gemini's own framing so far (see _feed_fast); the switch is read once per decoder
+        self._fast = compat.fast_paths()
         self._data: list[bytes] = []  # data lines of the event being read (slow path)
         self._data_len = 0
         self._raw: list[bytes] | None = None  # lines of a raw JSON object being collected
@@ -141,8 +145,9 @@ class SSEDecoder:
         tail = blocks.pop()
         out: list[bytes] = []
         for k, block in enumerate(blocks):
-            # (4) int needles: `10 in b` is a memchr (26 ns on a 330 B event), `b"\n" in b`
-            # goes through the general substring search (250 ns): 0.45 us per event.
+            # (bench.micro: sse_decode) int needles: `10 in b` is a memchr (26 ns on a 330 B
+            # event), `b"\n" in b` goes through the general substring search (250 ns): 0.45 us
+            # per event.
             if 10 not in block and 13 not in block and len(block) <= self._max:
                 if block.startswith(b"data: "):
                     payload = block[6:]

@@ -206,11 +206,11 @@ class H1Connection:
         touched again by this exchange). None: nothing arrived for quiet_s (the
         upstream_read_idle_s limit still counts from the last data).
 
-        (1) One piece per read instead of one per chunked-encoding chunk: an SSE stream whose
-        events arrive together costs the caller one async step and one downstream write per
-        read, not one per event (stream-chat c=16 over an HTTP/1.1 upstream: 100 steps per
-        stream -> ~3). A framing error met after some data is raised by the next call, so the
-        data before it still reaches the caller first."""
+        (bench.client_pool: h1-stream) One piece per read instead of one per chunked-encoding
+        chunk: an SSE stream whose events arrive together costs the caller one async step and
+        one downstream write per read, not one per event (stream-chat c=16 over an HTTP/1.1
+        upstream: 100 steps per stream -> ~3). A framing error met after some data is raised by
+        the next call, so the data before it still reaches the caller first."""
         body = self._body
         while True:
             data = body.take()

@@ -10,7 +10,8 @@ Invariants:
   the upstream wait instead of rawgate buffer. Connection-level credit is returned on receipt:
   the per-stream windows already bound memory, and one slow caller must not stall the others.
 - GOAWAY drains: h2 itself would turn the whole connection CLOSED and reject the frames of the
-  streams the server promised to finish, so `_H2` reports GOAWAY without that transition.
+  streams the server promised to finish, so compat.H2ClientConnection reports GOAWAY without
+  that transition.
   Streams above last_stream_id were never processed (RFC 9113 6.8) and fail with
   StaleConnection, which the client retries once on a fresh connection. So does REFUSED_STREAM.
 - Every stream releases its pool slot exactly once; a released stream is reset if still open.
@@ -24,19 +25,16 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection as _H2Base
-from h2.errors import ErrorCodes, _error_code_from_int
+from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
-    Event,
     PingAckReceived,
     RemoteSettingsChanged,
     ResponseReceived,
@@ -50,11 +48,15 @@ from h2.exceptions import (
     TooManyStreamsError,
 )
 from h2.settings import SettingCodes, Settings
-from h2.stream import StreamState
 from hpack import Encoder, NeverIndexedHeaderTuple
-from hpack.hpack import encode_integer
 
-from rawgate.compat import dispatch_frame
+from rawgate import compat
+from rawgate.compat import (
+    H2ClientConnection,
+    h2_error_code,
+    h2_has_output,
+    hpack_table_size_update,
+)
 from rawgate.errors import (
     RawgateError,
     UpstreamClosed,
@@ -67,11 +69,10 @@ from rawgate.errors import (
     UpstreamWriteTimeout,
 )
 from rawgate.upstream.backends import wakeup_factory
+from rawgate.upstream.h2_data import Data, FastH2
 from rawgate.upstream.pool import ConnState, StaleConnection
 
 if TYPE_CHECKING:
-    from hyperframe.frame import GoAwayFrame
-
     from rawgate.config import TimeoutsConfig, UpstreamConfig
     from rawgate.upstream.backends import NetworkStream, Wakeup
     from rawgate.upstream.pool import OriginPool
@@ -143,9 +144,7 @@ class _Encoder:
     def header_table_size(self, value: int) -> None:
         # The peer changed SETTINGS_HEADER_TABLE_SIZE: RFC 7541 4.2 wants a size update at the
         # start of the next block. We use no table, so we announce 0.
-        b = encode_integer(0, 5)
-        b[0] |= 0x20
-        self._update = bytes(b)
+        self._update = hpack_table_size_update(0)
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         cache = self._cache
@@ -165,128 +164,13 @@ class _Encoder:
         return b"".join(out)
 
 
-_DATA_OK = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # where DATA may arrive
-_CLIENT_OPEN = ConnectionState.CLIENT_OPEN
-# length (24 bit as 8 + 16), type, flags, stream id (with the reserved bit): RFC 9113 4.1
-_FRAME_HEAD = struct.Struct(">BHBBI").unpack_from
-
-
-class _Data:
-    """What the DATA fast path reports instead of h2's DataReceived (1.1 us to build; this
-    0.3 us). The same three fields."""
-
-    __slots__ = ("data", "flow_controlled_length", "stream_id")
-
-    def __init__(self, stream_id: int, data: bytes, flow_controlled_length: int) -> None:
-        self.stream_id = stream_id
-        self.data = data
-        self.flow_controlled_length = flow_controlled_length
-
-
-class _H2(_H2Base):
-    """h2 with a draining GOAWAY, an O(1) open-stream count and a DATA fast path."""
-
-    sweep_at = 100  # set to the connection's stream cap
-    fast_data = True  # tests turn the fast path off to compare with plain h2
-
-    _partial = b""  # the start of a frame that has not fully arrived (fast path only)
-
-    def receive_data(self, data: Any) -> list[Any]:
-        """h2's receive_data, with the plain DATA frames taken here.
-
-        (7) h2 spends ~10 us per DATA frame (FrameBuffer 4 us, two state machines, flag sets,
-        events); Gemini sends one per SSE event, so that was twice the cost of transcoding the
-        event. A DATA frame qualifies when it is complete, unpadded, without END_STREAM, within
-        the frame size limit and both windows, on a stream in OPEN/HALF_CLOSED_LOCAL whose head
-        arrived and that has no Content-Length to check; then the only effects h2 would have are
-        the two windows shrinking and one DataReceived, which is all this does (~2.8 us). Any
-        other frame goes to h2 on its own, complete and in order; a DATA frame cut by the read
-        waits here (one frame at most: its length was checked), so h2 holds no partial frame
-        that would keep the fast path off until a read happens to end on a frame boundary.
-        While h2 holds a header block (HEADERS without END_HEADERS), or the connection is not
-        open, the rest goes to h2 as it is: every error path stays h2's."""
-        if not self.fast_data:
-            return super().receive_data(data)
-        fb = self.incoming_buffer
-        if self._partial:
-            data = self._partial + bytes(data)
-            self._partial = b""
-        else:
-            data = bytes(data)
-        end = len(data)
-        pos = 0
-        events: list[Any] = []
-        streams = self.streams
-        conn_win = self._inbound_flow_control_window_manager
-        max_len = self.max_inbound_frame_size
-        while pos < end:
-            if fb._data or fb._headers_buffer or self.state_machine.state is not _CLIENT_OPEN:
-                break
-            if end - pos < 9:
-                self._partial = data[pos:]  # part of a frame header
-                return events
-            high, low, kind, flags, sid = _FRAME_HEAD(data, pos)
-            length = (high << 16) | low
-            stop = pos + 9 + length
-            if stop > end:
-                if kind or not sid & 0x7FFFFFFF or length > max_len:
-                    break  # not a DATA frame we could take: h2 buffers (and judges) it
-                self._partial = data[pos:]
-                return events
-            # DATA (type 0) without END_STREAM (0x1) or PADDED (0x8)
-            if not kind and not flags & 0x09 and length <= max_len:
-                st = streams.get(sid & 0x7FFFFFFF)
-                if st is not None:
-                    sm = st.state_machine
-                    win = st._inbound_window_manager
-                    if (
-                        sm.state in _DATA_OK
-                        and sm.headers_received
-                        and st._expected_content_length is None
-                        and length <= win.current_window_size
-                        and length <= conn_win.current_window_size
-                    ):
-                        conn_win.current_window_size -= length
-                        win.current_window_size -= length
-                        events.append(_Data(st.stream_id, data[pos + 9 : stop], length))
-                        pos = stop
-                        continue
-            events.extend(super().receive_data(data[pos:stop]))  # one frame, h2's way
-            pos = stop
-        if pos < end:
-            events.extend(super().receive_data(data[pos:] if pos else data))
-        return events
-
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Event]]:
-        # h2 moves the connection to CLOSED here and clears our output, after which every
-        # DATA frame of the streams the server still finishes is a ProtocolError. Report the
-        # GOAWAY and keep the connection open; rawgate opens no new stream on it.
-        ev = ConnectionTerminated()
-        ev.error_code = _error_code_from_int(frame.error_code)
-        ev.last_stream_id = frame.last_stream_id
-        ev.additional_data = frame.additional_data or None
-        return [], [ev]
-
-    def _receive_frame(self, frame: Any) -> list[Event]:
-        return dispatch_frame(self, frame)  # h2's, without its per-frame repr (h2_frames)
-
-    @property
-    def open_outbound_streams(self) -> int:
-        # h2 recounts (and sweeps) every stream on each send_headers: O(streams) per request.
-        # The pool never exceeds the peer's limit, so the dict size is a good enough upper
-        # bound until it reaches the limit (200 concurrent streams: ~40k dict visits saved).
-        # The threshold is rawgate's own cap too: h2 forgets closed streams only in that
-        # recount, so a peer advertising no limit would otherwise make the dict grow forever.
-        n = len(self.streams)
-        if n < min(self.remote_settings.max_concurrent_streams, self.sweep_at):
-            return n
-        return int(super().open_outbound_streams)
-
-
-def new_h2(cfg: UpstreamConfig, stream_cap: int) -> _H2:
+def new_h2(cfg: UpstreamConfig, stream_cap: int, fast: bool | None = None) -> H2ClientConnection:
     """The h2 state machine of one upstream connection, configured as rawgate runs it (also
-    what bench/h2_budget.py measures)."""
-    h = _H2(
+    what bench/h2_budget.py measures). fast: h2_data's DATA fast path and compat's dispatch
+    (default: compat.fast_paths()); else h2's public API and the draining GOAWAY alone."""
+    if fast is None:
+        fast = compat.fast_paths()
+    h = (FastH2 if fast else H2ClientConnection)(
         H2Configuration(
             client_side=True,
             header_encoding=None,
@@ -294,9 +178,9 @@ def new_h2(cfg: UpstreamConfig, stream_cap: int) -> _H2:
             # h2's per-header outbound checks would cost ~10% of a small request.
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
-            # (9) Response headers are never forwarded to the client; H2Stream._head checks
-            # the one rawgate relies on (:status). h2's generator chain per header was
-            # ~26 of the ~100 us a response head + end of stream cost.
+            # (bench.h2_budget: receive) Response headers are never forwarded to the client;
+            # H2Stream._head checks the one rawgate relies on (:status). h2's generator chain per
+            # header was ~26 of the ~100 us a response head + end of stream cost.
             validate_inbound_headers=False,
         )
     )
@@ -309,7 +193,8 @@ def new_h2(cfg: UpstreamConfig, stream_cap: int) -> _H2:
         },
     )
     h.decoder.max_header_list_size = cfg.max_response_header_bytes
-    h.sweep_at = stream_cap
+    if isinstance(h, FastH2):
+        h.sweep_at = stream_cap
     h.encoder = _Encoder()  # type: ignore[assignment]  # duck-typed: encode() + size
     return h
 
@@ -342,7 +227,9 @@ class H2Connection:
         self._cap = max(1, cfg.h2_max_streams_per_connection)
         self.capacity = self._cap
         self.streams: dict[int, H2Stream] = {}
-        self._h2 = new_h2(cfg, self._cap)
+        # compat.fast_paths() is read here, once per connection.
+        self._fast = compat.fast_paths()
+        self._h2 = new_h2(cfg, self._cap, self._fast)
         self._wakeup = wakeup_factory()
         # Credit is returned once a quarter of a window is used: a 256 KiB stream window gets
         # one WINDOW_UPDATE per 64 KiB consumed, not one per DATA frame.
@@ -441,6 +328,7 @@ class H2Connection:
     async def _read_loop(self) -> None:
         h = self._h2
         stream = self._stream
+        fast = self._fast
         while self.state is not ConnState.CLOSED:
             try:
                 data = await stream.read(READ_BYTES, None)
@@ -457,7 +345,9 @@ class H2Connection:
                 self._fail(UpstreamProtocolError(f"upstream broke HTTP/2: {e}"))
                 return
             self._dispatch(events)
-            if h._data_to_send:  # ACKs, credit: only wake the writer when there is output
+            # ACKs, credit: only wake the writer when there is output (without the fast paths
+            # the writer looks for itself)
+            if not fast or h2_has_output(h):
                 self._wake_writer()
             if self._pool_dirty:
                 self._pool_dirty = False
@@ -562,7 +452,7 @@ class H2Connection:
     def _dispatch(self, events: list[Any]) -> None:
         streams = self.streams
         for ev in events:
-            if type(ev) is _Data or isinstance(ev, DataReceived):
+            if type(ev) is Data or isinstance(ev, DataReceived):
                 n = ev.flow_controlled_length
                 self._conn_unacked += n
                 s = streams.get(ev.stream_id)
@@ -781,7 +671,7 @@ class H2Stream:
         if code == ErrorCodes.REFUSED_STREAM and self.status == 0:
             self.stale = True  # RFC 9113 8.7: not processed, safe to retry
         elif self.error is None:
-            name = getattr(_error_code_from_int(code), "name", str(code))
+            name = getattr(h2_error_code(code), "name", str(code))
             self.error = UpstreamClosed(f"upstream reset the stream ({name})")
         self._wake()
 
@@ -821,10 +711,10 @@ class H2Stream:
             while True:
                 chunks = self.chunks
                 if chunks:
-                    # (1) Every DATA frame already buffered, joined: one piece per read of the
-                    # connection instead of one per frame (Gemini sends one SSE event per
-                    # frame), so the caller makes one async step and one downstream write per
-                    # batch. Bounded by the stream window (what may be buffered at all).
+                    # (bench.client_pool: h2-stream) Every DATA frame already buffered, joined: one
+                    # piece per read of the connection instead of one per frame (Gemini sends one
+                    # SSE event per frame), so the caller makes one async step and one downstream
+                    # write per batch. Bounded by the stream window (what may be buffered at all).
                     if len(chunks) == 1:
                         data = chunks.popleft()
                     else:

@@ -207,10 +207,11 @@ def assign(
                 k += 1
                 continue
         if absorb > 0:
-            # Stays queued: a connection being opened will carry it. (8) With nothing free,
-            # the waiters after it are absorbed too, unless one is fresh: skip them in one
-            # step. One by one, a burst of 1,000 requests behind 10 h2 connections being
-            # opened cost 500 ms of assign() in total (O(waiters) per call); now ~10 ms.
+            # Stays queued: a connection being opened will carry it. (bench: slow-streams
+            # scenario; no micro-benchmark case covers it) With nothing free, the waiters
+            # after it are absorbed too, unless one is fresh: skip them in one step. One by one,
+            # a burst of 1,000 requests behind 10 h2 connections being opened cost 500 ms of
+            # assign() in total (O(waiters) per call); now ~10 ms.
             if fresh_after < 0 or fresh_after > k:
                 fresh_after = k if not any(map(_FRESH, islice(ws, k, None))) else n
             if fresh_after <= k:
