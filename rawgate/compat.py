@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+import h11
 from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
 from hyperframe.frame import RstStreamFrame
@@ -31,7 +32,16 @@ if TYPE_CHECKING:
     from h2.connection import H2Connection
     from h2.events import Event
 
-__all__ = ["dispatch_frame", "fast_paths", "set_fast_paths"]
+__all__ = [
+    "dispatch_frame",
+    "fast_paths",
+    "h11_drop_unparsed",
+    "h11_header_items",
+    "h11_next_cycle",
+    "h11_take",
+    "h11_unparsed",
+    "set_fast_paths",
+]
 
 _OFF = ("0", "false", "no", "off")
 _fast = os.environ.get("RAWGATE_SERVER_FAST_PATHS", "1").strip().lower() not in _OFF
@@ -71,3 +81,41 @@ def dispatch_frame(conn: H2Connection, frame: Any) -> list[Event]:
         raise
     conn._prepare_for_sending(frames)
     return list(events)
+
+
+# ---- h11 (inbound) ----
+# h1_server's fast paths. Each reads or replaces h11's receive buffer (h11.Connection.
+# _receive_buffer, a ReceiveBuffer around the bytearray `_data`) or its header triples
+# (Headers._full_items). With fast_paths() off, h1_server calls none of them.
+
+
+def h11_unparsed(h: h11.Connection) -> bytearray:
+    """The bytes h11 holds but has not parsed yet (the buffer itself, not a copy: read it, do not
+    keep it). Its length before and after a head is the exact head size (h11's own check misses
+    complete heads, h11#182)."""
+    return h._receive_buffer._data
+
+
+def h11_take(h: h11.Connection, n: int) -> bytearray | None:
+    """Up to `n` unparsed bytes taken off the front of h11's buffer (None when it is empty): a
+    Content-Length body or a fast-parsed head consumed without h11's Data/EndOfMessage rounds."""
+    return h._receive_buffer.maybe_extract_at_most(n)
+
+
+def h11_next_cycle(h: h11.Connection, max_incomplete: int) -> h11.Connection:
+    """A fresh server Connection that takes over `h`'s unparsed bytes: pipelined bytes are moved,
+    not copied (trailing_data would copy them once per request: O(n^2) for n pipelined)."""
+    nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=max_incomplete)
+    nxt._receive_buffer = h._receive_buffer
+    return nxt
+
+
+def h11_drop_unparsed(h: h11.Connection) -> None:
+    """Free h11's unparsed bytes now (the connection is over)."""
+    h._receive_buffer._data.clear()
+
+
+def h11_header_items(ev: h11.Request) -> list[tuple[bytes, bytes, bytes]]:
+    """h11's (raw name, lower-case name, value) triples of a request's headers: reading them
+    skips a Python-level __getitem__ per header."""
+    return ev.headers._full_items

@@ -126,7 +126,7 @@ def run_canary(c: Canary) -> str | None:
 
 # ---- h11 ----------------------------------------------------------------------------------------
 
-# A head _fast_head takes (h1_server (10)): its bytes are consumed with maybe_extract_at_most.
+# A head fast_head takes (http/h1_parse): its bytes are consumed with maybe_extract_at_most.
 LONG_HEAD = (
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     b"User-Agent: " + b"a" * 150 + b"\r\nContent-Length: 5\r\n\r\n"
@@ -819,16 +819,16 @@ def check_frame_types() -> None:
 
 CANARIES: tuple[Canary, ...] = (
     # h11
-    Canary("h11.Connection._receive_buffer", "h11", ("http/h1_server",), ("_receive_buffer",),
+    Canary("h11.Connection._receive_buffer", "h11", ("compat",), ("_receive_buffer",),
            "its len() before and after a head is the head's size; a fresh Connection takes it "
            "over for the next pipelined request", check_h11_receive_buffer),
-    Canary("h11.ReceiveBuffer._data", "h11", ("http/h1_server",), ("_data",),
+    Canary("h11.ReceiveBuffer._data", "h11", ("compat",), ("_data",),
            "a bytearray of exactly the unparsed bytes, read by the fast head parser",
            check_h11_receive_buffer_data),
-    Canary("h11.ReceiveBuffer.maybe_extract_at_most", "h11", ("http/h1_server",), (),
+    Canary("h11.ReceiveBuffer.maybe_extract_at_most", "h11", ("compat",), (),
            "takes a fast-parsed head and Content-Length bodies out of h11's buffer",
            check_h11_maybe_extract_at_most),
-    Canary("h11.Headers._full_items", "h11", ("http/h1_server",), ("_full_items",),
+    Canary("h11.Headers._full_items", "h11", ("compat",), ("_full_items",),
            "(raw name, lower-case name, value) triples of a parsed head",
            check_h11_full_items),
     Canary("h11 Content-Length checks", "h11", ("http/h1_server", "upstream/h1_client"), (),
