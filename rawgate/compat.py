@@ -24,15 +24,20 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import h11
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
-from hyperframe.frame import RstStreamFrame
+from h2.settings import SettingCodes, Settings
+from hpack.table import HeaderTable
+from hyperframe.frame import Frame, RstStreamFrame, WindowUpdateFrame
 
 if TYPE_CHECKING:
-    from h2.connection import H2Connection
     from h2.events import Event
 
 __all__ = [
+    "HPACK_STATIC_TABLE",
+    "FrameHookH2",
+    "acknowledge_connection_data",
     "dispatch_frame",
     "fast_paths",
     "h11_drop_unparsed",
@@ -40,6 +45,7 @@ __all__ = [
     "h11_next_cycle",
     "h11_take",
     "h11_unparsed",
+    "replace_local_settings",
     "set_fast_paths",
 ]
 
@@ -119,3 +125,47 @@ def h11_header_items(ev: h11.Request) -> list[tuple[bytes, bytes, bytes]]:
     """h11's (raw name, lower-case name, value) triples of a request's headers: reading them
     skips a Python-level __getitem__ per header."""
     return ev.headers._full_items
+
+
+# ---- h2 server ----
+# h2_server's touches: the per-frame hook its flood guard counts in (h2's _receive_frame), the
+# connection window handed back for dropped DATA (h2's window manager and _prepare_for_sending),
+# the local SETTINGS replaced after initiate_connection, and hpack's static table.
+
+# RFC 7541's static table as (name, value) bytes pairs (index - 1), from hpack's internal module.
+HPACK_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = tuple(HeaderTable.STATIC_TABLE)
+
+
+class FrameHookH2(H2Connection):
+    """H2Connection whose per-frame step first calls `on_frame(frame)` (a subclass raises there to
+    stop the batch: h2 parses no further frame of it). With `fast_dispatch` (set from
+    fast_paths() by the creator, once per connection) the frame then goes through dispatch_frame
+    (h2's step minus its per-frame repr); without, through h2's own _receive_frame."""
+
+    fast_dispatch = True
+
+    def on_frame(self, frame: Frame) -> None:
+        """Called once per received frame, before h2 acts on it."""
+
+    def _receive_frame(self, frame: Frame) -> list[Event]:
+        self.on_frame(frame)
+        if self.fast_dispatch:
+            return dispatch_frame(self, frame)
+        return super()._receive_frame(frame)
+
+
+def acknowledge_connection_data(conn: H2Connection, n: int) -> None:
+    """Hand `n` dropped bytes back to the connection window only (h2's window manager), as h2
+    itself does for DATA on a closed stream. No public call does this: acknowledge_received_data
+    also reopens the stream's window."""
+    inc = conn._inbound_flow_control_window_manager.process_bytes(n)
+    if inc:
+        f = WindowUpdateFrame(0)
+        f.window_increment = inc
+        conn._prepare_for_sending([f])
+
+
+def replace_local_settings(conn: H2Connection, values: dict[SettingCodes | int, int]) -> None:
+    """Replace the local SETTINGS h2 enforces without sending a SETTINGS frame: after
+    initiate_connection the peer was told the first values, h2 enforces these."""
+    conn.local_settings = Settings(client=False, initial_values=values)  # type: ignore[arg-type]

@@ -848,7 +848,7 @@ CANARIES: tuple[Canary, ...] = (
            ("_frame_dispatch_table",),
            "a dict from every hyperframe frame class to the connection's bound handler",
            check_dispatch_table),
-    Canary("h2.H2Connection._prepare_for_sending", "h2", ("compat", "http/h2_server"),
+    Canary("h2.H2Connection._prepare_for_sending", "h2", ("compat",),
            ("_prepare_for_sending",), "queues the handlers' reply frames for data_to_send()",
            check_prepare_for_sending),
     Canary("h2.H2Connection._stream_is_closed_by_reset", "h2", ("compat",),
@@ -866,9 +866,13 @@ CANARIES: tuple[Canary, ...] = (
            "dispatch_frame gives h2's events, output and errors on every branch",
            check_receive_frame_behaviour),
     # h2: overridden hooks
-    Canary("h2.H2Connection._receive_frame", "h2", ("http/h2_server", "upstream/h2_client"),
+    Canary("h2.H2Connection._receive_frame", "h2", ("compat", "upstream/h2_client"),
            ("override _receive_frame",),
            "receive_data calls it once per frame; an exception raised there stops the batch",
+           check_receive_frame_hook),
+    Canary("h2.H2Connection._receive_frame (h2's own, fast paths off)", "h2", ("compat",),
+           ("_receive_frame",),
+           "FrameHookH2 hands the frame on to h2's own step when fast_dispatch is off",
            check_receive_frame_hook),
     Canary("h2.H2Connection._receive_goaway_frame", "h2", ("upstream/h2_client",),
            ("override _receive_goaway_frame",),
@@ -899,7 +903,7 @@ CANARIES: tuple[Canary, ...] = (
     Canary("h2.H2Connection._data_to_send", "h2", ("upstream/h2_client",), ("_data_to_send",),
            "a bytearray, non-empty exactly when data_to_send() has bytes", check_data_to_send),
     Canary("h2.H2Connection._inbound_flow_control_window_manager", "h2",
-           ("upstream/h2_client", "http/h2_server"),
+           ("upstream/h2_client", "compat"),
            ("_inbound_flow_control_window_manager",),
            "its current_window_size is the connection window, shrunk in place per DATA frame",
            check_connection_window_manager),
@@ -924,7 +928,7 @@ CANARIES: tuple[Canary, ...] = (
            "OPEN / HALF_CLOSED_LOCAL and headers_received of H2Stream.state_machine; .closed",
            check_stream_state),
     # hpack
-    Canary("hpack.table.HeaderTable.STATIC_TABLE", "hpack", ("http/h2_server", "emulator/fast_h2"),
+    Canary("hpack.table.HeaderTable.STATIC_TABLE", "hpack", ("compat", "emulator/fast_h2"),
            ("import hpack.table.HeaderTable",),
            "RFC 7541's static table as (name, value) bytes pairs, index - 1",
            check_static_table),
@@ -1305,7 +1309,7 @@ def test_the_message_names_the_installed_version(monkeypatch: pytest.MonkeyPatch
     msg = str(run_canary(c))
     assert "installed: h2 4.5.0" in msg
     assert 'pin h2 below 4.5.0 in pyproject.toml ("h2<4.5.0")' in msg
-    assert "or update rawgate/compat.py and rawgate/http/h2_server.py for h2 4.5.0" in msg
+    assert "or update rawgate/compat.py for h2 4.5.0" in msg
 
 
 def test_the_scan_finds_a_new_private_touch() -> None:

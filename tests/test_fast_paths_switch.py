@@ -1,5 +1,5 @@
-"""compat.fast_paths() is honoured: with it off, no fast-path function of the inbound drivers is
-called, and the same requests get the same answers.
+"""compat.fast_paths() is honoured: with it off, no fast-path function of the inbound drivers
+(h1_server, h2_server) is called, and the same requests get the same answers.
 
 Each fast-path function the drivers call is replaced by a counting wrapper. With the switch on,
 the counts prove the wrappers sit where the drivers look them up (so the test can fail); with it
@@ -9,15 +9,21 @@ answered.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
+from anyio.abc import UNIXSocketStream
 
 from rawgate import compat
-from rawgate.http import h1_server
-from rawgate.seam import Request, ResponseSink
+from rawgate.config import Config
+from rawgate.conn import ConnInfo, ServerState
+from rawgate.http import h1_server, h2_server
+from rawgate.seam import Header, Request, ResponseSink
 from tests.helpers_h1 import h1_serving
+from tests.helpers_h2 import H2Client
 
 H1_FAST = (
     "fast_head",
@@ -82,3 +88,60 @@ async def test_h1_fast_paths_off_are_never_called(calls: dict[str, int]) -> None
     compat.set_fast_paths(False)
     assert await _serve() == EXPECTED
     assert calls == dict.fromkeys(H1_FAST, 0)
+
+
+# ---- HTTP/2 server ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def h2_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Counts of the h2 server's fast paths: compat.dispatch_frame (the dispatch override) and
+    ResponseEncoder.encode (rawgate's HPACK encoder)."""
+    before = compat.fast_paths()
+    counts = {"dispatch_frame": 0, "encode": 0}
+    dispatch = compat.dispatch_frame
+
+    def counted_dispatch(conn: Any, frame: Any) -> Any:
+        counts["dispatch_frame"] += 1
+        return dispatch(conn, frame)
+
+    class Counted(h2_server.ResponseEncoder):
+        def encode(self, headers: list[Header], huffman: bool = True) -> bytes:
+            counts["encode"] += 1
+            return super().encode(headers, huffman)
+
+    monkeypatch.setattr(compat, "dispatch_frame", counted_dispatch)
+    monkeypatch.setattr(h2_server, "ResponseEncoder", Counted)
+    yield counts
+    compat.set_fast_paths(before)
+
+
+async def _serve_h2() -> list[tuple[int, bytes]]:
+    a, b = socket.socketpair()
+    server, client = await UNIXSocketStream.from_socket(a), await UNIXSocketStream.from_socket(b)
+    out: list[tuple[int, bytes]] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            h2_server.serve_h2, server, _Echo(), Config(), ConnInfo(("127.0.0.1", 1)), ServerState()
+        )
+        async with H2Client(client) as c:
+            for body in (b"one", b""):
+                r = await c.request("POST", "/x", body=body)
+                out.append((r.status, r.body))
+        with anyio.fail_after(5):
+            await client.aclose()
+    return out
+
+
+@pytest.mark.anyio
+async def test_h2_fast_paths_on_are_used(h2_calls: dict[str, int]) -> None:
+    compat.set_fast_paths(True)
+    assert await _serve_h2() == [(200, b"one"), (200, b"-")]
+    assert h2_calls["dispatch_frame"] and h2_calls["encode"]
+
+
+@pytest.mark.anyio
+async def test_h2_fast_paths_off_are_never_called(h2_calls: dict[str, int]) -> None:
+    compat.set_fast_paths(False)
+    assert await _serve_h2() == [(200, b"one"), (200, b"-")]
+    assert h2_calls == {"dispatch_frame": 0, "encode": 0}
