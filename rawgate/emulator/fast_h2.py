@@ -37,6 +37,7 @@ from rawgate.emulator.core import Emulator, Reply
 from rawgate.emulator.state import Header
 from rawgate.errors import BadRequest
 from rawgate.http.target import parse_target
+from rawgate.wire import hpack_int as _int
 
 __all__ = ["PREFACE", "H2Session"]
 
@@ -54,19 +55,6 @@ _FRAME = struct.Struct(">IBBI")  # 8-bit pad + 24-bit length, type, flags, strea
 
 def _frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     return _FRAME.pack(len(payload), kind, flags, sid)[1:] + payload
-
-
-def _int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append((value & 127) | 128)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _encode_block(headers: tuple[Header, ...], status: int) -> bytes:

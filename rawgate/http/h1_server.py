@@ -51,7 +51,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
@@ -84,10 +83,11 @@ from rawgate.http.h1_parse import (
     head_error,
     overflow_error,
 )
-from rawgate.http.server_stream import CONNECTION_GONE
+from rawgate.http.server_stream import CONNECTION_GONE, close_stream
 from rawgate.http.target import parse_target
 from rawgate.respond import error_response
 from rawgate.seam import ClientDisconnected, Header, Request, is_disconnect
+from rawgate.wire import METHODS, per_second_date
 
 if TYPE_CHECKING:
     from anyio.abc import ByteStream
@@ -128,26 +128,13 @@ _LENGTH_CLOSE = b"content-length: %d\r\nconnection: close\r\n\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
 _CHUNKED_CLOSE = b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-# Interned method strings: no decode per request for the methods clients actually send.
-_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")}
 
 # What the read deadline means when it passes.
 _IDLE, _HEAD, _BODY = 1, 2, 3
 
-_date_second = -1
-_date_lines = b""
-
-
-def _common_lines() -> bytes:
-    """(5) `date` + `server` lines, formatted at most once per second (formatdate costs ~5 us)."""
-    global _date_second, _date_lines
-    now = int(time.time())
-    if now != _date_second:
-        _date_second = now
-        _date_lines = (
-            b"date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\nserver: rawgate\r\n"
-        )
-    return _date_lines
+# (bench.bare_server: h1) `date` + `server` lines, formatted at most once per second (formatdate
+# costs ~5 us).
+_common_lines = per_second_date(lambda d: b"date: " + d + b"\r\nserver: rawgate\r\n")
 
 
 def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
@@ -792,7 +779,7 @@ class _Conn:
         if err is not None:
             self._reject(ex, err)
             return
-        known = _METHODS.get(method)
+        known = METHODS.get(method)
         ex.method = known if known is not None else method.decode("ascii")  # h11: a token
         ex.target = target
         ex.headers = headers
@@ -1065,14 +1052,7 @@ class _Conn:
             self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
 
     async def _close_stream(self) -> None:
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(_CLOSE_S):
-                try:
-                    await self._stream.aclose()
-                except CONNECTION_GONE:
-                    pass
-                return
-            await anyio.aclose_forcefully(self._stream)
+        await close_stream(self._stream, _CLOSE_S)
 
 
 def _reason(prefix: str, e: h11.RemoteProtocolError) -> str:

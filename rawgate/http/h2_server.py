@@ -83,7 +83,7 @@ from rawgate.errors import (
 from rawgate.http.h1_server import _Wakeup
 from rawgate.http.h2_flood import GuardedH2
 from rawgate.http.hpack_encode import ResponseEncoder
-from rawgate.http.server_stream import CONNECTION_GONE, ServerStream
+from rawgate.http.server_stream import CONNECTION_GONE, ServerStream, close_stream
 from rawgate.http.target import parse_target
 from rawgate.respond import error_response
 from rawgate.seam import ClientDisconnected, Header, Request, is_disconnect
@@ -1001,15 +1001,7 @@ class _Conn:
                     pass
 
     async def _close_stream(self) -> None:
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self._cfg.timeouts.h2_goaway_flush_s):
-                try:
-                    await self._stream.aclose()
-                except CONNECTION_GONE:
-                    pass
-                return
-            await anyio.aclose_forcefully(self._stream)
-
+        await close_stream(self._stream, self._cfg.timeouts.h2_goaway_flush_s)
 
 
 async def serve_h2(

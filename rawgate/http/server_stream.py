@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["CONNECTION_GONE", "READ_BUFFER_BYTES", "ServerStream", "accept"]
+__all__ = ["CONNECTION_GONE", "READ_BUFFER_BYTES", "ServerStream", "accept", "close_stream"]
 
 # What a receive/send/close on an accepted connection (this stream or anyio's) raises once the
 # peer is gone: the drivers and the listener treat these alike, as a quiet end of the connection.
@@ -42,6 +42,22 @@ CONNECTION_GONE = (
     anyio.ClosedResourceError,
     OSError,
 )
+
+
+
+async def close_stream(stream: ByteStream, timeout: float) -> None:
+    """Close an accepted connection, shielded from the caller's cancellation and bounded: a TLS
+    stream may try to send close_notify to a peer that does not read, so after `timeout` seconds
+    it is closed forcefully. Never raises."""
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(timeout):
+            try:
+                await stream.aclose()
+            except CONNECTION_GONE:
+                pass
+            return
+        await anyio.aclose_forcefully(stream)
+
 
 # Bytes a connection may hold unread before reading pauses: a few reads of 64 KiB.
 READ_BUFFER_BYTES = 256 * 1024
