@@ -33,7 +33,7 @@ __all__ = [
     "says_close",
 ]
 
-# (bench.micro: h1_parse_post) The common request head parsed without h11: one regex over the
+# (bench.micro: h1_fast_head) The common request head parsed without h11: one regex over the
 # request line and CRLF header lines, then one partition per header: ~9 us against h11's ~70 us
 # for the bench's 4-header POST on the bench box. It accepts a strict subset of what h11 accepts
 # (token method, VCHAR target, exactly HTTP/1.1, token names, values of HTAB/SP/VCHAR/obs-text,

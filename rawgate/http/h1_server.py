@@ -1,12 +1,12 @@
 """The inbound HTTP/1.1 driver: h11 parses requests, this module writes responses.
 
 Invariants:
-- h11 parses every request (request line, headers, Content-Length and chunked bodies). Responses
-  are written here from precomputed status lines and header blocks: h11's outbound path (event
+- h11 parses every request (request line, headers, Content-Length and chunked bodies). Responses are
+  written here from precomputed status lines and header blocks: h11's outbound path (event
   validation + state machine + writer) costs ~35 us per request on the bench box, a third of the
-  whole budget of a /healthz (1). Each request cycle gets a fresh h11.Connection that inherits the
-  previous cycle's receive buffer (pipelined bytes are moved, never copied), so h11's client-side
-  state machine runs in full and its server side is never used.
+  whole budget of a /healthz (bench.micro: h1_head). Each request cycle gets a fresh h11.Connection
+  that inherits the previous cycle's receive buffer (pipelined bytes are moved, never copied), so
+  h11's client-side state machine runs in full and its server side is never used.
 - Three tasks per connection. The reader is the only caller of receive(); the worker is the only
   writer and answers requests strictly in arrival order; the watchdog owns every timeout.
 - The reader keeps reading while a handler runs. That is how pipelined requests queue up (at most
@@ -31,15 +31,21 @@ Invariants:
   a smuggling shape). A driver-level error is answered in order, then the connection closes after
   a short lingering close (timeouts.lingering_close_s): framing after a bad request is not trusted.
 - Timeouts are plain float deadlines checked by the watchdog: arming one is a float store, where a
-  CancelScope costs ~4 us and fail_after ~12 us on the bench box (2). Head (slowloris): 408, close.
-  Body idle gap: 408, close. Keep-alive idle (header_read_s before the first request): quiet close.
-  Write: send() returns only once the socket took the bytes (anyio's transports keep no buffer);
-  no progress for timeouts.write_s aborts the connection.
+  CancelScope costs ~4 us and fail_after ~12 us on the bench box (bench.bare_server: h1). Head
+  (slowloris): 408, close. Body idle gap: 408, close. Keep-alive idle (header_read_s before the
+  first request): quiet close. Write: send() returns only once the socket took the bytes (anyio's
+  transports keep no buffer); no progress for timeouts.write_s aborts the connection.
 - Keep-alive ends after the current response when: the client sent Connection: close or spoke
   HTTP/1.0, limits.max_requests_per_connection was reached, ServerState.draining is set, the
   handler left its response unfinished, or a response was framed by closing the connection.
-- Response headers are the handler's (lower-case names, no hop-by-hop headers: events.py). A CR or
-  LF inside one is refused (response splitting) with one bytes.count over the block (3).
+- Response headers are the handler's (lower-case names, no hop-by-hop headers: seam.py). A CR or
+  LF inside one is refused (response splitting) with one bytes.count over the block (bench.micro:
+  h1_head).
+- The sans-IO half (the fast head parser, the end-of-head search, the limit checks) is
+  http/h1_parse.py; h11's private buffer and header triples are reached only through compat.py.
+  compat.fast_paths() is read once per connection: with it off, no fast head, no read of h11's
+  buffer and no own body reader: every head and body goes through h11's next_event() and the
+  unparsed bytes are read as trailing_data (bench.micro: h1_parse_post_public), same answers.
 - Nothing escapes serve_h1 (cancellation aside), and it leaves no task behind.
 """
 
@@ -108,7 +114,7 @@ _CLOSE_S = 1.0
 # h11's error messages may quote the offending bytes; an error body must stay small.
 _MAX_REASON_CHARS = 200
 
-# (4) Status lines for every code, built once: no per-response formatting.
+# (bench.micro: h1_head) Status lines for every code, built once: no per-response formatting.
 _STATUS_LINE: dict[int, bytes] = {}
 for _s in range(100, 600):
     try:
@@ -120,7 +126,8 @@ del _s, _phrase
 # Statuses whose responses never carry a body or framing headers (RFC 9110 6.4.1).
 _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# (4) Framing lines, each ending the head. %d is the only per-response formatting.
+# (bench.micro: h1_head) Framing lines, each ending the head. %d is the only per-response
+# formatting.
 _END = b"\r\n"
 _END_CLOSE = b"connection: close\r\n\r\n"
 _LENGTH = b"content-length: %d\r\n\r\n"
@@ -144,7 +151,8 @@ def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
         raise ValueError(f"response status {status} is not a final status (200..599)")
     if not headers:
         return line + _common_lines() + framing
-    # (3) map + join run in C: no Python loop per header. A CR or LF inside a name or value shows
+    # (bench.micro: h1_head) map + join run in C: no Python loop per header. A CR or LF inside a
+    # name or value shows
     # up as one more than the separators in the block.
     block = b"\r\n".join(map(b": ".join, headers))
     n = len(headers) - 1
@@ -156,10 +164,11 @@ def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
 class _Wakeup:
     """A reusable wake-up for the one waiting worker task.
 
-    (9) On asyncio this is one asyncio.Event per connection, cleared after each wait; anyio.Event
-    is one-shot and creating one costs ~5 us on the bench box (~1 us for asyncio.Event), once
-    per keep-alive request. Other backends get a fresh anyio.Event per wait. A set() with nobody
-    waiting is either kept (asyncio) or not needed: the worker looks at its queue before waiting.
+    (bench.bare_server: h1) On asyncio this is one asyncio.Event per connection, cleared after each
+    wait; anyio.Event is one-shot and creating one costs ~5 us on the bench box (~1 us for
+    asyncio.Event), once per keep-alive request. Other backends get a fresh anyio.Event per wait. A
+    set() with nobody waiting is either kept (asyncio) or not needed: the worker looks at its queue
+    before waiting.
     """
 
     __slots__ = ("_asyncio", "_event")
@@ -317,7 +326,7 @@ class _Exchange:
         else:
             data = _head(status, headers, (_LENGTH_CLOSE if close else _LENGTH) % n)
             if n and not self.is_head:
-                data += body  # (6) head and body leave in one socket write
+                data += body  # (bench.bare_server: h1) head and body leave in one socket write
                 self._bytes_sent = n
         self._started = True
         self._ended = True
@@ -473,7 +482,8 @@ class _Conn:
     async def write(self, data: bytes) -> None:
         if self.dead:
             raise ClientDisconnected("connection lost")
-        # (2) a float store instead of fail_after(); the watchdog aborts if it passes.
+        # (bench.bare_server: h1) a float store instead of fail_after(); the watchdog aborts
+        # if it passes.
         self._write_deadline = time.monotonic() + self._write_s
         try:
             await self._stream.send(data)
@@ -539,8 +549,8 @@ class _Conn:
                     return
                 if self._should_pause():
                     return  # parse the rest once the worker has caught up
-                # (bench: test_server_reliability scan counts) Nothing parses a head before its
-                # end is here, and the search for that end starts where the last one stopped: a
+                # (tests/test_server_reliability.py: bytes scanned) Nothing parses a head before
+                # its end is here, and the search for that end starts where the last one stopped: a
                 # head sent a few bytes at a time is scanned once, not once per read (the fast
                 # regex rescanned all of it every time).
                 end = head_end(data, self._scanned)
@@ -674,7 +684,7 @@ class _Conn:
         self._cur = None
         if ex.close:
             self.discard = True  # nothing after this request is answered
-        # (bench.micro: h1_parse_get) The next cycle parses with a fresh h11.Connection that
+        # (no micro case: pipelining) The next cycle parses with a fresh h11.Connection that
         # takes over this one's buffer (compat): pipelined bytes are moved, not copied, so n
         # pipelined requests in one read cost O(n), not O(n^2) as trailing_data's copies would.
         # After a fast-parsed head h11 saw no event and is still IDLE: it is kept.
@@ -726,7 +736,7 @@ class _Conn:
         ex.is_head = method == b"HEAD"
         target = ev.target
         if self._fast:
-            # (bench.micro: h1_parse_get) h11's own header triples, no __getitem__ per header.
+            # (no micro case) h11's own header triples, no __getitem__ per header.
             headers = [(name, value) for _, name, value in h11_header_items(ev)]
         else:
             headers = list(ev.headers)
@@ -796,7 +806,7 @@ class _Conn:
             if size > self._budget - self._state.buffered_body_bytes:
                 self._reject(ex, _over_budget())
                 return
-        # A fast-parsed head has no expect header (10).
+        # A fast-parsed head has no expect header (h1_parse.fast_head hands those to h11).
         ex.expect_100 = h11_expect and self._h.they_are_waiting_for_100_continue
         self._enqueue(ex)
         self._cur = ex
@@ -806,7 +816,8 @@ class _Conn:
             # With fast paths off h11 frames Content-Length bodies too (_length_left stays 0).
             self._length_left = size if self._fast else 0
         else:
-            # (8) No body: the request is complete now, without asking h11 for EndOfMessage.
+            # (bench.micro: h1_parse_get) No body: the request is complete now, without asking
+            # h11 for EndOfMessage.
             self._end_body(ex)
 
     def _enqueue(self, ex: _Exchange) -> None:

@@ -34,8 +34,12 @@ Invariants:
   keepalive_idle_s whenever no stream is open.
 - Request headers are fully validated by h2. Response headers are not (h2's outbound validation
   and normalisation cost ~10% of a small response): handlers must pass lower-case names and no
-  hop-by-hop headers, as events.py already requires. Only CR, LF and NUL are checked (one join):
+  hop-by-hop headers, as seam.py already requires. Only CR, LF and NUL are checked (one join):
   a header holding one is a ValueError before the stream starts, never a PROTOCOL_ERROR.
+- The response HPACK encoder is http/hpack_encode.py, the flood guard http/h2_flood.py, and every
+  touch of h2's private parts goes through compat.py. compat.fast_paths() is read once per
+  connection (_new_h2): with it off, h2's own frame dispatch and HPACK encoder run (the flood
+  caps are counted all the same).
 """
 
 from __future__ import annotations

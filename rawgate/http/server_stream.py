@@ -3,7 +3,8 @@
 Why: anyio's SocketStream pays, per send(), a cancellation check plus a shielded checkpoint (a
 CancelScope and one extra event-loop round trip for the writing task), and per receive() a
 resume_reading/pause_reading pair (with uvloop, two io_uring submissions) and an asyncio.Event.
-On the bench box that was ~15 % of rawgate's CPU per proxied non-stream request (1).
+On the bench box that was ~15 % of rawgate's CPU per proxied non-stream request
+(bench.bare_server: h1).
 
 Invariants:
 - Same contract as anyio's SocketStream for what the drivers use: receive() returns what
