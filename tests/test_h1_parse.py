@@ -8,9 +8,15 @@ the blank line has arrived.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
+from rawgate import compat
+from rawgate.config import Config
+from rawgate.conn import ConnInfo, ServerState
 from rawgate.errors import HeadersTooLarge, URITooLong
+from rawgate.http import h1_server
 from rawgate.http.h1_parse import (
     OBS_FOLD,
     fast_head,
@@ -148,3 +154,72 @@ def test_overflow_error() -> None:
     assert isinstance(overflow_error(data, max_url=10, max_head=100), URITooLong)
     data = b"GET / HTTP/1.1\r\nX: " + b"b" * 200
     assert isinstance(overflow_error(data, max_url=10, max_head=100), HeadersTooLarge)
+
+
+# ---- the driver's parser, fed in bytes split at every offset ---------------------------------
+
+# Pipelined on one connection: a fast head with a Content-Length body, a chunked body (h11's),
+# a bare-LF head (h11's), a bodiless fast head with Connection: keep-alive, a HEAD.
+WIRE = b"".join(
+    [
+        b"POST /a?x=1 HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 7\r\n\r\n{\"a\":1}",
+        b"POST /b HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\ntwo\r\n4;ext=1\r\n-two\r\n0\r\n\r\n",
+        b"GET /c HTTP/1.1\nHost: t\nX-N: 3\n\n",
+        b"GET /d HTTP/1.1\r\nHost: t\r\nConnection: keep-alive\r\n\r\n",
+        b"HEAD /e HTTP/1.1\r\nHost: t\r\n\r\n",
+    ]
+)
+
+
+async def _noop_app(request: Any, sink: Any) -> None:
+    return None
+
+
+def _parsed(pieces: list[bytes], fast: bool) -> list[tuple[Any, ...]]:
+    """What the driver queued for the app after being fed `pieces`, one _feed per piece."""
+    before = compat.fast_paths()
+    compat.set_fast_paths(fast)
+    try:
+        c = h1_server._Conn(cast(Any, None), _noop_app, Config(), ConnInfo(), ServerState())
+    finally:
+        compat.set_fast_paths(before)
+    for p in pieces:
+        c._feed(p)
+    return [
+        (ex.method, ex.target, ex.path, ex.query, ex.headers, b"".join(ex.body), ex.done,
+         ex.close, ex.is_head, None if ex.error is None else (type(ex.error), str(ex.error)))
+        for ex in c._queue
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_paths", "public_api"])
+async def test_driver_parse_split_at_every_offset(fast: bool) -> None:
+    whole = _parsed([WIRE], fast)
+    assert [(m, p, body) for m, _, p, _, _, body, *_ in whole] == [
+        ("POST", "/a", b'{"a":1}'),
+        ("POST", "/b", b"two-two"),
+        ("GET", "/c", b""),
+        ("GET", "/d", b""),
+        ("HEAD", "/e", b""),
+    ]
+    assert all(done and err is None for *_, done, _, _, err in whole)
+    # Both switch positions read the same requests.
+    assert whole == _parsed([WIRE], not fast)
+    for i in range(1, len(WIRE)):
+        assert _parsed([WIRE[:i], WIRE[i:]], fast) == whole, i
+    assert _parsed([WIRE[i : i + 1] for i in range(len(WIRE))], fast) == whole
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_paths", "public_api"])
+async def test_driver_limits_hold_at_every_split(fast: bool) -> None:
+    """A head over max_header_bytes is refused the same whether it arrives whole or cut."""
+    big = b"GET /x HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 70_000 + b"\r\n\r\n"
+    whole = _parsed([big], fast)
+    assert len(whole) == 1 and whole[0][-1] is not None and whole[0][-1][0] is HeadersTooLarge
+    for i in (1, 17, 30, 10_000, 66_000, len(big) - 1):
+        got = _parsed([big[:i], big[i:]], fast)
+        assert len(got) == 1 and got[0][-1] is not None and got[0][-1][0] is HeadersTooLarge, i
