@@ -928,7 +928,7 @@ CANARIES: tuple[Canary, ...] = (
            "OPEN / HALF_CLOSED_LOCAL and headers_received of H2Stream.state_machine; .closed",
            check_stream_state),
     # hpack
-    Canary("hpack.table.HeaderTable.STATIC_TABLE", "hpack", ("compat", "emulator/fast_h2"),
+    Canary("hpack.table.HeaderTable.STATIC_TABLE", "hpack", ("compat",),
            ("import hpack.table.HeaderTable",),
            "RFC 7541's static table as (name, value) bytes pairs, index - 1",
            check_static_table),

@@ -31,8 +31,8 @@ from collections.abc import Callable, Generator
 
 from hpack import HPACKError
 from hpack.huffman_table import decode_huffman
-from hpack.table import HeaderTable
 
+from rawgate.compat import HPACK_STATIC_TABLE
 from rawgate.emulator.core import Emulator, Reply
 from rawgate.emulator.state import Header
 from rawgate.errors import BadRequest
@@ -48,7 +48,7 @@ MAX_HEADER_BLOCK_BYTES = 256 * 1024
 _DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS, _PUSH, _PING, _GOAWAY, _WU, _CONT = range(10)
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIO = 0x1, 0x1, 0x4, 0x8, 0x20
 _PROTOCOL_ERROR, _CANCEL, _REFUSED = 0x1, 0x8, 0x7
-_STATIC = HeaderTable.STATIC_TABLE
+_STATIC = HPACK_STATIC_TABLE
 _STATIC_NAMES = {name: i + 1 for i, (name, _) in reversed(list(enumerate(_STATIC)))}
 _FRAME = struct.Struct(">IBBI")  # 8-bit pad + 24-bit length, type, flags, stream id
 

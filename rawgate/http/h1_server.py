@@ -671,7 +671,7 @@ class _Conn:
             return False
         state = self._state
         if state.buffered_body_bytes + n > self._budget:
-            self._body_error(ex, _over_budget())
+            self._body_error(ex, Overloaded.body_budget())
             return False
         ex.body_size += n
         self._buffered += n
@@ -804,7 +804,7 @@ class _Conn:
                 self._end_body(ex)
                 return
             if size > self._budget - self._state.buffered_body_bytes:
-                self._reject(ex, _over_budget())
+                self._reject(ex, Overloaded.body_budget())
                 return
         # A fast-parsed head has no expect header (h1_parse.fast_head hands those to h11).
         ex.expect_100 = h11_expect and self._h.they_are_waiting_for_100_continue
@@ -1071,14 +1071,6 @@ def _reason(prefix: str, e: h11.RemoteProtocolError) -> str:
     if len(text) > _MAX_REASON_CHARS:
         text = text[:_MAX_REASON_CHARS] + "..."
     return f"{prefix}: {text}"
-
-
-def _over_budget() -> RawgateError:
-    return Overloaded(
-        "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
-        " retry shortly",
-        headers=[(b"retry-after", b"1")],
-    )
 
 
 def _version_error(version: bytes) -> RawgateError:

@@ -170,14 +170,6 @@ def _goaway(code: int, last_stream_id: int) -> bytes:
     return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code).serialize()
 
 
-def _over_budget() -> RawgateError:
-    return Overloaded(
-        "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
-        " retry shortly",
-        headers=[(b"retry-after", b"1")],
-    )
-
-
 def _connection_error_code(e: ProtocolError) -> int:
     if isinstance(e, DenialOfServiceError | TooManyStreamsError):
         return _CALM
@@ -721,7 +713,7 @@ class _Conn:
             if st.body_size + size > self._lim.max_body_bytes:
                 st.error = PayloadTooLarge.body_over(self._lim.max_body_bytes)
             elif state.buffered_body_bytes + size > self._budget:
-                st.error = _over_budget()
+                st.error = Overloaded.body_budget()
             if st.error is not None:
                 self._drop_body(st)
                 if n:
