@@ -10,6 +10,10 @@ Invariants:
   sets the default for tests), every driver runs on the libraries' public APIs alone and the
   suites of the HTTP/1.1 and HTTP/2 servers, the HTTP/2 client and the SSE decoder pass both ways.
 
+Sections: dispatch_frame (shared), `# ---- h11 (inbound) ----` (h1_server's reads of h11's receive
+buffer and header triples), `# ---- h2 server ----` (h2_server's frame hook, connection-window
+hand-back, local SETTINGS swap, hpack's static table).
+
 dispatch_frame: one received HTTP/2 frame through h2's dispatch, shared by h2_server and h2_client.
 Invariant: the same effects, events and errors as h2's own `H2Connection._receive_frame`, minus
 its first line, `logger.trace("...", repr(frame))`: the repr re-serialises the frame and is built

@@ -182,8 +182,9 @@ def check_h11_maybe_extract_at_most() -> None:
     expect(first == b"abcd" and buf._data == b"ef", "did not take the first n bytes out")
     expect(buf.maybe_extract_at_most(10) == b"ef", "did not return what is left")
     expect(buf.maybe_extract_at_most(3) is None, "an empty buffer did not give None")
-    # h1_server (10): h11 looked at a partial head (and remembered where its search ended), then
-    # the head completed and the fast path took it out. h11 must search the next head afresh.
+    # h1_server's fast head (taken with compat.h11_take): h11 looked at a partial head (and
+    # remembered where its search ended), then the head completed and the fast path took it out.
+    # h11 must search the next head afresh.
     h = _h11_server(LONG_HEAD[:-2])
     expect(h.next_event() is h11.NEED_DATA, "a partial head did not need data")
     h.receive_data(LONG_HEAD[-2:] + b"hello" + SHORT_HEAD)
@@ -804,7 +805,7 @@ def check_encode_integer() -> None:
 
 
 def check_frame_types() -> None:
-    # _GuardedH2._receive_frame compares frame.type with these numbers (RFC 9113 6).
+    # h2_flood.GuardedH2.on_frame compares frame.type with these numbers (RFC 9113 6).
     numbers = {DataFrame: 0x0, HeadersFrame: 0x1, PriorityFrame: 0x2, RstStreamFrame: 0x3,
                SettingsFrame: 0x4, PingFrame: 0x6, WindowUpdateFrame: 0x8,
                ContinuationFrame: 0x9, AltSvcFrame: 0xA}
@@ -879,7 +880,7 @@ CANARIES: tuple[Canary, ...] = (
            "the GOAWAY handler, reached through the dispatch table; the override reports what "
            "h2 reports", check_receive_goaway_frame),
     Canary("h2.H2Connection.open_outbound_streams/open_inbound_streams", "h2",
-           ("upstream/h2_client", "http/h2_server"), (),
+           ("upstream/h2_client", "http/h2_flood"), (),
            "properties h2 asks per new stream; the recount is where closed streams are forgotten",
            check_open_streams_properties),
     Canary("h2.H2Connection.encoder", "h2", ("upstream/h2_client", "http/h2_server"), (),
@@ -889,7 +890,7 @@ CANARIES: tuple[Canary, ...] = (
            ("http/h2_server", "upstream/h2_client"), (),
            "h2 refuses a header block over it", check_decoder_header_list_limit),
     Canary("h2.H2Connection.local_settings (replaced after initiate_connection)", "h2",
-           ("http/h2_server",), (),
+           ("compat", "http/h2_server"), (),
            "the SETTINGS frame advertises the first value, h2 enforces the replacement",
            check_local_settings_replaced),
     Canary("h2 CONTINUATION flood error text", "h2", ("http/h2_server",), (),
@@ -940,7 +941,7 @@ CANARIES: tuple[Canary, ...] = (
            "an HPACK integer as a bytearray whose first byte takes the flag bits",
            check_encode_integer),
     # hyperframe
-    Canary("hyperframe.frame.Frame.type/flags", "hyperframe", ("http/h2_server",), (),
+    Canary("hyperframe.frame.Frame.type/flags", "hyperframe", ("http/h2_flood",), (),
            "frame type numbers and flag names the flood counters compare with",
            check_frame_types),
 )
