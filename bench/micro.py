@@ -18,7 +18,7 @@ What each line measures (best of --repeat runs of about --seconds each):
   name): h1_fast_head and h1_h11_head parse the bench's 4-header POST head with rawgate's regex
   and with h11; h1_parse_post / h1_parse_get feed a whole request to the driver's parser
   (h1_server._Conn._feed: head, Content-Length body, the exchange queued) with the fast paths on
-  and, as h1_parse_*_public, off; h1_head builds a response head (status line, date, headers).
+  and, as h1_parse_*_public, off; h1_head builds a response head (h1_write.response_head).
 
 The gateway targets >= 50,000 upstream chunks/s end to end through one worker; the transcoder
 pump must leave most of that budget to the network layers.
@@ -208,6 +208,7 @@ def h1_cases(seconds: float, repeat: int) -> list[tuple[str, float, str]]:
     from rawgate.conn import ConnInfo, ServerState
     from rawgate.http import h1_server
     from rawgate.http.h1_parse import fast_head
+    from rawgate.http.h1_write import LENGTH, response_head
 
     out: list[tuple[str, float, str]] = []
     head = H1_POST[: H1_POST.index(b"\r\n\r\n") + 4]
@@ -257,11 +258,11 @@ def h1_cases(seconds: float, repeat: int) -> list[tuple[str, float, str]]:
     asyncio.run(parse_cases())
     headers = [(b"content-type", b"application/json"), (b"x-request-id", b"req_0123456789")]
 
-    def response_head() -> int:
-        h1_server._head(200, headers, h1_server._LENGTH % 20)
+    def one_head() -> int:
+        response_head(200, headers, LENGTH % 20)
         return 1
 
-    out.append(("h1_head", _bench(response_head, seconds, repeat), "heads/s"))
+    out.append(("h1_head", _bench(one_head, seconds, repeat), "heads/s"))
     return out
 
 

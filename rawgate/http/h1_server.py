@@ -41,8 +41,9 @@ Invariants:
 - Response headers are the handler's (lower-case names, no hop-by-hop headers: seam.py). A CR or
   LF inside one is refused (response splitting) with one bytes.count over the block (bench.micro:
   h1_head).
-- The sans-IO half (the fast head parser, the end-of-head search, the limit checks) is
-  http/h1_parse.py; h11's private buffer and header triples are reached only through compat.py.
+- The sans-IO halves are http/h1_parse.py (the fast head parser, the end-of-head search, the
+  limit checks) and http/h1_write.py (response heads and framing as bytes); h11's private
+  buffer and header triples are reached only through compat.py.
   compat.fast_paths() is read once per connection: with it off, no fast head, no read of h11's
   buffer and no own body reader: every head and body goes through h11's next_event() and the
   unparsed bytes are read as trailing_data (bench.micro: h1_parse_post_public), same answers.
@@ -57,7 +58,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
 import anyio
@@ -89,11 +89,23 @@ from rawgate.http.h1_parse import (
     head_error,
     overflow_error,
 )
+from rawgate.http.h1_write import (
+    CHUNKED,
+    CHUNKED_CLOSE,
+    CONTINUE,
+    END,
+    END_CLOSE,
+    LAST_CHUNK,
+    LENGTH,
+    LENGTH_CLOSE,
+    NO_BODY,
+    response_head,
+)
 from rawgate.http.server_stream import CONNECTION_GONE, close_stream
 from rawgate.http.target import parse_target
 from rawgate.respond import error_response
 from rawgate.seam import ClientDisconnected, Header, Request, is_disconnect
-from rawgate.wire import METHODS, per_second_date
+from rawgate.wire import METHODS
 
 if TYPE_CHECKING:
     from anyio.abc import ByteStream
@@ -114,52 +126,8 @@ _CLOSE_S = 1.0
 # h11's error messages may quote the offending bytes; an error body must stay small.
 _MAX_REASON_CHARS = 200
 
-# (bench.micro: h1_head) Status lines for every code, built once: no per-response formatting.
-_STATUS_LINE: dict[int, bytes] = {}
-for _s in range(100, 600):
-    try:
-        _phrase = HTTPStatus(_s).phrase.encode("ascii")
-    except ValueError:
-        _phrase = b""
-    _STATUS_LINE[_s] = b"HTTP/1.1 %d %s\r\n" % (_s, _phrase)
-del _s, _phrase
-# Statuses whose responses never carry a body or framing headers (RFC 9110 6.4.1).
-_NO_BODY = frozenset({204, 304})
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# (bench.micro: h1_head) Framing lines, each ending the head. %d is the only per-response
-# formatting.
-_END = b"\r\n"
-_END_CLOSE = b"connection: close\r\n\r\n"
-_LENGTH = b"content-length: %d\r\n\r\n"
-_LENGTH_CLOSE = b"content-length: %d\r\nconnection: close\r\n\r\n"
-_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
-_CHUNKED_CLOSE = b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-
 # What the read deadline means when it passes.
 _IDLE, _HEAD, _BODY = 1, 2, 3
-
-# (bench.bare_server: h1) `date` + `server` lines, formatted at most once per second (formatdate
-# costs ~5 us).
-_common_lines = per_second_date(lambda d: b"date: " + d + b"\r\nserver: rawgate\r\n")
-
-
-def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
-    """A response head. Raises ValueError for a bad status or a header holding CR/LF/NUL."""
-    line = _STATUS_LINE.get(status)
-    if line is None or status < 200:
-        raise ValueError(f"response status {status} is not a final status (200..599)")
-    if not headers:
-        return line + _common_lines() + framing
-    # (bench.micro: h1_head) map + join run in C: no Python loop per header. A CR or LF inside a
-    # name or value shows
-    # up as one more than the separators in the block.
-    block = b"\r\n".join(map(b": ".join, headers))
-    n = len(headers) - 1
-    if block.count(b"\n") != n or block.count(b"\r") != n or b"\0" in block:
-        raise ValueError("response header name or value contains CR, LF or NUL")
-    return b"".join((line, _common_lines(), block, b"\r\n", framing))
-
 
 class _Wakeup:
     """A reusable wake-up for the one waiting worker task.
@@ -294,25 +262,25 @@ class _Exchange:
         for k, v in headers:
             if k == b"content-length":  # the handler knows its length: no chunked framing
                 length = int(v)
-        if status in _NO_BODY or self.is_head:
-            framing = _END_CLOSE if close else _END
-            if status in _NO_BODY:
+        if status in NO_BODY or self.is_head:
+            framing = END_CLOSE if close else END
+            if status in NO_BODY:
                 length = None
             elif length is None and self.http_version == "1.1":
                 # A HEAD answer shows the framing the GET would have had.
-                framing = _CHUNKED_CLOSE if close else _CHUNKED
+                framing = CHUNKED_CLOSE if close else CHUNKED
             self._drop_body = True
         elif length is not None:
-            framing = _END_CLOSE if close else _END
+            framing = END_CLOSE if close else END
             self._remaining = length
         elif self.http_version == "1.1":
-            framing = _CHUNKED_CLOSE if close else _CHUNKED
+            framing = CHUNKED_CLOSE if close else CHUNKED
             self._chunked = True
         else:
             # HTTP/1.0 has no chunked coding: the body ends when the connection does.
             self.close = True
-            framing = _END_CLOSE
-        data = _head(status, headers, framing)
+            framing = END_CLOSE
+        data = response_head(status, headers, framing)
         self._started = True
         self._status = status
         self._ended = self._drop_body
@@ -321,10 +289,10 @@ class _Exchange:
     async def respond(self, status: int, headers: list[Header], body: bytes) -> None:
         close = self._begin()
         n = len(body)
-        if status in _NO_BODY:
-            data = _head(status, headers, _END_CLOSE if close else _END)
+        if status in NO_BODY:
+            data = response_head(status, headers, END_CLOSE if close else END)
         else:
-            data = _head(status, headers, (_LENGTH_CLOSE if close else _LENGTH) % n)
+            data = response_head(status, headers, (LENGTH_CLOSE if close else LENGTH) % n)
             if n and not self.is_head:
                 data += body  # (bench.bare_server: h1) head and body leave in one socket write
                 self._bytes_sent = n
@@ -344,7 +312,7 @@ class _Exchange:
         if not n:
             return
         if self._chunked:
-            data = b"".join((b"%x\r\n" % n, data, _END))
+            data = b"".join((b"%x\r\n" % n, data, END))
         elif self._remaining is not None:
             if n > self._remaining:
                 raise RuntimeError("more body than the declared content-length")
@@ -361,7 +329,7 @@ class _Exchange:
             raise RuntimeError("end() called twice")
         n = len(data)
         if self._chunked:
-            data = b"".join((b"%x\r\n" % n, data, b"\r\n", _LAST_CHUNK)) if n else _LAST_CHUNK
+            data = b"".join((b"%x\r\n" % n, data, b"\r\n", LAST_CHUNK)) if n else LAST_CHUNK
         elif self._remaining is not None:
             if n > self._remaining:
                 raise RuntimeError("more body than the declared content-length")
@@ -951,7 +919,7 @@ class _Conn:
     async def _wait_body(self, ex: _Exchange) -> None:
         if ex.expect_100 and not ex.continue_sent and not ex.body_size:
             ex.continue_sent = True
-            await self.write(_CONTINUE)
+            await self.write(CONTINUE)
             self._arm_read()  # the body clock starts now
         while not ex.done and ex.error is None:
             ev = ex.event = anyio.Event()
