@@ -14,6 +14,11 @@ What each line measures (best of --repeat runs of about --seconds each):
   70,000-link $ref chain, and of 500 distinct fan-out tools (each ~4,000 nodes once inlined),
   with a cold schema memo each time: the CPU one such request costs the event loop before its
   400 (the budget, limits.tool_schema_max_work, stops both).
+- h1_* (the inbound HTTP/1.1 driver, no sockets; the cases the perf comments in rawgate/http
+  name): h1_fast_head and h1_h11_head parse the bench's 4-header POST head with rawgate's regex
+  and with h11; h1_parse_post / h1_parse_get feed a whole request to the driver's parser
+  (h1_server._Conn._feed: head, Content-Length body, the exchange queued) with the fast paths on
+  and, as h1_parse_*_public, off; h1_head builds a response head (h1_write.response_head).
 
 The gateway targets >= 50,000 upstream chunks/s end to end through one worker; the transcoder
 pump must leave most of that budget to the network layers.
@@ -22,6 +27,7 @@ pump must leave most of that budget to the network layers.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import sys
@@ -29,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -184,6 +190,81 @@ def _naive_chat_pump(reads: list[bytes], call: Any) -> int:
             n += 1
     dec.close()
     return n
+
+
+# The bench's 4-header POST (what an OpenAI SDK sends, trimmed) and a wrk-style GET.
+H1_POST = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"Authorization: Bearer x\r\nContent-Length: 20\r\n\r\n" + b'{"a": "0123456789"}\n'
+)
+H1_GET = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: wrk\r\n\r\n"
+
+
+def h1_cases(seconds: float, repeat: int) -> list[tuple[str, float, str]]:
+    """The h1_* cases (see the module note)."""
+    import h11
+
+    from rawgate import compat
+    from rawgate.config import Config
+    from rawgate.conn import ConnInfo, ServerState
+    from rawgate.http import h1_server
+    from rawgate.http.h1_parse import fast_head
+    from rawgate.http.h1_write import LENGTH, response_head
+
+    out: list[tuple[str, float, str]] = []
+    head = H1_POST[: H1_POST.index(b"\r\n\r\n") + 4]
+
+    def fast() -> int:
+        fast_head(head)
+        return 1
+
+    def with_h11() -> int:
+        h = h11.Connection(h11.SERVER)
+        h.receive_data(head)
+        h.next_event()
+        return 1
+
+    out.append(("h1_fast_head", _bench(fast, seconds, repeat), "heads/s"))
+    out.append(("h1_h11_head", _bench(with_h11, seconds, repeat), "heads/s"))
+
+    async def app(request: Any, sink: Any) -> None:
+        return None
+
+    cfg, state = Config(), ServerState()
+
+    async def parse_cases() -> None:
+        # _Conn wants a running loop (its cancel scopes); the runs themselves never await.
+        was = compat.fast_paths()
+        try:
+            for suffix, on in (("", True), ("_public", False)):
+                compat.set_fast_paths(on)
+                for name, req in (("h1_parse_post", H1_POST), ("h1_parse_get", H1_GET)):
+                    c = h1_server._Conn(cast(Any, None), app, cfg, ConnInfo(), state)
+
+                    def feed(c: Any = c, req: bytes = req) -> int:
+                        c._feed(req)  # one request: parsed, its body taken, queued
+                        c._queue.clear()
+                        c._buffered = 0
+                        c._requests = 0  # never limits.max_requests_per_connection
+                        state.buffered_body_bytes = 0
+                        return 1
+
+                    per_s = _bench(feed, seconds, repeat)
+                    if c.discard or c._cur is not None:
+                        raise RuntimeError(f"{name}{suffix}: the request was not parsed whole")
+                    out.append((name + suffix, per_s, "req/s"))
+        finally:
+            compat.set_fast_paths(was)
+
+    asyncio.run(parse_cases())
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", b"req_0123456789")]
+
+    def one_head() -> int:
+        response_head(200, headers, LENGTH % 20)
+        return 1
+
+    out.append(("h1_head", _bench(one_head, seconds, repeat), "heads/s"))
+    return out
 
 
 def run(seconds: float, repeat: int, chunks: int) -> list[tuple[str, float, str]]:
@@ -425,9 +506,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=0.3, help="length of one run")
     ap.add_argument("--repeat", type=int, default=5, help="runs per benchmark (best is kept)")
     ap.add_argument("--chunks", type=int, default=200, help="upstream chunks per stream")
+    ap.add_argument("--only", choices=("all", "translate", "h1"), default="all",
+                    help="which cases: the translation layer, the HTTP/1.1 driver, or both")
     args = ap.parse_args(argv)
     seconds, repeat = (0.05, 2) if args.quick else (args.seconds, args.repeat)
-    results = run(seconds, repeat, args.chunks)
+    results = run(seconds, repeat, args.chunks) if args.only != "h1" else []
+    if args.only != "translate":
+        results += h1_cases(seconds, repeat)
     meta = {"python": platform.python_version(), "machine": platform.machine()}
     if args.json:
         for name, value, unit in results:

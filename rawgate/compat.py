@@ -10,6 +10,10 @@ Invariants:
   sets the default for tests), every driver runs on the libraries' public APIs alone and the
   suites of the HTTP/1.1 and HTTP/2 servers, the HTTP/2 client and the SSE decoder pass both ways.
 
+Sections: dispatch_frame (shared), `# ---- h11 (inbound) ----` (h1_server's reads of h11's receive
+buffer and header triples), `# ---- h2 server ----` (h2_server's frame hook, connection-window
+hand-back, local SETTINGS swap, hpack's static table).
+
 dispatch_frame: one received HTTP/2 frame through h2's dispatch, shared by h2_server and h2_client.
 Invariant: the same effects, events and errors as h2's own `H2Connection._receive_frame`, minus
 its first line, `logger.trace("...", repr(frame))`: the repr re-serialises the frame and is built
@@ -23,15 +27,31 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+import h11
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
-from hyperframe.frame import RstStreamFrame
+from h2.settings import SettingCodes, Settings
+from hpack.table import HeaderTable
+from hyperframe.frame import Frame, RstStreamFrame, WindowUpdateFrame
 
 if TYPE_CHECKING:
-    from h2.connection import H2Connection
     from h2.events import Event
 
-__all__ = ["dispatch_frame", "fast_paths", "set_fast_paths"]
+__all__ = [
+    "HPACK_STATIC_TABLE",
+    "FrameHookH2",
+    "acknowledge_connection_data",
+    "dispatch_frame",
+    "fast_paths",
+    "h11_drop_unparsed",
+    "h11_header_items",
+    "h11_next_cycle",
+    "h11_take",
+    "h11_unparsed",
+    "replace_local_settings",
+    "set_fast_paths",
+]
 
 _OFF = ("0", "false", "no", "off")
 _fast = os.environ.get("RAWGATE_SERVER_FAST_PATHS", "1").strip().lower() not in _OFF
@@ -71,6 +91,88 @@ def dispatch_frame(conn: H2Connection, frame: Any) -> list[Event]:
         raise
     conn._prepare_for_sending(frames)
     return list(events)
+
+
+# ---- h11 (inbound) ----
+# h1_server's fast paths. Each reads or replaces h11's receive buffer (h11.Connection.
+# _receive_buffer, a ReceiveBuffer around the bytearray `_data`) or its header triples
+# (Headers._full_items). With fast_paths() off, h1_server calls none of them.
+
+
+def h11_unparsed(h: h11.Connection) -> bytearray:
+    """The bytes h11 holds but has not parsed yet (the buffer itself, not a copy: read it, do not
+    keep it). Its length before and after a head is the exact head size (h11's own check misses
+    complete heads, h11#182)."""
+    return h._receive_buffer._data
+
+
+def h11_take(h: h11.Connection, n: int) -> bytearray | None:
+    """Up to `n` unparsed bytes taken off the front of h11's buffer (None when it is empty): a
+    Content-Length body or a fast-parsed head consumed without h11's Data/EndOfMessage rounds."""
+    return h._receive_buffer.maybe_extract_at_most(n)
+
+
+def h11_next_cycle(h: h11.Connection, max_incomplete: int) -> h11.Connection:
+    """A fresh server Connection that takes over `h`'s unparsed bytes: pipelined bytes are moved,
+    not copied (trailing_data would copy them once per request: O(n^2) for n pipelined)."""
+    nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=max_incomplete)
+    nxt._receive_buffer = h._receive_buffer
+    return nxt
+
+
+def h11_drop_unparsed(h: h11.Connection) -> None:
+    """Free h11's unparsed bytes now (the connection is over)."""
+    h._receive_buffer._data.clear()
+
+
+def h11_header_items(ev: h11.Request) -> list[tuple[bytes, bytes, bytes]]:
+    """h11's (raw name, lower-case name, value) triples of a request's headers: reading them
+    skips a Python-level __getitem__ per header."""
+    return ev.headers._full_items
+
+
+# ---- h2 server ----
+# h2_server's touches: the per-frame hook its flood guard counts in (h2's _receive_frame), the
+# connection window handed back for dropped DATA (h2's window manager and _prepare_for_sending),
+# the local SETTINGS replaced after initiate_connection, and hpack's static table.
+
+# RFC 7541's static table as (name, value) bytes pairs (index - 1), from hpack's internal module.
+HPACK_STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = tuple(HeaderTable.STATIC_TABLE)
+
+
+class FrameHookH2(H2Connection):
+    """H2Connection whose per-frame step first calls `on_frame(frame)` (a subclass raises there to
+    stop the batch: h2 parses no further frame of it). With `fast_dispatch` (set from
+    fast_paths() by the creator, once per connection) the frame then goes through dispatch_frame
+    (h2's step minus its per-frame repr); without, through h2's own _receive_frame."""
+
+    fast_dispatch = True
+
+    def on_frame(self, frame: Frame) -> None:
+        """Called once per received frame, before h2 acts on it."""
+
+    def _receive_frame(self, frame: Frame) -> list[Event]:
+        self.on_frame(frame)
+        if self.fast_dispatch:
+            return dispatch_frame(self, frame)
+        return super()._receive_frame(frame)
+
+
+def acknowledge_connection_data(conn: H2Connection, n: int) -> None:
+    """Hand `n` dropped bytes back to the connection window only (h2's window manager), as h2
+    itself does for DATA on a closed stream. No public call does this: acknowledge_received_data
+    also reopens the stream's window."""
+    inc = conn._inbound_flow_control_window_manager.process_bytes(n)
+    if inc:
+        f = WindowUpdateFrame(0)
+        f.window_increment = inc
+        conn._prepare_for_sending([f])
+
+
+def replace_local_settings(conn: H2Connection, values: dict[SettingCodes | int, int]) -> None:
+    """Replace the local SETTINGS h2 enforces without sending a SETTINGS frame: after
+    initiate_connection the peer was told the first values, h2 enforces these."""
+    conn.local_settings = Settings(client=False, initial_values=values)  # type: ignore[arg-type]
 
 
 # ---- h2 client ----

@@ -218,6 +218,15 @@ class NoAccountAvailable(ServiceUnavailable):
 class Overloaded(ServiceUnavailable):
     default_code = "server_is_overloaded"
 
+    @classmethod
+    def body_budget(cls) -> Overloaded:
+        """The one answer both HTTP drivers give when limits.max_buffered_body_bytes is full."""
+        return cls(
+            "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
+            " retry shortly",
+            headers=[(b"retry-after", b"1")],
+        )
+
 
 class UpstreamError(RawgateError):
     """The upstream failed in a way that is not the request's fault."""

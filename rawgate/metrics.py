@@ -34,6 +34,7 @@ import anyio
 import msgspec
 
 from rawgate.conn import ServerState
+from rawgate.wire import METHODS
 
 __all__ = [
     "CONTENT_TYPE",
@@ -77,7 +78,8 @@ DURATION_BUCKETS_S: tuple[float, ...] = (
 # Rendered once: the `le` label text of every bucket, +Inf last.
 _LE_TEXT: tuple[str, ...] = (*(repr(b) for b in DURATION_BUCKETS_S), "+Inf")
 
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Methods with a label of their own (the drivers' interned ones); any other is "OTHER".
+_KNOWN_METHODS = frozenset(METHODS.values())
 _NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 

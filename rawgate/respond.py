@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from rawgate.errors import RawgateError
-from rawgate.seam import ResponseSink
+from rawgate.seam import Header, ResponseSink
 
 __all__ = [
     "JSON_CONTENT_TYPE",
@@ -23,7 +23,6 @@ __all__ = [
     "sse_headers",
 ]
 
-Header = tuple[bytes, bytes]
 
 JSON_CONTENT_TYPE: Header = (b"content-type", b"application/json")
 # Error bodies describe one failure; a cache or proxy must never replay them.

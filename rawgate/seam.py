@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["App", "ClientDisconnected", "Request", "ResponseSink", "is_disconnect"]
+__all__ = ["App", "ClientDisconnected", "Header", "Request", "ResponseSink", "is_disconnect"]
+
+# One header as it crosses the seam and the wire: (lower-case name, value), both bytes.
+Header = tuple[bytes, bytes]
 
 
 class ClientDisconnected(Exception):
@@ -57,7 +60,7 @@ class Request:
         raw_target: bytes,
         path: str,
         query: str,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[Header],
         body: bytes = b"",
         *,
         http_version: str = "1.1",
@@ -109,7 +112,7 @@ class ResponseSink(Protocol):
         """Status of the started response, 0 before start()."""
         ...
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    async def start(self, status: int, headers: list[Header]) -> None:
         """Send the response head. `headers` must not contain hop-by-hop headers."""
         ...
 
@@ -121,7 +124,7 @@ class ResponseSink(Protocol):
         """Send the last piece of body (may be empty) and finish the response."""
         ...
 
-    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    async def respond(self, status: int, headers: list[Header], body: bytes) -> None:
         """start + end in one go: drivers write head and body with one socket write."""
         ...
 

@@ -127,7 +127,7 @@ def run_canary(c: Canary) -> str | None:
 
 # ---- h11 ----------------------------------------------------------------------------------------
 
-# A head _fast_head takes (h1_server (10)): its bytes are consumed with maybe_extract_at_most.
+# A head fast_head takes (http/h1_parse): its bytes are consumed with maybe_extract_at_most.
 LONG_HEAD = (
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     b"User-Agent: " + b"a" * 150 + b"\r\nContent-Length: 5\r\n\r\n"
@@ -183,8 +183,9 @@ def check_h11_maybe_extract_at_most() -> None:
     expect(first == b"abcd" and buf._data == b"ef", "did not take the first n bytes out")
     expect(buf.maybe_extract_at_most(10) == b"ef", "did not return what is left")
     expect(buf.maybe_extract_at_most(3) is None, "an empty buffer did not give None")
-    # h1_server (10): h11 looked at a partial head (and remembered where its search ended), then
-    # the head completed and the fast path took it out. h11 must search the next head afresh.
+    # h1_server's fast head (taken with compat.h11_take): h11 looked at a partial head (and
+    # remembered where its search ended), then the head completed and the fast path took it out.
+    # h11 must search the next head afresh.
     h = _h11_server(LONG_HEAD[:-2])
     expect(h.next_event() is h11.NEED_DATA, "a partial head did not need data")
     h.receive_data(LONG_HEAD[-2:] + b"hello" + SHORT_HEAD)
@@ -805,7 +806,7 @@ def check_encode_integer() -> None:
 
 
 def check_frame_types() -> None:
-    # _GuardedH2._receive_frame compares frame.type with these numbers (RFC 9113 6).
+    # h2_flood.GuardedH2.on_frame compares frame.type with these numbers (RFC 9113 6).
     numbers = {DataFrame: 0x0, HeadersFrame: 0x1, PriorityFrame: 0x2, RstStreamFrame: 0x3,
                SettingsFrame: 0x4, PingFrame: 0x6, WindowUpdateFrame: 0x8,
                ContinuationFrame: 0x9, AltSvcFrame: 0xA}
@@ -820,16 +821,16 @@ def check_frame_types() -> None:
 
 CANARIES: tuple[Canary, ...] = (
     # h11
-    Canary("h11.Connection._receive_buffer", "h11", ("http/h1_server",), ("_receive_buffer",),
+    Canary("h11.Connection._receive_buffer", "h11", ("compat",), ("_receive_buffer",),
            "its len() before and after a head is the head's size; a fresh Connection takes it "
            "over for the next pipelined request", check_h11_receive_buffer),
-    Canary("h11.ReceiveBuffer._data", "h11", ("http/h1_server",), ("_data",),
+    Canary("h11.ReceiveBuffer._data", "h11", ("compat",), ("_data",),
            "a bytearray of exactly the unparsed bytes, read by the fast head parser",
            check_h11_receive_buffer_data),
-    Canary("h11.ReceiveBuffer.maybe_extract_at_most", "h11", ("http/h1_server",), (),
+    Canary("h11.ReceiveBuffer.maybe_extract_at_most", "h11", ("compat",), (),
            "takes a fast-parsed head and Content-Length bodies out of h11's buffer",
            check_h11_maybe_extract_at_most),
-    Canary("h11.Headers._full_items", "h11", ("http/h1_server",), ("_full_items",),
+    Canary("h11.Headers._full_items", "h11", ("compat",), ("_full_items",),
            "(raw name, lower-case name, value) triples of a parsed head",
            check_h11_full_items),
     Canary("h11 Content-Length checks", "h11", ("http/h1_server", "upstream/h1_client"), (),
@@ -849,7 +850,7 @@ CANARIES: tuple[Canary, ...] = (
            ("_frame_dispatch_table",),
            "a dict from every hyperframe frame class to the connection's bound handler",
            check_dispatch_table),
-    Canary("h2.H2Connection._prepare_for_sending", "h2", ("compat", "http/h2_server"),
+    Canary("h2.H2Connection._prepare_for_sending", "h2", ("compat",),
            ("_prepare_for_sending",), "queues the handlers' reply frames for data_to_send()",
            check_prepare_for_sending),
     Canary("h2.H2Connection._stream_is_closed_by_reset", "h2", ("compat",),
@@ -867,16 +868,20 @@ CANARIES: tuple[Canary, ...] = (
            "dispatch_frame gives h2's events, output and errors on every branch",
            check_receive_frame_behaviour),
     # h2: overridden hooks
-    Canary("h2.H2Connection._receive_frame", "h2", ("http/h2_server", "compat"),
+    Canary("h2.H2Connection._receive_frame", "h2", ("compat",),
            ("override _receive_frame",),
            "receive_data calls it once per frame; an exception raised there stops the batch",
+           check_receive_frame_hook),
+    Canary("h2.H2Connection._receive_frame (h2's own, fast paths off)", "h2", ("compat",),
+           ("_receive_frame",),
+           "FrameHookH2 hands the frame on to h2's own step when fast_dispatch is off",
            check_receive_frame_hook),
     Canary("h2.H2Connection._receive_goaway_frame", "h2", ("compat",),
            ("override _receive_goaway_frame",),
            "the GOAWAY handler, reached through the dispatch table; the override reports what "
            "h2 reports", check_receive_goaway_frame),
     Canary("h2.H2Connection.open_outbound_streams/open_inbound_streams", "h2",
-           ("upstream/h2_data", "http/h2_server"), (),
+           ("upstream/h2_data", "http/h2_flood"), (),
            "properties h2 asks per new stream; the recount is where closed streams are forgotten",
            check_open_streams_properties),
     Canary("h2.H2Connection.encoder", "h2", ("upstream/h2_client", "http/h2_server"), (),
@@ -886,7 +891,7 @@ CANARIES: tuple[Canary, ...] = (
            ("http/h2_server", "upstream/h2_client"), (),
            "h2 refuses a header block over it", check_decoder_header_list_limit),
     Canary("h2.H2Connection.local_settings (replaced after initiate_connection)", "h2",
-           ("http/h2_server",), (),
+           ("compat", "http/h2_server"), (),
            "the SETTINGS frame advertises the first value, h2 enforces the replacement",
            check_local_settings_replaced),
     Canary("h2 CONTINUATION flood error text", "h2", ("http/h2_server",), (),
@@ -900,7 +905,7 @@ CANARIES: tuple[Canary, ...] = (
     Canary("h2.H2Connection._data_to_send", "h2", ("compat",), ("_data_to_send",),
            "a bytearray, non-empty exactly when data_to_send() has bytes", check_data_to_send),
     Canary("h2.H2Connection._inbound_flow_control_window_manager", "h2",
-           ("compat", "http/h2_server"),
+           ("compat",),
            ("_inbound_flow_control_window_manager",),
            "its current_window_size is the connection window, shrunk in place per DATA frame",
            check_connection_window_manager),
@@ -925,7 +930,7 @@ CANARIES: tuple[Canary, ...] = (
            "OPEN / HALF_CLOSED_LOCAL and headers_received of H2Stream.state_machine; .closed",
            check_stream_state),
     # hpack
-    Canary("hpack.table.HeaderTable.STATIC_TABLE", "hpack", ("http/h2_server", "emulator/fast_h2"),
+    Canary("hpack.table.HeaderTable.STATIC_TABLE", "hpack", ("compat",),
            ("import hpack.table.HeaderTable",),
            "RFC 7541's static table as (name, value) bytes pairs, index - 1",
            check_static_table),
@@ -937,7 +942,7 @@ CANARIES: tuple[Canary, ...] = (
            "an HPACK integer as a bytearray whose first byte takes the flag bits",
            check_encode_integer),
     # hyperframe
-    Canary("hyperframe.frame.Frame.type/flags", "hyperframe", ("http/h2_server",), (),
+    Canary("hyperframe.frame.Frame.type/flags", "hyperframe", ("http/h2_flood",), (),
            "frame type numbers and flag names the flood counters compare with",
            check_frame_types),
 )
@@ -1317,7 +1322,7 @@ def test_the_message_names_the_installed_version(monkeypatch: pytest.MonkeyPatch
     msg = str(run_canary(c))
     assert "installed: h2 4.5.0" in msg
     assert 'pin h2 below 4.5.0 in pyproject.toml ("h2<4.5.0")' in msg
-    assert "or update rawgate/compat.py and rawgate/http/h2_server.py for h2 4.5.0" in msg
+    assert "or update rawgate/compat.py for h2 4.5.0" in msg
 
 
 def test_the_scan_finds_a_new_private_touch() -> None:

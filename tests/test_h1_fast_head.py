@@ -11,7 +11,7 @@ import h11
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rawgate.http.h1_server import _fast_head
+from rawgate.http.h1_parse import fast_head as _fast_head
 from rawgate.seam import Request, ResponseSink
 from tests.helpers_h1 import h1_serving
 

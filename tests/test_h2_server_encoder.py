@@ -5,7 +5,8 @@ from __future__ import annotations
 from hpack import Decoder
 from hypothesis import given, settings, strategies as st
 
-from rawgate.http.h2_server import _Encoder, _hpack_int
+from rawgate.http.hpack_encode import ResponseEncoder as _Encoder
+from rawgate.wire import hpack_int as _hpack_int
 
 HEAD = [
     (b":status", b"200"),

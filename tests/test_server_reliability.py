@@ -135,7 +135,7 @@ class _ScanCount:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.fast = self.h11 = self.search = self.calls = 0
-        fast = h1_server._fast_head
+        fast = h1_server.fast_head
         next_event = h11.Connection.next_event
         count = self
 
@@ -149,9 +149,9 @@ class _ScanCount:
             count.calls += 1
             return next_event(h)
 
-        monkeypatch.setattr(h1_server, "_fast_head", fast_head)
+        monkeypatch.setattr(h1_server, "fast_head", fast_head)
         monkeypatch.setattr(h11.Connection, "next_event", h11_next_event)
-        search = getattr(h1_server, "_head_end", None)
+        search = getattr(h1_server, "head_end", None)
         if search is not None:
 
             def head_end(data: Any, start: int) -> Any:
@@ -159,7 +159,7 @@ class _ScanCount:
                 count.calls += 1
                 return search(data, start)
 
-            monkeypatch.setattr(h1_server, "_head_end", head_end)
+            monkeypatch.setattr(h1_server, "head_end", head_end)
 
     @property
     def total(self) -> int:

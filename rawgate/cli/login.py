@@ -45,7 +45,7 @@ from rawgate.accounts.oauth import (
 from rawgate.accounts.store import Account, AccountStore
 from rawgate.config import Config
 from rawgate.errors import RawgateError
-from rawgate.seam import Request, ResponseSink
+from rawgate.seam import Header, Request, ResponseSink
 from rawgate.translate.gemini import error_from_upstream
 
 __all__ = ["LOGIN_TIMEOUT_S", "LoginOptions", "has_display", "login"]
@@ -56,7 +56,6 @@ LOGIN_TIMEOUT_S = 300.0
 LOGIN_BODY_MAX_BYTES = 64 * 1024
 LOOPBACK_HOST = "127.0.0.1"
 
-Header = tuple[bytes, bytes]
 _UA: Header = (b"user-agent", f"rawgate/{__version__}".encode())
 _HTML: list[Header] = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control",
                                                                          b"no-store")]

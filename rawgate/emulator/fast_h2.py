@@ -31,12 +31,13 @@ from collections.abc import Callable, Generator
 
 from hpack import HPACKError
 from hpack.huffman_table import decode_huffman
-from hpack.table import HeaderTable
 
+from rawgate.compat import HPACK_STATIC_TABLE
 from rawgate.emulator.core import Emulator, Reply
 from rawgate.emulator.state import Header
 from rawgate.errors import BadRequest
 from rawgate.http.target import parse_target
+from rawgate.wire import hpack_int as _int
 
 __all__ = ["PREFACE", "H2Session"]
 
@@ -47,26 +48,13 @@ MAX_HEADER_BLOCK_BYTES = 256 * 1024
 _DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS, _PUSH, _PING, _GOAWAY, _WU, _CONT = range(10)
 _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIO = 0x1, 0x1, 0x4, 0x8, 0x20
 _PROTOCOL_ERROR, _CANCEL, _REFUSED = 0x1, 0x8, 0x7
-_STATIC = HeaderTable.STATIC_TABLE
+_STATIC = HPACK_STATIC_TABLE
 _STATIC_NAMES = {name: i + 1 for i, (name, _) in reversed(list(enumerate(_STATIC)))}
 _FRAME = struct.Struct(">IBBI")  # 8-bit pad + 24-bit length, type, flags, stream id
 
 
 def _frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
     return _FRAME.pack(len(payload), kind, flags, sid)[1:] + payload
-
-
-def _int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append((value & 127) | 128)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _encode_block(headers: tuple[Header, ...], status: int) -> bytes:

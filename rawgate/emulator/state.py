@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import orjson
 
 from rawgate.emulator.wire import google_error
+from rawgate.seam import Header
 
 __all__ = [
     "DEMO_ACCOUNT",
@@ -48,7 +49,6 @@ __all__ = [
     "duration",
 ]
 
-Header = tuple[bytes, bytes]
 
 DEMO_API_KEY = "AIzaSyEmulatorDemoKey-rawgate-000000000"
 DEMO_CLIENT_ID = "rawgate-emulator.apps.googleusercontent.com"

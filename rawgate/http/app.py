@@ -68,7 +68,7 @@ from rawgate.errors import (
 from rawgate.logs import log_access
 from rawgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, method_label
 from rawgate.respond import error_response, json_response
-from rawgate.seam import ClientDisconnected, Request, ResponseSink, is_disconnect
+from rawgate.seam import ClientDisconnected, Header, Request, ResponseSink, is_disconnect
 
 __all__ = ["AuthLevel", "GatewayApp", "Handler", "Route", "Router", "path_param"]
 
@@ -76,7 +76,6 @@ log = logging.getLogger("rawgate.http.app")
 
 Handler = Callable[[Request, ResponseSink], Awaitable[None]]
 AuthLevel = Literal["protected", "public", "health"]
-Header = tuple[bytes, bytes]
 
 # Label for requests that matched no route: one series, whatever paths clients invent.
 UNMATCHED = "unmatched"

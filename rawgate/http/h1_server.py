@@ -1,12 +1,12 @@
 """The inbound HTTP/1.1 driver: h11 parses requests, this module writes responses.
 
 Invariants:
-- h11 parses every request (request line, headers, Content-Length and chunked bodies). Responses
-  are written here from precomputed status lines and header blocks: h11's outbound path (event
+- h11 parses every request (request line, headers, Content-Length and chunked bodies). Responses are
+  written here from precomputed status lines and header blocks: h11's outbound path (event
   validation + state machine + writer) costs ~35 us per request on the bench box, a third of the
-  whole budget of a /healthz (1). Each request cycle gets a fresh h11.Connection that inherits the
-  previous cycle's receive buffer (pipelined bytes are moved, never copied), so h11's client-side
-  state machine runs in full and its server side is never used.
+  whole budget of a /healthz (bench.micro: h1_head). Each request cycle gets a fresh h11.Connection
+  that inherits the previous cycle's receive buffer (pipelined bytes are moved, never copied), so
+  h11's client-side state machine runs in full and its server side is never used.
 - Three tasks per connection. The reader is the only caller of receive(); the worker is the only
   writer and answers requests strictly in arrival order; the watchdog owns every timeout.
 - The reader keeps reading while a handler runs. That is how pipelined requests queue up (at most
@@ -31,15 +31,22 @@ Invariants:
   a smuggling shape). A driver-level error is answered in order, then the connection closes after
   a short lingering close (timeouts.lingering_close_s): framing after a bad request is not trusted.
 - Timeouts are plain float deadlines checked by the watchdog: arming one is a float store, where a
-  CancelScope costs ~4 us and fail_after ~12 us on the bench box (2). Head (slowloris): 408, close.
-  Body idle gap: 408, close. Keep-alive idle (header_read_s before the first request): quiet close.
-  Write: send() returns only once the socket took the bytes (anyio's transports keep no buffer);
-  no progress for timeouts.write_s aborts the connection.
+  CancelScope costs ~4 us and fail_after ~12 us on the bench box (bench.bare_server: h1). Head
+  (slowloris): 408, close. Body idle gap: 408, close. Keep-alive idle (header_read_s before the
+  first request): quiet close. Write: send() returns only once the socket took the bytes (anyio's
+  transports keep no buffer); no progress for timeouts.write_s aborts the connection.
 - Keep-alive ends after the current response when: the client sent Connection: close or spoke
   HTTP/1.0, limits.max_requests_per_connection was reached, ServerState.draining is set, the
   handler left its response unfinished, or a response was framed by closing the connection.
-- Response headers are the handler's (lower-case names, no hop-by-hop headers: events.py). A CR or
-  LF inside one is refused (response splitting) with one bytes.count over the block (3).
+- Response headers are the handler's (lower-case names, no hop-by-hop headers: seam.py). A CR or
+  LF inside one is refused (response splitting) with one bytes.count over the block (bench.micro:
+  h1_head).
+- The sans-IO halves are http/h1_parse.py (the fast head parser, the end-of-head search, the
+  limit checks) and http/h1_write.py (response heads and framing as bytes); h11's private
+  buffer and header triples are reached only through compat.py.
+  compat.fast_paths() is read once per connection: with it off, no fast head, no read of h11's
+  buffer and no own body reader: every head and body goes through h11's next_event() and the
+  unparsed bytes are read as trailing_data (bench.micro: h1_parse_post_public), same answers.
 - Nothing escapes serve_h1 (cancellation aside), and it leaves no task behind.
 """
 
@@ -48,17 +55,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Callable
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
 
 import anyio
 import h11
 
+from rawgate import compat
+from rawgate.compat import (
+    h11_drop_unparsed,
+    h11_header_items,
+    h11_next_cycle,
+    h11_take,
+    h11_unparsed,
+)
 from rawgate.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -67,12 +79,33 @@ from rawgate.errors import (
     PayloadTooLarge,
     RawgateError,
     RequestTimeout,
-    URITooLong,
 )
-from rawgate.http.server_stream import CONNECTION_GONE
+from rawgate.http.h1_parse import (
+    OBS_FOLD,
+    FastHead,
+    fast_head,
+    h11_fields,
+    head_end,
+    head_error,
+    overflow_error,
+)
+from rawgate.http.h1_write import (
+    CHUNKED,
+    CHUNKED_CLOSE,
+    CONTINUE,
+    END,
+    END_CLOSE,
+    LAST_CHUNK,
+    LENGTH,
+    LENGTH_CLOSE,
+    NO_BODY,
+    response_head,
+)
+from rawgate.http.server_stream import CONNECTION_GONE, close_stream
 from rawgate.http.target import parse_target
 from rawgate.respond import error_response
-from rawgate.seam import ClientDisconnected, Request, is_disconnect
+from rawgate.seam import ClientDisconnected, Header, Request, is_disconnect
+from rawgate.wire import METHODS
 
 if TYPE_CHECKING:
     from anyio.abc import ByteStream
@@ -85,8 +118,6 @@ __all__ = ["serve_h1"]
 
 log = logging.getLogger("rawgate.h1")
 
-Header = tuple[bytes, bytes]
-
 # One receive() is at most this much: it bounds what one read can add to the parser's buffer.
 _READ_BYTES = 64 * 1024
 _INF = math.inf
@@ -95,164 +126,17 @@ _CLOSE_S = 1.0
 # h11's error messages may quote the offending bytes; an error body must stay small.
 _MAX_REASON_CHARS = 200
 
-# (4) Status lines for every code, built once: no per-response formatting.
-_STATUS_LINE: dict[int, bytes] = {}
-for _s in range(100, 600):
-    try:
-        _phrase = HTTPStatus(_s).phrase.encode("ascii")
-    except ValueError:
-        _phrase = b""
-    _STATUS_LINE[_s] = b"HTTP/1.1 %d %s\r\n" % (_s, _phrase)
-del _s, _phrase
-# Statuses whose responses never carry a body or framing headers (RFC 9110 6.4.1).
-_NO_BODY = frozenset({204, 304})
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# (4) Framing lines, each ending the head. %d is the only per-response formatting.
-_END = b"\r\n"
-_END_CLOSE = b"connection: close\r\n\r\n"
-_LENGTH = b"content-length: %d\r\n\r\n"
-_LENGTH_CLOSE = b"content-length: %d\r\nconnection: close\r\n\r\n"
-_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
-_CHUNKED_CLOSE = b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-# Interned method strings: no decode per request for the methods clients actually send.
-_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")}
-
-# (10) The common request head parsed without h11: one regex over the request line and CRLF
-# header lines, then one partition per header: ~9 us against h11's ~70 us for the bench's
-# 4-header POST on the bench box (1). It accepts a strict subset of what h11 accepts (token
-# method, VCHAR target, exactly HTTP/1.1, token names, values of HTAB/SP/VCHAR/obs-text, CRLF
-# line ends only; h11 also takes bare LF, obs-fold and control bytes in values) and yields
-# what h11 would (lower-case names, values without surrounding OWS). Whatever needs h11's
-# judgement goes to h11 untouched: heads that do not match (incomplete ones included),
-# CONNECT, and heads with transfer-encoding, expect or upgrade, a missing or repeated host, or a
-# repeated or non-digit content-length. The character classes exclude CR and LF, so the match
-# is linear and ends at the first blank line.
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_FAST_HEAD = re.compile(
-    rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n"
-    rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n"
-)
-_TO_H11 = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-_OWS = b" \t"
-
-
-class _FastHead:
-    """A request head parsed by _fast_head (the fields _Conn._start needs)."""
-
-    __slots__ = ("close", "headers", "length", "method", "size", "target")
-
-    def __init__(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: list[Header],
-        length: bytes | None,
-        close: bool,
-        size: int,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.length = length
-        self.close = close
-        self.size = size  # head bytes
-
-
-def _fast_head(data: bytes | bytearray) -> _FastHead | None:
-    """The head at the start of `data` if it is a plain HTTP/1.1 head (10), else None."""
-    m = _FAST_HEAD.match(data)
-    if m is None:
-        return None
-    method, target, block = m.groups()
-    if method == b"CONNECT":
-        return None
-    headers: list[Header] = []
-    length: bytes | None = None
-    hosts = 0
-    close = False
-    if block:
-        for line in block[:-2].split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            value = value.strip(_OWS)
-            headers.append((name, value))
-            if name == b"host":
-                hosts += 1
-            elif name == b"content-length":
-                if length is not None or not value.isdigit():
-                    return None
-                length = value
-            elif name == b"connection":
-                close = close or _says_close(value)
-            elif name in _TO_H11:
-                return None
-    if hosts != 1:
-        return None
-    return _FastHead(method, target, headers, length, close, m.end())
-
-# h11's end of a head: a blank line, CRLF or bare LF (its blank_line_regex).
-_BLANK_LINE = re.compile(rb"\n\r?\n")
-# A header line that starts with whitespace: obs-fold (RFC 9112 5.2), refused with 400.
-_OBS_FOLD = re.compile(rb"\n[ \t]")
-
-
-def _head_end(data: bytes | bytearray, scanned: int) -> int:
-    """The offset just past the head's end in `data`, or -1. The first `scanned` bytes are known
-    to hold no end, so the search starts 2 bytes before them (the longest end is 3 bytes)."""
-    m = _BLANK_LINE.search(data, max(0, scanned - 2))
-    return -1 if m is None else m.end()
-
-
 # What the read deadline means when it passes.
 _IDLE, _HEAD, _BODY = 1, 2, 3
-
-_date_second = -1
-_date_lines = b""
-
-
-def _common_lines() -> bytes:
-    """(5) `date` + `server` lines, formatted at most once per second (formatdate costs ~5 us)."""
-    global _date_second, _date_lines
-    now = int(time.time())
-    if now != _date_second:
-        _date_second = now
-        _date_lines = (
-            b"date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\nserver: rawgate\r\n"
-        )
-    return _date_lines
-
-
-def _head(status: int, headers: list[Header], framing: bytes) -> bytes:
-    """A response head. Raises ValueError for a bad status or a header holding CR/LF/NUL."""
-    line = _STATUS_LINE.get(status)
-    if line is None or status < 200:
-        raise ValueError(f"response status {status} is not a final status (200..599)")
-    if not headers:
-        return line + _common_lines() + framing
-    # (3) map + join run in C: no Python loop per header. A CR or LF inside a name or value shows
-    # up as one more than the separators in the block.
-    block = b"\r\n".join(map(b": ".join, headers))
-    n = len(headers) - 1
-    if block.count(b"\n") != n or block.count(b"\r") != n or b"\0" in block:
-        raise ValueError("response header name or value contains CR, LF or NUL")
-    return b"".join((line, _common_lines(), block, b"\r\n", framing))
-
-
-def _says_close(value: bytes) -> bool:
-    """Whether a Connection header value holds the `close` token (h11's rule, RFC 9112 9.6)."""
-    return any(t.strip() == b"close" for t in value.lower().split(b","))
-
-
-
 
 class _Wakeup:
     """A reusable wake-up for the one waiting worker task.
 
-    (9) On asyncio this is one asyncio.Event per connection, cleared after each wait; anyio.Event
-    is one-shot and creating one costs ~5 us on the bench box (~1 us for asyncio.Event), once
-    per keep-alive request. Other backends get a fresh anyio.Event per wait. A set() with nobody
-    waiting is either kept (asyncio) or not needed: the worker looks at its queue before waiting.
+    (bench.bare_server: h1) On asyncio this is one asyncio.Event per connection, cleared after each
+    wait; anyio.Event is one-shot and creating one costs ~5 us on the bench box (~1 us for
+    asyncio.Event), once per keep-alive request. Other backends get a fresh anyio.Event per wait. A
+    set() with nobody waiting is either kept (asyncio) or not needed: the worker looks at its queue
+    before waiting.
     """
 
     __slots__ = ("_asyncio", "_event")
@@ -378,25 +262,25 @@ class _Exchange:
         for k, v in headers:
             if k == b"content-length":  # the handler knows its length: no chunked framing
                 length = int(v)
-        if status in _NO_BODY or self.is_head:
-            framing = _END_CLOSE if close else _END
-            if status in _NO_BODY:
+        if status in NO_BODY or self.is_head:
+            framing = END_CLOSE if close else END
+            if status in NO_BODY:
                 length = None
             elif length is None and self.http_version == "1.1":
                 # A HEAD answer shows the framing the GET would have had.
-                framing = _CHUNKED_CLOSE if close else _CHUNKED
+                framing = CHUNKED_CLOSE if close else CHUNKED
             self._drop_body = True
         elif length is not None:
-            framing = _END_CLOSE if close else _END
+            framing = END_CLOSE if close else END
             self._remaining = length
         elif self.http_version == "1.1":
-            framing = _CHUNKED_CLOSE if close else _CHUNKED
+            framing = CHUNKED_CLOSE if close else CHUNKED
             self._chunked = True
         else:
             # HTTP/1.0 has no chunked coding: the body ends when the connection does.
             self.close = True
-            framing = _END_CLOSE
-        data = _head(status, headers, framing)
+            framing = END_CLOSE
+        data = response_head(status, headers, framing)
         self._started = True
         self._status = status
         self._ended = self._drop_body
@@ -405,12 +289,12 @@ class _Exchange:
     async def respond(self, status: int, headers: list[Header], body: bytes) -> None:
         close = self._begin()
         n = len(body)
-        if status in _NO_BODY:
-            data = _head(status, headers, _END_CLOSE if close else _END)
+        if status in NO_BODY:
+            data = response_head(status, headers, END_CLOSE if close else END)
         else:
-            data = _head(status, headers, (_LENGTH_CLOSE if close else _LENGTH) % n)
+            data = response_head(status, headers, (LENGTH_CLOSE if close else LENGTH) % n)
             if n and not self.is_head:
-                data += body  # (6) head and body leave in one socket write
+                data += body  # (bench.bare_server: h1) head and body leave in one socket write
                 self._bytes_sent = n
         self._started = True
         self._ended = True
@@ -428,7 +312,7 @@ class _Exchange:
         if not n:
             return
         if self._chunked:
-            data = b"".join((b"%x\r\n" % n, data, _END))
+            data = b"".join((b"%x\r\n" % n, data, END))
         elif self._remaining is not None:
             if n > self._remaining:
                 raise RuntimeError("more body than the declared content-length")
@@ -445,7 +329,7 @@ class _Exchange:
             raise RuntimeError("end() called twice")
         n = len(data)
         if self._chunked:
-            data = b"".join((b"%x\r\n" % n, data, b"\r\n", _LAST_CHUNK)) if n else _LAST_CHUNK
+            data = b"".join((b"%x\r\n" % n, data, b"\r\n", LAST_CHUNK)) if n else LAST_CHUNK
         elif self._remaining is not None:
             if n > self._remaining:
                 raise RuntimeError("more body than the declared content-length")
@@ -469,6 +353,8 @@ class _Conn:
         "_budget",
         "_buffered",
         "_cur",
+        "_ev",
+        "_fast",
         "_h",
         "_h_used",
         "_head_s",
@@ -531,7 +417,10 @@ class _Conn:
         # The watchdog never sleeps longer than the shortest timeout, so a deadline armed while
         # it sleeps is never seen late (a new deadline is at least that far in the future).
         self._tick = min(self._head_s, self._body_s, self._idle_s, self._write_s)
+        # Read once per connection: with it off only h11's public API is used (compat).
+        self._fast = compat.fast_paths()
         self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        self._ev: h11.Request | None = None  # the head _h11_head just parsed
         self._h_used = False  # h11 parsed a head: the next cycle needs a fresh h11.Connection
         self._queue: deque[_Exchange] = deque()
         self._cur: _Exchange | None = None  # receiving its body
@@ -561,7 +450,8 @@ class _Conn:
     async def write(self, data: bytes) -> None:
         if self.dead:
             raise ClientDisconnected("connection lost")
-        # (2) a float store instead of fail_after(); the watchdog aborts if it passes.
+        # (bench.bare_server: h1) a float store instead of fail_after(); the watchdog aborts
+        # if it passes.
         self._write_deadline = time.monotonic() + self._write_s
         try:
             await self._stream.send(data)
@@ -610,15 +500,16 @@ class _Conn:
 
     def _parse(self) -> None:
         """Turn buffered bytes into exchanges and body pieces until more bytes are needed."""
+        if not self._fast:
+            self._parse_public()
+            return
         while not self.discard:
             h = self._h
             ex = self._cur
             if ex is None:
-                # h11 private: the receive buffer. Its length before and after the head is the
-                # exact number of head bytes (h11's own check misses complete heads, h11#182).
-                buf = h._receive_buffer
-                # (10) h11 private: ReceiveBuffer._data is the bytearray of unparsed bytes.
-                data = buf._data
+                # h11's unparsed bytes (compat): their length before and after the head is the
+                # exact number of head bytes.
+                data = h11_unparsed(h)
                 before = len(data)
                 if not before:
                     self._head_t = None
@@ -626,10 +517,11 @@ class _Conn:
                     return
                 if self._should_pause():
                     return  # parse the rest once the worker has caught up
-                # (11) Nothing parses a head before its end is here, and the search for that end
-                # starts where the last one stopped: a head sent a few bytes at a time is scanned
-                # once, not once per read (the fast regex rescanned all of it every time).
-                end = _head_end(data, self._scanned)
+                # (tests/test_server_reliability.py: bytes scanned) Nothing parses a head before
+                # its end is here, and the search for that end starts where the last one stopped: a
+                # head sent a few bytes at a time is scanned once, not once per read (the fast
+                # regex rescanned all of it every time).
+                end = head_end(data, self._scanned)
                 if end < 0:
                     self._scanned = before
                     if self._head_t is None:
@@ -638,38 +530,22 @@ class _Conn:
                         self._fail(self._overflow_error(data))
                     return
                 self._scanned = 0
-                fast = _fast_head(data)
+                fast = fast_head(data)
                 if fast is not None:
                     self._head_t = None
-                    buf.maybe_extract_at_most(fast.size)  # consumes the head
+                    h11_take(h, fast.size)  # consumes the head
                     self._on_fast_head(fast)
                     continue
-                if _OBS_FOLD.search(data, 0, end) is not None:
-                    # h11 joins a folded line to the previous value, so a folded Authorization
-                    # would reach auth as one header that no proxy in front of us saw.
-                    self._fail(BadRequest("obsolete line folding in the request head"))
+                if not self._h11_head(data, end):
                     return
-                try:
-                    ev = h.next_event()
-                except h11.RemoteProtocolError as e:
-                    self._fail(_protocol_error(e, h))
-                    return
-                if ev is h11.NEED_DATA:  # cannot happen: the head's end is buffered
-                    if self._head_t is None:
-                        self._head_t = time.monotonic()
-                    return
-                self._head_t = None
-                if type(ev) is not h11.Request:  # cannot happen: no EOF is ever fed to h11
-                    self._fail(BadRequest("unexpected HTTP/1.1 event"))
-                    return
-                self._h_used = True
-                self._on_head(ev, before - len(h._receive_buffer))
+                self._on_head(cast(h11.Request, self._ev), before - len(h11_unparsed(h)))
                 continue
             left = self._length_left
             if left:
-                # (7) A Content-Length body is taken straight from h11's buffer (private API):
-                # h11's Data + EndOfMessage events cost two state-machine rounds per request.
-                piece = h._receive_buffer.maybe_extract_at_most(left)
+                # (bench.micro: h1_parse_post) A Content-Length body is taken straight from
+                # h11's buffer (compat): h11's Data + EndOfMessage events cost two state-machine
+                # rounds per request.
+                piece = h11_take(h, left)
                 if piece is None:
                     return
                 self._length_left = left - len(piece)
@@ -678,20 +554,83 @@ class _Conn:
                 if not self._length_left:
                     self._end_body(ex)
                 continue
-            # Chunked: h11 parses the framing.
-            try:
-                ev = h.next_event()
-            except h11.RemoteProtocolError as e:
-                self._body_error(ex, BadRequest(_reason("malformed request body", e)))
+            if not self._h11_body(ex):
                 return
-            t = type(ev)
-            if t is h11.Data:
-                if not self._add_body(ex, cast(h11.Data, ev).data):
+
+    def _parse_public(self) -> None:
+        """_parse on h11's public API alone (compat.fast_paths() off): every head and body goes
+        through next_event(), and the unparsed bytes are read as trailing_data (a copy, made
+        once per read while a head is pending and twice per head)."""
+        while not self.discard:
+            h = self._h
+            ex = self._cur
+            if ex is None:
+                data = h.trailing_data[0]
+                before = len(data)
+                if not before:
+                    self._head_t = None
+                    self._scanned = 0
                     return
-            elif t is h11.EndOfMessage:
-                self._end_body(ex)
-            else:
-                return  # NEED_DATA (PAUSED cannot happen before EndOfMessage)
+                if self._should_pause():
+                    return
+                end = head_end(data, self._scanned)
+                if end < 0:
+                    self._scanned = before
+                    if self._head_t is None:
+                        self._head_t = time.monotonic()
+                    if before > self._max_head:
+                        self._fail(self._overflow_error(data))
+                    return
+                self._scanned = 0
+                if not self._h11_head(data, end):
+                    return
+                after = len(h.trailing_data[0])
+                self._on_head(cast(h11.Request, self._ev), before - after)
+                continue
+            if not self._h11_body(ex):
+                return
+
+    def _h11_head(self, data: bytes | bytearray, end: int) -> bool:
+        """h11 parses the complete head at the start of `data` (its end at `end`) into self._ev;
+        False when the connection cannot go on (the error is queued)."""
+        if OBS_FOLD.search(data, 0, end) is not None:
+            # h11 joins a folded line to the previous value, so a folded Authorization would
+            # reach auth as one header that no proxy in front of us saw.
+            self._fail(BadRequest("obsolete line folding in the request head"))
+            return False
+        h = self._h
+        try:
+            ev = h.next_event()
+        except h11.RemoteProtocolError as e:
+            self._fail(_protocol_error(e, h))
+            return False
+        if ev is h11.NEED_DATA:  # cannot happen: the head's end is buffered
+            if self._head_t is None:
+                self._head_t = time.monotonic()
+            return False
+        self._head_t = None
+        if type(ev) is not h11.Request:  # cannot happen: no EOF is ever fed to h11
+            self._fail(BadRequest("unexpected HTTP/1.1 event"))
+            return False
+        self._h_used = True
+        self._ev = ev
+        return True
+
+    def _h11_body(self, ex: _Exchange) -> bool:
+        """One body event from h11 (chunked bodies; every body with fast paths off); False when
+        more bytes are needed or the body failed."""
+        try:
+            ev = self._h.next_event()
+        except h11.RemoteProtocolError as e:
+            self._body_error(ex, BadRequest(_reason("malformed request body", e)))
+            return False
+        t = type(ev)
+        if t is h11.Data:
+            return self._add_body(ex, cast(h11.Data, ev).data)
+        if t is h11.EndOfMessage:
+            self._end_body(ex)
+            return True
+        return False  # NEED_DATA (PAUSED cannot happen before EndOfMessage)
 
     def _add_body(self, ex: _Exchange, data: bytes | bytearray) -> bool:
         n = len(data)
@@ -700,7 +639,7 @@ class _Conn:
             return False
         state = self._state
         if state.buffered_body_bytes + n > self._budget:
-            self._body_error(ex, _over_budget())
+            self._body_error(ex, Overloaded.body_budget())
             return False
         ex.body_size += n
         self._buffered += n
@@ -713,16 +652,21 @@ class _Conn:
         self._cur = None
         if ex.close:
             self.discard = True  # nothing after this request is answered
-        # (1) The next cycle parses with a fresh h11.Connection that takes over this one's buffer
-        # (private attribute): pipelined bytes are moved, not copied, so n pipelined requests in
-        # one read cost O(n), not O(n^2) as trailing_data's copies would.
-        # (10) After a fast-parsed head h11 saw no event and is still IDLE: it is kept.
+        # (no micro case: pipelining) The next cycle parses with a fresh h11.Connection that
+        # takes over this one's buffer (compat): pipelined bytes are moved, not copied, so n
+        # pipelined requests in one read cost O(n), not O(n^2) as trailing_data's copies would.
+        # After a fast-parsed head h11 saw no event and is still IDLE: it is kept.
         if self._h_used:
             self._h_used = False
             h = self._h
-            nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
-            nxt._receive_buffer = h._receive_buffer
-            self._h = nxt
+            if self._fast:
+                self._h = h11_next_cycle(h, self._max_head)
+            else:
+                nxt = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+                rest = h.trailing_data[0]
+                if rest:
+                    nxt.receive_data(rest)
+                self._h = nxt
         if ex.event is not None:
             ex.event.set()
 
@@ -734,27 +678,18 @@ class _Conn:
         return ex
 
     def _head_error(self, head_bytes: int, n_headers: int, target: bytes) -> RawgateError | None:
-        # The target first: a long target is 414 whether its head arrived whole or in pieces
-        # (_overflow_error answers the incomplete head the same way).
         lim = self._lim
-        if len(target) > lim.max_url_bytes:
-            return URITooLong(f"request target longer than {lim.max_url_bytes} bytes")
-        if head_bytes > self._max_head:
-            return HeadersTooLarge(f"request head larger than {self._max_head} bytes")
-        if n_headers > lim.max_header_count:
-            return HeadersTooLarge(f"more than {lim.max_header_count} request headers")
-        return None
+        return head_error(
+            head_bytes,
+            n_headers,
+            target,
+            max_url=lim.max_url_bytes,
+            max_head=self._max_head,
+            max_count=lim.max_header_count,
+        )
 
     def _overflow_error(self, data: bytes | bytearray) -> RawgateError:
-        """An incomplete head over max_header_bytes: 414 if its request line ended with (or has
-        not yet ended within) a target over max_url_bytes, else 431, as a complete head gets."""
-        nl = data.find(b"\n", 0, self._max_head + 1)
-        if nl < 0:
-            return URITooLong("request line too long")
-        parts = bytes(data[:nl]).split(b" ")
-        if len(parts) >= 2 and len(parts[1]) > self._lim.max_url_bytes:
-            return URITooLong(f"request target longer than {self._lim.max_url_bytes} bytes")
-        return HeadersTooLarge(f"request head larger than {self._max_head} bytes")
+        return overflow_error(data, max_url=self._lim.max_url_bytes, max_head=self._max_head)
 
     def _on_head(self, ev: h11.Request, head_bytes: int) -> None:
         ex = self._new_exchange()
@@ -767,29 +702,23 @@ class _Conn:
                 return
         method = ev.method
         ex.is_head = method == b"HEAD"
-        # h11 private: Headers keeps (raw name, lower-case name, value) triples; reading them
-        # directly skips a Python-level __getitem__ per header.
-        items = ev.headers._full_items
         target = ev.target
-        err = self._head_error(head_bytes, len(items), target)
+        if self._fast:
+            # (no micro case) h11's own header triples, no __getitem__ per header.
+            headers = [(name, value) for _, name, value in h11_header_items(ev)]
+        else:
+            headers = list(ev.headers)
+        err = self._head_error(head_bytes, len(headers), target)
         if err is not None:
             self._reject(ex, err)
             return
-        headers: list[Header] = []
-        length: bytes | None = None
-        chunked = False
-        for _, name, value in items:
-            headers.append((name, value))
-            if name == b"content-length":
-                length = value  # h11 checked the digits and merged duplicates
-            elif name == b"transfer-encoding":
-                chunked = True  # h11 allows nothing but "chunked" (501 otherwise)
-            elif name == b"connection" and _says_close(value):
-                ex.close = True
+        length, chunked, close = h11_fields(headers)
+        if close:
+            ex.close = True
         self._start(ex, method, target, headers, length, chunked, h11_expect=True)
 
-    def _on_fast_head(self, head: _FastHead) -> None:
-        """A head parsed by _fast_head (10): HTTP/1.1, no transfer-encoding, no expect."""
+    def _on_fast_head(self, head: FastHead) -> None:
+        """A head parsed by fast_head: HTTP/1.1, no transfer-encoding, no expect."""
         ex = self._new_exchange()
         ex.is_head = head.method == b"HEAD"
         headers = head.headers
@@ -828,7 +757,7 @@ class _Conn:
         if err is not None:
             self._reject(ex, err)
             return
-        known = _METHODS.get(method)
+        known = METHODS.get(method)
         ex.method = known if known is not None else method.decode("ascii")  # h11: a token
         ex.target = target
         ex.headers = headers
@@ -843,18 +772,20 @@ class _Conn:
                 self._end_body(ex)
                 return
             if size > self._budget - self._state.buffered_body_bytes:
-                self._reject(ex, _over_budget())
+                self._reject(ex, Overloaded.body_budget())
                 return
-        # A fast-parsed head has no expect header (10).
+        # A fast-parsed head has no expect header (h1_parse.fast_head hands those to h11).
         ex.expect_100 = h11_expect and self._h.they_are_waiting_for_100_continue
         self._enqueue(ex)
         self._cur = ex
         if chunked:
             self._length_left = 0
         elif size:
-            self._length_left = size
+            # With fast paths off h11 frames Content-Length bodies too (_length_left stays 0).
+            self._length_left = size if self._fast else 0
         else:
-            # (8) No body: the request is complete now, without asking h11 for EndOfMessage.
+            # (bench.micro: h1_parse_get) No body: the request is complete now, without asking
+            # h11 for EndOfMessage.
             self._end_body(ex)
 
     def _enqueue(self, ex: _Exchange) -> None:
@@ -988,7 +919,7 @@ class _Conn:
     async def _wait_body(self, ex: _Exchange) -> None:
         if ex.expect_100 and not ex.continue_sent and not ex.body_size:
             ex.continue_sent = True
-            await self.write(_CONTINUE)
+            await self.write(CONTINUE)
             self._arm_read()  # the body clock starts now
         while not ex.done and ex.error is None:
             ev = ex.event = anyio.Event()
@@ -1094,17 +1025,13 @@ class _Conn:
             self._cur.body = []
         self._queue.clear()
         self._cur = None
-        self._h._receive_buffer._data.clear()  # h11 private: unparsed bytes (a bytearray)
+        if self._fast:
+            h11_drop_unparsed(self._h)
+        else:  # public API: the old Connection (and its bytes) goes with the last reference
+            self._h = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
 
     async def _close_stream(self) -> None:
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(_CLOSE_S):
-                try:
-                    await self._stream.aclose()
-                except CONNECTION_GONE:
-                    pass
-                return
-            await anyio.aclose_forcefully(self._stream)
+        await close_stream(self._stream, _CLOSE_S)
 
 
 def _reason(prefix: str, e: h11.RemoteProtocolError) -> str:
@@ -1112,14 +1039,6 @@ def _reason(prefix: str, e: h11.RemoteProtocolError) -> str:
     if len(text) > _MAX_REASON_CHARS:
         text = text[:_MAX_REASON_CHARS] + "..."
     return f"{prefix}: {text}"
-
-
-def _over_budget() -> RawgateError:
-    return Overloaded(
-        "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
-        " retry shortly",
-        headers=[(b"retry-after", b"1")],
-    )
 
 
 def _version_error(version: bytes) -> RawgateError:

@@ -15,7 +15,7 @@ Invariants:
   stream instead of exiting): RST_STREAM cancels exactly that scope; teardown cancels them all.
 - Stream tasks start only after a whole read batch has been processed, so a stream whose
   RST_STREAM arrived in the same batch never reaches the app (rapid reset, CVE-2023-44487).
-- Flood caps are counted per frame as h2 parses them (`_GuardedH2`), so a flood stops at the
+- Flood caps are counted per frame as h2 parses them (h2_flood.GuardedH2), so a flood stops at the
   frame that crossed the cap. Caps, CONTINUATION floods, HPACK bombs and a peer far over
   MAX_CONCURRENT_STREAMS end in GOAWAY(ENHANCE_YOUR_CALM); other protocol errors in GOAWAY with
   h2's error code (PROTOCOL_ERROR family). Nothing escapes serve_h2.
@@ -34,8 +34,12 @@ Invariants:
   keepalive_idle_s whenever no stream is open.
 - Request headers are fully validated by h2. Response headers are not (h2's outbound validation
   and normalisation cost ~10% of a small response): handlers must pass lower-case names and no
-  hop-by-hop headers, as events.py already requires. Only CR, LF and NUL are checked (one join):
+  hop-by-hop headers, as seam.py already requires. Only CR, LF and NUL are checked (one join):
   a header holding one is a ValueError before the stream starts, never a PROTOCOL_ERROR.
+- The response HPACK encoder is http/hpack_encode.py, the flood guard http/h2_flood.py, and every
+  touch of h2's private parts goes through compat.py. compat.fast_paths() is read once per
+  connection (_new_h2): with it off, h2's own frame dispatch and HPACK encoder run (the flood
+  caps are counted all the same).
 """
 
 from __future__ import annotations
@@ -43,21 +47,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
-from collections import deque
 from collections.abc import Callable
-from email.utils import formatdate
 from itertools import chain
 from typing import TYPE_CHECKING, cast
 
 import anyio
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
-    Event,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
@@ -69,12 +68,12 @@ from h2.exceptions import (
     ProtocolError,
     TooManyStreamsError,
 )
-from h2.settings import SettingCodes, Settings
-from hpack.table import HeaderTable
-from hyperframe.frame import Frame, GoAwayFrame, WindowUpdateFrame
+from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
 
+from rawgate import compat
 from rawgate.aio import on_asyncio
-from rawgate.compat import dispatch_frame
+from rawgate.compat import replace_local_settings
 from rawgate.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -86,10 +85,13 @@ from rawgate.errors import (
     URITooLong,
 )
 from rawgate.http.h1_server import _Wakeup
-from rawgate.http.server_stream import CONNECTION_GONE, ServerStream
+from rawgate.http.h2_flood import GuardedH2
+from rawgate.http.hpack_encode import ResponseEncoder
+from rawgate.http.server_stream import CONNECTION_GONE, ServerStream, close_stream
 from rawgate.http.target import parse_target
 from rawgate.respond import error_response
-from rawgate.seam import ClientDisconnected, Request, is_disconnect
+from rawgate.seam import ClientDisconnected, Header, Request, is_disconnect
+from rawgate.wire import METHODS, TOKEN_BYTES, per_second_date
 
 if TYPE_CHECKING:
     from anyio.abc import ByteStream, TaskGroup
@@ -101,8 +103,6 @@ if TYPE_CHECKING:
 __all__ = ["serve_h2"]
 
 log = logging.getLogger("rawgate.h2")
-
-Header = tuple[bytes, bytes]
 
 # One receive() is at most this much: it bounds the frames h2 parses (and the replies it queues)
 # before our flood counters and the pending-output check get a look.
@@ -116,22 +116,8 @@ _NO_ERROR = int(ErrorCodes.NO_ERROR)
 # Built once: every response starts with these, and h2 takes tuples as they are.
 _STATUS: dict[int, Header] = {s: (b":status", str(s).encode()) for s in range(100, 600)}
 _SERVER: Header = (b"server", b"rawgate")
-# Interned method strings: no decode per request for the methods clients actually send.
-_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")}
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-
-_date_second = -1
-_date_header: Header = (b"date", b"")
-
-
-def _date() -> Header:
-    """The Date header, formatted at most once per second (formatdate is slow per request)."""
-    global _date_second, _date_header
-    now = int(time.time())
-    if now != _date_second:
-        _date_second = now
-        _date_header = (b"date", formatdate(now, usegmt=True).encode("ascii"))
-    return _date_header
+# The Date header, formatted at most once per second (formatdate is slow per request).
+_date = per_second_date(lambda d: (b"date", d))
 
 
 def _check_header_bytes(headers: list[Header]) -> None:
@@ -143,237 +129,7 @@ def _check_header_bytes(headers: list[Header]) -> None:
         raise ValueError("response header name or value contains CR, LF or NUL")
 
 
-def _hpack_int(value: int, bits: int, flags: int) -> bytes:
-    """An HPACK integer with a `bits`-bit prefix, OR-ed with the representation's flag bits."""
-    top = (1 << bits) - 1
-    if value < top:
-        return bytes((flags | value,))
-    out = bytearray((flags | top,))
-    value -= top
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _hpack_str(b: bytes) -> bytes:
-    return _hpack_int(len(b), 7, 0) + b  # raw octets: no Huffman to code or to decode
-
-
-_STATIC_FIELD: dict[tuple[bytes, bytes], int] = {}
-_STATIC_NAME: dict[bytes, int] = {}
-for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, 1):
-    _STATIC_FIELD.setdefault((_n, _v), _i)
-    _STATIC_NAME.setdefault(_n, _i)
-del _i, _n, _v
-
-
-class _Encoder:
-    """HPACK for responses, written for what rawgate sends.
-
-    h2's encoder searches its tables, Huffman-codes and inserts every field, and each unique
-    x-request-id churns its dynamic table: ~10 % of an h2 response's CPU on the bench box (a
-    quarter of h2_server's own share). Here:
-    - fields whose names are in INDEXED (date, server, content-type, x-mapped-model, ...) enter
-      the dynamic table once and are one byte (an index) in every later response, as with h2;
-    - every other field (x-request-id, content-length, error details) is a literal without
-      indexing: it never touches the table; its bytes are cached unless its name is PER_RESPONSE;
-    - strings are raw octets: no Huffman coding here, none to undo in the client's decoder.
-    The table follows RFC 7541 (entry size 32 + name + value, oldest evicted first, max size
-    min(peer's SETTINGS_HEADER_TABLE_SIZE, 4096), size updates at the start of the next block).
-    """
-
-    INDEXED = frozenset(
-        {
-            b"date", b"server", b"content-type", b"cache-control", b"x-accel-buffering",
-            b"x-mapped-model", b"x-account-email", b"vary", b"www-authenticate",
-            b"access-control-allow-origin", b"access-control-expose-headers",
-            b"access-control-allow-methods", b"access-control-allow-headers",
-            b"access-control-max-age",
-        }
-    )  # fmt: skip
-    PER_RESPONSE = frozenset(
-        {b"x-request-id", b"content-length", b"retry-after", b"retry-after-ms"}
-    )
-    MAX_TABLE = 4096  # HPACK's default; a peer may ask for less, never makes us use more
-    MAX_CACHED = 1024  # cached literal fields; then the cache starts over
-
-    def __init__(self) -> None:
-        self._max = self.MAX_TABLE
-        self._size = 0
-        self._entries: deque[tuple[tuple[bytes, bytes], int, int]] = deque()  # oldest first
-        self._seq: dict[tuple[bytes, bytes], int] = {}  # field -> insertion number
-        self._inserted = 0
-        self._literal: dict[tuple[bytes, bytes], bytes] = {}
-        self._updates: list[int] = []  # table size updates owed to the peer
-
-    @property
-    def header_table_size(self) -> int:
-        return self._max
-
-    @header_table_size.setter
-    def header_table_size(self, value: int) -> None:
-        # Called by h2 when the peer's SETTINGS_HEADER_TABLE_SIZE changes.
-        new = min(value, self.MAX_TABLE)
-        if new == self._max and not self._updates:
-            return
-        self._max = new
-        self._evict()
-        # RFC 7541 4.2: the smallest size since the last block, then the final one.
-        self._updates = [min([*self._updates, new]), new]
-
-    def _evict(self) -> None:
-        while self._size > self._max:
-            field, size, seq = self._entries.popleft()
-            self._size -= size
-            if self._seq.get(field) == seq:
-                del self._seq[field]
-
-    def encode(self, headers: list[Header], huffman: bool = True) -> bytes:
-        out: list[bytes] = []
-        if self._updates:
-            low, final = self._updates
-            out.append(_hpack_int(low, 5, 0x20))
-            if final != low:
-                out.append(_hpack_int(final, 5, 0x20))
-            self._updates = []
-        literal = self._literal
-        for field in headers:
-            b = literal.get(field)
-            if b is not None:
-                out.append(b)
-                continue
-            i = _STATIC_FIELD.get(field)
-            if i is not None:
-                out.append(_hpack_int(i, 7, 0x80))
-                continue
-            name, value = field
-            if name in self.INDEXED:
-                seq = self._seq.get(field)
-                if seq is not None:
-                    out.append(_hpack_int(62 + self._inserted - 1 - seq, 7, 0x80))
-                    continue
-                size = 32 + len(name) + len(value)
-                if size <= self._max:
-                    out.append(self._name(name, 6, 0x40) + _hpack_str(value))
-                    self._insert(field, size)
-                    continue
-            b = self._name(name, 4, 0x00) + _hpack_str(value)
-            if name not in self.PER_RESPONSE:
-                if len(literal) >= self.MAX_CACHED:
-                    literal.clear()
-                literal[field] = b
-            out.append(b)
-        return b"".join(out)
-
-    def _name(self, name: bytes, bits: int, flags: int) -> bytes:
-        i = _STATIC_NAME.get(name)
-        if i is not None:
-            return _hpack_int(i, bits, flags)
-        return bytes((flags,)) + _hpack_str(name)
-
-    def _insert(self, field: tuple[bytes, bytes], size: int) -> None:
-        self._entries.append((field, size, self._inserted))
-        self._size += size
-        self._seq[field] = self._inserted
-        self._inserted += 1
-        self._evict()
-
-
-class _GuardedH2(H2Connection):
-    """h2 plus per-frame flood accounting, which h2 leaves entirely to the application.
-
-    Counting happens in `_receive_frame` (h2's per-frame hook, private but stable since h2 2.0)
-    because many flood frames produce no event at all: RST_STREAM or WINDOW_UPDATE on a closed
-    stream are silently absorbed. Raising DenialOfServiceError there makes h2 stop parsing the
-    batch at once, so a flood of ten thousand PINGs queues at most `cap` PING ACKs.
-    """
-
-    def __init__(self, config: H2Configuration, limits: LimitsConfig) -> None:
-        super().__init__(config)
-        self._lim = limits
-        self._window_start = -math.inf
-        self.pings = self.settings_frames = self.resets = self.noop = self.empty_run = 0
-        # WINDOW_UPDATEs the peer has earned: two per DATA frame we sent (stream + connection).
-        self.wu_credit = 0
-        self.stream_cap = 2**31  # the hard MAX_CONCURRENT_STREAMS, set by _new_h2
-
-    def new_batch(self, now: float) -> None:
-        """Roll the one-second rate window; called once per receive, not per frame."""
-        if now - self._window_start >= 1.0:
-            self._window_start = now
-            self.pings = self.settings_frames = self.resets = self.noop = 0
-
-    def _receive_frame(self, frame: Frame) -> list[Event]:
-        t = cast(int, frame.type)
-        lim = self._lim
-        if t == 0x0:  # DATA
-            st = self.streams.get(frame.stream_id)
-            if st is None or st.closed:
-                # h2 answers each with its own RST_STREAM (and refunds the window): no work for
-                # us, some for the peer to make us do.
-                self._count_noop()
-            if frame.data:  # type: ignore[attr-defined]
-                self.empty_run = 0
-            elif "END_STREAM" not in frame.flags:
-                self.empty_run += 1
-                if self.empty_run > lim.h2_max_empty_frames:
-                    raise DenialOfServiceError("empty DATA frame flood")
-        elif t == 0x1:  # HEADERS: real work, so not an empty-frame run
-            self.empty_run = 0
-        elif t == 0x6:  # PING
-            if "ACK" not in frame.flags:
-                self.pings += 1
-                if self.pings > lim.h2_max_pings_per_s:
-                    raise DenialOfServiceError("PING flood")
-        elif t == 0x4:  # SETTINGS
-            if "ACK" not in frame.flags:
-                self.settings_frames += 1
-                if self.settings_frames > lim.h2_max_settings_per_s:
-                    raise DenialOfServiceError("SETTINGS flood")
-        elif t == 0x3:  # RST_STREAM
-            self.resets += 1
-            if self.resets > lim.h2_max_resets_per_s:
-                raise DenialOfServiceError("RST_STREAM flood")
-        elif t == 0x8:  # WINDOW_UPDATE
-            if self.wu_credit > 0:
-                self.wu_credit -= 1
-            else:
-                self._count_noop()
-        elif t == 0x2 or t > 0x9:  # PRIORITY, ALTSVC from a client, unknown extension types
-            self._count_noop()
-        return dispatch_frame(self, frame)
-
-    @property
-    def open_inbound_streams(self) -> int:
-        # h2 asks this on every new HEADERS and answers by walking (and sweeping) every stream:
-        # O(streams) per request. Below the cap the dict size is an upper bound that is good
-        # enough; the exact count (and the sweep of closed streams) runs only near the cap, which
-        # also bounds how many closed streams h2 keeps around. The cap is the hard one _new_h2
-        # sets (reading local_settings costs ~3 us of enum lookups per request).
-        n = len(self.streams)
-        if n < self.stream_cap:
-            return n
-        return super().open_inbound_streams
-
-    def acknowledge_connection_data(self, n: int) -> None:
-        """Hand `n` dropped bytes back to the connection window only (h2 private: the window
-        manager), as h2 itself does for DATA on a closed stream. The stream's window stays shut:
-        a stream whose body nobody will read must not be invited to send more."""
-        inc = self._inbound_flow_control_window_manager.process_bytes(n)
-        if inc:
-            f = WindowUpdateFrame(0)
-            f.window_increment = inc
-            self._prepare_for_sending([f])
-
-    def _count_noop(self) -> None:
-        self.noop += 1
-        if self.noop > self._lim.h2_max_noop_frames_per_s:
-            raise DenialOfServiceError("flood of frames that carry no work")
-
-
-def _new_h2(limits: LimitsConfig) -> _GuardedH2:
+def _new_h2(limits: LimitsConfig) -> GuardedH2:
     config = H2Configuration(
         client_side=False,
         header_encoding=None,
@@ -382,15 +138,19 @@ def _new_h2(limits: LimitsConfig) -> _GuardedH2:
         validate_outbound_headers=False,
         normalize_outbound_headers=False,
     )
-    h2 = _GuardedH2(config, limits)
-    h2.encoder = _Encoder()  # type: ignore[assignment]
+    h2 = GuardedH2(config, limits)
+    # Read once per connection: with it off, h2's own frame dispatch and HPACK encoder (compat).
+    fast = compat.fast_paths()
+    h2.fast_dispatch = fast
+    if fast:
+        h2.encoder = ResponseEncoder()  # type: ignore[assignment]
     advertised = max(1, limits.h2_max_concurrent_streams)
     settings: dict[SettingCodes | int, int] = {
         SettingCodes.MAX_CONCURRENT_STREAMS: advertised,
         SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_initial_window_bytes,
         SettingCodes.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_bytes,
     }
-    h2.local_settings = Settings(client=False, initial_values=settings)  # type: ignore[arg-type]
+    replace_local_settings(h2, settings)
     h2.initiate_connection()
     # The SETTINGS frame above advertises the real limit. h2 itself enforces its local value as a
     # CONNECTION error, so raise that to a hard cap: a client that races past the advertised
@@ -398,7 +158,7 @@ def _new_h2(limits: LimitsConfig) -> _GuardedH2:
     # peer far past it loses the connection.
     h2.stream_cap = max(2 * advertised, advertised + 16)
     settings[SettingCodes.MAX_CONCURRENT_STREAMS] = h2.stream_cap
-    h2.local_settings = Settings(client=False, initial_values=settings)  # type: ignore[arg-type]
+    replace_local_settings(h2, settings)
     h2.decoder.max_header_list_size = limits.h2_max_header_list_bytes
     delta = limits.h2_connection_window_bytes - _DEFAULT_WINDOW
     if delta > 0:
@@ -408,14 +168,6 @@ def _new_h2(limits: LimitsConfig) -> _GuardedH2:
 
 def _goaway(code: int, last_stream_id: int) -> bytes:
     return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code).serialize()
-
-
-def _over_budget() -> RawgateError:
-    return Overloaded(
-        "rawgate holds too many request bodies at once (limits.max_buffered_body_bytes);"
-        " retry shortly",
-        headers=[(b"retry-after", b"1")],
-    )
 
 
 def _connection_error_code(e: ProtocolError) -> int:
@@ -961,7 +713,7 @@ class _Conn:
             if st.body_size + size > self._lim.max_body_bytes:
                 st.error = PayloadTooLarge.body_over(self._lim.max_body_bytes)
             elif state.buffered_body_bytes + size > self._budget:
-                st.error = _over_budget()
+                st.error = Overloaded.body_budget()
             if st.error is not None:
                 self._drop_body(st)
                 if n:
@@ -1133,9 +885,9 @@ class _Conn:
         if len(target) > lim.max_url_bytes:
             raise URITooLong(f"request target longer than {lim.max_url_bytes} bytes")
         path, query = parse_target(target)
-        name = _METHODS.get(method)
+        name = METHODS.get(method)
         if name is None:
-            if not method or not _TOKEN.issuperset(method):
+            if not method or not TOKEN_BYTES.issuperset(method):
                 raise BadRequest("invalid :method")
             name = method.decode("ascii")
         if authority is not None and not has_host:
@@ -1245,15 +997,7 @@ class _Conn:
                     pass
 
     async def _close_stream(self) -> None:
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self._cfg.timeouts.h2_goaway_flush_s):
-                try:
-                    await self._stream.aclose()
-                except CONNECTION_GONE:
-                    pass
-                return
-            await anyio.aclose_forcefully(self._stream)
-
+        await close_stream(self._stream, self._cfg.timeouts.h2_goaway_flush_s)
 
 
 async def serve_h2(

@@ -223,9 +223,9 @@ class Server:
         conns = self._conns
         assert conns is not None
         slots = self._slots
-        # (1) On asyncio, connections are rawgate's own protocol streams (server_stream.py):
-        # anyio's per-send checkpoint and per-receive pause/resume were ~15 % of a proxied
-        # request's CPU. Other backends keep anyio's.
+        # (bench.bare_server: h1) On asyncio, connections are rawgate's own protocol streams
+        # (server_stream.py): anyio's per-send checkpoint and per-receive pause/resume were ~15 %
+        # of a proxied request's CPU. Other backends keep anyio's.
         raw = None
         if on_asyncio():
             raw = listener.extra(SocketAttribute.raw_socket, None)

@@ -3,7 +3,8 @@
 Why: anyio's SocketStream pays, per send(), a cancellation check plus a shielded checkpoint (a
 CancelScope and one extra event-loop round trip for the writing task), and per receive() a
 resume_reading/pause_reading pair (with uvloop, two io_uring submissions) and an asyncio.Event.
-On the bench box that was ~15 % of rawgate's CPU per proxied non-stream request (1).
+On the bench box that was ~15 % of rawgate's CPU per proxied non-stream request
+(bench.bare_server: h1).
 
 Invariants:
 - Same contract as anyio's SocketStream for what the drivers use: receive() returns what
@@ -32,7 +33,7 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["CONNECTION_GONE", "READ_BUFFER_BYTES", "ServerStream", "accept"]
+__all__ = ["CONNECTION_GONE", "READ_BUFFER_BYTES", "ServerStream", "accept", "close_stream"]
 
 # What a receive/send/close on an accepted connection (this stream or anyio's) raises once the
 # peer is gone: the drivers and the listener treat these alike, as a quiet end of the connection.
@@ -42,6 +43,22 @@ CONNECTION_GONE = (
     anyio.ClosedResourceError,
     OSError,
 )
+
+
+
+async def close_stream(stream: ByteStream, timeout: float) -> None:
+    """Close an accepted connection, shielded from the caller's cancellation and bounded: a TLS
+    stream may try to send close_notify to a peer that does not read, so after `timeout` seconds
+    it is closed forcefully. Never raises."""
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(timeout):
+            try:
+                await stream.aclose()
+            except CONNECTION_GONE:
+                pass
+            return
+        await anyio.aclose_forcefully(stream)
+
 
 # Bytes a connection may hold unread before reading pauses: a few reads of 64 KiB.
 READ_BUFFER_BYTES = 256 * 1024
