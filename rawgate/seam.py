@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["App", "ClientDisconnected", "Request", "ResponseSink", "is_disconnect"]
+__all__ = [
+    "AccessRecord",
+    "App",
+    "ClientDisconnected",
+    "Request",
+    "ResponseSink",
+    "is_disconnect",
+]
 
 
 class ClientDisconnected(Exception):
@@ -32,18 +39,29 @@ def is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, ClientDisconnected)
 
 
+class AccessRecord:
+    """What a handler learned for the access log: the model asked for, the upstream model it
+    maps to, the account that served. Labels only, never secrets. The app creates one per
+    request (`Request.access`) and reads it back when it writes the access line."""
+
+    __slots__ = ("account", "mapped_model", "model")
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.mapped_model = ""
+        self.account = ""
+
+
 class Request:
     """One HTTP request, body already read."""
 
     __slots__ = (
-        "account",
+        "access",
         "body",
         "client",
         "headers",
         "http_version",
-        "mapped_model",
         "method",
-        "model",
         "path",
         "query",
         "raw_target",
@@ -75,10 +93,8 @@ class Request:
         self.scheme = scheme  # "http" or "https"
         self.client = client
         self.request_id = request_id
-        # Filled in by handlers for the access log; never secrets.
-        self.model = ""
-        self.mapped_model = ""
-        self.account = ""
+        # Filled in by handlers for the access log (the app gives each request a fresh one).
+        self.access = AccessRecord()
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header (name must be lower-case), or None."""

@@ -1,4 +1,5 @@
-"""The gateway: OpenAI routes wired to the translator, the account scheduler and the upstream pool.
+"""The gateway: front protocols (gateway/front.py) wired to the account scheduler and the upstream
+pool. The OpenAI routes are fronts (gateway/fronts/openai.py); nothing here knows their shapes.
 
 Invariants:
 - One request = decode -> resolve model -> (pick account -> upstream call) x attempts -> transcode.
@@ -30,7 +31,6 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -50,7 +50,6 @@ from rawgate.accounts.scheduler import AccountsFailing, Cooldown, FailureKind, S
 from rawgate.accounts.store import Account, AccountStore
 from rawgate.errors import (
     AuthenticationError,
-    BadRequest,
     ModelFailed,
     NotFound,
     PermissionDenied,
@@ -63,14 +62,14 @@ from rawgate.errors import (
     UpstreamError,
     try_again_message,
 )
+from rawgate.gateway.fronts.openai import ChatFront, CompletionsFront, ResponsesFront
 from rawgate.logs import safe_text
 from rawgate.model_router import ModelRouter
 from rawgate.state.response_store import ResponseStore
-from rawgate.translate import mapping, schemas
-from rawgate.translate.gemini import Reply, decode_reply, error_from_upstream
-from rawgate.translate.sse import HEARTBEAT, SSEDecoder
-from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
-from rawgate.translate.transcode_responses import ResponsesStream, responses_response
+from rawgate.translate import mapping
+from rawgate.translate.contract import random_id, wall_clock
+from rawgate.translate.gemini import decode_reply, error_from_upstream
+from rawgate.translate.sse import SSEDecoder
 from rawgate.upstream.client import UpstreamClient, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -78,9 +77,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from rawgate.config import Config
+    from rawgate.gateway.front import Front
     from rawgate.http.app import GatewayApp
-    from rawgate.seam import Request, ResponseSink
+    from rawgate.seam import AccessRecord, Request, ResponseSink
     from rawgate.translate.call import GeminiCall
+    from rawgate.translate.contract import Clock, IdFactory
 
 __all__ = ["Gateway"]
 
@@ -184,6 +185,9 @@ class Gateway:
         self._ca_base = up.code_assist_base_url.rstrip("/") + "/v1internal:"
         # X-Account-Email values by display name: percent-escaping it is ~3 us per request.
         self._account_headers: dict[str, Header] = {}
+        # The clock and the id factory every reply is built with (tests pin them).
+        self.clock: Clock = wall_clock
+        self.ids: IdFactory = random_id
         self.reconfigure(cfg)
         self._demo = list(demo_accounts or [])
         self._accounts: dict[str, Account] = {}
@@ -213,12 +217,13 @@ class Gateway:
         s.retry_budget_min = max(0, r.retry_budget_min)
         s.retry_budget_window_s = r.retry_budget_window_s
         self._expose_account = r.expose_account_header
-        # Only sticky scheduling reads the conversation key: the others skip hashing it.
-        self._key = r.scheduling == "sticky"
-        self._max_depth = cfg.limits.max_json_depth
+        # Read by the fronts at each request (gateway/fronts/): only sticky scheduling reads the
+        # conversation key, the others skip hashing it.
+        self.sticky = r.scheduling == "sticky"
+        self.max_depth = cfg.limits.max_json_depth
+        self.inline_work = cfg.limits.tool_schema_inline_work
         self._heartbeat_s = cfg.limits.sse_heartbeat_s
         self._max_event_bytes = cfg.limits.upstream_max_event_bytes
-        self._inline_work = cfg.limits.tool_schema_inline_work
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -247,13 +252,31 @@ class Gateway:
 
     def install(self, app: GatewayApp) -> None:
         """Register the OpenAI routes on the app's router."""
+        responses = ResponsesFront(self)
+        self.add_front(app, "/v1/chat/completions", ChatFront(self))
+        self.add_front(app, "/v1/completions", CompletionsFront(self))
+        self.add_front(app, "/v1/responses", responses)
+        self.add_front(app, "/responses", responses)
         add = app.router.add
-        add("POST", "/v1/chat/completions", self._honest(self.chat))
-        add("POST", "/v1/completions", self._honest(self.completions))
-        add("POST", "/v1/responses", self._honest(self.responses_route))
-        add("POST", "/responses", self._honest(self.responses_route))
         add("GET", "/v1/models", self.models)
         add("GET", "/v1/models/", self.model, prefix=True, label="/v1/models/{id}")
+
+    def add_front(
+        self, app: GatewayApp, path: str, front: Front, *, method: str = "POST", **route: Any
+    ) -> None:
+        """Serve `front` (gateway/front.py) on `path`: decode, then attempts with rotation and
+        retries, the stream pump and the accounting, whatever the protocol. `route`: the
+        router's keywords (query_key, prefix, label, ...)."""
+        app.router.add(method, path, self.handler(front), **route)
+
+    def handler(self, front: Front) -> Route:
+        """The route handler of one front."""
+
+        async def run(req: Request, sink: ResponseSink) -> None:
+            call = await front.decode(req, req.access)
+            await self._proxy(req, sink, front, call)
+
+        return self._honest(run, front)
 
     # ---- accounts -----------------------------------------------------------------------------
 
@@ -372,75 +395,50 @@ class Gateway:
 
     # ---- routes -------------------------------------------------------------------------------
 
-    def _honest(self, route: Route) -> Route:
+    def _honest(self, route: Route, front: Front) -> Route:
         """`route` with its errors told as what they are: a refused upstream credential is the
         account's failure (upstream_auth_failed naming the account labels), never the client's
-        401; a 400 of the mapping names the model it was mapped to. Costs nothing until a
+        401; a 400 of the mapping names the model it was mapped to. A front with its own error
+        shape writes the error itself; the others leave it to the app. Costs nothing until a
         route raises."""
 
         async def honest(req: Request, sink: ResponseSink) -> None:
             try:
-                await route(req, sink)
-            except AccountsFailing as e:
-                # Every account rests; when a refused credential rests them all, say so.
-                raise self._resting_cause(e, time.monotonic()) from None
-            except RateLimited as e:
-                # rawgate's own "all cooling" 429 in one "Please try again in Ns." sentence,
-                # as the upstream's (gemini.py) already is.
-                wait = e.retry_after_s
-                if wait is not None and wait > 0 and e.code != "insufficient_quota":
-                    e.message = try_again_message(e.message, wait)
-                raise
-            except UpstreamAuthFailed as e:
-                # The last attempt's credential was refused (and every earlier one's, or the
-                # request would have ended otherwise): name the accounts resting for it now.
-                names = self._auth_resting(time.monotonic()) or ["the account tried"]
-                e.message = _rejected_message(names, e)
-                raise
+                await self._told(route, req, sink)
             except RawgateError as e:
-                if req.mapped_model and not any(k == b"x-mapped-model" for k, _ in e.headers):
-                    e.headers.extend(self._headers(req, None))  # raised before _proxy
-                raise
+                shaped = None if sink.started else front.error(e)
+                if shaped is None:
+                    raise
+                status, headers, body = shaped
+                await sink.respond(status, [*headers, *e.headers], body)
 
         return honest
 
-    async def chat(self, req: Request, sink: ResponseSink) -> None:
-        body = schemas.decode_chat(req.body, max_depth=self._max_depth)
-        call = await self._map(
-            mapping.chat_to_gemini, body, self._resolve(req, body.model), key=self._key
-        )
-        await self._proxy(req, sink, call)
-
-    async def completions(self, req: Request, sink: ResponseSink) -> None:
-        body = schemas.decode_completion(req.body, max_depth=self._max_depth)
-        call = mapping.completion_to_gemini(body, self._resolve(req, body.model), key=self._key)
-        await self._proxy(req, sink, call)
-
-    async def responses_route(self, req: Request, sink: ResponseSink) -> None:
-        body = schemas.decode_responses(req.body, max_depth=self._max_depth)
-        model = self._resolve(req, body.model)
-        history = None
-        if body.previous_response_id:
-            history = self.responses.get(body.previous_response_id)
-            if history is None:
-                raise BadRequest(
-                    f"Previous response with id '{body.previous_response_id}' not found.",
-                    param="previous_response_id",
-                    code="previous_response_not_found",
-                    headers=self._headers(req, None),
-                )
-        call = await self._map(mapping.responses_to_gemini, body, model, history, key=self._key)
-        await self._proxy(req, sink, call)
-
-    async def _map(self, fn: Callable[..., GeminiCall], *args: Any, **kw: Any) -> GeminiCall:
-        """Map on the loop while the request's new tool schemas cost at most
-        limits.tool_schema_inline_work units; past that, again in a worker thread, which hands
-        the GIL back every few ms: one request's schemas cannot hold the other requests up."""
-        kw["schemas"] = self.tool_schemas
+    async def _told(self, route: Route, req: Request, sink: ResponseSink) -> None:
+        """Run `route`, its errors made truthful (see _honest)."""
         try:
-            return fn(*args, inline_work=self._inline_work, **kw)
-        except mapping.SchemasOffLoop:
-            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kw))
+            await route(req, sink)
+        except AccountsFailing as e:
+            # Every account rests; when a refused credential rests them all, say so.
+            raise self._resting_cause(e, time.monotonic()) from None
+        except RateLimited as e:
+            # rawgate's own "all cooling" 429 in one "Please try again in Ns." sentence,
+            # as the upstream's (gemini.py) already is.
+            wait = e.retry_after_s
+            if wait is not None and wait > 0 and e.code != "insufficient_quota":
+                e.message = try_again_message(e.message, wait)
+            raise
+        except UpstreamAuthFailed as e:
+            # The last attempt's credential was refused (and every earlier one's, or the
+            # request would have ended otherwise): name the accounts resting for it now.
+            names = self._auth_resting(time.monotonic()) or ["the account tried"]
+            e.message = _rejected_message(names, e)
+            raise
+        except RawgateError as e:
+            mapped = req.access.mapped_model
+            if mapped and not any(k == b"x-mapped-model" for k, _ in e.headers):
+                e.headers.extend(self._headers(req, None))  # raised before _proxy
+            raise
 
     async def models(self, req: Request, sink: ResponseSink) -> None:
         data = self.router.list_models(await self._upstream_models())
@@ -458,15 +456,17 @@ class Gateway:
 
     # ---- the data path ------------------------------------------------------------------------
 
-    def _resolve(self, req: Request, name: str) -> str:
-        req.model = name
-        req.mapped_model = mapped = self.router.resolve(name)
+    def resolve(self, access: AccessRecord, name: str) -> str:
+        """The Gemini model for the client's model `name` (recorded for the access log)."""
+        access.model = name
+        access.mapped_model = mapped = self.router.resolve(name)
         return mapped
 
     def _headers(self, req: Request, acc: Account | None) -> list[Header]:
         h: list[Header] = []
-        if req.mapped_model:
-            h.append((b"x-mapped-model", req.mapped_model.encode()))
+        mapped = req.access.mapped_model
+        if mapped:
+            h.append((b"x-mapped-model", mapped.encode()))
         if acc is not None and self._expose_account:
             name = acc.display_name()
             value = self._account_headers.get(name)
@@ -477,7 +477,9 @@ class Gateway:
             h.append(value)
         return h
 
-    async def _proxy(self, req: Request, sink: ResponseSink, call: GeminiCall) -> None:
+    async def _proxy(
+        self, req: Request, sink: ResponseSink, front: Front, call: GeminiCall
+    ) -> None:
         """Attempts with rotation; the first usable answer goes to the client."""
         sched = self.scheduler
         model = call.model
@@ -497,10 +499,10 @@ class Gateway:
         attempt = 0
         while True:
             attempt += 1
-            req.account = acc.display_name()
+            req.access.account = acc.display_name()
             tr = _Try()
             try:
-                await self._attempt(req, sink, call, acc, tr)
+                await self._attempt(req, sink, front, call, acc, tr)
             except RawgateError as e:
                 nxt: Account | None = None
                 if sink.started:
@@ -509,8 +511,10 @@ class Gateway:
                     why = "not_retryable"
                 elif attempt >= attempts:
                     why = "max_attempts"
-                elif tr.sent and _charges_budget(e) and not sched.may_retry(
-                    self._in_flight, time.monotonic()
+                elif (
+                    tr.sent
+                    and _charges_budget(e)
+                    and not sched.may_retry(self._in_flight, time.monotonic())
                 ):
                     why = "retry_budget"
                 else:
@@ -567,7 +571,13 @@ class Gateway:
         )  # fmt: skip
 
     async def _attempt(
-        self, req: Request, sink: ResponseSink, call: GeminiCall, acc: Account, tr: _Try
+        self,
+        req: Request,
+        sink: ResponseSink,
+        front: Front,
+        call: GeminiCall,
+        acc: Account,
+        tr: _Try,
     ) -> None:
         """One upstream call on one account; raises a RawgateError when it failed. `tr` learns
         the upstream status and the block the failure set (for the attempt log)."""
@@ -605,19 +615,21 @@ class Gateway:
                 raise
             head = self._headers(req, acc)
             if call.stream:
-                await self._stream(sink, call, resp, head, acc, tr)
+                await self._stream(sink, front, call, resp, head, acc, tr)
                 return
             try:
-                out = self._render(call, reply)
+                answer = front.render(call, reply, self.clock, self.ids)
             except RawgateError as e:
                 # An unusable answer (MALFORMED_FUNCTION_CALL ...) is the model's failure, not
                 # the account's: no cooldown, but the next attempt may go elsewhere.
                 self._count(acc, 0, 0, e.message)
                 raise
-            await sink.respond(200, [_JSON, *head], out)
-            tin, tout = _usage_counts(reply)
+            await sink.respond(200, [_JSON, *head], answer.body)
+            tin, tout = answer.usage
             sched.report_success(acc, call.model, time.monotonic(), tin, tout)
             self._count(acc, tin, tout, None)
+            if answer.stored is not None:
+                self.responses.put(*answer.stored)
             read_all = True
         finally:
             self._in_flight -= 1
@@ -704,21 +716,10 @@ class Gateway:
     async def _persist_project(self, acc_id: str, project: str) -> None:
         await self._persist(acc_id, project=project)
 
-    def _render(self, call: GeminiCall, reply: Reply) -> bytes:
-        if call.api == "chat":
-            return chat_response(call, reply)
-        if call.api == "completions":
-            return completion_response(call, reply)
-        rid = "resp_" + uuid.uuid4().hex
-        out = responses_response(call, reply, rid)
-        if call.store:
-            items: list[dict[str, Any]] = orjson.loads(out).get("output", [])
-            self.responses.put(rid, call.input_items, items)
-        return out
-
     async def _stream(
         self,
         sink: ResponseSink,
+        front: Front,
         call: GeminiCall,
         resp: UpstreamResponse,
         head: list[Header],
@@ -729,17 +730,10 @@ class Gateway:
         the head went out is reported to the scheduler here and recorded in `tr` (the client
         already has its answer: an error event)."""
         decoder = SSEDecoder(self._max_event_bytes)
-        rs: ResponsesStream | None = None
-        cs: ChatStream | None = None
-        if call.api == "responses":
-            rid = "resp_" + uuid.uuid4().hex
-            rs = ResponsesStream(call, rid)
-            feed, finish, fail = rs.feed, rs.finish, rs.fail
-            first = rs.start()
-        else:
-            cs = ChatStream(call, completions=call.api == "completions")
-            feed, finish, fail = cs.feed, cs.finish, cs.fail
-            first = b""
+        tx = front.stream(call, self.clock, self.ids)
+        feed, finish, fail = tx.feed, tx.finish, tx.fail
+        heartbeat = tx.heartbeat
+        first = tx.start()
         await sink.start(200, [*_SSE_HEAD, *head])
         if first:
             await sink.send(first)
@@ -762,7 +756,7 @@ class Gateway:
                 else:
                     chunk = await receive(last + beat - time.monotonic())
                     if chunk is None:  # nothing went to the client for `beat` seconds
-                        await send(HEARTBEAT)
+                        await send(heartbeat)
                         last = time.monotonic()
                         continue
                 if not chunk:
@@ -807,9 +801,7 @@ class Gateway:
             raise
         await sink.end(b"".join(out))
         now = time.monotonic()
-        usage = (rs.usage if rs is not None else cs.usage if cs is not None else None) or {}
-        tin = int(usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0)
-        tout = int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)
+        tin, tout = tx.usage
         if upstream_error is not None:
             kind = _failure_kind(upstream_error)
             if kind is not None:
@@ -822,8 +814,9 @@ class Gateway:
             return
         self.scheduler.report_success(acc, call.model, now, tin, tout)
         self._count(acc, tin, tout, None)
-        if rs is not None and call.store:
-            self.responses.put(rs.response["id"], call.input_items, rs.output_items)
+        stored = tx.stored
+        if stored is not None:
+            self.responses.put(*stored)
 
     # ---- small upstream helpers (OAuth, Code Assist set-up, model listing) ------------------
 
@@ -934,13 +927,6 @@ def _failure_kind(err: RawgateError) -> FailureKind | None:
             return "connect"
         return "server"
     return None
-
-
-def _usage_counts(reply: Reply) -> tuple[int, int]:
-    u = reply.usageMetadata
-    if u is None:
-        return 0, 0
-    return (u.promptTokenCount or 0), (u.candidatesTokenCount or 0) + (u.thoughtsTokenCount or 0)
 
 
 def _bearer_of(headers: list[Header]) -> str:
