@@ -49,17 +49,26 @@ from rawgate.accounts.oauth import AccountRevoked, TokenManager
 from rawgate.accounts.scheduler import AccountsFailing, Cooldown, FailureKind, Scheduler
 from rawgate.accounts.store import Account, AccountStore
 from rawgate.errors import (
+    AccountsAuthResting,
     AuthenticationError,
+    HTTPVersionNotSupported,
+    InsufficientQuota,
+    InternalError,
+    MethodNotImplemented,
     ModelFailed,
     NotFound,
     PermissionDenied,
     RateLimited,
     RawgateError,
+    RequestTimeout,
     ServiceUnavailable,
     UpstreamAuthFailed,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
+    UpstreamRateLimited,
+    UpstreamRejectedInAnswer,
+    UpstreamRequestTimeout,
     try_again_message,
 )
 from rawgate.gateway.fronts.openai import ChatFront, CompletionsFront, ResponsesFront
@@ -425,7 +434,7 @@ class Gateway:
             # rawgate's own "all cooling" 429 in one "Please try again in Ns." sentence,
             # as the upstream's (gemini.py) already is.
             wait = e.retry_after_s
-            if wait is not None and wait > 0 and e.code != "insufficient_quota":
+            if wait is not None and wait > 0 and not isinstance(e, InsufficientQuota):
                 e.message = try_again_message(e.message, wait)
             raise
         except UpstreamAuthFailed as e:
@@ -683,12 +692,11 @@ class Gateway:
         if not names:
             return err
         secs = max(1, math.ceil(err.retry_after_s or 0))
-        return UpstreamAuthFailed(
+        return AccountsAuthResting(
             f"No upstream account is usable: Google rejected the credential of {_names(names)}, "
             f"which rawgate rests (the first is tried again in {secs} s). This is rawgate's key "
             "to Google, not your key to rawgate: fix or replace it (`rawgate accounts list` "
             "shows the last error), or add an account.",
-            status=503,
             headers=list(err.headers),
             retry_after_s=err.retry_after_s,
         )
@@ -893,10 +901,9 @@ def _charges_budget(err: RawgateError) -> bool:
 
 
 def _retryable(err: RawgateError) -> bool:
-    """Worth another account: rate limits, auth trouble of this account, upstream failures."""
-    if isinstance(err, UpstreamError):
-        return True
-    return err.status in (401, 403, 408, 429) or err.status >= 500
+    """Worth another account: rate limits, auth trouble of this account, timeouts, upstream and
+    server failures (errors.py's classes; never decided by status number)."""
+    return isinstance(err, _RETRYABLE)
 
 
 def _names(names: list[str]) -> str:
@@ -914,19 +921,35 @@ def _rejected_message(names: list[str], err: UpstreamAuthFailed) -> str:
 def _failure_kind(err: RawgateError) -> FailureKind | None:
     """What `err` says about the account that got it; None: nothing (the request's fault, or
     the model's, such as a stream that ends in MALFORMED_FUNCTION_CALL)."""
-    if isinstance(err, ModelFailed):
+    if isinstance(err, ModelFailed | UpstreamRejectedInAnswer):
         return None
-    if isinstance(err, UpstreamAuthFailed):
+    if isinstance(err, UpstreamAuthFailed | AuthenticationError | PermissionDenied):
         return "auth"
-    if isinstance(err, RateLimited) or err.status == 429:
+    if isinstance(err, RateLimited | UpstreamRateLimited):
         return "rate_limited"
-    if isinstance(err, AuthenticationError | PermissionDenied) or err.status in (401, 403):
-        return "auth"
-    if err.status >= 500:
-        if isinstance(err, UpstreamConnectError | UpstreamConnectTimeout):
-            return "connect"
+    if isinstance(err, UpstreamConnectError | UpstreamConnectTimeout):
+        return "connect"
+    if isinstance(err, _SERVER_FAULTS):
         return "server"
     return None
+
+
+# The failures that are the server side's (5xx by class), and the ones worth another account.
+_SERVER_FAULTS = (
+    UpstreamError,
+    InternalError,
+    ServiceUnavailable,
+    MethodNotImplemented,
+    HTTPVersionNotSupported,
+)
+_RETRYABLE = (
+    *_SERVER_FAULTS,
+    AuthenticationError,
+    PermissionDenied,
+    RequestTimeout,
+    UpstreamRequestTimeout,
+    RateLimited,
+)
 
 
 def _bearer_of(headers: list[Header]) -> str:
