@@ -64,7 +64,7 @@ CASES: list[tuple[str, int, bytes]] = [
 
 
 def outcome(name: str, status: int, body: bytes) -> dict[str, Any]:
-    from rawgate.gateway.core import _charges_budget, _failure_kind, _retryable
+    from rawgate.gateway.attempts import charges_budget, failure_kind, retryable
     from rawgate.translate.gemini import decode_reply, error_from_upstream
 
     err: RawgateError
@@ -83,9 +83,9 @@ def outcome(name: str, status: int, body: bytes) -> dict[str, Any]:
         "headers": [[k.decode(), v.decode()] for k, v in err.headers],
         "json": err.to_json().decode(),
         "retry_after_s": err.retry_after_s,
-        "kind": _failure_kind(err),
-        "retryable": _retryable(err),
-        "charges_budget": _charges_budget(err),
+        "kind": failure_kind(err),
+        "retryable": retryable(err),
+        "charges_budget": charges_budget(err),
     }
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from rawgate import errors
 from rawgate.errors import RawgateError
-from rawgate.gateway.core import _failure_kind, _retryable
+from rawgate.gateway.attempts import failure_kind, retryable
 from rawgate.translate.gemini import decode_reply, error_from_upstream
 from tests.error_cases import CASES, outcome
 
@@ -72,8 +72,8 @@ def test_classification_ignores_the_number() -> None:
         status = 429
         type = "invalid_request_error"
 
-    assert _failure_kind(Odd("x")) is None and not _retryable(Odd("x"))
-    assert _failure_kind(errors.UpstreamRateLimited("x")) == "rate_limited"
-    assert _failure_kind(errors.UpstreamRejectedInAnswer("x", status=400)) is None
-    assert _retryable(errors.UpstreamRejectedInAnswer("x", status=400))
-    assert _failure_kind(errors.ServiceUnavailable("x")) == "server"
+    assert failure_kind(Odd("x")) is None and not retryable(Odd("x"))
+    assert failure_kind(errors.UpstreamRateLimited("x")) == "rate_limited"
+    assert failure_kind(errors.UpstreamRejectedInAnswer("x", status=400)) is None
+    assert retryable(errors.UpstreamRejectedInAnswer("x", status=400))
+    assert failure_kind(errors.ServiceUnavailable("x")) == "server"

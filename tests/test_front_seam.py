@@ -120,7 +120,7 @@ async def test_a_toy_front_gets_rotation_and_its_own_reply_shape(tmp_path: Path)
                 assert "hi" in text and usage.startswith("in=")
             assert run.emulator.stats.get("quota_429", 0) >= 1
             # Accounting went through the neutral usage record: B's counters saw the tokens.
-            stats = run.gateway._dirty_stats
+            stats = run.gateway.sync.dirty
             b_id = next(a.id for a in run.gateway.accounts if a.label == "B")
             assert stats[b_id][0] == 2 and stats[b_id][1] > 0 and stats[b_id][2] > 0
 
