@@ -358,9 +358,10 @@ class AttemptLoop:
         if first:
             await sink.send(first)
         upstream_error: RawgateError | None = None
-        # (3) The heartbeat is the upstream read's own quiet timeout, not a task beside the
-        # pump: no task group, task, lock or sleep timer per stream (those cost ~5 % of a
-        # 100-chunk stream's CPU), and a single writer needs no lock. The wait counts from the
+        # The heartbeat is the upstream read's own quiet timeout, not a task beside the pump: no
+        # task group, task, lock or sleep timer per stream (those cost ~5 % of a 100-chunk
+        # stream's CPU: bench `stream-chat` c=16, ledger in bench/README.md), and a single
+        # writer needs no lock. The wait counts from the
         # last downstream write, so upstream data that made no frame does not put it off.
         beat = self._heartbeat_s if self._heartbeat_s > 0 else None
         last = time.monotonic()  # the last downstream write
@@ -383,8 +384,9 @@ class AttemptLoop:
                     break
                 ps = sse(chunk)
                 if not flushed and ps:
-                    # (5) The first event leaves on its own: a read holding a whole burst
-                    # (100 events, ~0.45 ms to transcode) must not delay the first byte.
+                    # The first event leaves on its own: a read holding a whole burst (100
+                    # events, ~0.45 ms to transcode) must not delay the first byte (bench
+                    # `stream-chat` c=1 TTFB, ledger in bench/README.md).
                     out.append(feed(decode_reply(ps[0])))
                     data = b"".join(out)
                     out.clear()

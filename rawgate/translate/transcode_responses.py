@@ -418,7 +418,8 @@ class ResponsesStream:
         """`lps`: this chunk's logprobs, for its first text delta."""
         m = self._message
         # The common chunk, more text for the open message: the same shortcut as transcode_chat's
-        # one-part path (1.0 instead of 1.4 us per chunk there).
+        # one-part path (1.0 instead of 1.4 us per chunk there: bench.micro `chat transcoder feed
+        # only`).
         if m is not None and len(parts) == 1 and lps is None:
             p = parts[0]
             t = p.text
