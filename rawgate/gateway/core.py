@@ -220,13 +220,8 @@ class Gateway(AttemptLoop):
         app.router.add(method, path, self.handler(front), **route)
 
     def handler(self, front: Front) -> Route:
-        """The route handler of one front."""
-
-        async def run(req: Request, sink: ResponseSink) -> None:
-            call = await front.decode(req, req.access)
-            await self._proxy(req, sink, front, call)
-
-        return self._honest(run, front)
+        """The route handler of one front (see _honest)."""
+        return self._honest(front)
 
     # ---- accounts (account_sync.py) ----------------------------------------------------------
 
@@ -245,16 +240,39 @@ class Gateway(AttemptLoop):
 
     # ---- routes -------------------------------------------------------------------------------
 
-    def _honest(self, route: Route, front: Front) -> Route:
-        """`route` with its errors told as what they are: a refused upstream credential is the
-        account's failure (upstream_auth_failed naming the account labels), never the client's
-        401; a 400 of the mapping names the model it was mapped to. A front with its own error
-        shape writes the error itself; the others leave it to the app. Costs nothing until a
-        route raises."""
+    def _honest(self, front: Front) -> Route:
+        """Decode with `front`, then the attempt loop, with the errors told as what they are: a
+        refused upstream credential is the account's failure (upstream_auth_failed naming the
+        account labels), never the client's 401; a 400 of the mapping names the model it was
+        mapped to. A front with its own error shape writes the error itself; the others leave
+        it to the app. One coroutine frame per request: the two try blocks share it."""
 
         async def honest(req: Request, sink: ResponseSink) -> None:
             try:
-                await self._told(route, req, sink)
+                try:
+                    call = await front.decode(req, req.access)
+                    await self._proxy(req, sink, front, call)
+                except AccountsFailing as e:
+                    # Every account rests; when a refused credential rests them all, say so.
+                    raise self._resting_cause(e, time.monotonic()) from None
+                except RateLimited as e:
+                    # rawgate's own "all cooling" 429 in one "Please try again in Ns." sentence,
+                    # as the upstream's (gemini.py) already is.
+                    wait = e.retry_after_s
+                    if wait is not None and wait > 0 and not isinstance(e, InsufficientQuota):
+                        e.message = try_again_message(e.message, wait)
+                    raise
+                except UpstreamAuthFailed as e:
+                    # The last attempt's credential was refused (and every earlier one's, or
+                    # the request would have ended otherwise): name the accounts resting now.
+                    names = self._auth_resting(time.monotonic()) or ["the account tried"]
+                    e.message = _rejected_message(names, e)
+                    raise
+                except RawgateError as e:
+                    mapped = req.access.mapped_model
+                    if mapped and not any(k == b"x-mapped-model" for k, _ in e.headers):
+                        e.headers.extend(self._headers(req, None))  # raised before _proxy
+                    raise
             except RawgateError as e:
                 shaped = None if sink.started else front.error(e)
                 if shaped is None:
@@ -263,32 +281,6 @@ class Gateway(AttemptLoop):
                 await sink.respond(status, [*headers, *e.headers], body)
 
         return honest
-
-    async def _told(self, route: Route, req: Request, sink: ResponseSink) -> None:
-        """Run `route`, its errors made truthful (see _honest)."""
-        try:
-            await route(req, sink)
-        except AccountsFailing as e:
-            # Every account rests; when a refused credential rests them all, say so.
-            raise self._resting_cause(e, time.monotonic()) from None
-        except RateLimited as e:
-            # rawgate's own "all cooling" 429 in one "Please try again in Ns." sentence,
-            # as the upstream's (gemini.py) already is.
-            wait = e.retry_after_s
-            if wait is not None and wait > 0 and not isinstance(e, InsufficientQuota):
-                e.message = try_again_message(e.message, wait)
-            raise
-        except UpstreamAuthFailed as e:
-            # The last attempt's credential was refused (and every earlier one's, or the
-            # request would have ended otherwise): name the accounts resting for it now.
-            names = self._auth_resting(time.monotonic()) or ["the account tried"]
-            e.message = _rejected_message(names, e)
-            raise
-        except RawgateError as e:
-            mapped = req.access.mapped_model
-            if mapped and not any(k == b"x-mapped-model" for k, _ in e.headers):
-                e.headers.extend(self._headers(req, None))  # raised before _proxy
-            raise
 
     async def models(self, req: Request, sink: ResponseSink) -> None:
         data = self.router.list_models(await self.listing.names())

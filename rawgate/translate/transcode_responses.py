@@ -628,7 +628,7 @@ def _response_error(err: RawgateError) -> dict[str, Any]:
 def responses_response(call: GeminiCall, reply: Reply, response_id: str) -> bytes:
     """The Response JSON for a non-stream Gemini reply. Raises UpstreamError for an answer that
     failed upstream (an "error" finish reason)."""
-    return responses_answer(call, reply, response_id).body
+    return _dumps(_whole(call, reply, response_id, wall_clock, random_id).response)
 
 
 def responses_answer(
@@ -640,6 +640,13 @@ def responses_answer(
     ids: IdFactory = random_id,
 ) -> Answer:
     """responses_response with what it cost and the items to store (no JSON re-parse)."""
+    rs = _whole(call, reply, response_id, clock, ids)
+    return Answer(_dumps(rs.response), rs.usage, rs.stored)
+
+
+def _whole(
+    call: GeminiCall, reply: Reply, response_id: str, clock: Clock, ids: IdFactory
+) -> ResponsesStream:
     rs = ResponsesStream(call, response_id, clock=clock, ids=ids)
     rs._whole = True
     # A text signature needs a reasoning item in front of its message; in one reply we can
@@ -653,4 +660,4 @@ def responses_answer(
     rs._started = True  # no response.created / in_progress frames: nobody would read them
     rs.feed(reply)
     rs.finish()
-    return Answer(_dumps(rs.response), rs.usage, rs.stored)
+    return rs
