@@ -149,7 +149,9 @@ def _request(path: str, body: bytes) -> Request:
     return Request("POST", path.encode(), path, "", list(_H), body)
 
 
-async def _run(seconds: float, repeat: int, chunks: int) -> list[tuple[str, float, str]]:
+async def _run(
+    seconds: float, repeat: int, chunks: int, count: tuple[str, int] | None = None
+) -> list[tuple[str, float, str]]:
     cfg = build_config({"auth": {"mode": "off"}, "log": {"access_log": False}}, {}, {})
     acc = Account(id="bench", kind="api_key", api_key="bench-key", label="bench")
     out: list[tuple[str, float, str]] = []
@@ -172,6 +174,11 @@ async def _run(seconds: float, repeat: int, chunks: int) -> list[tuple[str, floa
                 ("gateway chat stream", "/v1/chat/completions", chat_s, "chunks/s", chunks),
                 ("gateway responses stream", "/v1/responses", resp_s, "chunks/s", chunks),
             ]
+            if count is not None:  # exactly N requests of one case, nothing timed
+                name, path, body, _, _ = next(c for c in cases if c[0] == count[0])
+                for _ in range(count[1]):
+                    await app(_request(path, body), _Sink())
+                return []
             for name, path, body, unit, per in cases:
                 best = 0.0
                 for _ in range(repeat):
@@ -201,9 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=0.5, help="length of one run")
     ap.add_argument("--repeat", type=int, default=5, help="runs per case (best is kept)")
     ap.add_argument("--chunks", type=int, default=100, help="upstream chunks per stream")
+    ap.add_argument(
+        "--count",
+        nargs=2,
+        metavar=("CASE", "N"),
+        help="run exactly N requests of CASE (e.g. 'gateway chat non-stream' 1000) and print"
+        " nothing: for an instruction count, `valgrind --tool=cachegrind --cache-sim=no` with"
+        " N and with 0, divided by N (deterministic where wall time on a shared box is not)",
+    )
     args = ap.parse_args(argv)
     seconds, repeat = (0.05, 1) if args.quick else (args.seconds, args.repeat)
-    results = anyio.run(_run, seconds, repeat, args.chunks)
+    count = (args.count[0], int(args.count[1])) if args.count else None
+    results = anyio.run(_run, seconds, repeat, args.chunks, count)
+    if count is not None:
+        return 0
     meta = {"python": platform.python_version(), "machine": platform.machine()}
     if args.json:
         for name, value, unit in results:

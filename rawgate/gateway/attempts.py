@@ -100,6 +100,8 @@ USER_AGENT: Header = (b"user-agent", f"rawgate/{__version__}".encode())
 _USER_AGENT = USER_AGENT
 # Bound of the X-Account-Email cache (one entry per account display name; cleared when full).
 ACCOUNT_HEADER_CACHE = 1024
+# Bound of the escaped upstream URL cache (one entry per Gemini model; cleared when full).
+MODEL_URL_CACHE = 256
 # Upstream error bodies are short JSON; a proxy's HTML page is not. Read at most this much.
 ERROR_BODY_MAX_BYTES = 64 * 1024
 
@@ -120,6 +122,7 @@ class AttemptLoop:
     _expose_account: bool
     _account_headers: dict[str, Header]
     _gemini_base: str
+    _model_urls: dict[str, str]
     _ca_base: str
 
     def _headers(self, req: Request, acc: Account | None) -> list[Header]:
@@ -323,8 +326,16 @@ class AttemptLoop:
             method = ":streamGenerateContent?alt=sse" if call.stream else ":generateContent"
             headers = [_UPSTREAM_JSON, _USER_AGENT, (b"x-goog-api-key", acc.api_key.encode())]
             # The model is one escaped path segment (router.resolve already allows only
-            # [A-Za-z0-9._-]; quoting keeps that true should a future caller skip it).
-            url = self._gemini_base + quote(call.model, safe="") + method
+            # [A-Za-z0-9._-]; quoting keeps that true should a future caller skip it). The
+            # escaped base per model is kept: quote() is ~1 us a request.
+            base = self._model_urls.get(call.model)
+            if base is None:
+                if len(self._model_urls) >= MODEL_URL_CACHE:
+                    self._model_urls.clear()
+                base = self._model_urls[call.model] = (
+                    self._gemini_base + quote(call.model, safe="")
+                )
+            url = base + method
             return url, headers, mapping.gemini_body(call)
         token = await self.tokens.access_token(acc, time.time())
         known = acc.project

@@ -132,6 +132,7 @@ class Gateway(AttemptLoop):
             lim.tool_schema_cache_max_bytes, lim.tool_schema_max_work
         )
         self._gemini_base = up.gemini_base_url.rstrip("/") + "/v1beta/models/"
+        self._model_urls: dict[str, str] = {}  # model -> escaped upstream base (attempts.py)
         self._ca_base = up.code_assist_base_url.rstrip("/") + "/v1internal:"
         # X-Account-Email values by display name: percent-escaping it is ~3 us per request.
         self._account_headers: dict[str, Header] = {}

@@ -33,6 +33,7 @@ __all__ = [
     "Stored",
     "StreamTranscoder",
     "TokenUsage",
+    "answer",
     "random_id",
     "token_usage",
     "wall_clock",
@@ -59,6 +60,7 @@ class TokenUsage(NamedTuple):
 
 
 NO_USAGE = TokenUsage()
+_new_tuple = tuple.__new__
 
 
 def token_usage(u: Usage | None) -> TokenUsage:
@@ -66,7 +68,9 @@ def token_usage(u: Usage | None) -> TokenUsage:
     if u is None:
         return NO_USAGE
     prompt = u.promptTokenCount + u.toolUsePromptTokenCount
-    return TokenUsage(prompt, u.candidatesTokenCount + u.thoughtsTokenCount)
+    # tuple.__new__ skips the NamedTuple's Python-level __new__ (~250 -> ~150 ns, once per
+    # answer on the hot path).
+    return _new_tuple(TokenUsage, (prompt, u.candidatesTokenCount + u.thoughtsTokenCount))
 
 
 class Stored(NamedTuple):
@@ -83,6 +87,12 @@ class Answer(NamedTuple):
     body: bytes
     usage: TokenUsage
     stored: Stored | None = None
+
+
+def answer(body: bytes, usage: TokenUsage, stored: Stored | None = None) -> Answer:
+    """Answer(body, usage, stored), built without the NamedTuple's Python-level __new__ (the
+    render step of every non-stream request makes one)."""
+    return _new_tuple(Answer, (body, usage, stored))
 
 
 class StreamTranscoder(Protocol):

@@ -188,7 +188,7 @@ def _usage(reply: Reply) -> dict[str, Any]:
 
 
 def chat_response(
-    call: GeminiCall, reply: Reply, *, clock: Clock = wall_clock, ids: IdFactory = random_id
+    call: GeminiCall, reply: Reply, clock: Clock = wall_clock, ids: IdFactory = random_id
 ) -> bytes:
     """The `chat.completion` JSON for a non-stream Gemini reply. Raises UpstreamError for an
     answer that failed upstream (see the finish_reason table)."""

@@ -51,6 +51,7 @@ from rawgate.translate.contract import (
     IdFactory,
     Stored,
     TokenUsage,
+    answer,
     random_id,
     token_usage,
     wall_clock,
@@ -641,7 +642,7 @@ def responses_answer(
 ) -> Answer:
     """responses_response with what it cost and the items to store (no JSON re-parse)."""
     rs = _whole(call, reply, response_id, clock, ids)
-    return Answer(_dumps(rs.response), rs.usage, rs.stored)
+    return answer(_dumps(rs.response), rs.usage, rs.stored)
 
 
 def _whole(

@@ -20,7 +20,7 @@ import anyio
 
 from rawgate.errors import BadRequest
 from rawgate.translate import mapping, schemas
-from rawgate.translate.contract import Answer, token_usage
+from rawgate.translate.contract import answer, token_usage
 from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
 from rawgate.translate.transcode_responses import ResponsesStream, responses_answer
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from rawgate.gateway.front import ErrorReply
     from rawgate.seam import AccessRecord, Request
     from rawgate.translate.call import GeminiCall
-    from rawgate.translate.contract import Clock, IdFactory, StreamTranscoder
+    from rawgate.translate.contract import Answer, Clock, IdFactory, StreamTranscoder
     from rawgate.translate.gemini import Reply
 
 __all__ = ["ChatFront", "CompletionsFront", "ResponsesFront"]
@@ -71,9 +71,7 @@ class ChatFront(_OpenAIFront):
         return await self._map(mapping.chat_to_gemini, body, model, key=gw.sticky)
 
     def render(self, call: GeminiCall, reply: Reply, clock: Clock, ids: IdFactory) -> Answer:
-        return Answer(
-            chat_response(call, reply, clock=clock, ids=ids), token_usage(reply.usageMetadata)
-        )
+        return answer(chat_response(call, reply, clock, ids), token_usage(reply.usageMetadata))
 
     def stream(self, call: GeminiCall, clock: Clock, ids: IdFactory) -> StreamTranscoder:
         return ChatStream(call, clock=clock, ids=ids)
@@ -90,7 +88,7 @@ class CompletionsFront(_OpenAIFront):
         return mapping.completion_to_gemini(body, gw.resolve(access, body.model), key=gw.sticky)
 
     def render(self, call: GeminiCall, reply: Reply, clock: Clock, ids: IdFactory) -> Answer:
-        return Answer(
+        return answer(
             completion_response(call, reply, clock=clock, ids=ids),
             token_usage(reply.usageMetadata),
         )
