@@ -4,6 +4,7 @@ helper, AsyncOpenAI, error events), all without sockets."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -588,3 +589,28 @@ def test_logprobs_not_asked_stay_null_even_if_gemini_sends_them() -> None:
     assert doc["choices"][0]["logprobs"] is None
     got = frames(ChatStream(chat_call()).feed(decode_reply(orjson.dumps(reply))))
     assert [f["choices"][0]["logprobs"] for f in got] == [None] * len(got)
+
+
+def test_injected_clock_and_ids_make_replies_deterministic() -> None:
+    """chat_response with the clock and id factory injected (translate/contract.py): the id,
+    `created` and the tool-call ids come from them, so two renderings are byte-identical."""
+    data = Path(__file__).parent / "data" / "gemini" / "tools_nonstream.json"
+    reply = decode_reply(data.read_bytes())
+    reply.responseId = None  # the id then comes from the factory
+
+    def render() -> bytes:
+        seq = iter(range(100))
+        return chat_response(
+            chat_call(),
+            reply,
+            lambda: 1_700_000_000.0,
+            lambda prefix, digits: f"{prefix}{next(seq):0{digits}d}",
+        )
+
+    first = render()
+    assert first == render()
+    doc = orjson.loads(first)
+    calls = doc["choices"][0]["message"]["tool_calls"]
+    assert calls and all(c["id"].startswith("call_") for c in calls)
+    # The tool-call ids took the first numbers of the sequence, the response id the next one.
+    assert doc["id"] == f"chatcmpl-{len(calls):032d}" and doc["created"] == 1_700_000_000

@@ -565,3 +565,27 @@ def test_property_any_stream_keeps_the_invariants(
         )
         assert got == text
     assert evs[-1]["sequence_number"] == len(evs) - 1
+
+
+def test_injected_clock_and_ids_make_the_stream_deterministic() -> None:
+    """With the clock and the id factory injected (translate/contract.py), two transcodings of
+    the same upstream body are byte-identical: item ids and created_at come from them."""
+    c = case("responses_tools")
+
+    def run() -> bytes:
+        seq = iter(range(100))
+        rs = ResponsesStream(
+            case_call(c),
+            "resp_fixed",
+            clock=lambda: 1_700_000_000.5,
+            ids=lambda prefix, digits: f"{prefix}{next(seq):0{digits}d}",
+        )
+        out = [rs.start()]
+        out.extend(rs.feed(decode_reply(ch[6:])) for ch in upstream(c).split(b"\r\n\r\n") if ch)
+        out.append(rs.finish())
+        return b"".join(out)
+
+    first, second = run(), run()
+    assert first == second
+    assert b'"created_at":1700000000' in first
+    assert b'"id":"rs_' + b"0" * 24 in first or b'"id":"msg_' + b"0" * 24 in first

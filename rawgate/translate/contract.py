@@ -34,6 +34,7 @@ __all__ = [
     "StreamTranscoder",
     "TokenUsage",
     "answer",
+    "call_id_rand",
     "random_id",
     "token_usage",
     "wall_clock",
@@ -50,6 +51,14 @@ wall_clock: Clock = time.time
 def random_id(prefix: str, digits: int) -> str:
     """The default id factory: `prefix` + `digits` random hex digits."""
     return prefix + secrets.token_hex((digits + 1) // 2)[:digits]
+
+
+def call_id_rand(ids: IdFactory) -> Callable[[int], str] | None:
+    """The random source for tool-call ids (signatures.mint_call_id) that goes with `ids`: None
+    (the default, letters and digits) for the default factory, else ids("", n)."""
+    if ids is random_id:
+        return None
+    return lambda n: ids("", n)
 
 
 class TokenUsage(NamedTuple):

@@ -42,6 +42,7 @@ finish_reason (Gemini -> Chat; see `gemini.finish_kind`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -53,6 +54,7 @@ from rawgate.translate.contract import (
     IdFactory,
     Stored,
     TokenUsage,
+    call_id_rand,
     random_id,
     token_usage,
     wall_clock,
@@ -89,11 +91,13 @@ def _blocked_message(reason: str, detail: str | None) -> str:
     return f"{msg} {detail}" if detail else msg
 
 
-def _tool_call(call: GeminiCall, part: Part, fc: FunctionCall) -> dict[str, Any]:
+def _tool_call(
+    call: GeminiCall, part: Part, fc: FunctionCall, rand: Callable[[int], str] | None
+) -> dict[str, Any]:
     """A Chat tool call (without `index`) for one Gemini functionCall part."""
     origin = call.tools.get(fc.name)
     name = origin.name if origin is not None else fc.name
-    cid = mint_call_id(part.thoughtSignature)
+    cid = mint_call_id(part.thoughtSignature, rand)
     if origin is not None and origin.kind == "custom":
         return {"id": cid, "type": "custom", "custom": {"name": name, "input": custom_input(fc)}}
     return {
@@ -157,7 +161,7 @@ def _chat_finish(reason: str | None, tools: bool) -> str:
 
 
 def _collect(
-    call: GeminiCall, cand: Candidate, with_tools: bool
+    call: GeminiCall, cand: Candidate, with_tools: bool, rand: Callable[[int], str] | None = None
 ) -> tuple[str, str, list[dict[str, Any]]]:
     texts: list[str] = []
     thoughts: list[str] = []
@@ -167,7 +171,7 @@ def _collect(
             fc = p.functionCall
             if fc is not None:
                 if with_tools:
-                    tools.append(_tool_call(call, p, fc))
+                    tools.append(_tool_call(call, p, fc, rand))
                 continue
             t = p.text if p.text is not None else part_text(p)
             if t:
@@ -213,7 +217,7 @@ def chat_response(
                 }
             )
     for cand in sorted(reply.candidates, key=lambda c: c.index):
-        text, thoughts, tools = _collect(call, cand, True)
+        text, thoughts, tools = _collect(call, cand, True, call_id_rand(ids))
         msg: dict[str, Any] = {
             "role": "assistant",
             "content": text if text or not tools else None,
@@ -337,6 +341,7 @@ class ChatStream:
         "_finished",
         "_head",
         "_ids",
+        "_rand",
         "_tail",
         "_usage",
         "_usage_null",
@@ -353,6 +358,7 @@ class ChatStream:
         self._call = call
         self._clock = clock
         self._ids = ids
+        self._rand = call_id_rand(ids)
         self._completions = completions
         self._choices: dict[int, _Choice] = {}
         self._head: bytes | None = None  # built from the first reply (its responseId)
@@ -555,7 +561,7 @@ class ChatStream:
                 if run:
                     self._text_frame(ch, run, run_thought, out)
                     run = []
-                tc = {"index": ch.tools, **_tool_call(self._call, p, fc)}
+                tc = {"index": ch.tools, **_tool_call(self._call, p, fc, self._rand)}
                 ch.tools += 1
                 out.append(ch.pre + _dumps({"tool_calls": [tc]}) + self._tail)
                 continue

@@ -52,6 +52,7 @@ from rawgate.translate.contract import (
     Stored,
     TokenUsage,
     answer,
+    call_id_rand,
     random_id,
     token_usage,
     wall_clock,
@@ -225,6 +226,7 @@ class ResponsesStream:
         "_items",
         "_lead",
         "_message",
+        "_rand",
         "_reasoning",
         "_response",
         "_seq",
@@ -246,6 +248,7 @@ class ResponsesStream:
     ) -> None:
         self._call = call
         self._ids = ids
+        self._rand = call_id_rand(ids)
         self._incomplete_event = incomplete_event
         self._response = _skeleton(
             call, response_id, int(clock()) if created_at is None else created_at
@@ -553,7 +556,7 @@ class ResponsesStream:
         origin = self._call.tools.get(fc.name)
         name = origin.name if origin is not None else fc.name
         sig = p.thoughtSignature
-        cid = mint_call_id(sig)  # the id carries the signature in any case
+        cid = mint_call_id(sig, self._rand)  # the id carries the signature in any case
         if sig and self._reasoning is not None:
             self._reasoning.sigs[cid] = sig
         self._close_all(out)
