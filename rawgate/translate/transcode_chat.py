@@ -161,7 +161,7 @@ def _chat_finish(reason: str | None, tools: bool) -> str:
 
 
 def _collect(
-    call: GeminiCall, cand: Candidate, with_tools: bool, rand: Callable[[int], str] | None = None
+    call: GeminiCall, cand: Candidate, with_tools: bool, ids: IdFactory = random_id
 ) -> tuple[str, str, list[dict[str, Any]]]:
     texts: list[str] = []
     thoughts: list[str] = []
@@ -171,7 +171,7 @@ def _collect(
             fc = p.functionCall
             if fc is not None:
                 if with_tools:
-                    tools.append(_tool_call(call, p, fc, rand))
+                    tools.append(_tool_call(call, p, fc, call_id_rand(ids)))
                 continue
             t = p.text if p.text is not None else part_text(p)
             if t:
@@ -217,7 +217,7 @@ def chat_response(
                 }
             )
     for cand in sorted(reply.candidates, key=lambda c: c.index):
-        text, thoughts, tools = _collect(call, cand, True, call_id_rand(ids))
+        text, thoughts, tools = _collect(call, cand, True, ids)
         msg: dict[str, Any] = {
             "role": "assistant",
             "content": text if text or not tools else None,
