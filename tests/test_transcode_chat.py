@@ -4,6 +4,7 @@ helper, AsyncOpenAI, error events), all without sockets."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import RateLimited, UpstreamError, UpstreamProtocolError
+from rawgate.translate.contract import TokenUsage
 from rawgate.translate.gemini import decode_reply
 from rawgate.translate.signatures import split_call_id
 from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
@@ -213,15 +215,15 @@ def test_fail_once() -> None:
 
 def test_usage_property_keeps_the_last_running_total() -> None:
     cs = ChatStream(chat_call(stream=True))
-    assert cs.usage is None
+    assert cs.usage == TokenUsage(0, 0)
     for n in (5, 9, 12):
         chunk = {
             **text_chunk("x"),
             "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": n},
         }
         cs.feed(decode_reply(orjson.dumps(chunk)))
-    assert cs.usage is not None and cs.usage["completion_tokens"] == 12
-    assert cs.usage["prompt_tokens"] == 3 and cs.usage["total_tokens"] == 15
+    # The neutral record the gateway counts (translate/contract.py), not Chat's usage dict.
+    assert cs.usage == TokenUsage(input=3, output=12)
 
 
 def test_blocked_prompt_with_n_2_gives_each_choice_a_refusal() -> None:
@@ -587,3 +589,28 @@ def test_logprobs_not_asked_stay_null_even_if_gemini_sends_them() -> None:
     assert doc["choices"][0]["logprobs"] is None
     got = frames(ChatStream(chat_call()).feed(decode_reply(orjson.dumps(reply))))
     assert [f["choices"][0]["logprobs"] for f in got] == [None] * len(got)
+
+
+def test_injected_clock_and_ids_make_replies_deterministic() -> None:
+    """chat_response with the clock and id factory injected (translate/contract.py): the id,
+    `created` and the tool-call ids come from them, so two renderings are byte-identical."""
+    data = Path(__file__).parent / "data" / "gemini" / "tools_nonstream.json"
+    reply = decode_reply(data.read_bytes())
+    reply.responseId = None  # the id then comes from the factory
+
+    def render() -> bytes:
+        seq = iter(range(100))
+        return chat_response(
+            chat_call(),
+            reply,
+            lambda: 1_700_000_000.0,
+            lambda prefix, digits: f"{prefix}{next(seq):0{digits}d}",
+        )
+
+    first = render()
+    assert first == render()
+    doc = orjson.loads(first)
+    calls = doc["choices"][0]["message"]["tool_calls"]
+    assert calls and all(c["id"].startswith("call_") for c in calls)
+    # The tool-call ids took the first numbers of the sequence, the response id the next one.
+    assert doc["id"] == f"chatcmpl-{len(calls):032d}" and doc["created"] == 1_700_000_000

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from rawgate.errors import BadRequest, RateLimited, UpstreamError
 from rawgate.state.response_store import ResponseStore
 from rawgate.translate import mapping, schemas
+from rawgate.translate.contract import Stored, TokenUsage
 from rawgate.translate.gemini import decode_reply, error_from_upstream
 from rawgate.translate.signatures import split_call_id, unpack_reasoning
 from rawgate.translate.transcode_responses import ResponsesStream, responses_response
@@ -304,14 +305,20 @@ def test_truncated_stream_fails() -> None:
 
 def test_output_items_and_usage_for_the_store() -> None:
     c = case("responses_tools")
-    rs = ResponsesStream(case_call(c), "resp_s")
+    call = case_call(c)
+    rs = ResponsesStream(call, "resp_s")
     rs.start()
     for chunk in upstream(c).split(b"\r\n\r\n"):
         if chunk:
             rs.feed(decode_reply(chunk[6:]))
+    assert rs.stored is None  # nothing to keep before the answer completed
     rs.finish()
     assert rs.output_items == rs.response["output"] and len(rs.output_items) == 4
-    assert rs.usage is not None and rs.usage["total_tokens"] == 125
+    usage = rs.response["usage"]
+    assert usage["total_tokens"] == 125
+    # The neutral record the gateway counts, the same numbers as the Response's usage.
+    assert rs.usage == TokenUsage(usage["input_tokens"], usage["output_tokens"])
+    assert rs.stored == Stored("resp_s", call.input_items, rs.output_items)
     assert rs.response["status"] == "completed"
 
 
@@ -558,3 +565,27 @@ def test_property_any_stream_keeps_the_invariants(
         )
         assert got == text
     assert evs[-1]["sequence_number"] == len(evs) - 1
+
+
+def test_injected_clock_and_ids_make_the_stream_deterministic() -> None:
+    """With the clock and the id factory injected (translate/contract.py), two transcodings of
+    the same upstream body are byte-identical: item ids and created_at come from them."""
+    c = case("responses_tools")
+
+    def run() -> bytes:
+        seq = iter(range(100))
+        rs = ResponsesStream(
+            case_call(c),
+            "resp_fixed",
+            clock=lambda: 1_700_000_000.5,
+            ids=lambda prefix, digits: f"{prefix}{next(seq):0{digits}d}",
+        )
+        out = [rs.start()]
+        out.extend(rs.feed(decode_reply(ch[6:])) for ch in upstream(c).split(b"\r\n\r\n") if ch)
+        out.append(rs.finish())
+        return b"".join(out)
+
+    first, second = run(), run()
+    assert first == second
+    assert b'"created_at":1700000000' in first
+    assert b'"id":"rs_' + b"0" * 24 in first or b'"id":"msg_' + b"0" * 24 in first

@@ -74,7 +74,9 @@ from rawgate.compat import (
 from rawgate.errors import (
     BadRequest,
     HeadersTooLarge,
+    HTTPVersionNotSupported,
     InternalError,
+    MethodNotImplemented,
     Overloaded,
     PayloadTooLarge,
     RawgateError,
@@ -1042,11 +1044,8 @@ def _reason(prefix: str, e: h11.RemoteProtocolError) -> str:
 
 
 def _version_error(version: bytes) -> RawgateError:
-    return RawgateError(
-        f"HTTP/{version.decode('ascii', 'replace')} is not supported; use HTTP/1.1 or HTTP/2",
-        status=505,
-        type="invalid_request_error",
-        code="http_version_not_supported",
+    return HTTPVersionNotSupported(
+        f"HTTP/{version.decode('ascii', 'replace')} is not supported; use HTTP/1.1 or HTTP/2"
     )
 
 
@@ -1055,12 +1054,7 @@ def _protocol_error(e: h11.RemoteProtocolError, h: h11.Connection) -> RawgateErr
     if hint == 431:  # not expected: h11 only sees heads whose end is buffered (_overflow_error)
         return HeadersTooLarge("request head too large")
     if hint == 501:
-        return RawgateError(
-            _reason("not implemented", e),
-            status=501,
-            type="invalid_request_error",
-            code="not_implemented",
-        )
+        return MethodNotImplemented(_reason("not implemented", e))
     return BadRequest(_reason("malformed HTTP/1.1 request", e))
 
 

@@ -24,6 +24,7 @@ import binascii
 import re
 import secrets
 import string
+from collections.abc import Callable
 
 import orjson
 
@@ -58,14 +59,18 @@ def _rand(n: int) -> str:
 random_alnum = _rand  # n random letters and digits, for ids of other fronts
 
 
-def mint_call_id(signature: str | None = None) -> str:
-    """A fresh OpenAI-style call id, carrying `signature` if given."""
+def mint_call_id(
+    signature: str | None = None, rand: Callable[[int], str] | None = None
+) -> str:
+    """A fresh OpenAI-style call id, carrying `signature` if given. `rand(n)`: n letters or
+    digits (default: random; a transcoder under test injects its own)."""
+    r = _rand if rand is None else rand
     if not signature:
-        return "call_" + _rand(24)
+        return "call_" + r(24)
     if _STD_B64.fullmatch(signature):
-        return "call_" + _rand(12) + _MARK + signature.translate(_TO_URLSAFE).rstrip("=")
+        return "call_" + r(12) + _MARK + signature.translate(_TO_URLSAFE).rstrip("=")
     raw = base64.urlsafe_b64encode(signature.encode()).rstrip(b"=").decode("ascii")
-    return "call_" + _rand(12) + _MARK_TEXT + raw
+    return "call_" + r(12) + _MARK_TEXT + raw
 
 
 def split_call_id(call_id: str) -> tuple[str, str | None]:

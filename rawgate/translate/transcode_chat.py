@@ -42,14 +42,23 @@ finish_reason (Gemini -> Chat; see `gemini.finish_kind`):
 
 from __future__ import annotations
 
-import time
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from rawgate.errors import RawgateError, UpstreamError, UpstreamProtocolError
 from rawgate.translate.call import GeminiCall
+from rawgate.translate.contract import (
+    Clock,
+    IdFactory,
+    Stored,
+    TokenUsage,
+    call_id_rand,
+    random_id,
+    token_usage,
+    wall_clock,
+)
 from rawgate.translate.gemini import (
     Candidate,
     FunctionCall,
@@ -65,16 +74,16 @@ from rawgate.translate.gemini import (
     part_text,
 )
 from rawgate.translate.signatures import mint_call_id
-from rawgate.translate.sse import DONE
+from rawgate.translate.sse import DONE, HEARTBEAT
 
 __all__ = ["ChatStream", "chat_response", "completion_response"]
 
 _dumps = orjson.dumps
 
 
-def _response_id(prefix: str, reply: Reply | None) -> str:
+def _response_id(prefix: str, reply: Reply | None, ids: IdFactory) -> str:
     rid = reply.responseId if reply is not None else None
-    return prefix + (rid if rid else uuid.uuid4().hex)
+    return prefix + rid if rid else ids(prefix, 32)
 
 
 def _blocked_message(reason: str, detail: str | None) -> str:
@@ -82,11 +91,13 @@ def _blocked_message(reason: str, detail: str | None) -> str:
     return f"{msg} {detail}" if detail else msg
 
 
-def _tool_call(call: GeminiCall, part: Part, fc: FunctionCall) -> dict[str, Any]:
+def _tool_call(
+    call: GeminiCall, part: Part, fc: FunctionCall, rand: Callable[[int], str] | None
+) -> dict[str, Any]:
     """A Chat tool call (without `index`) for one Gemini functionCall part."""
     origin = call.tools.get(fc.name)
     name = origin.name if origin is not None else fc.name
-    cid = mint_call_id(part.thoughtSignature)
+    cid = mint_call_id(part.thoughtSignature, rand)
     if origin is not None and origin.kind == "custom":
         return {"id": cid, "type": "custom", "custom": {"name": name, "input": custom_input(fc)}}
     return {
@@ -150,7 +161,7 @@ def _chat_finish(reason: str | None, tools: bool) -> str:
 
 
 def _collect(
-    call: GeminiCall, cand: Candidate, with_tools: bool
+    call: GeminiCall, cand: Candidate, with_tools: bool, ids: IdFactory = random_id
 ) -> tuple[str, str, list[dict[str, Any]]]:
     texts: list[str] = []
     thoughts: list[str] = []
@@ -160,7 +171,7 @@ def _collect(
             fc = p.functionCall
             if fc is not None:
                 if with_tools:
-                    tools.append(_tool_call(call, p, fc))
+                    tools.append(_tool_call(call, p, fc, call_id_rand(ids)))
                 continue
             t = p.text if p.text is not None else part_text(p)
             if t:
@@ -180,7 +191,9 @@ def _usage(reply: Reply) -> dict[str, Any]:
     return chat_usage(reply.usageMetadata or Usage())
 
 
-def chat_response(call: GeminiCall, reply: Reply) -> bytes:
+def chat_response(
+    call: GeminiCall, reply: Reply, clock: Clock = wall_clock, ids: IdFactory = random_id
+) -> bytes:
     """The `chat.completion` JSON for a non-stream Gemini reply. Raises UpstreamError for an
     answer that failed upstream (see the finish_reason table)."""
     _check(reply)
@@ -204,7 +217,7 @@ def chat_response(call: GeminiCall, reply: Reply) -> bytes:
                 }
             )
     for cand in sorted(reply.candidates, key=lambda c: c.index):
-        text, thoughts, tools = _collect(call, cand, True)
+        text, thoughts, tools = _collect(call, cand, True, ids)
         msg: dict[str, Any] = {
             "role": "assistant",
             "content": text if text or not tools else None,
@@ -230,9 +243,9 @@ def chat_response(call: GeminiCall, reply: Reply) -> bytes:
         )
     return _dumps(
         {
-            "id": _response_id("chatcmpl-", reply),
+            "id": _response_id("chatcmpl-", reply, ids),
             "object": "chat.completion",
-            "created": int(time.time()),
+            "created": int(clock()),
             "model": call.client_model,
             "system_fingerprint": None,
             "service_tier": None,
@@ -242,7 +255,9 @@ def chat_response(call: GeminiCall, reply: Reply) -> bytes:
     )
 
 
-def completion_response(call: GeminiCall, reply: Reply) -> bytes:
+def completion_response(
+    call: GeminiCall, reply: Reply, *, clock: Clock = wall_clock, ids: IdFactory = random_id
+) -> bytes:
     """The legacy `text_completion` JSON for a non-stream Gemini reply."""
     _check(reply)
     echo = call.echo_prompt or ""
@@ -266,9 +281,9 @@ def completion_response(call: GeminiCall, reply: Reply) -> bytes:
         )
     return _dumps(
         {
-            "id": _response_id("cmpl-", reply),
+            "id": _response_id("cmpl-", reply, ids),
             "object": "text_completion",
-            "created": int(time.time()),
+            "created": int(clock()),
             "model": call.client_model,
             "system_fingerprint": None,
             "choices": choices,
@@ -318,19 +333,32 @@ class ChatStream:
         "_blocked",
         "_call",
         "_choices",
+        "_clock",
         "_close",
         "_completions",
         "_error",
         "_failed",
         "_finished",
         "_head",
+        "_ids",
+        "_rand",
         "_tail",
         "_usage",
         "_usage_null",
     )
 
-    def __init__(self, call: GeminiCall, completions: bool = False) -> None:
+    def __init__(
+        self,
+        call: GeminiCall,
+        completions: bool = False,
+        *,
+        clock: Clock = wall_clock,
+        ids: IdFactory = random_id,
+    ) -> None:
         self._call = call
+        self._clock = clock
+        self._ids = ids
+        self._rand = call_id_rand(ids)
         self._completions = completions
         self._choices: dict[int, _Choice] = {}
         self._head: bytes | None = None  # built from the first reply (its responseId)
@@ -348,10 +376,19 @@ class ChatStream:
 
     # ---- public -------------------------------------------------------------------------------
 
+    # The StreamTranscoder contract (translate/contract.py).
+    heartbeat = HEARTBEAT
+    stored: Stored | None = None  # Chat keeps nothing for a follow-up request
+
     @property
-    def usage(self) -> dict[str, Any] | None:
-        """Chat usage of the last usageMetadata seen (for accounting), or None."""
-        return chat_usage(self._usage) if self._usage is not None else None
+    def usage(self) -> TokenUsage:
+        """Tokens of the last usageMetadata seen (for accounting)."""
+        return token_usage(self._usage)
+
+    def start(self) -> bytes:
+        """Nothing: the first chunk's id (Gemini's responseId) is known only from the first
+        reply, so Chat's first frame waits for it."""
+        return b""
 
     @property
     def error(self) -> UpstreamError | None:
@@ -440,11 +477,11 @@ class ChatStream:
             prefix, obj = "chatcmpl-", b"chat.completion.chunk"
         self._head = (
             b'data: {"id":'
-            + _dumps(_response_id(prefix, reply))
+            + _dumps(_response_id(prefix, reply, self._ids))
             + b',"object":"'
             + obj
             + b'","created":'
-            + str(int(time.time())).encode()
+            + str(int(self._clock())).encode()
             + b',"model":'
             + _dumps(call.client_model)
             + b',"system_fingerprint":null,"choices":'
@@ -524,7 +561,7 @@ class ChatStream:
                 if run:
                     self._text_frame(ch, run, run_thought, out)
                     run = []
-                tc = {"index": ch.tools, **_tool_call(self._call, p, fc)}
+                tc = {"index": ch.tools, **_tool_call(self._call, p, fc, self._rand)}
                 ch.tools += 1
                 out.append(ch.pre + _dumps({"tool_calls": [tc]}) + self._tail)
                 continue
