@@ -85,7 +85,7 @@ class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure parts: checks and statistics (unit-tested in tests/test_bench.py).
+# Pure parts: checks and statistics (unit-tested in tests/e2e/test_bench.py).
 
 
 class Checker:

@@ -3,8 +3,9 @@ every fast path off.
 
 Invariants:
 - A fast path that touches a library's private attributes lives here (or calls in here) and is
-  named for the attribute it touches; tests/test_compat_canary.py has a canary per attribute,
-  and pyproject.toml bounds each library to the minor versions those canaries passed on.
+  named for the attribute it touches; tests/differential/test_compat_canary.py has a canary
+  per attribute, and pyproject.toml bounds each library to the minor versions those canaries
+  passed on.
 - `fast_paths()` is read once per connection (or per parser), never per byte: with it off
   (`[server] fast_paths = false`, or RAWGATE_SERVER_FAST_PATHS=0 in the environment, which also
   sets the default for tests), every driver runs on the libraries' public APIs alone and the

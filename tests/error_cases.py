@@ -1,7 +1,7 @@
 """Upstream failures fed to gemini.error_from_upstream / decode_reply, and how each one comes out
 on the wire and in the gateway's classification. `python -m tests.error_cases > FILE` writes the
-table that tests/test_error_types.py compares against (made from the number-based code, before
-errors were classified by type: the refactor must not change a byte)."""
+table that tests/differential/test_error_types.py compares against (made from the number-based
+code, before errors were classified by type: the refactor must not change a byte)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ Invariants:
   (h1_server) owns the buffer, the exchanges and the clock; h11's private buffer is reached only
   through rawgate/compat.py.
 - `fast_head` accepts a strict subset of what h11 accepts and reads it exactly as h11 does
-  (tests/test_h1_fast_head.py is the differential test against h11); everything it declines goes
-  to h11 untouched.
+  (tests/differential/test_h1_fast_head.py is the differential test against h11); everything
+  it declines goes to h11 untouched.
 - `head_end` is incremental: given how many leading bytes are known to hold no end of head, it
   looks only at the rest, so a head trickled a few bytes at a time costs linear CPU.
 - The limit checks (`head_error`, `overflow_error`) are pure functions of the bytes and the

@@ -519,7 +519,7 @@ class _Conn:
                     return
                 if self._should_pause():
                     return  # parse the rest once the worker has caught up
-                # (tests/test_server_reliability.py: bytes scanned) Nothing parses a head before
+                # (tests/e2e/test_server_reliability.py: bytes scanned) Nothing parses a head before
                 # its end is here, and the search for that end starts where the last one stopped: a
                 # head sent a few bytes at a time is scanned once, not once per read (the fast
                 # regex rescanned all of it every time).

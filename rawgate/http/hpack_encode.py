@@ -4,8 +4,8 @@ Invariants:
 - Sans-IO: `encode(headers)` returns one header block; `header_table_size = n` is how h2 passes
   on the peer's SETTINGS_HEADER_TABLE_SIZE. h2 uses an encoder through those two alone (the
   "h2.H2Connection.encoder" canary), so this class stands in for hpack.Encoder.
-- Output is valid RFC 7541 for any input; tests/test_h2_server_encoder.py decodes it with hpack's
-  Decoder, table size changes included.
+- Output is valid RFC 7541 for any input; tests/differential/test_h2_server_encoder.py decodes
+  it with hpack's Decoder, table size changes included.
 - With compat.fast_paths() off, h2_server keeps h2's own encoder and this module is unused.
 """
 

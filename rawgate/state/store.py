@@ -7,7 +7,7 @@ account / model in hourly buckets, OAuth access tokens with one refresh per acco
 the accounts list. What is not: circuit breakers (a per-instance health estimate), connection
 pools, in-flight counts.
 
-Invariants (both backends; tests/test_state.py runs the same tests on each):
+Invariants (both backends; tests/e2e/test_state.py runs the same tests on each):
 - Hot path, per request: `lookup_key` and `cooldown_until` read a local mirror (no I/O);
   `check_key` is one round trip (one script that checks and counts); `record_usage` one more,
   after the answer. Nothing else touches the store while serving.

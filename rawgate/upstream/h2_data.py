@@ -4,7 +4,7 @@ is made of, h2 everything else.
 Invariants:
 - For any bytes, cut into any reads, `FastH2` gives the same events (Data instead of h2's
   DataReceived, same three fields), windows, output and errors as plain h2
-  (tests/test_h2_fast_data.py, property-tested against compat.H2ClientConnection).
+  (tests/differential/test_h2_fast_data.py, property-tested against compat.H2ClientConnection).
 - A frame is taken here only when h2 would do nothing with it but shrink two windows and report
   it; every other frame goes to h2 whole and in order, so every error path stays h2's.
 - What it reads of h2's internals goes through rawgate/compat.py (h2_data_ready,

@@ -9,7 +9,7 @@ import pytest
 from h2.errors import ErrorCodes
 
 from rawgate.seam import Request, ResponseSink
-from tests.test_h2_server import Recorder, client_for, make_cfg
+from tests.e2e.test_h2_server import Recorder, client_for, make_cfg
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ from rawgate.gateway.attempts import failure_kind, retryable
 from rawgate.translate.gemini import decode_reply, error_from_upstream
 from tests.error_cases import CASES, outcome
 
-GOLDEN = Path(__file__).parent / "data" / "errors" / "classification.jsonl"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "errors" / "classification.jsonl"
 EXPECTED = {d["name"]: d for d in map(json.loads, GOLDEN.read_text().splitlines())}
 
 

@@ -25,7 +25,7 @@ from rawgate.translate.schemas import decode_chat, decode_completion, decode_res
 from rawgate.translate.signatures import SKIP_SIGNATURE, mint_call_id, pack_reasoning
 from rawgate.translate.thinking import family, thinking_config
 
-DATA = Path(__file__).parent / "data" / "requests"
+DATA = Path(__file__).resolve().parents[1] / "data" / "requests"
 FLASH = "gemini-2.5-flash"
 G3 = "gemini-3-pro-preview"
 WEATHER = {

@@ -586,7 +586,7 @@ def test_board_publishers_in_two_processes_lose_nothing(tmp_path: Path) -> None:
 
     script = tmp_path / "pub.py"
     script.write_text(_PUBLISHER)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     path = tmp_path / "cooldowns.json"
     procs = [

@@ -57,7 +57,7 @@ def test_every_config_key_is_documented_in_the_readme() -> None:
 
     from rawgate.config import Config
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text("utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text("utf-8")
     sections = re.split(r"\n`\[(\w+)\]`\n", readme)
     documented = {sections[i]: sections[i + 1] for i in range(1, len(sections) - 1, 2)}
     for f in msgspec.structs.fields(Config):

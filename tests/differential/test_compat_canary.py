@@ -72,7 +72,7 @@ from rawgate.config import LimitsConfig, UpstreamConfig
 from rawgate.http.h2_server import _CALM, _connection_error_code, _new_h2
 from rawgate.upstream.h2_client import new_h2
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RAWGATE = ROOT / "rawgate"
 LIBS = ("h11", "h2", "hpack", "hyperframe")
 
@@ -1028,7 +1028,7 @@ def test_installed_versions_satisfy_pyproject_bounds() -> None:
     for lib in LIBS:
         assert "<" in bounds[lib], (
             f"pyproject.toml has no upper bound on {lib}; rawgate reads its internals "
-            f"(see the canaries in tests/test_compat_canary.py)")
+            f"(see the canaries in tests/differential/test_compat_canary.py)")
         msg = bound_failure(lib, installed(lib), bounds[lib])
         assert msg is None, msg
 
@@ -1205,9 +1205,9 @@ def uncovered_message(missing: dict[tuple[str, str], list[int]]) -> str:
     lines = [f"  rawgate/{m}.py:{','.join(map(str, sorted(set(lines))))}: {t}"
              for (m, t), lines in sorted(missing.items())]
     return ("private library internals touched without a canary:\n" + "\n".join(lines)
-            + "\nadd a canary in tests/test_compat_canary.py (CANARIES: the attribute, the "
-            "library, the rawgate module, what it assumes, a check), or list a rawgate-own "
-            "attribute in OWN_TOUCHES there")
+            + "\nadd a canary in tests/differential/test_compat_canary.py (CANARIES: the "
+            "attribute, the library, the rawgate module, what it assumes, a check), or list a "
+            "rawgate-own attribute in OWN_TOUCHES there")
 
 
 @functools.cache
@@ -1228,7 +1228,8 @@ def test_no_canary_lists_a_touch_that_is_gone() -> None:
     gone += [f"OWN_TOUCHES: rawgate/{m}.py no longer has {t!r}"
              for (m, t) in OWN_TOUCHES if (m, t) not in found]
     assert not gone, ("the canary list names touches rawgate no longer makes (update "
-                      "`touches`/`users` or drop the canary in tests/test_compat_canary.py):\n"
+                      "`touches`/`users` or drop the canary in "
+                      "tests/differential/test_compat_canary.py):\n"
                       + "\n".join(gone))
 
 
@@ -1354,7 +1355,7 @@ def test_the_scan_finds_a_new_private_touch() -> None:
     }
     msg = uncovered_message(missing)
     assert "rawgate/compat.py:" in msg and ": _closed_streams" in msg
-    assert "add a canary in tests/test_compat_canary.py" in msg
+    assert "add a canary in tests/differential/test_compat_canary.py" in msg
 
 
 def test_the_scan_ignores_rawgates_own_private_attributes() -> None:

@@ -20,7 +20,7 @@ from rawgate.translate.schemas import (
     decode_responses,
 )
 
-DATA = Path(__file__).parent / "data" / "requests"
+DATA = Path(__file__).resolve().parents[1] / "data" / "requests"
 OK_CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 
 

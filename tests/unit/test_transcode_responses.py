@@ -20,7 +20,7 @@ from rawgate.translate.contract import Stored, TokenUsage
 from rawgate.translate.gemini import decode_reply, error_from_upstream
 from rawgate.translate.signatures import split_call_id, unpack_reasoning
 from rawgate.translate.transcode_responses import ResponsesStream, responses_response
-from tests.test_transcode_golden import (
+from tests.unit.test_transcode_golden import (
     CASES,
     RESPONSE_ID,
     async_sdk,

@@ -1,6 +1,6 @@
 """The HTTP/1.1 driver: raw request bytes in, raw response bytes out, over an in-memory stream.
 
-No sockets here (tests/test_listener.py has those). Every test runs serve_h1 inside
+No sockets here (tests/e2e/test_listener.py has those). Every test runs serve_h1 inside
 helpers_h1.h1_serving, which checks that serve_h1 returned, closed its stream and put every
 counter back at zero.
 """

@@ -17,7 +17,7 @@ from rawgate.translate.contract import TokenUsage
 from rawgate.translate.gemini import decode_reply
 from rawgate.translate.signatures import split_call_id
 from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
-from tests.test_transcode_golden import (
+from tests.unit.test_transcode_golden import (
     CASES,
     async_sdk,
     case,
@@ -594,7 +594,7 @@ def test_logprobs_not_asked_stay_null_even_if_gemini_sends_them() -> None:
 def test_injected_clock_and_ids_make_replies_deterministic() -> None:
     """chat_response with the clock and id factory injected (translate/contract.py): the id,
     `created` and the tool-call ids come from them, so two renderings are byte-identical."""
-    data = Path(__file__).parent / "data" / "gemini" / "tools_nonstream.json"
+    data = Path(__file__).resolve().parents[1] / "data" / "gemini" / "tools_nonstream.json"
     reply = decode_reply(data.read_bytes())
     reply.responseId = None  # the id then comes from the factory
 

@@ -29,7 +29,7 @@ from rawgate.cli.accounts import parse_import
 KEY = "AIzaSyA1234567890abcdefghijklmnopqrstu"
 KEY2 = "AIzaSyB0987654321zyxwvutsrqponmlkjihgf"
 RTOKEN = "1//0gSECRETrefreshTOKENvalue-abcdefghijklmnop"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mode(p: Path) -> int:

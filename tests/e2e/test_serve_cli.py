@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from rawgate.metrics import Family
-from tests.test_metrics import Series, get, parse
+from tests.unit.test_metrics import Series, get, parse
 
 WAIT_S = 20.0
 

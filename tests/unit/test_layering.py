@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-RAWGATE = Path(__file__).resolve().parent.parent / "rawgate"
+RAWGATE = Path(__file__).resolve().parents[2] / "rawgate"
 
 LAYER = {
     "base": 0,

@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers_gateway import serve_process
 
-_LOCAL = Path(__file__).resolve().parent.parent / ".ci" / ".npm" / "node_modules" / ".bin" / "codex"
+_LOCAL = Path(__file__).resolve().parents[2] / ".ci" / ".npm" / "node_modules" / ".bin" / "codex"
 
 
 def _codex() -> str | None:

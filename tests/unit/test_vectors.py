@@ -19,13 +19,13 @@ from rawgate.translate.signatures import split_call_id, unpack_reasoning
 from rawgate.translate.sse import HEARTBEAT, SSEDecoder
 from rawgate.translate.transcode_chat import chat_response
 from rawgate.translate.transcode_responses import ResponsesStream
-from tests.test_mapping import (
+from tests.unit.test_mapping import (
     test_vector_6_results_out_of_order_become_one_turn_in_call_order as mapping_vector_6,
     test_vector_7_unknown_calls_get_skip_signature_in_active_loop_only as mapping_vector_7,
     test_vector_19_through_mapping as mapping_vector_19,
 )
-from tests.test_transcode_golden import make_call, run_stream, sdk
-from tests.test_transcode_responses import check_stream, codex_view, events
+from tests.unit.test_transcode_golden import make_call, run_stream, sdk
+from tests.unit.test_transcode_responses import check_stream, codex_view, events
 
 HI = [{"role": "user", "content": "hi"}]
 FLASH = "gemini-2.5-flash"
@@ -191,7 +191,7 @@ def test_vector_05_parallel_calls_split_across_chunks() -> None:
 
 
 def test_vector_06_tool_results_out_of_order() -> None:
-    mapping_vector_6()  # tests/test_mapping.py owns the request side
+    mapping_vector_6()  # tests/unit/test_mapping.py owns the request side
 
 
 def test_vector_07_thought_signature_round_trip() -> None:
@@ -487,7 +487,7 @@ def test_vector_18_array_wrapped_400_that_is_an_auth_error() -> None:
 
 
 def test_vector_19_schema_sanitisation() -> None:
-    mapping_vector_19()  # tests/test_mapping.py owns the request side
+    mapping_vector_19()  # tests/unit/test_mapping.py owns the request side
 
 
 def test_vector_20_sse_hygiene_under_long_thinking() -> None:

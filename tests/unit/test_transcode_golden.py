@@ -4,7 +4,7 @@ Gemini model and the upstream capture) -> the exact OpenAI bytes in tests/data/g
 Every stream is also fed split at every byte offset, and cut into random pieces by hypothesis,
 through SSEDecoder: the output never changes. Random parts of the output (ids, timestamps) are
 normalised before comparing. To rewrite the expected files after an intended change, run
-`RAWGATE_REGEN_GOLDEN=1 pytest tests/test_transcode_golden.py` and review the diff.
+`RAWGATE_REGEN_GOLDEN=1 pytest tests/unit/test_transcode_golden.py` and review the diff.
 
 The helpers here (`case_call`, `run_stream`, `run_whole`, `normalise`) are shared by the other
 test_transcode_*.py files and test_vectors.py.
@@ -33,7 +33,7 @@ from rawgate.translate.sse import SSEDecoder
 from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
 from rawgate.translate.transcode_responses import ResponsesStream, responses_response
 
-DATA = Path(__file__).parent / "data" / "gemini"
+DATA = Path(__file__).resolve().parents[1] / "data" / "gemini"
 EXPECTED = DATA / "expected"
 CASES: list[dict[str, Any]] = orjson.loads((DATA / "cases.json").read_bytes())
 REGEN = os.environ.get("RAWGATE_REGEN_GOLDEN") == "1"

@@ -43,7 +43,7 @@ def test_every_flag_has_help() -> None:
 
 def test_engine_help_says_what_the_fast_engine_serves() -> None:
     # It once said "HTTP/1.1-only"; emulator_fast.py serves h2c and TLS h2 too
-    # (tests/test_emulator_fast.py drives both).
+    # (tests/e2e/test_emulator_fast.py drives both).
     sub = build_parser()._subparsers._group_actions[0].choices["emulate"]  # type: ignore[union-attr]
     (engine,) = [a for a in sub._actions if "--engine" in a.option_strings]
     fast = engine.help.split("fast:", 1)[1]
