@@ -28,6 +28,7 @@ import anyio
 
 from rawgate.errors import UpstreamClosed, UpstreamConnectError, UpstreamProtocolError
 from rawgate.netaddr import parse_proxy, split_host_port
+from rawgate.seam import Header
 from rawgate.upstream.backends import (
     NetworkBackend,
     default_backend,
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
 __all__ = ["UpstreamClient", "UpstreamResponse"]
 
-Header = tuple[bytes, bytes]
 # Characters a request target keeps as they are when a non-ASCII one is percent-encoded.
 _TARGET_SAFE = "/?&=:%+@!$'()*,;~-._"
 _METHODS = {m: m.encode() for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}

@@ -37,6 +37,7 @@ from rawgate.errors import (
     UpstreamReadTimeout,
     UpstreamTimeout,
 )
+from rawgate.seam import Header
 from rawgate.upstream.pool import ConnState, StaleConnection
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 __all__ = ["H1Connection", "H1Exchange"]
 
-Header = tuple[bytes, bytes]
 
 # One read is at most this much: a typical SSE chunk is < 1 KiB, a non-stream reply tens of
 # KiB; 64 KiB takes those in one syscall without holding megabytes per connection.

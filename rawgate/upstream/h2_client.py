@@ -68,6 +68,7 @@ from rawgate.errors import (
     UpstreamTimeout,
     UpstreamWriteTimeout,
 )
+from rawgate.seam import Header
 from rawgate.upstream.backends import wakeup_factory
 from rawgate.upstream.h2_data import Data, FastH2
 from rawgate.upstream.pool import ConnState, StaleConnection
@@ -81,7 +82,6 @@ __all__ = ["H2Connection", "H2Stream", "NotHTTP2"]
 
 log = logging.getLogger("rawgate.upstream.client.h2")
 
-Header = tuple[bytes, bytes]
 
 READ_BYTES = 64 * 1024  # one receive: four max-size DATA frames
 _DEFAULT_WINDOW = 65535
