@@ -21,12 +21,16 @@ from typing import Any, ClassVar
 import orjson
 
 __all__ = [
+    "AccountsAuthResting",
     "AuthenticationError",
     "BadGateway",
     "BadRequest",
+    "HTTPVersionNotSupported",
     "HeadersTooLarge",
+    "InsufficientQuota",
     "InternalError",
     "MethodNotAllowed",
+    "MethodNotImplemented",
     "ModelFailed",
     "NoAccountAvailable",
     "NotFound",
@@ -47,8 +51,14 @@ __all__ = [
     "UpstreamHeadersTimeout",
     "UpstreamPoolTimeout",
     "UpstreamProtocolError",
+    "UpstreamQuotaExhausted",
+    "UpstreamRateLimited",
     "UpstreamReadTimeout",
+    "UpstreamRejected",
+    "UpstreamRejectedInAnswer",
+    "UpstreamRequestTimeout",
     "UpstreamTimeout",
+    "UpstreamUnavailable",
     "UpstreamWriteTimeout",
     "try_again_message",
 ]
@@ -78,8 +88,9 @@ class RawgateError(Exception):
         self.code = code if code is not None else self.default_code
         # Extra response headers (Retry-After, Allow, WWW-Authenticate, ...).
         self.headers: list[tuple[bytes, bytes]] = headers or []
-        # Instance overrides: an upstream error mapped from Gemini may need a status/type pair
-        # that no subclass names (e.g. 429 insufficient_quota).
+        # Instance overrides: only for a status rawgate passes through from elsewhere (the
+        # upstream's 4xx: UpstreamRejected). Everything else names its status by its class, and
+        # the gateway classifies failures by class, never by number.
         if status is not None:
             self.status = status  # type: ignore[misc]
         if type is not None:
@@ -195,6 +206,28 @@ class RateLimited(RawgateError):
     default_code = "rate_limit_exceeded"
 
 
+class InsufficientQuota(RateLimited):
+    """429 insufficient_quota: the upstream's quota is spent for longer than a retry is worth
+    (a per-day quota, `limit: 0`, billing: Gemini's 402 too). The SDKs do not retry it."""
+
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class UpstreamRequestTimeout(BadRequest):
+    """The upstream answered 408: the client's request, but worth another try."""
+
+    status = 408
+
+
+class UpstreamRejected(BadRequest):
+    """The upstream refused the request with a 4xx rawgate has no class for: the client's
+    fault, told with the upstream's own status (the one error whose status is per instance)."""
+
+    def __init__(self, message: str, *, status: int, **kw: Any) -> None:
+        super().__init__(message, status=status, **kw)
+
+
 
 # ---- rawgate's or the upstream's fault (5xx) ----------------------------------------------------
 
@@ -203,6 +236,21 @@ class InternalError(RawgateError):
     status = 500
     type = "server_error"
     default_code = "internal_error"
+
+
+class MethodNotImplemented(RawgateError):
+    """501: a request feature the HTTP layer does not implement (e.g. an unknown transfer
+    coding)."""
+
+    status = 501
+    type = "invalid_request_error"
+    default_code = "not_implemented"
+
+
+class HTTPVersionNotSupported(RawgateError):
+    status = 505
+    type = "invalid_request_error"
+    default_code = "http_version_not_supported"
 
 
 class ServiceUnavailable(RawgateError):
@@ -242,6 +290,45 @@ class UpstreamAuthFailed(UpstreamError):
         super().__init__(message, **kw)
         self.reason = reason
         self.upstream_message = message  # Google's words, before the gateway names the account
+
+
+class AccountsAuthResting(UpstreamAuthFailed):
+    """503 upstream_auth_failed: every account rests because Google refused its credential."""
+
+    status = 503
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream said 503 (overloaded, UNAVAILABLE): worth another account or a retry."""
+
+    status = 503
+    default_code = "upstream_unavailable"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """A rate limit found inside a 200 answer (an error object mid-stream): the upstream
+    failing mid-answer, told as the 429 it is."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamQuotaExhausted(UpstreamRateLimited):
+    """InsufficientQuota found inside a 200 answer."""
+
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class UpstreamRejectedInAnswer(UpstreamError):
+    """A 4xx error object inside a 200 answer: the upstream failed mid-answer (another account
+    may do better), but it says nothing against this account. Keeps the 4xx status it carried."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int, **kw: Any) -> None:
+        super().__init__(message, status=status, **kw)
 
 
 class ModelFailed(UpstreamError):

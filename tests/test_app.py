@@ -783,9 +783,9 @@ async def test_access_log_line(caplog: pytest.LogCaptureFixture) -> None:
     app, _ = make_app("strict")
 
     async def chat(request: Request, sink: ResponseSink) -> None:
-        request.model = "gpt-4o"
-        request.mapped_model = "gemini-2.5-flash"
-        request.account = "work\nFAKE LINE"  # must not split the line
+        request.access.model = "gpt-4o"
+        request.access.mapped_model = "gemini-2.5-flash"
+        request.access.account = "work\nFAKE LINE"  # must not split the line
         await json_response(sink, 200, b'{"x":1}')
 
     app.router.add("POST", "/v1beta/chat", chat, query_key=True)

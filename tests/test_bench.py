@@ -617,3 +617,19 @@ def test_bench_quick_runs_end_to_end(tmp_path: Any) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     assert any(r.get("target") == "rawgate" for r in rows), rows[:3]
+
+
+def test_gateway_micro_runs_every_case_through_the_app(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.gateway_micro drives the whole in-process path (app -> front -> attempt loop ->
+    render / stream pump) and refuses to report a case whose request did not end in a 200."""
+    from bench import gateway_micro
+
+    assert gateway_micro.main(["--quick", "--json", "--chunks", "20"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["bench"] for r in rows] == [
+        "gateway chat non-stream",
+        "gateway responses non-stream",
+        "gateway chat stream",
+        "gateway responses stream",
+    ]
+    assert all(r["value"] > 0 for r in rows)

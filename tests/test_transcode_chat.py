@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import RateLimited, UpstreamError, UpstreamProtocolError
+from rawgate.translate.contract import TokenUsage
 from rawgate.translate.gemini import decode_reply
 from rawgate.translate.signatures import split_call_id
 from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
@@ -213,15 +214,15 @@ def test_fail_once() -> None:
 
 def test_usage_property_keeps_the_last_running_total() -> None:
     cs = ChatStream(chat_call(stream=True))
-    assert cs.usage is None
+    assert cs.usage == TokenUsage(0, 0)
     for n in (5, 9, 12):
         chunk = {
             **text_chunk("x"),
             "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": n},
         }
         cs.feed(decode_reply(orjson.dumps(chunk)))
-    assert cs.usage is not None and cs.usage["completion_tokens"] == 12
-    assert cs.usage["prompt_tokens"] == 3 and cs.usage["total_tokens"] == 15
+    # The neutral record the gateway counts (translate/contract.py), not Chat's usage dict.
+    assert cs.usage == TokenUsage(input=3, output=12)
 
 
 def test_blocked_prompt_with_n_2_gives_each_choice_a_refusal() -> None:

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from rawgate.errors import BadRequest, RateLimited, UpstreamError
 from rawgate.state.response_store import ResponseStore
 from rawgate.translate import mapping, schemas
+from rawgate.translate.contract import Stored, TokenUsage
 from rawgate.translate.gemini import decode_reply, error_from_upstream
 from rawgate.translate.signatures import split_call_id, unpack_reasoning
 from rawgate.translate.transcode_responses import ResponsesStream, responses_response
@@ -304,14 +305,20 @@ def test_truncated_stream_fails() -> None:
 
 def test_output_items_and_usage_for_the_store() -> None:
     c = case("responses_tools")
-    rs = ResponsesStream(case_call(c), "resp_s")
+    call = case_call(c)
+    rs = ResponsesStream(call, "resp_s")
     rs.start()
     for chunk in upstream(c).split(b"\r\n\r\n"):
         if chunk:
             rs.feed(decode_reply(chunk[6:]))
+    assert rs.stored is None  # nothing to keep before the answer completed
     rs.finish()
     assert rs.output_items == rs.response["output"] and len(rs.output_items) == 4
-    assert rs.usage is not None and rs.usage["total_tokens"] == 125
+    usage = rs.response["usage"]
+    assert usage["total_tokens"] == 125
+    # The neutral record the gateway counts, the same numbers as the Response's usage.
+    assert rs.usage == TokenUsage(usage["input_tokens"], usage["output_tokens"])
+    assert rs.stored == Stored("resp_s", call.input_items, rs.output_items)
     assert rs.response["status"] == "completed"
 
 

@@ -47,6 +47,9 @@ __all__ = [
     "LoginGrant",
     "LoginRequest",
     "OAuthError",
+    "OAuthLoginFailed",
+    "OAuthLoginTimeout",
+    "OAuthUnavailable",
     "TokenManager",
     "code_from_redirect",
     "discover_project",
@@ -76,6 +79,24 @@ class OAuthError(UpstreamError):
     """A token refresh failed for a reason that does not condemn the account."""
 
     default_code = "oauth_refresh_failed"
+
+
+class OAuthUnavailable(OAuthError):
+    """503: OAuth cannot work as configured (no refresh token, no or a rejected client)."""
+
+    status = 503
+
+
+class OAuthLoginFailed(OAuthError):
+    """400: a sign-in (`rawgate accounts login`) did not give a usable grant."""
+
+    status = 400
+    default_code = "oauth_login_failed"
+
+
+class OAuthLoginTimeout(OAuthLoginFailed):
+    status = 408
+    default_code = "oauth_login_timeout"
 
 
 class AccountRevoked(UpstreamError):
@@ -141,10 +162,9 @@ def parse_token_response(
                 reason=reason,
             )
         if code in ("invalid_client", "unauthorized_client"):
-            raise OAuthError(
+            raise OAuthUnavailable(
                 f"the OAuth client was rejected ({code}) while refreshing account {who}; check "
                 "upstream.oauth_client_id and upstream.oauth_client_secret",
-                status=503,
                 code="oauth_client_rejected",
             )
         what = f" {_quote(code, secrets)}" if code else ""
@@ -285,12 +305,11 @@ class TokenManager:
             return self._tokens[acc.id]
         who = acc.display_name()
         if acc.kind != "oauth" or not acc.refresh_token:
-            raise OAuthError(f"account {who} has no refresh token", status=503)
+            raise OAuthUnavailable(f"account {who} has no refresh token")
         if not self._client_id or not self._client_secret:
-            raise OAuthError(
+            raise OAuthUnavailable(
                 f"account {who} is an OAuth account but upstream.oauth_client_id / "
                 "upstream.oauth_client_secret are not set in config.toml",
-                status=503,
                 code="oauth_not_configured",
             )
         refresh_token = acc.refresh_token
@@ -498,26 +517,25 @@ def code_from_redirect(text: str, state: str) -> str:
     """
     text = text.strip()
     if not text:
-        raise OAuthError("nothing was pasted", status=400, code="oauth_login_failed")
+        raise OAuthLoginFailed("nothing was pasted", code="oauth_login_failed")
     query = urlsplit(text).query if "://" in text else text.lstrip("?")
     if "=" not in query:
         return text  # a bare code, as typed by the user
     params = dict(parse_qsl(query, keep_blank_values=True))
     if params.get("state") != state:
-        raise OAuthError(
+        raise OAuthLoginFailed(
             "the redirect's state does not match this login (an old or forged redirect); "
             "start `rawgate accounts login` again",
-            status=400,
             code="oauth_state_mismatch",
         )
     if params.get("error"):
         detail = params.get("error_description") or params["error"]
-        raise OAuthError(
-            f"Google refused the sign-in: {_quote(detail)}", status=400, code="oauth_login_failed"
+        raise OAuthLoginFailed(
+            f"Google refused the sign-in: {_quote(detail)}", code="oauth_login_failed"
         )
     code = params.get("code", "")
     if not code:
-        raise OAuthError("the redirect carries no code", status=400, code="oauth_login_failed")
+        raise OAuthLoginFailed("the redirect carries no code", code="oauth_login_failed")
     return code
 
 
@@ -559,9 +577,8 @@ def parse_code_response(
         hint = ""
         if error in ("invalid_client", "unauthorized_client"):
             hint = "; check upstream.oauth_client_id and upstream.oauth_client_secret"
-        raise OAuthError(
+        raise OAuthLoginFailed(
             f"the token endpoint refused the sign-in code: {code}{detail}{hint}",
-            status=400,
             code="oauth_login_failed",
         )
     tok = parse_token_response(status, body, now, "being added", secrets)

@@ -38,6 +38,8 @@ from rawgate import __version__
 from rawgate.accounts.oauth import (
     LoginRequest,
     OAuthError,
+    OAuthLoginFailed,
+    OAuthLoginTimeout,
     code_from_redirect,
     discover_project,
     parse_code_response,
@@ -157,11 +159,10 @@ async def login(
 
     up = cfg.upstream
     if not up.oauth_client_id or not up.oauth_client_secret:
-        raise OAuthError(
+        raise OAuthLoginFailed(
             "rawgate ships no OAuth client: set upstream.oauth_client_id and "
             "upstream.oauth_client_secret in config.toml (or RAWGATE_UPSTREAM_OAUTH_CLIENT_ID / "
             "RAWGATE_UPSTREAM_OAUTH_CLIENT_SECRET) to an installed-app (Desktop) OAuth client",
-            status=400,
             code="oauth_not_configured",
         )
     paste = opts.no_browser or not has_display()
@@ -196,8 +197,7 @@ async def login(
         with anyio.move_on_after(opts.timeout_s):
             await waiter.done.wait()
         if not waiter.done.is_set():
-            raise OAuthError(f"no sign-in within {opts.timeout_s:g} s (--timeout)", status=408,
-                             code="oauth_login_timeout")
+            raise OAuthLoginTimeout(f"no sign-in within {opts.timeout_s:g} s (--timeout)")
         if waiter.error is not None:
             raise waiter.error
     async with UpstreamClient(up, cfg.timeouts) as client:

@@ -68,7 +68,7 @@ from rawgate.errors import (
 from rawgate.logs import log_access
 from rawgate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics, method_label
 from rawgate.respond import error_response, json_response
-from rawgate.seam import ClientDisconnected, Request, ResponseSink, is_disconnect
+from rawgate.seam import AccessRecord, ClientDisconnected, Request, ResponseSink, is_disconnect
 
 __all__ = ["AuthLevel", "GatewayApp", "Handler", "Route", "Router", "path_param"]
 
@@ -344,6 +344,7 @@ class GatewayApp:
 
     async def __call__(self, request: Request, sink: ResponseSink) -> None:
         t0 = time.perf_counter()
+        access = request.access = AccessRecord()  # handlers fill it; the access log reads it
         slots: list[bytes | None] = [None] * _N_SLOTS
         for name, value in request.headers:
             i = _SLOT.get(name)
@@ -457,9 +458,9 @@ class GatewayApp:
                     "h2" if request.http_version == "2" else "h1",
                     duration,
                     out.bytes_sent,
-                    request.model,
-                    request.mapped_model,
-                    request.account,
+                    access.model,
+                    access.mapped_model,
+                    access.account,
                     rid,
                 )
 

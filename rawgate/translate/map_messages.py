@@ -8,7 +8,7 @@ Invariants:
   ignored, never a 400. Strict where a silent drop would change the answer: server tools other
   than web search, a web search mixed with client tools, a malformed block are a 400 naming
   the field.
-- Conversation rules are mapping.py's (`_Conversation`): roles user/model, merged turns, N calls
+- Conversation rules are mapping.py's (`Conversation`): roles user/model, merged turns, N calls
   answered by N functionResponses in call order. A `role: "system"` message (or a
   `mid_conv_system` block) is user text at the same position (E1); when it falls between a
   tool_use and its tool_result it waits until the results are in, so the call/result pairing
@@ -34,19 +34,11 @@ import orjson
 
 from rawgate.errors import BadRequest
 from rawgate.translate.call import GeminiCall
+from rawgate.translate.conversation import MAX_STOP, Conversation, build_body, media
 from rawgate.translate.jsonschema import SchemaError, to_response_schema
-from rawgate.translate.mapping import (
-    _DEFAULT_SCHEMAS,
-    _MAX_STOP,
-    ToolSchemas,
-    _body,
-    _Conversation,
-    _media,
-    _tool_config,
-    _Tools,
-)
 from rawgate.translate.sigtag import SignatureTagger
 from rawgate.translate.thinking import family, thinking_config
+from rawgate.translate.tools import DEFAULT_SCHEMAS, Tools, ToolSchemas, tool_config
 from rawgate.translate.transcode_messages import MessagesOptions
 
 __all__ = ["MessagesRequest", "decode_messages", "messages_to_gemini", "output_limit"]
@@ -117,7 +109,7 @@ def output_limit(model: str) -> int:
 # ---- content -------------------------------------------------------------------------------------
 
 
-def _text_of(content: object) -> str:
+def text_of(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -140,7 +132,7 @@ def _source_part(src: object, param: str, title: str | None) -> list[dict[str, A
         url = src.get("url")
         if not isinstance(url, str):
             raise BadRequest("A url source needs a url.", param=param + ".url")
-        return [_media(url, param + ".url")]
+        return [media(url, param + ".url")]
     if kind == "text":
         data = src.get("data")
         text = data if isinstance(data, str) else ""
@@ -169,7 +161,7 @@ def _blocks(blocks: list[Any], param: str) -> list[dict[str, Any]]:
             title = b.get("title") if isinstance(b.get("title"), str) else None
             out.extend(_source_part(b.get("source"), pp + ".source", title))
         elif t == "search_result":
-            body = _text_of(b.get("content"))
+            body = text_of(b.get("content"))
             head = " ".join(str(b[k]) for k in ("title", "source") if isinstance(b.get(k), str))
             if body or head:
                 out.append({"text": f"{head}\n{body}".strip()})
@@ -178,7 +170,7 @@ def _blocks(blocks: list[Any], param: str) -> list[dict[str, Any]]:
             if isinstance(name, str):
                 out.append({"text": f"Tool {name} is now available."})
         elif t == "mid_conv_system":
-            text = _text_of(b.get("content"))
+            text = text_of(b.get("content"))
             if text:
                 out.append({"text": text})
         elif t in ("thinking", "redacted_thinking", "tool_use", "tool_result"):
@@ -190,7 +182,7 @@ def _blocks(blocks: list[Any], param: str) -> list[dict[str, Any]]:
 class _Assistant:
     """Replays one assistant message into the conversation, with its signatures."""
 
-    def __init__(self, conv: _Conversation, tools: _Tools, sig: SignatureTagger, model: str):
+    def __init__(self, conv: Conversation, tools: Tools, sig: SignatureTagger, model: str):
         self.conv, self.tools, self.sig, self.model = conv, tools, sig, model
 
     def add(self, content: str | list[dict[str, Any]], param: str) -> None:
@@ -232,7 +224,7 @@ class _Assistant:
 
 
 def _user(
-    conv: _Conversation, content: str | list[dict[str, Any]], param: str, waiting: list[str]
+    conv: Conversation, content: str | list[dict[str, Any]], param: str, waiting: list[str]
 ) -> None:
     if isinstance(content, str):
         parts = [{"text": content}] if content else []
@@ -251,7 +243,7 @@ def _user(
     conv.add_user(parts)
 
 
-def _tool_result(conv: _Conversation, b: dict[str, Any], param: str) -> None:
+def _tool_result(conv: Conversation, b: dict[str, Any], param: str) -> None:
     tid = b.get("tool_use_id")
     if not isinstance(tid, str):
         raise BadRequest("A tool_result needs a tool_use_id.", param=param + ".tool_use_id")
@@ -275,10 +267,10 @@ def _tool_result(conv: _Conversation, b: dict[str, Any], param: str) -> None:
 
 def _tools(
     req: MessagesRequest, schemas: ToolSchemas, inline_work: int | None
-) -> tuple[_Tools, bool]:
+) -> tuple[Tools, bool]:
     """(tools, web search asked) for the request's tools; the schemas are charged to the
     request's budget as on the OpenAI routes (mapping.ToolSchemas)."""
-    tools = _Tools(schemas, inline_work)
+    tools = Tools(schemas, inline_work)
     search = False
     for i, t in enumerate(req.tools or ()):
         p = f"tools[{i}]"
@@ -315,7 +307,7 @@ def _tools(
     return tools, search
 
 
-def _tool_choice(req: MessagesRequest, tools: _Tools) -> tuple[dict[str, Any] | None, bool]:
+def _tool_choice(req: MessagesRequest, tools: Tools) -> tuple[dict[str, Any] | None, bool]:
     """(toolConfig, disable_parallel_tool_use)."""
     tc = req.tool_choice
     if not tc:
@@ -323,11 +315,11 @@ def _tool_choice(req: MessagesRequest, tools: _Tools) -> tuple[dict[str, Any] | 
     single = tc.get("disable_parallel_tool_use") is True
     kind = tc.get("type")
     if kind == "auto":
-        return _tool_config("AUTO"), single
+        return tool_config("AUTO"), single
     if kind == "any":
-        return _tool_config("ANY"), single
+        return tool_config("ANY"), single
     if kind == "none":
-        return _tool_config("NONE"), single
+        return tool_config("NONE"), single
     if kind == "tool":
         name = tc.get("name")
         gname = tools.by_client.get((None, name)) if isinstance(name, str) else None
@@ -336,7 +328,7 @@ def _tool_choice(req: MessagesRequest, tools: _Tools) -> tuple[dict[str, Any] | 
                 f"tool_choice names '{name}', which is not among the tools.",
                 param="tool_choice.name",
             )
-        return _tool_config("ANY", [gname]), single
+        return tool_config("ANY", [gname]), single
     raise BadRequest(f"Unknown tool_choice type '{kind}'.", param="tool_choice.type")
 
 
@@ -399,14 +391,14 @@ def messages_to_gemini(
     sig: SignatureTagger,
     *,
     key: bool = True,
-    schemas: ToolSchemas = _DEFAULT_SCHEMAS,
+    schemas: ToolSchemas = DEFAULT_SCHEMAS,
     inline_work: int | None = None,
 ) -> tuple[GeminiCall, MessagesOptions]:
     """The Gemini call for an Anthropic request; `model` is the router's answer. `schemas` and
     `inline_work` as for mapping.chat_to_gemini (SchemasOffLoop when over `inline_work`)."""
     tools, _search = _tools(req, schemas, inline_work)
     tool_config, single = _tool_choice(req, tools)
-    conv = _Conversation(tools)
+    conv = Conversation(tools)
     if isinstance(req.system, str):
         if req.system and not req.system.startswith(_BILLING):
             conv.add_system(req.system)
@@ -424,7 +416,7 @@ def messages_to_gemini(
         elif m.role == "assistant":
             replay.add(m.content, p)
         elif m.role == "system":
-            text = _text_of(m.content)
+            text = text_of(m.content)
             if text:
                 if conv.calls:  # between a tool_use and its tool_result: after the results
                     waiting.append(text)
@@ -450,9 +442,9 @@ def messages_to_gemini(
     if req.top_k is not None:
         gen["topK"] = req.top_k
     stops = [s for s in req.stop_sequences or () if s]
-    if len(stops) > _MAX_STOP:
+    if len(stops) > MAX_STOP:
         raise BadRequest(
-            f"Gemini accepts at most {_MAX_STOP} stop sequences.", param="stop_sequences"
+            f"Gemini accepts at most {MAX_STOP} stop sequences.", param="stop_sequences"
         )
     if stops:
         gen["stopSequences"] = stops
@@ -473,7 +465,7 @@ def messages_to_gemini(
     if single:
         opts = MessagesOptions(opts.thinking_blocks, opts.show_thinking, opts.stop_sequences, True)
 
-    body = _body(contents, system, tools, tool_config, gen)
+    body = build_body(contents, system, tools, tool_config, gen)
     user_id = (req.metadata or {}).get("user_id")
     conv_key = None
     if key:

@@ -42,14 +42,21 @@ finish_reason (Gemini -> Chat; see `gemini.finish_kind`):
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any
 
 import orjson
 
 from rawgate.errors import RawgateError, UpstreamError, UpstreamProtocolError
 from rawgate.translate.call import GeminiCall
+from rawgate.translate.contract import (
+    Clock,
+    IdFactory,
+    Stored,
+    TokenUsage,
+    random_id,
+    token_usage,
+    wall_clock,
+)
 from rawgate.translate.gemini import (
     Candidate,
     FunctionCall,
@@ -65,16 +72,16 @@ from rawgate.translate.gemini import (
     part_text,
 )
 from rawgate.translate.signatures import mint_call_id
-from rawgate.translate.sse import DONE
+from rawgate.translate.sse import DONE, HEARTBEAT
 
 __all__ = ["ChatStream", "chat_response", "completion_response"]
 
 _dumps = orjson.dumps
 
 
-def _response_id(prefix: str, reply: Reply | None) -> str:
+def _response_id(prefix: str, reply: Reply | None, ids: IdFactory) -> str:
     rid = reply.responseId if reply is not None else None
-    return prefix + (rid if rid else uuid.uuid4().hex)
+    return prefix + rid if rid else ids(prefix, 32)
 
 
 def _blocked_message(reason: str, detail: str | None) -> str:
@@ -180,7 +187,9 @@ def _usage(reply: Reply) -> dict[str, Any]:
     return chat_usage(reply.usageMetadata or Usage())
 
 
-def chat_response(call: GeminiCall, reply: Reply) -> bytes:
+def chat_response(
+    call: GeminiCall, reply: Reply, clock: Clock = wall_clock, ids: IdFactory = random_id
+) -> bytes:
     """The `chat.completion` JSON for a non-stream Gemini reply. Raises UpstreamError for an
     answer that failed upstream (see the finish_reason table)."""
     _check(reply)
@@ -230,9 +239,9 @@ def chat_response(call: GeminiCall, reply: Reply) -> bytes:
         )
     return _dumps(
         {
-            "id": _response_id("chatcmpl-", reply),
+            "id": _response_id("chatcmpl-", reply, ids),
             "object": "chat.completion",
-            "created": int(time.time()),
+            "created": int(clock()),
             "model": call.client_model,
             "system_fingerprint": None,
             "service_tier": None,
@@ -242,7 +251,9 @@ def chat_response(call: GeminiCall, reply: Reply) -> bytes:
     )
 
 
-def completion_response(call: GeminiCall, reply: Reply) -> bytes:
+def completion_response(
+    call: GeminiCall, reply: Reply, *, clock: Clock = wall_clock, ids: IdFactory = random_id
+) -> bytes:
     """The legacy `text_completion` JSON for a non-stream Gemini reply."""
     _check(reply)
     echo = call.echo_prompt or ""
@@ -266,9 +277,9 @@ def completion_response(call: GeminiCall, reply: Reply) -> bytes:
         )
     return _dumps(
         {
-            "id": _response_id("cmpl-", reply),
+            "id": _response_id("cmpl-", reply, ids),
             "object": "text_completion",
-            "created": int(time.time()),
+            "created": int(clock()),
             "model": call.client_model,
             "system_fingerprint": None,
             "choices": choices,
@@ -318,19 +329,30 @@ class ChatStream:
         "_blocked",
         "_call",
         "_choices",
+        "_clock",
         "_close",
         "_completions",
         "_error",
         "_failed",
         "_finished",
         "_head",
+        "_ids",
         "_tail",
         "_usage",
         "_usage_null",
     )
 
-    def __init__(self, call: GeminiCall, completions: bool = False) -> None:
+    def __init__(
+        self,
+        call: GeminiCall,
+        completions: bool = False,
+        *,
+        clock: Clock = wall_clock,
+        ids: IdFactory = random_id,
+    ) -> None:
         self._call = call
+        self._clock = clock
+        self._ids = ids
         self._completions = completions
         self._choices: dict[int, _Choice] = {}
         self._head: bytes | None = None  # built from the first reply (its responseId)
@@ -348,10 +370,19 @@ class ChatStream:
 
     # ---- public -------------------------------------------------------------------------------
 
+    # The StreamTranscoder contract (translate/contract.py).
+    heartbeat = HEARTBEAT
+    stored: Stored | None = None  # Chat keeps nothing for a follow-up request
+
     @property
-    def usage(self) -> dict[str, Any] | None:
-        """Chat usage of the last usageMetadata seen (for accounting), or None."""
-        return chat_usage(self._usage) if self._usage is not None else None
+    def usage(self) -> TokenUsage:
+        """Tokens of the last usageMetadata seen (for accounting)."""
+        return token_usage(self._usage)
+
+    def start(self) -> bytes:
+        """Nothing: the first chunk's id (Gemini's responseId) is known only from the first
+        reply, so Chat's first frame waits for it."""
+        return b""
 
     @property
     def error(self) -> UpstreamError | None:
@@ -440,11 +471,11 @@ class ChatStream:
             prefix, obj = "chatcmpl-", b"chat.completion.chunk"
         self._head = (
             b'data: {"id":'
-            + _dumps(_response_id(prefix, reply))
+            + _dumps(_response_id(prefix, reply, self._ids))
             + b',"object":"'
             + obj
             + b'","created":'
-            + str(int(time.time())).encode()
+            + str(int(self._clock())).encode()
             + b',"model":'
             + _dumps(call.client_model)
             + b',"system_fingerprint":null,"choices":'

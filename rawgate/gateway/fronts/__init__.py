@@ -1,0 +1,1 @@
+"""Front protocols (gateway/front.py's `Front`): one module per client protocol family."""
