@@ -382,3 +382,14 @@ async def test_probe_telemetry_and_signature_key(tmp_path: Path) -> None:
     async with gateway_stack(tmp_path):  # a restart keeps the key: old histories stay valid
         pass
     assert key_file.read_bytes() == key
+
+
+async def test_base_url_with_v1_gets_a_404_that_names_the_fix(tmp_path: Path) -> None:
+    async with gateway_stack(tmp_path) as run, _client(run.base_url) as c:
+        with pytest.raises(anthropic.NotFoundError) as nf:
+            await c.messages.create(
+                model="claude-sonnet-4-5",
+                max_tokens=10,
+                messages=[{"role": "user", "content": "x"}],
+            )
+        assert f"set it (ANTHROPIC_BASE_URL) to {run.origin}" in nf.value.message

@@ -652,6 +652,13 @@ class GatewayApp:
             used = path[:idx]
             if used == "/v1":
                 continue
+            if tail.startswith("/messages") and used.endswith("/v1"):
+                # An Anthropic client: it appends "/v1/messages" to its base URL itself.
+                return (
+                    f"It looks like your Anthropic base URL ends in '{used[:-3]}'; set it"
+                    f" (ANTHROPIC_BASE_URL) to {request.scheme}://{self._host(request)}"
+                    " (Anthropic clients append '/v1/messages' themselves)."
+                )
             shown = f"base_url ends in '{used}'" if used else "base_url lacks '/v1'"
             base_url = f"{request.scheme}://{self._host(request)}/v1"
             return (
