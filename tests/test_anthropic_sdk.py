@@ -393,3 +393,51 @@ async def test_base_url_with_v1_gets_a_404_that_names_the_fix(tmp_path: Path) ->
                 messages=[{"role": "user", "content": "x"}],
             )
         assert f"set it (ANTHROPIC_BASE_URL) to {run.origin}" in nf.value.message
+
+
+async def test_pings_while_gemini_is_quiet(tmp_path: Path) -> None:
+    """limits.sse_heartbeat_s sends Anthropic `ping` events between whole events; the SDK
+    skips them and the text is intact."""
+    cfg = {"limits": {"sse_heartbeat_s": 0.05}}
+    async with gateway_stack(tmp_path, config=cfg) as run, httpx.AsyncClient() as h:
+        body = {
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 100,
+            "stream": True,
+            "messages": [
+                {"role": "user", "content": "[[emu:chunks n=3]] [[emu:delay ms=300]] quiet"}
+            ],
+        }
+        async with h.stream("POST", run.origin + "/v1/messages", json=body) as r:
+            raw = b"".join([c async for c in r.aiter_bytes()])
+        ping = b'event: ping\ndata: {"type":"ping"}\n\n'
+        assert ping in raw
+        assert raw.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+        async with (
+            _client(run.origin) as c,
+            c.messages.stream(
+                model="claude-sonnet-4-5", max_tokens=100, messages=body["messages"]
+            ) as s,
+        ):
+            assert await s.get_final_text() == "quiet"
+
+
+def test_signature_key_made_once_and_shared(tmp_path: Path) -> None:
+    """Workers and instances sharing a home start at once: they all end with one key."""
+    import threading
+
+    from rawgate.gateway.fronts.anthropic import load_signature_key
+
+    keys: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: keys.append(load_signature_key(tmp_path))) for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(keys) == 8 and len(set(keys)) == 1 and len(keys[0]) == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["signature_key"]  # no temp files left
+    (tmp_path / "signature_key").write_bytes(b"short")  # a truncated file is replaced
+    fresh = load_signature_key(tmp_path)
+    assert len(fresh) == 32 and fresh != keys[0]
