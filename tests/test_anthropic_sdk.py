@@ -352,12 +352,21 @@ async def test_auth_on_gives_authentication_error(tmp_path: Path) -> None:
     cfg = {"auth": {"mode": "strict", "api_keys": ["sk-right"]}}
     async with gateway_stack(tmp_path, config=cfg) as run:
         async with _client(run.origin) as c:
-            with pytest.raises(anthropic.AuthenticationError):
+            with pytest.raises(anthropic.AuthenticationError) as au:
                 await c.messages.create(
                     model="claude-sonnet-4-5",
                     max_tokens=10,
                     messages=[{"role": "user", "content": "x"}],
                 )
+            # rawgate's own refusal, in Anthropic's shape, and final (E6).
+            assert au.value.body["type"] == "error"
+            assert au.value.body["error"]["type"] == "authentication_error"
+            assert au.value.response.headers["x-should-retry"] == "false"
+            with pytest.raises(anthropic.AuthenticationError) as au:
+                await c.messages.count_tokens(
+                    model="claude-sonnet-4-5", messages=[{"role": "user", "content": "x"}]
+                )
+            assert au.value.body["error"]["type"] == "authentication_error"
         # x-api-key (what Claude Code sends for ANTHROPIC_API_KEY) and Bearer both work.
         for kw in ({"api_key": "sk-right"}, {"auth_token": "sk-right", "api_key": None}):
             async with anthropic.AsyncAnthropic(base_url=run.origin, max_retries=0, **kw) as ok:

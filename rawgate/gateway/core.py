@@ -220,6 +220,7 @@ class Gateway(AttemptLoop):
         """Serve `front` (gateway/front.py) on `path`: decode, then attempts with rotation and
         retries, the stream pump and the accounting, whatever the protocol. `route`: the
         router's keywords (query_key, prefix, label, ...)."""
+        route.setdefault("shape", front.error)  # the app's refusals (401, 503 ...) too
         app.router.add(method, path, self.handler(front), **route)
 
     def handler(self, front: Front) -> Route:

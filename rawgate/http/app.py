@@ -75,6 +75,9 @@ __all__ = ["AuthLevel", "GatewayApp", "Handler", "Route", "Router", "path_param"
 log = logging.getLogger("rawgate.http.app")
 
 Handler = Callable[[Request, ResponseSink], Awaitable[None]]
+# A route's own error shape: (status, headers, body) for an error refused before or by its
+# handler, or None for the OpenAI JSON error (gateway/front.py `Front.error`).
+ErrorShape = Callable[[RawgateError], "tuple[int, list[Header], bytes] | None"]
 AuthLevel = Literal["protected", "public", "health"]
 Header = tuple[bytes, bytes]
 
@@ -150,7 +153,7 @@ def path_param(request: Request, prefix: str) -> str:
 
 
 class Route:
-    __slots__ = ("auth", "handler", "label", "method", "path", "prefix", "query_key")
+    __slots__ = ("auth", "handler", "label", "method", "path", "prefix", "query_key", "shape")
 
     def __init__(
         self,
@@ -161,6 +164,7 @@ class Route:
         prefix: bool,
         query_key: bool,
         label: str,
+        shape: ErrorShape | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -169,6 +173,7 @@ class Route:
         self.prefix = prefix
         self.query_key = query_key  # Gemini-style route: `?key=` is accepted as a credential
         self.label = label  # metrics label and 404 listing: the pattern, never a raw path
+        self.shape = shape  # the protocol's error shape (auth, limits, 415 ...), or None
 
 
 class Router:
@@ -189,8 +194,11 @@ class Router:
         prefix: bool = False,
         query_key: bool = False,
         label: str | None = None,
+        shape: ErrorShape | None = None,
     ) -> None:
         """Register a handler. GET routes answer HEAD too (the driver drops the body).
+        shape: how this route's protocol writes an error the app refuses the request with
+        (a 401, 415, 503 ...); None: the OpenAI JSON error.
 
         prefix=True: `path` must end in "/" and matches any longer path; the handler reads the
         rest with `path_param(request, path)`. query_key=True: `?key=` counts as a credential.
@@ -205,7 +213,9 @@ class Router:
                 raise ValueError(f"prefix route must end with '/': {path!r}")
             if any(r.method == method and r.path == path for r in self._prefixes):
                 raise ValueError(f"duplicate route {method} {path}*")
-            route = Route(method, path, handler, auth, True, query_key, label or path + "{id}")
+            route = Route(
+                method, path, handler, auth, True, query_key, label or path + "{id}", shape
+            )
             self._prefixes.append(route)
             # Longest prefix first, so /v1beta/models/x/ beats /v1beta/models/.
             self._prefixes.sort(key=lambda r: -len(r.path))
@@ -213,7 +223,7 @@ class Router:
         if (method, path) in self._exact:
             raise ValueError(f"duplicate route {method} {path}")
         self._exact[method, path] = Route(
-            method, path, handler, auth, False, query_key, label or path
+            method, path, handler, auth, False, query_key, label or path, shape
         )
         self._methods.setdefault(path, []).append(method)
 
@@ -440,7 +450,12 @@ class GatewayApp:
                         f" {rid}). Retry, or report the request id if the error persists."
                     )
                 try:
-                    await error_response(out, err)
+                    shaped = route.shape(err) if route is not None and route.shape else None
+                    if shaped is None:
+                        await error_response(out, err)
+                    else:
+                        code, headers, body = shaped
+                        await out.respond(code, [*headers, *err.headers], body)
                 except ClientDisconnected:
                     status = CLIENT_CLOSED
         finally:

@@ -213,7 +213,7 @@ class MessagesFront:
         """/v1/messages itself is registered by Gateway.add_front; these are the rest. The
         OpenAI model handlers answer requests without `anthropic-version`."""
         add = app.router.add
-        add("POST", "/v1/messages/count_tokens", self._shaped(self.count_tokens))
+        add("POST", "/v1/messages/count_tokens", self._shaped(self.count_tokens), shape=self.error)
         add("GET", "/v1/models", self._models_route(self.models, openai_models))
         add(
             "GET",
