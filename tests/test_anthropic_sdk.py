@@ -58,6 +58,7 @@ async def test_create_and_stream(tmp_path: Path) -> None:
         )
         msg = await raw.parse()
         assert raw.headers["x-mapped-model"] == run.cfg.routing.default_model
+        assert raw.headers["request-id"] == raw.headers["x-request-id"] == msg._request_id
         assert msg.model == "claude-sonnet-4-5" and msg.role == "assistant"
         assert msg.id.startswith("msg_")
         assert msg.content[0].type == "text" and "hello there" in msg.content[0].text
@@ -309,6 +310,7 @@ async def test_errors_are_the_sdks_own_types(tmp_path: Path) -> None:
             await c.messages.create(model="gemini-2.5-pro", max_tokens=10, messages=user)
         assert rl.value.response.headers["retry-after"] == "2"
         assert rl.value.response.headers["retry-after-ms"] == "2000"
+        assert rl.value.request_id == rl.value.response.headers["x-request-id"]
         assert rl.value.body["error"]["type"] == "rate_limit_error"
 
         user = [{"role": "user", "content": "[[emu:error status=503]]"}]

@@ -210,7 +210,7 @@ class Gateway(AttemptLoop):
         self.add_front(app, "/v1/responses", responses)
         self.add_front(app, "/responses", responses)
         messages = MessagesFront(self)  # reads or makes RAWGATE_HOME/signature_key
-        self.add_front(app, "/v1/messages", messages)
+        self.add_front(app, "/v1/messages", messages, id_header=b"request-id")
         # /v1/models in OpenAI's shape, in Anthropic's when asked with anthropic-version.
         messages.install(app, self.models, self.model)
 

@@ -153,7 +153,9 @@ def path_param(request: Request, prefix: str) -> str:
 
 
 class Route:
-    __slots__ = ("auth", "handler", "label", "method", "path", "prefix", "query_key", "shape")
+    __slots__ = (
+        "auth", "handler", "id_header", "label", "method", "path", "prefix", "query_key", "shape",
+    )
 
     def __init__(
         self,
@@ -165,6 +167,7 @@ class Route:
         query_key: bool,
         label: str,
         shape: ErrorShape | None = None,
+        id_header: bytes | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -174,6 +177,7 @@ class Route:
         self.query_key = query_key  # Gemini-style route: `?key=` is accepted as a credential
         self.label = label  # metrics label and 404 listing: the pattern, never a raw path
         self.shape = shape  # the protocol's error shape (auth, limits, 415 ...), or None
+        self.id_header = id_header  # the request id again under this protocol's header name
 
 
 class Router:
@@ -195,10 +199,12 @@ class Router:
         query_key: bool = False,
         label: str | None = None,
         shape: ErrorShape | None = None,
+        id_header: bytes | None = None,
     ) -> None:
         """Register a handler. GET routes answer HEAD too (the driver drops the body).
         shape: how this route's protocol writes an error the app refuses the request with
-        (a 401, 415, 503 ...); None: the OpenAI JSON error.
+        (a 401, 415, 503 ...); None: the OpenAI JSON error. id_header: a header name under
+        which every answer of the route repeats x-request-id (Anthropic's `request-id`).
 
         prefix=True: `path` must end in "/" and matches any longer path; the handler reads the
         rest with `path_param(request, path)`. query_key=True: `?key=` counts as a credential.
@@ -214,7 +220,8 @@ class Router:
             if any(r.method == method and r.path == path for r in self._prefixes):
                 raise ValueError(f"duplicate route {method} {path}*")
             route = Route(
-                method, path, handler, auth, True, query_key, label or path + "{id}", shape
+                method, path, handler, auth, True, query_key, label or path + "{id}", shape,
+                id_header,
             )
             self._prefixes.append(route)
             # Longest prefix first, so /v1beta/models/x/ beats /v1beta/models/.
@@ -223,7 +230,7 @@ class Router:
         if (method, path) in self._exact:
             raise ValueError(f"duplicate route {method} {path}")
         self._exact[method, path] = Route(
-            method, path, handler, auth, False, query_key, label or path, shape
+            method, path, handler, auth, False, query_key, label or path, shape, id_header
         )
         self._methods.setdefault(path, []).append(method)
 
@@ -397,6 +404,8 @@ class GatewayApp:
                 # Matched first (pure, no I/O) so that every refusal below is shaped for the
                 # route it was aimed at.
                 route = self.router.match(request.method, request.path)
+                if route is not None and route.id_header is not None:
+                    extra.append((route.id_header, extra[0][1]))
                 if self._host_check and host is not None and not self._host_allowed(host):
                     raise PermissionDenied(
                         "Host header not allowed: rawgate listens on loopback and answers only"

@@ -17,6 +17,8 @@ Invariants:
   emulator's and Gemini's per-media count. It answers at least 1.
 - `GET /v1/models` (and `/v1/models/{id}`) answers in Anthropic's list shape when the request
   carries `anthropic-version` (every Anthropic client sends it), in OpenAI's otherwise.
+- Answers on /v1/messages and count_tokens repeat x-request-id as `request-id` (the SDKs'
+  `_request_id`).
 - `HEAD`/`GET /` answer 200 and `POST /api/event_logging/...` answers 200 `{}` (Claude Code's
   probe and older builds' telemetry), so a client pointed at rawgate never retries a 404.
 """
@@ -213,7 +215,8 @@ class MessagesFront:
         """/v1/messages itself is registered by Gateway.add_front; these are the rest. The
         OpenAI model handlers answer requests without `anthropic-version`."""
         add = app.router.add
-        add("POST", "/v1/messages/count_tokens", self._shaped(self.count_tokens), shape=self.error)
+        add("POST", "/v1/messages/count_tokens", self._shaped(self.count_tokens), shape=self.error,
+            id_header=b"request-id")  # fmt: skip
         add("GET", "/v1/models", self._models_route(self.models, openai_models))
         add(
             "GET",
