@@ -116,3 +116,23 @@ async def test_claude_code_answers_and_runs_a_tool_through_rawgate(tmp_path: Pat
             responses = [p["functionResponse"] for p in parts if "functionResponse" in p]
             assert [r["name"] for r in responses] == ["Bash"]
             assert "hello-from-tool" in orjson.dumps(responses[0]["response"]).decode()
+
+
+@skip_no_cli
+async def test_claude_code_small_model_and_overloaded_upstream(tmp_path: Path) -> None:
+    """`--model haiku` reaches routing.lite_model with no config; an upstream 503 reaches
+    Claude Code as Anthropic's 529 overloaded_error, which it names (protocols-2.md B4)."""
+    async with serve_emulator(host="127.0.0.1", port=0, ssl_context=None) as emu:
+        home = tmp_path / "rawgate"
+        AccountStore(home / "accounts.json").add_api_key(emu.api_key, label="emu")
+        env = {"RAWGATE_UPSTREAM_GEMINI_BASE_URL": emu.base_url}
+        with serve_process(home, emulate=False, env=env) as origin:
+            rc, out, err = await _run(origin, tmp_path, "small one", "--model", "haiku")
+            assert rc == 0, (out[-2000:], err[-2000:])
+            assert "small one" in out
+            paths = [path for _m, path, *_rest in emu.core.recent]
+            assert paths[-1].startswith("/v1beta/models/gemini-2.5-flash-lite:")
+
+            rc, out, err = await _run(origin, tmp_path, "[[emu:error status=503]] busy?")
+            assert rc != 0
+            assert "API Error: 529" in out + err and "overloaded" in out + err
