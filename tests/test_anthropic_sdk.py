@@ -386,6 +386,11 @@ async def test_probe_telemetry_and_signature_key(tmp_path: Path) -> None:
         assert (await h.head(run.origin + "/")).status_code == 200
         r = await h.post(run.origin + "/api/event_logging/batch", json={"events": []})
         assert r.status_code == 200 and r.json() == {}
+    cfg = {"auth": {"mode": "strict", "api_keys": ["sk-right"]}}
+    async with gateway_stack(tmp_path, config=cfg) as run, httpx.AsyncClient() as h:
+        assert (await h.head(run.origin + "/")).status_code == 401  # strict: every route
+        ok = await h.head(run.origin + "/", headers={"x-api-key": "sk-right"})
+        assert ok.status_code == 200
     key_file = tmp_path / "signature_key"
     assert len(key_file.read_bytes()) == 32
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600

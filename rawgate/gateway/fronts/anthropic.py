@@ -225,8 +225,9 @@ class MessagesFront:
             prefix=True,
             label="/v1/models/{id}",
         )
-        add("GET", "/", self.root, auth="public")
-        add("POST", "/api/event_logging/", self.event_logging, prefix=True, auth="public",
+        # Protected like any route: Claude Code sends its key with these too.
+        add("GET", "/", self.root)
+        add("POST", "/api/event_logging/", self.event_logging, prefix=True,
             label="/api/event_logging/{path}")  # fmt: skip
 
     def _shaped(self, handler: Handler) -> Handler:
