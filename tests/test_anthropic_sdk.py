@@ -313,6 +313,13 @@ async def test_errors_are_the_sdks_own_types(tmp_path: Path) -> None:
         assert rl.value.request_id == rl.value.response.headers["x-request-id"]
         assert rl.value.body["error"]["type"] == "rate_limit_error"
 
+        # A spent quota (limit: 0) is final: no retry can fix it, and the SDK is told so.
+        user = [{"role": "user", "content": "[[emu:error status=429]]"}]
+        with pytest.raises(anthropic.RateLimitError) as rl:
+            await c.messages.create(model="gemini-2.0-flash", max_tokens=10, messages=user)
+        assert rl.value.response.headers["x-should-retry"] == "false"
+        assert "retry-after" not in rl.value.response.headers
+
         user = [{"role": "user", "content": "[[emu:error status=503]]"}]
         with pytest.raises(anthropic.OverloadedError) as ov:
             await c.messages.create(model="gemini-2.5-flash-lite", max_tokens=10, messages=user)

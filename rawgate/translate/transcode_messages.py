@@ -165,22 +165,23 @@ def anthropic_message(err: RawgateError) -> str:
 
 
 def anthropic_error(err: RawgateError) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """(status, body, headers to add to err.headers) for an error on an Anthropic route: the
-    retry hints the SDKs read (`retry-after`, `retry-after-ms`) unless err.headers has them,
-    and `x-should-retry: false` when no retry can fix it."""
+    """(status, body, headers to add to err.headers) for an error on an Anthropic route:
+    `x-should-retry: false` when no retry can fix it, else the retry hints the SDKs read
+    (`retry-after`, `retry-after-ms`) unless err.headers has them."""
     default = "api_error" if err.status >= 500 else "invalid_request_error"
     status, etype = _ERR.get(err.status, (err.status, default))
     body = _dumps({"type": "error", "error": {"type": etype, "message": anthropic_message(err)}})
     have = {h[0].lower() for h in err.headers}
     headers: list[tuple[bytes, bytes]] = []
-    if err.retry_after_s is not None and err.retry_after_s > 0:
+    final = err.code in _NO_RETRY_CODES or err.status == 401
+    if final:
+        headers.append((b"x-should-retry", b"false"))
+    elif err.retry_after_s is not None and err.retry_after_s > 0:
         secs = err.retry_after_s
         if b"retry-after" not in have:
             headers.append((b"retry-after", str(max(1, math.ceil(secs))).encode()))
         if b"retry-after-ms" not in have:
             headers.append((b"retry-after-ms", str(math.ceil(secs * 1000)).encode()))
-    if err.code in _NO_RETRY_CODES or err.status == 401:
-        headers.append((b"x-should-retry", b"false"))
     return status, body, headers
 
 
