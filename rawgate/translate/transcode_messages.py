@@ -205,6 +205,8 @@ class _Blocks:
         "_opts",
         "_sig",
         "_stream",
+        "_tail",
+        "_text_head",
         "blocks",
         "index",
         "open",
@@ -231,6 +233,8 @@ class _Blocks:
         self.open: str | None = None  # "thinking" | "text" | None
         self.out: list[bytes] = []  # stream: frames not yet returned
         self.text_tail = ""  # the end of the text so far (stop_sequence detection)
+        self._tail = bool(opts.stop_sequences)  # only then is text_tail kept
+        self._text_head = b""  # stream: the open text block's delta frame up to the text
         self.tools = 0
 
     # one frame per event; the event name equals data.type
@@ -300,11 +304,20 @@ class _Blocks:
         if self.open != "text":
             self.close()
             self._start("text", {"type": "text", "text": ""})
+            self._text_head = (
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                + str(self.index).encode()
+                + b',"delta":{"type":"text_delta","text":'
+            )
         if self._stream:
-            self._delta({"type": "text_delta", "text": text})
+            # The frame in one concatenation from the block's cached head: text deltas are
+            # most of a stream (bench.micro "messages transcoder feed only": 1.75-2.35 ->
+            # 0.56-0.71 us a chunk, chat's is 0.52-0.75 in the same runs).
+            self.out.append(self._text_head + _dumps(text) + b"}}\n\n")
         else:
             self.blocks[-1]["text"] += text
-        self.text_tail = (self.text_tail + text)[-256:]
+        if self._tail:
+            self.text_tail = (self.text_tail + text)[-256:]
 
     def _tool(self, part: Part, fc: FunctionCall) -> None:
         if self._opts.single_tool and self.tools:
