@@ -133,6 +133,23 @@ async def test_claude_code_small_model_and_overloaded_upstream(tmp_path: Path) -
             paths = [path for _m, path, *_rest in emu.core.recent]
             assert paths[-1].startswith("/v1beta/models/gemini-2.5-flash-lite:")
 
+            # Gemini 3 by name: the call's thought signature rides in the tool_use id through
+            # Claude Code's history and reaches Gemini again (not the skip value).
+            tool = (
+                '[[emu:tool_call name=Bash args={"command":"echo sig-ok",'
+                '"description":"Echo"}]]'
+            )
+            rc, out, err = await _run(
+                origin, tmp_path, "go " + tool, "--model", "gemini-3-pro-preview",
+                "--allowedTools", "Bash", "--max-turns", "3",
+            )  # fmt: skip
+            assert rc == 0, (out[-2000:], err[-2000:])
+            assert "received functionResponse(Bash)" in out
+            turn2 = _generate_calls(emu)[-1]
+            model_turn = turn2["contents"][-2]
+            call = next(p for p in model_turn["parts"] if "functionCall" in p)
+            assert call["thoughtSignature"] not in ("", "skip_thought_signature_validator")
+
             rc, out, err = await _run(origin, tmp_path, "[[emu:error status=503]] busy?")
             assert rc != 0
             assert "API Error: 529" in out + err and "overloaded" in out + err
