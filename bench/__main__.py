@@ -156,7 +156,8 @@ class Bench:
         # Both emulator engines and the stand-in speak HTTP/1.1 and h2c, so the direct path
         # takes the h2 cases too.
         protos = frozenset({"h1", "h2"})
-        self.targets.append(Target(TargetInfo("direct", "gemini", port, protos=protos),
+        self.targets.append(Target(TargetInfo("direct", "gemini", port, protos=protos,
+                                              apis=frozenset({"chat", "responses", "messages"})),
                                    "direct", p))
 
     def start_rawgate(self) -> None:
@@ -187,7 +188,8 @@ class Bench:
             try:
                 p.start().wait_ready(RAWGATE_START_S)
                 self.targets.append(Target(
-                    TargetInfo("rawgate", "openai", port, protos=frozenset({"h1", "h2"})),
+                    TargetInfo("rawgate", "openai", port, protos=frozenset({"h1", "h2"}),
+                               apis=frozenset({"chat", "responses", "messages"})),
                     "gateway", p))
                 return
             except ProcError as e:

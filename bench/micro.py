@@ -42,8 +42,11 @@ import orjson
 from rawgate.errors import BadRequest
 from rawgate.translate import mapping, schemas
 from rawgate.translate.gemini import decode_reply
+from rawgate.translate.map_messages import decode_messages, messages_to_gemini
+from rawgate.translate.sigtag import SignatureTagger
 from rawgate.translate.sse import SSEDecoder
 from rawgate.translate.transcode_chat import ChatStream, chat_response
+from rawgate.translate.transcode_messages import MessagesStream
 from rawgate.translate.transcode_responses import ResponsesStream, responses_response
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,6 +369,23 @@ def run(seconds: float, repeat: int, chunks: int) -> list[tuple[str, float, str]
             cs.feed(rep)
         return len(replies)
 
+    sig = SignatureTagger(b"bench-signature-key-32-bytes-000")
+    msg_call, msg_opts = messages_to_gemini(
+        decode_messages(
+            b'{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,'
+            b'"messages":[{"role":"user","content":"hi"}]}'
+        ),
+        "gemini-2.5-flash",
+        sig,
+    )
+
+    def messages_feed_only() -> int:
+        ms = MessagesStream(msg_call, msg_opts, sig)
+        for rep in replies:
+            ms.feed(rep)
+        ms.finish()
+        return len(replies)
+
     def responses_feed_only() -> int:
         rs = ResponsesStream(resp_call, "resp_bench")
         rs.start()
@@ -428,6 +448,7 @@ def run(seconds: float, repeat: int, chunks: int) -> list[tuple[str, float, str]
     add("  text-delta event: dict + orjson.dumps", _bench(frame_dict, seconds, repeat), "frames/s")
     add("chat transcoder feed only", _bench(chat_feed_only, seconds, repeat), "chunks/s")
     add("responses transcoder feed only", _bench(responses_feed_only, seconds, repeat), "chunks/s")
+    add("messages transcoder feed only", _bench(messages_feed_only, seconds, repeat), "chunks/s")
     add("  sse decode, general parser only", _bench(sse_general, seconds, repeat), "events/s")
 
     tools_body = (ROOT / "tests" / "data" / "gemini" / "tools_nonstream.json").read_bytes()

@@ -34,7 +34,7 @@ SLOW_DELAY_MS = 250.0
 class Workload:
     """What one request asks for."""
 
-    api: Literal["chat", "responses"] = "chat"
+    api: Literal["chat", "responses", "messages"] = "chat"
     stream: bool = False
     prompt_bytes: int = SMALL_PROMPT_BYTES
     tools: bool = False
@@ -134,6 +134,18 @@ def all_scenarios() -> dict[str, Scenario]:
             "stream-responses",
             "streaming Responses API, 100 upstream chunks of 16 B, 16 connections",
             (Case("c=16", Workload(api="responses", **_STREAM100), Load()),),
+        ),
+        Scenario(
+            "messages",
+            "non-stream Anthropic Messages (/v1/messages), small prompt, 16 connections",
+            (Case("c=16", Workload(api="messages"), Load()),),
+            kinds=("direct", "gateway"),
+        ),
+        Scenario(
+            "stream-messages",
+            "streaming Anthropic Messages, 100 upstream chunks of 16 B, 16 connections",
+            (Case("c=16", Workload(api="messages", **_STREAM100), Load()),),
+            kinds=("direct", "gateway"),
         ),
         Scenario(
             "h1-h2",
@@ -284,6 +296,10 @@ def openai_tools(api: str) -> list[dict[str, Any]]:
     ]
 
 
+def anthropic_tools() -> list[dict[str, Any]]:
+    return [{"name": n, "description": d, "input_schema": p} for n, d, p in _TOOL_SPECS]
+
+
 def gemini_tools() -> list[dict[str, Any]]:
     return [
         {"functionDeclarations": [{"name": n, "description": d, "parameters": p}
@@ -317,6 +333,20 @@ def build_request(t: TargetInfo, up: Upstream, w: Workload) -> HttpRequest:
             check |= {"contains": ['"candidates"']}
         return HttpRequest(path, (*headers, *t.headers), _dumps(gbody), check)
     body: dict[str, Any] = {"model": t.model}
+    if w.api == "messages":
+        body |= {"max_tokens": 4096, "messages": [{"role": "user", "content": text}]}
+        if w.stream:
+            body["stream"] = True
+        if w.tools:
+            body["tools"] = anthropic_tools()
+        check = {"min_bytes": w.text_bytes}
+        if w.stream:
+            # one text_delta event per upstream chunk, then the closing event
+            check |= {"tail": 'data: {"type":"message_stop"}', "min_events": w.chunks}
+        else:
+            check |= {"contains": ['"stop_reason":"end_turn"']}
+        headers.append(("anthropic-version", "2023-06-01"))
+        return HttpRequest("/v1/messages", (*headers, *t.headers), _dumps(body), check)
     if w.api == "chat":
         path = "/v1/chat/completions"
         body["messages"] = [{"role": "user", "content": text}]

@@ -1,4 +1,4 @@
-"""Model router: the OpenAI model name a client sent -> the Gemini model rawgate calls.
+"""Model router: the model name a client sent (OpenAI or Anthropic) -> the Gemini model to call.
 
 Resolution order (first hit wins); names compare case-insensitively, a leading "models/" is
 stripped first:
@@ -23,6 +23,9 @@ Built-in alias table, by target:
 - pro_model: gpt-5, gpt-5-*, gpt-5.1*/gpt-5.2* (codex variants included), o1, o1-*, o3, o3-*,
   gpt-4.5*;
 - lite_model: gpt-4.1-nano*, gpt-5-nano*.
+- Anthropic names (any version or date): claude-*opus* -> pro_model, claude-*sonnet* ->
+  default_model, claude-*haiku* -> lite_model, so Claude Code's main and small models need no
+  config.
 Custom mapping always wins over the table, so any line of it can be overridden in config.
 
 Invariants: patterns are validated at construction (ConfigError naming the key); `resolve` is
@@ -89,6 +92,11 @@ BUILTIN_ALIASES: tuple[tuple[str, str], ...] = (
     ("o3-mini*", "default"),
     ("o4-mini*", "default"),
     ("codex-mini*", "default"),
+    # Anthropic names (Claude Code's main and small models, the Anthropic SDKs' examples): the
+    # tier by family, whatever the version or date in the name.
+    ("claude-*opus*", "pro"),
+    ("claude-*sonnet*", "default"),
+    ("claude-*haiku*", "lite"),
 )
 # Gemini model names without their "-preview" suffix: the seed and its tutorial accept them, and
 # Google answers 404 to them. Exact names only; custom mapping and aliases come first.
@@ -115,6 +123,9 @@ LISTED_ALIASES: tuple[str, ...] = (
     "o3-mini",
     "o4-mini",
     "codex-mini-latest",
+    "claude-opus-5-5",
+    "claude-sonnet-5-5",
+    "claude-haiku-5-5",
 )
 
 

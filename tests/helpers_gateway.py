@@ -67,12 +67,16 @@ async def gateway_stack(
 
 
 @contextmanager
-def serve_process(home: Path, *args: str) -> Iterator[str]:
+def serve_process(
+    home: Path, *args: str, emulate: bool = True, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """A real `rawgate serve --emulate --port 0 ARGS` process; yields its http:// origin.
-    Stopped with SIGTERM on exit, which must end it with status 0 (graceful shutdown)."""
-    env = {**os.environ, "RAWGATE_HOME": str(home)}
+    Stopped with SIGTERM on exit, which must end it with status 0 (graceful shutdown).
+    `emulate=False`: no built-in emulator (the accounts of `home`, upstream from `env`)."""
+    env = {**os.environ, "RAWGATE_HOME": str(home), **(env or {})}
+    emu = ["--emulate"] if emulate else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rawgate", "serve", "--emulate", "--port", "0", *args],
+        [sys.executable, "-m", "rawgate", "serve", *emu, "--port", "0", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -51,6 +51,7 @@ from rawgate.errors import (
 )
 from rawgate.gateway.account_sync import AccountSync
 from rawgate.gateway.attempts import ERROR_BODY_MAX_BYTES, USER_AGENT, AttemptLoop
+from rawgate.gateway.fronts.anthropic import MessagesFront
 from rawgate.gateway.fronts.openai import ChatFront, CompletionsFront, ResponsesFront
 from rawgate.gateway.models import ModelListing
 from rawgate.model_router import ModelRouter
@@ -202,15 +203,16 @@ class Gateway(AttemptLoop):
                 await self.client.__aexit__(None, None, None)
 
     def install(self, app: GatewayApp) -> None:
-        """Register the OpenAI routes on the app's router."""
+        """Register the OpenAI and Anthropic routes on the app's router."""
         responses = ResponsesFront(self)
         self.add_front(app, "/v1/chat/completions", ChatFront(self))
         self.add_front(app, "/v1/completions", CompletionsFront(self))
         self.add_front(app, "/v1/responses", responses)
         self.add_front(app, "/responses", responses)
-        add = app.router.add
-        add("GET", "/v1/models", self.models)
-        add("GET", "/v1/models/", self.model, prefix=True, label="/v1/models/{id}")
+        messages = MessagesFront(self)  # reads or makes RAWGATE_HOME/signature_key
+        self.add_front(app, "/v1/messages", messages, id_header=b"request-id")
+        # /v1/models in OpenAI's shape, in Anthropic's when asked with anthropic-version.
+        messages.install(app, self.models, self.model)
 
     def add_front(
         self, app: GatewayApp, path: str, front: Front, *, method: str = "POST", **route: Any
@@ -218,6 +220,7 @@ class Gateway(AttemptLoop):
         """Serve `front` (gateway/front.py) on `path`: decode, then attempts with rotation and
         retries, the stream pump and the accounting, whatever the protocol. `route`: the
         router's keywords (query_key, prefix, label, ...)."""
+        route.setdefault("shape", front.error)  # the app's refusals (401, 503 ...) too
         app.router.add(method, path, self.handler(front), **route)
 
     def handler(self, front: Front) -> Route:

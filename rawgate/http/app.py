@@ -82,6 +82,9 @@ __all__ = ["AuthLevel", "GatewayApp", "Handler", "Route", "Router", "path_param"
 log = logging.getLogger("rawgate.http.app")
 
 Handler = Callable[[Request, ResponseSink], Awaitable[None]]
+# A route's own error shape: (status, headers, body) for an error refused before or by its
+# handler, or None for the OpenAI JSON error (gateway/front.py `Front.error`).
+ErrorShape = Callable[[RawgateError], "tuple[int, list[Header], bytes] | None"]
 AuthLevel = Literal["protected", "public", "health"]
 
 # Label for requests that matched no route: one series, whatever paths clients invent.
@@ -156,7 +159,9 @@ def path_param(request: Request, prefix: str) -> str:
 
 
 class Route:
-    __slots__ = ("auth", "handler", "label", "method", "path", "prefix", "query_key")
+    __slots__ = (
+        "auth", "handler", "id_header", "label", "method", "path", "prefix", "query_key", "shape",
+    )
 
     def __init__(
         self,
@@ -167,6 +172,8 @@ class Route:
         prefix: bool,
         query_key: bool,
         label: str,
+        shape: ErrorShape | None = None,
+        id_header: bytes | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -175,6 +182,8 @@ class Route:
         self.prefix = prefix
         self.query_key = query_key  # Gemini-style route: `?key=` is accepted as a credential
         self.label = label  # metrics label and 404 listing: the pattern, never a raw path
+        self.shape = shape  # the protocol's error shape (auth, limits, 415 ...), or None
+        self.id_header = id_header  # the request id again under this protocol's header name
 
 
 class Router:
@@ -195,8 +204,13 @@ class Router:
         prefix: bool = False,
         query_key: bool = False,
         label: str | None = None,
+        shape: ErrorShape | None = None,
+        id_header: bytes | None = None,
     ) -> None:
         """Register a handler. GET routes answer HEAD too (the driver drops the body).
+        shape: how this route's protocol writes an error the app refuses the request with
+        (a 401, 415, 503 ...); None: the OpenAI JSON error. id_header: a header name under
+        which every answer of the route repeats x-request-id (Anthropic's `request-id`).
 
         prefix=True: `path` must end in "/" and matches any longer path; the handler reads the
         rest with `path_param(request, path)`. query_key=True: `?key=` counts as a credential.
@@ -211,7 +225,10 @@ class Router:
                 raise ValueError(f"prefix route must end with '/': {path!r}")
             if any(r.method == method and r.path == path for r in self._prefixes):
                 raise ValueError(f"duplicate route {method} {path}*")
-            route = Route(method, path, handler, auth, True, query_key, label or path + "{id}")
+            route = Route(
+                method, path, handler, auth, True, query_key, label or path + "{id}", shape,
+                id_header,
+            )
             self._prefixes.append(route)
             # Longest prefix first, so /v1beta/models/x/ beats /v1beta/models/.
             self._prefixes.sort(key=lambda r: -len(r.path))
@@ -219,7 +236,7 @@ class Router:
         if (method, path) in self._exact:
             raise ValueError(f"duplicate route {method} {path}")
         self._exact[method, path] = Route(
-            method, path, handler, auth, False, query_key, label or path
+            method, path, handler, auth, False, query_key, label or path, shape, id_header
         )
         self._methods.setdefault(path, []).append(method)
 
@@ -393,6 +410,8 @@ class GatewayApp:
                 # Matched first (pure, no I/O) so that every refusal below is shaped for the
                 # route it was aimed at.
                 route = self.router.match(request.method, request.path)
+                if route is not None and route.id_header is not None:
+                    extra.append((route.id_header, extra[0][1]))
                 if self._host_check and host is not None and not self._host_allowed(host):
                     raise PermissionDenied(
                         "Host header not allowed: rawgate listens on loopback and answers only"
@@ -446,7 +465,12 @@ class GatewayApp:
                         f" {rid}). Retry, or report the request id if the error persists."
                     )
                 try:
-                    await error_response(out, err)
+                    shaped = route.shape(err) if route is not None and route.shape else None
+                    if shaped is None:
+                        await error_response(out, err)
+                    else:
+                        code, headers, body = shaped
+                        await out.respond(code, [*headers, *err.headers], body)
                 except ClientDisconnected:
                     status = CLIENT_CLOSED
         finally:
@@ -658,6 +682,13 @@ class GatewayApp:
             used = path[:idx]
             if used == "/v1":
                 continue
+            if tail.startswith("/messages") and used.endswith("/v1"):
+                # An Anthropic client: it appends "/v1/messages" to its base URL itself.
+                return (
+                    f"It looks like your Anthropic base URL ends in '{used[:-3]}'; set it"
+                    f" (ANTHROPIC_BASE_URL) to {request.scheme}://{self._host(request)}"
+                    " (Anthropic clients append '/v1/messages' themselves)."
+                )
             shown = f"base_url ends in '{used}'" if used else "base_url lacks '/v1'"
             base_url = f"{request.scheme}://{self._host(request)}/v1"
             return (

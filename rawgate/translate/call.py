@@ -45,3 +45,7 @@ class GeminiCall:
     request_echo: dict[str, Any] = field(default_factory=dict)  # fields the Response echoes
     # Conversation key for sticky scheduling (hash of the first turns), if any.
     conversation_key: str | None = None
+    # What the request asked that shapes the reply in a front's own terms and that the neutral
+    # fields above do not carry (Anthropic: map_messages' MessagesOptions); decode sets it, the
+    # same front's render/stream read it. None for the OpenAI fronts.
+    reply_options: object | None = None

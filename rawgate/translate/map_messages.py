@@ -36,6 +36,7 @@ from rawgate.errors import BadRequest
 from rawgate.translate.call import GeminiCall
 from rawgate.translate.conversation import MAX_STOP, Conversation, build_body, media
 from rawgate.translate.jsonschema import SchemaError, to_response_schema
+from rawgate.translate.schemas import too_deep
 from rawgate.translate.sigtag import SignatureTagger
 from rawgate.translate.thinking import family, thinking_config
 from rawgate.translate.tools import DEFAULT_SCHEMAS, Tools, ToolSchemas, tool_config
@@ -73,8 +74,15 @@ class MessagesRequest(msgspec.Struct):
 _decoder = msgspec.json.Decoder(MessagesRequest)
 
 
-def decode_messages(body: bytes, *, count_tokens: bool = False) -> MessagesRequest:
-    """Decode and check the request; a 400 in words a client can act on."""
+def decode_messages(
+    body: bytes, *, count_tokens: bool = False, max_depth: int = 64
+) -> MessagesRequest:
+    """Decode and check the request; a 400 in words a client can act on. `max_depth`:
+    limits.max_json_depth, as on the OpenAI routes."""
+    if not body or body.isspace():
+        raise BadRequest("The request body is empty; a JSON object is required.")
+    if too_deep(body, max_depth):
+        raise BadRequest(f"The JSON body nests deeper than {max_depth} levels.")
     try:
         req = _decoder.decode(body)
     except msgspec.ValidationError as e:

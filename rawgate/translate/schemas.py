@@ -37,6 +37,7 @@ __all__ = [
     "decode_chat",
     "decode_completion",
     "decode_responses",
+    "too_deep",
 ]
 
 # OpenAI's own ranges; Gemini's narrower ones (candidateCount <= 8, ...) are checked in mapping,
@@ -349,6 +350,12 @@ _LONE_SURROGATE = re.compile(
 )
 _MISSING = re.compile(r"^Object missing required field `([^`]*)`")
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+def too_deep(body: bytes, max_depth: int) -> bool:
+    """True if arrays/objects of `body` nest deeper than max_depth (for decoders of other
+    protocols, such as map_messages, that check limits.max_json_depth the same way)."""
+    return _too_deep(body, max_depth)
 
 
 def _too_deep(body: bytes, max_depth: int) -> bool:

@@ -284,6 +284,9 @@ def test_direct_path_gets_the_equivalent_gemini_request() -> None:
         ("responses", False, "/v1/responses", {"contains": ['"output"']}),
         ("responses", True, "/v1/responses",
          {"contains": ["response.completed"], "min_events": 3}),
+        ("messages", False, "/v1/messages", {"contains": ['"stop_reason":"end_turn"']}),
+        ("messages", True, "/v1/messages",
+         {"tail": 'data: {"type":"message_stop"}', "min_events": 3}),
     ],
 )
 def test_openai_requests_and_their_checks(

@@ -52,10 +52,24 @@ def test_builtin_alias_table() -> None:
         "o4-mini": D,
         "codex-mini-latest": D,
         "GPT-4o": D,  # names compare case-insensitively
+        # Anthropic names by family, any version or date (Claude Code's main and small models)
+        "claude-opus-5-5": "PRO",
+        "claude-3-opus-20240229": "PRO",
+        "claude-sonnet-4-5-20250929": D,
+        "claude-3-7-sonnet-latest": D,
+        "claude-haiku-5-5": "LITE",
+        "claude-3-5-haiku-20241022": "LITE",
     }
     got = {name: r.resolve(name) for name in expect}
     assert got == expect
-    assert r.resolve("claude-sonnet-4") == "claude-sonnet-4"
+    assert r.resolve("claude-instant-1") == "claude-instant-1"  # no family: passed through
+
+
+def test_custom_mapping_overrides_the_claude_aliases() -> None:
+    r = ModelRouter("D", {"claude-*sonnet*": "gemini-3-pro-preview", "claude-haiku-5-5": "X"})
+    assert r.resolve("claude-sonnet-5-5") == "gemini-3-pro-preview"
+    assert r.resolve("claude-haiku-5-5") == "X"
+    assert r.resolve("claude-3-5-haiku-latest") == "gemini-2.5-flash-lite"  # the alias still
 
 
 def test_default_model_follows_config() -> None:
