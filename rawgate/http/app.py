@@ -76,6 +76,8 @@ log = logging.getLogger("rawgate.http.app")
 
 Handler = Callable[[Request, ResponseSink], Awaitable[None]]
 AuthLevel = Literal["protected", "public", "health"]
+# A route's error shape (see Route.error): the error -> (status, headers, body) or None.
+ErrorShape = Callable[[RawgateError], tuple[int, list[tuple[bytes, bytes]], bytes] | None]
 Header = tuple[bytes, bytes]
 
 # Label for requests that matched no route: one series, whatever paths clients invent.
@@ -150,7 +152,7 @@ def path_param(request: Request, prefix: str) -> str:
 
 
 class Route:
-    __slots__ = ("auth", "handler", "label", "method", "path", "prefix", "query_key")
+    __slots__ = ("auth", "error", "handler", "label", "method", "path", "prefix", "query_key")
 
     def __init__(
         self,
@@ -161,6 +163,7 @@ class Route:
         prefix: bool,
         query_key: bool,
         label: str,
+        error: ErrorShape | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -169,6 +172,10 @@ class Route:
         self.prefix = prefix
         self.query_key = query_key  # Gemini-style route: `?key=` is accepted as a credential
         self.label = label  # metrics label and 404 listing: the pattern, never a raw path
+        # The route's protocol's error shape for the refusals the app makes itself (bad key,
+        # 415, overload) and errors the handler raises: (status, headers, body), or None for
+        # the OpenAI JSON error (a front's `error`, gateway/front.py).
+        self.error = error
 
 
 class Router:
@@ -189,6 +196,7 @@ class Router:
         prefix: bool = False,
         query_key: bool = False,
         label: str | None = None,
+        error: ErrorShape | None = None,
     ) -> None:
         """Register a handler. GET routes answer HEAD too (the driver drops the body).
 
@@ -205,7 +213,9 @@ class Router:
                 raise ValueError(f"prefix route must end with '/': {path!r}")
             if any(r.method == method and r.path == path for r in self._prefixes):
                 raise ValueError(f"duplicate route {method} {path}*")
-            route = Route(method, path, handler, auth, True, query_key, label or path + "{id}")
+            route = Route(
+                method, path, handler, auth, True, query_key, label or path + "{id}", error
+            )
             self._prefixes.append(route)
             # Longest prefix first, so /v1beta/models/x/ beats /v1beta/models/.
             self._prefixes.sort(key=lambda r: -len(r.path))
@@ -213,7 +223,7 @@ class Router:
         if (method, path) in self._exact:
             raise ValueError(f"duplicate route {method} {path}")
         self._exact[method, path] = Route(
-            method, path, handler, auth, False, query_key, label or path
+            method, path, handler, auth, False, query_key, label or path, error
         )
         self._methods.setdefault(path, []).append(method)
 
@@ -440,7 +450,12 @@ class GatewayApp:
                         f" {rid}). Retry, or report the request id if the error persists."
                     )
                 try:
-                    await error_response(out, err)
+                    shaped = route.error(err) if route is not None and route.error else None
+                    if shaped is None:
+                        await error_response(out, err)
+                    else:
+                        status_, headers_, body_ = shaped
+                        await out.respond(status_, [*headers_, *err.headers], body_)
                 except ClientDisconnected:
                     status = CLIENT_CLOSED
         finally:
