@@ -281,3 +281,49 @@ async def test_code_assist_account_answers_a_native_generate(tmp_path: Path) -> 
         with pytest.raises(errors.ClientError) as ei:
             await c.models.count_tokens(model=MODEL, contents="x")
         assert ei.value.code == 400 and "API-key account" in (ei.value.message or "")
+
+
+async def test_an_error_after_the_first_byte_is_told_in_stream_and_not_retried(
+    tmp_path: Path,
+) -> None:
+    async with gateway_stack(tmp_path, api_keys=TWO_KEYS) as run, httpx.AsyncClient() as http:
+        url = f"{run.origin}/v1beta/models/{MODEL}:streamGenerateContent"
+        text = "one two three four [[emu:stream_error after=1 status=503]]"
+        body = {"contents": [{"role": "user", "parts": [{"text": text}]}]}
+        before = run.emulator.stats.get("requests", 0)
+        r = await http.post(url + "?alt=sse", json=body)
+        assert r.status_code == 200
+        events = [e for e in r.content.split(b"\r\n\r\n") if e]
+        assert b'"candidates"' in events[0]
+        last = orjson.loads(events[-1].removeprefix(b"data: "))
+        assert last["error"]["status"] == "UNAVAILABLE"
+        assert run.emulator.stats.get("requests", 0) == before + 1  # never after the first byte
+        r = await http.post(url, json=body)  # the JSON-array form: the error is its last element
+        arr = orjson.loads(r.content)
+        assert "candidates" in arr[0] and arr[-1]["error"]["code"] == 503
+
+
+async def test_both_client_keys_present_neither_forwarded(tmp_path: Path) -> None:
+    """Vector 15: `?key=` and x-goog-api-key both present, a client-made functionCall id and a
+    snake_case key in the body: the upstream gets the body byte-equal and the pool's key only."""
+    body = (
+        b'{"contents":[{"role":"user","parts":[{"text":"go"}]},{"role":"model","parts":[{"funct'
+        b'ionCall":{"name":"run_shell_command","args":{"command":"ls"},"id":"run_shell_command_1'
+        b'796522117618_0"},"thoughtSignature":"c2lnLWZha2U="}]},{"role":"user","parts":[{"functi'
+        b'onResponse":{"name":"run_shell_command","id":"run_shell_command_1796522117618_0","resp'
+        b'onse":{"output":"ok"}}}]}],"generationConfig":{"thinkingConfig":{"thinking_budget":0}}}'
+    )
+    async with gateway_stack(tmp_path, config=STRICT) as run, httpx.AsyncClient() as http:
+        url = f"{run.origin}/v1beta/models/{MODEL}:streamGenerateContent?alt=sse&key={CLIENT_KEY}"
+        r = await http.post(url, content=body, headers={"x-goog-api-key": CLIENT_KEY})
+        assert r.status_code == 200 and b'"finishReason":"STOP"' in r.content
+        texts = [
+            orjson.loads(e[6:])["candidates"][0]["content"]["parts"][0]["text"]
+            for e in r.content.split(b"\r\n\r\n")
+            if e.startswith(b"data: ") and b'"text"' in e
+        ]
+        assert "received functionResponse(run_shell_command)" in "".join(texts)
+        _path, query, headers, sent = _upstream(run, ":streamGenerateContent")
+        assert sent == body and query == "alt=sse"
+        keys = [v for k, v in headers if k == b"x-goog-api-key"]
+        assert keys == [run.emulator.api_key.encode()]
