@@ -229,6 +229,13 @@ async def test_errors_are_googles_and_the_sdks_own_types(tmp_path: Path) -> None
                 headers={"x-goog-api-key": CLIENT_KEY},
             )
             assert r.status_code == 404 and r.json()["error"]["status"] == "NOT_FOUND"
+            # A Gemini base URL with a path: the 404 names the origin to use instead.
+            r = await http.post(
+                f"{run.origin}/v1/v1beta/models/{MODEL}:generateContent",
+                content=b"{}",
+                headers={"x-goog-api-key": CLIENT_KEY},
+            )
+            assert r.status_code == 404 and f"set it to {run.origin} " in r.text
 
 
 async def test_a_stream_without_finish_reason_ends_in_googles_error(tmp_path: Path) -> None:

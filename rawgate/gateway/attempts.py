@@ -220,7 +220,7 @@ class AttemptLoop:
             raise BadRequest(
                 "This call (countTokens or embeddings) needs an API-key account: Code Assist "
                 "(OAuth) accounts have no such route. Add a Gemini API key with `rawgate "
-                "accounts add-key`.",
+                "accounts add --api-key KEY`.",
                 code="no_api_key_account",
             )
         return ids

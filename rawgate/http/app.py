@@ -648,6 +648,16 @@ class GatewayApp:
         lowered = path.lower()
         if lowered != path and self.router.allowed(lowered):
             return f"Paths are case-sensitive: did you mean '{lowered}'?"
+        # A Gemini client (google-genai, Gemini CLI) appends "/v1beta/models/..." to an origin:
+        # one with a path (".../v1") stacks them.
+        at = path.find("/v1beta/models/")
+        if at > 0:
+            origin = f"{request.scheme}://{self._host(request)}"
+            return (
+                f"It looks like your Gemini base URL ends in '{path[:at]}'; set it to {origin}"
+                " (GOOGLE_GEMINI_BASE_URL, or base_url in google-genai's HttpOptions: the client"
+                " appends '/v1beta/models/...' itself)."
+            )
         # What an OpenAI SDK appends to base_url ("/chat/completions", "/models/"): if the path
         # ends in one of those but does not start with exactly "/v1", base_url is wrong.
         tails = sorted(
