@@ -147,7 +147,7 @@ class NativeFront:
 class NativeStream:
     """Raw upstream events in, the client's framing out (see the module note)."""
 
-    __slots__ = ("_array", "_finished", "_n", "head", "usage")
+    __slots__ = ("_array", "_finished", "_last_usage", "_n", "head")
 
     heartbeat = b""
     stored: Stored | None = None
@@ -157,7 +157,12 @@ class NativeStream:
         self.head = _ARRAY_HEAD if array else _SSE_HEAD
         self._n = 0  # events relayed
         self._finished = False  # some event carried a finishReason
-        self.usage: TokenUsage = NO_USAGE
+        # The last event with usageMetadata (running totals): decoded once, when asked.
+        self._last_usage = b""
+
+    @property
+    def usage(self) -> TokenUsage:
+        return _usage(self._last_usage) if self._last_usage else NO_USAGE
 
     def start(self) -> bytes:
         return b""
@@ -176,7 +181,7 @@ class NativeStream:
         if not self._finished and has_finish_reason(payload):
             self._finished = True
         if b'"usageMetadata"' in payload:
-            self.usage = _usage(payload)
+            self._last_usage = payload
         return self._frame(payload)
 
     def _close(self) -> bytes:
