@@ -334,3 +334,29 @@ async def test_both_client_keys_present_neither_forwarded(tmp_path: Path) -> Non
         assert sent == body and query == "alt=sse"
         keys = [v for k, v in headers if k == b"x-goog-api-key"]
         assert keys == [run.emulator.api_key.encode()]
+
+
+async def test_sticky_scheduling_keeps_a_native_conversation_on_one_account(
+    tmp_path: Path,
+) -> None:
+    cfg = {"routing": {"scheduling": "sticky"}}
+    async with (
+        gateway_stack(tmp_path, api_keys=TWO_KEYS, config=cfg) as run,
+        httpx.AsyncClient() as http,
+    ):
+        url = f"{run.origin}/v1beta/models/{MODEL}:generateContent"
+        seen: dict[int, set[str]] = {}
+        for conv in range(16):  # all 16 on one of 2 accounts by chance: p = 2^-15
+            history: list[dict[str, Any]] = [
+                {"role": "user", "parts": [{"text": f"conversation {conv} opens"}]}
+            ]
+            for turn in range(3):
+                r = await http.post(url, json={"contents": history})
+                assert r.status_code == 200
+                seen.setdefault(conv, set()).add(r.headers["x-account-email"])
+                history += [
+                    r.json()["candidates"][0]["content"],
+                    {"role": "user", "parts": [{"text": f"turn {turn}"}]},
+                ]
+        assert all(len(s) == 1 for s in seen.values())  # each conversation kept its account
+        assert set().union(*seen.values()) == {"A", "B"}  # and they spread over the pool

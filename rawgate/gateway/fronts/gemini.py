@@ -14,6 +14,8 @@ Invariants:
   silently: Google's in-stream error object follows (503 UNAVAILABLE, which google-genai raises
   as an APIError and the Gemini CLI retries), and so does any failure after the 200. No
   heartbeat bytes: Google's stream parsers accept only data events.
+- With sticky scheduling, a conversation (its system instruction and first turn, as sent)
+  stays on one account, so its thought signatures stay valid.
 - Errors on native routes are Google's `{"error": {code, message, status, details}}`
   (translate/native.google_error), the app's own refusals included (Route.error).
 - Embeddings: inputs are split into batchEmbedContents calls of 100 (map_embeddings), issued
@@ -24,6 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -79,6 +82,34 @@ _NO_FINISH = UpstreamProtocolError(
 )
 
 
+class _Opening(msgspec.Struct):
+    """What identifies a conversation for sticky scheduling, as raw bytes."""
+
+    contents: list[msgspec.Raw] = []
+    systemInstruction: msgspec.Raw = msgspec.Raw()
+    system_instruction: msgspec.Raw = msgspec.Raw()
+
+
+_opening = msgspec.json.Decoder(_Opening)
+
+
+def conversation_key(body: bytes) -> str | None:
+    """A key of the conversation's opening (system instruction and first turn, as sent): a
+    client resends them unchanged every turn, so sticky scheduling keeps the conversation, and
+    its thought signatures, on one account (protocols-2.md C3.4)."""
+    try:
+        doc = _opening.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not doc.contents:
+        return None
+    h = hashlib.blake2b(digest_size=12)
+    h.update(bytes(doc.systemInstruction or doc.system_instruction))
+    h.update(b"\x00")
+    h.update(bytes(doc.contents[0]))
+    return h.hexdigest()
+
+
 class _UsageOnly(msgspec.Struct):
     usageMetadata: Usage | None = None
 
@@ -127,6 +158,9 @@ class NativeFront:
         check_body(req.body, verb)
         stream = verb == "streamGenerateContent"
         array = stream and "sse" not in _query_values(req.query, "alt")
+        key = None
+        if self.gw.sticky and verb in ("generateContent", "streamGenerateContent"):
+            key = conversation_key(req.body)
         return GeminiCall(
             api="native",
             model=model,
@@ -134,6 +168,7 @@ class NativeFront:
             stream=stream,
             body={},
             passthrough=Passthrough(verb, req.body, verb in _KEY_ONLY, array),
+            conversation_key=key,
         )
 
     def render_raw(self, call: GeminiCall, payload: bytes) -> Answer:
