@@ -97,3 +97,13 @@ async def test_a_code_assist_only_pool_says_an_api_key_is_needed(tmp_path: Path)
         with pytest.raises(openai.BadRequestError) as ei:
             await c.embeddings.create(model="text-embedding-3-small", input="x")
         assert "API-key account" in str(ei.value)
+
+
+async def test_a_failing_chunk_fails_the_request_with_its_own_error(tmp_path: Path) -> None:
+    texts = [f"t{i}" for i in range(150)]
+    texts[120] = "[[emu:error status=400 message=chunk-two-refused]] x"
+    async with gateway_stack(tmp_path, api_keys=TWO_KEYS) as run, _client(run) as c:
+        with pytest.raises(openai.BadRequestError) as ei:
+            await c.embeddings.create(model="text-embedding-3-small", input=texts)
+        assert "chunk-two-refused" in str(ei.value)
+        assert ei.value.response.headers["x-mapped-model"] == EMB

@@ -360,3 +360,29 @@ async def test_sticky_scheduling_keeps_a_native_conversation_on_one_account(
                 ]
         assert all(len(s) == 1 for s in seen.values())  # each conversation kept its account
         assert set().union(*seen.values()) == {"A", "B"}  # and they spread over the pool
+
+
+async def test_count_tokens_and_embeddings_skip_code_assist_accounts(tmp_path: Path) -> None:
+    store = AccountStore(tmp_path / "accounts.json")
+    store.add_oauth(DEMO_ACCOUNT.refresh_token, email=DEMO_ACCOUNT.email)
+    store.add_api_key(TWO_KEYS[0][0], label="A")
+    async with gateway_stack(tmp_path) as run, httpx.AsyncClient() as http:
+        body = {"contents": [{"role": "user", "parts": [{"text": "count me"}]}]}
+        served = set()
+        for _ in range(4):  # round robin would alternate; these calls never reach OAuth
+            r = await http.post(f"{run.origin}/v1beta/models/{MODEL}:countTokens", json=body)
+            assert r.status_code == 200 and r.json()["totalTokens"] > 0
+            served.add(r.headers["x-account-email"])
+            r = await http.post(
+                f"{run.origin}/v1/models/gemini-embedding-001:embedContent",
+                json={"content": {"parts": [{"text": "x"}]}},
+            )
+            assert r.status_code == 200
+            served.add(r.headers["x-account-email"])
+        assert served == {"A"}
+        generated = set()
+        for _ in range(4):  # generate calls use both kinds
+            r = await http.post(f"{run.origin}/v1beta/models/{MODEL}:generateContent", json=body)
+            assert r.status_code == 200 and "candidates" in r.json()
+            generated.add(r.headers["x-account-email"])
+        assert generated == {"A", DEMO_ACCOUNT.email}
