@@ -107,3 +107,12 @@ async def test_a_failing_chunk_fails_the_request_with_its_own_error(tmp_path: Pa
             await c.embeddings.create(model="text-embedding-3-small", input=texts)
         assert "chunk-two-refused" in str(ei.value)
         assert ei.value.response.headers["x-mapped-model"] == EMB
+
+
+async def test_every_account_cooling_is_a_429_saying_when(tmp_path: Path) -> None:
+    async with gateway_stack(tmp_path, api_keys=TWO_KEYS) as run, _client(run) as c:
+        cool = "[[emu:error status=429 retry_delay=20s limit=10]] x"
+        with pytest.raises(openai.RateLimitError) as ei:
+            await c.embeddings.create(model="text-embedding-3-small", input=[cool])
+        assert "Please try again in" in str(ei.value)
+        assert int(ei.value.response.headers["retry-after"]) >= 1

@@ -210,7 +210,7 @@ class Gateway(AttemptLoop):
         self.add_front(app, "/v1/responses", responses)
         self.add_front(app, "/responses", responses)
         add = app.router.add
-        add("POST", "/v1/embeddings", self.embeddings)
+        add("POST", "/v1/embeddings", self._honest(native.EMBEDDINGS, serve=self.embeddings))
         # /v1/models answers google-genai too (its default api_version is v1): `?key=` counts.
         add("GET", "/v1/models", self.models, query_key=True)
         add("GET", "/v1/models/", self.model, prefix=True, label="/v1/models/{id}", query_key=True)
@@ -254,18 +254,22 @@ class Gateway(AttemptLoop):
 
     # ---- routes -------------------------------------------------------------------------------
 
-    def _honest(self, front: AnyFront) -> Route:
+    def _honest(self, front: AnyFront, serve: Route | None = None) -> Route:
         """Decode with `front`, then the attempt loop, with the errors told as what they are: a
         refused upstream credential is the account's failure (upstream_auth_failed naming the
         account labels), never the client's 401; a 400 of the mapping names the model it was
         mapped to. A front with its own error shape writes the error itself; the others leave
-        it to the app. One coroutine frame per request: the two try blocks share it."""
+        it to the app. One coroutine frame per request: the two try blocks share it. `serve`:
+        a route that runs several calls itself (/v1/embeddings) instead of decode + one call."""
 
         async def honest(req: Request, sink: ResponseSink) -> None:
             try:
                 try:
-                    call = await front.decode(req, req.access)
-                    await self._proxy(req, sink, front, call)
+                    if serve is None:
+                        call = await front.decode(req, req.access)
+                        await self._proxy(req, sink, front, call)
+                    else:
+                        await serve(req, sink)
                 except AccountsFailing as e:
                     # Every account rests; when a refused credential rests them all, say so.
                     raise self._resting_cause(e, time.monotonic()) from None

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from rawgate.seam import AccessRecord, Request, ResponseSink
     from rawgate.translate.contract import Answer, Stored, TokenUsage
 
-__all__ = ["EMBEDDING_ALIASES", "EmbeddingsFront", "NativeFront", "NativeStream"]
+__all__ = ["EMBEDDINGS", "EMBEDDING_ALIASES", "EmbeddingsFront", "NativeFront", "NativeStream"]
 
 Header = tuple[bytes, bytes]
 _JSON: Header = (b"content-type", b"application/json")
@@ -290,7 +290,7 @@ class EmbeddingsFront:
         return None
 
 
-_EMBED_FRONT = EmbeddingsFront()
+EMBEDDINGS = _EMBED_FRONT = EmbeddingsFront()
 
 
 class _Capture:
