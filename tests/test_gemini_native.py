@@ -229,6 +229,9 @@ async def test_errors_are_googles_and_the_sdks_own_types(tmp_path: Path) -> None
                 headers={"x-goog-api-key": CLIENT_KEY},
             )
             assert r.status_code == 404 and r.json()["error"]["status"] == "NOT_FOUND"
+            # No key at all: Google's 400, telling how Gemini clients send one.
+            r = await http.post(f"{run.origin}/v1beta/models/{MODEL}:generateContent", json={})
+            assert r.status_code == 400 and "x-goog-api-key" in r.json()["error"]["message"]
             # A Gemini base URL with a path: the 404 names the origin to use instead.
             r = await http.post(
                 f"{run.origin}/v1/v1beta/models/{MODEL}:generateContent",

@@ -540,11 +540,17 @@ class GatewayApp:
         if presented is None and route is not None and route.query_key:
             presented = _query_key(query)
         if presented is None:
-            raise AuthenticationError(
-                "Missing API key. Send it as 'Authorization: Bearer <key>' (the OpenAI SDKs do"
-                " this when api_key is set).",
-                headers=[_WWW_AUTH],
-            )
+            if route is not None and route.query_key and route.error is not None:  # Gemini
+                how = (
+                    "Send it as 'x-goog-api-key: <key>' or '?key=<key>' (google-genai and the"
+                    " Gemini CLI do this with their API key setting)."
+                )
+            else:
+                how = (
+                    "Send it as 'Authorization: Bearer <key>' (the OpenAI SDKs do this when"
+                    " api_key is set)."
+                )
+            raise AuthenticationError("Missing API key. " + how, headers=[_WWW_AUTH])
         if presented is _DUPLICATE or not self._key_matches(presented):
             raise AuthenticationError(
                 "Incorrect API key provided. Use one of the keys in rawgate's auth.api_keys.",
