@@ -156,9 +156,13 @@ class Bench:
         # Both emulator engines and the stand-in speak HTTP/1.1 and h2c, so the direct path
         # takes the h2 cases too.
         protos = frozenset({"h1", "h2"})
-        self.targets.append(Target(TargetInfo("direct", "gemini", port, protos=protos,
-                                              apis=frozenset({"chat", "responses", "messages"})),
-                                   "direct", p))
+        # Native requests are what direct sends anyway; embeddings only the emulator answers.
+        apis = {"chat", "responses", "messages", "native"}
+        if kind == "emulator":
+            apis.add("embeddings")
+        self.targets.append(Target(
+            TargetInfo("direct", "gemini", port, apis=frozenset(apis), protos=protos),
+            "direct", p))
 
     def start_rawgate(self) -> None:
         assert self.upstream is not None and self.upstream_proc is not None
@@ -181,6 +185,9 @@ class Bench:
             reason = "`rawgate accounts add` failed: " + (add.stdout + add.stderr).strip()[:200]
         else:
             port = procs.free_port()
+            apis = {"chat", "responses", "messages", "native"}
+            if self.upstream.kind == "emulator":  # the stand-in has no embeddings
+                apis.add("embeddings")
             argv = [a.replace("{port}", str(port)).replace("{python}", sys.executable)
                     for a in shlex.split(self.args.rawgate_cmd)]
             p = Proc("rawgate", argv, port=port, ready_path="/healthz", env=env, cwd=str(ROOT),
@@ -188,8 +195,8 @@ class Bench:
             try:
                 p.start().wait_ready(RAWGATE_START_S)
                 self.targets.append(Target(
-                    TargetInfo("rawgate", "openai", port, protos=frozenset({"h1", "h2"}),
-                               apis=frozenset({"chat", "responses", "messages"})),
+                    TargetInfo("rawgate", "openai", port, apis=frozenset(apis),
+                               protos=frozenset({"h1", "h2"})),
                     "gateway", p))
                 return
             except ProcError as e:

@@ -22,6 +22,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 MODEL = "gemini-2.5-flash"
+EMBEDDING_MODEL = "gemini-embedding-001"
+# What /v1/embeddings is asked for (rawgate maps it to EMBEDDING_MODEL).
+OPENAI_EMBEDDING_MODEL = "text-embedding-3-small"
+# gemini-embedding-001's full vector; every dimension takes at least one byte on the wire.
+EMBEDDING_DIMS = 3072
 SEED = 42
 # Size of a "small" prompt (the directive plus a few words).
 SMALL_PROMPT_BYTES = 64
@@ -34,13 +39,16 @@ SLOW_DELAY_MS = 250.0
 class Workload:
     """What one request asks for."""
 
-    api: Literal["chat", "responses", "messages"] = "chat"
+    # native: Gemini's own generateContent routes (rawgate's passthrough front); embeddings:
+    # OpenAI /v1/embeddings (direct: the batchEmbedContents call rawgate makes for it).
+    api: Literal["chat", "responses", "messages", "native", "embeddings"] = "chat"
     stream: bool = False
     prompt_bytes: int = SMALL_PROMPT_BYTES
     tools: bool = False
     chunks: int = 3  # upstream text chunks (1 part each)
     chunk_bytes: int = 16  # bytes of text per chunk
     delay_ms: float = 0.0  # upstream pause between chunks
+    inputs: int = 100  # embeddings: texts per request (one upstream batch of 100)
 
     @property
     def text_bytes(self) -> int:
@@ -145,6 +153,23 @@ def all_scenarios() -> dict[str, Scenario]:
             "stream-messages",
             "streaming Anthropic Messages, 100 upstream chunks of 16 B, 16 connections",
             (Case("c=16", Workload(api="messages", **_STREAM100), Load()),),
+            kinds=("direct", "gateway"),
+        ),
+        Scenario(
+            "native",
+            "Gemini-native generateContent through rawgate's passthrough front vs direct: "
+            "non-stream, and streaming 100 chunks of 16 B, 16 connections",
+            (
+                Case("c=16", Workload(api="native"), Load()),
+                Case("stream c=16", Workload(api="native", **_STREAM100), Load()),
+            ),
+            kinds=("direct", "gateway"),
+        ),
+        Scenario(
+            "embeddings",
+            "/v1/embeddings with 100 inputs (one batchEmbedContents upstream, base64 answer) vs "
+            "that batch sent direct, 4 connections (emulator upstream only)",
+            (Case("batch=100 c=4", Workload(api="embeddings"), Load(concurrency=4)),),
             kinds=("direct", "gateway"),
         ),
         Scenario(
@@ -317,14 +342,17 @@ class HttpRequest:
 
 def build_request(t: TargetInfo, up: Upstream, w: Workload) -> HttpRequest:
     """The request and its check for workload `w` sent to target `t`."""
-    text = prompt(up, w)
     headers: list[tuple[str, str]] = [("content-type", "application/json")]
-    if t.dialect == "gemini":
+    if w.api == "embeddings":
+        return _embeddings_request(t, up, w, headers)
+    text = prompt(up, w)
+    if t.dialect == "gemini" or w.api == "native":
         op = ":streamGenerateContent?alt=sse" if w.stream else ":generateContent"
         gbody: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": text}]}]}
         if w.tools:
             gbody["tools"] = gemini_tools()
-        headers.append(("x-goog-api-key", up.api_key))
+        if t.dialect == "gemini":  # rawgate answers with its own pool's key
+            headers.append(("x-goog-api-key", up.api_key))
         path = f"/v1beta/models/{t.model}{op}"
         check: dict[str, Any] = {"min_bytes": w.text_bytes}
         if w.stream:
@@ -370,6 +398,34 @@ def build_request(t: TargetInfo, up: Upstream, w: Workload) -> HttpRequest:
         check.pop(name, None)
     if w.stream and t.stream_contains:
         check["contains"] = [*check.get("contains", []), *t.stream_contains]
+    return HttpRequest(path, (*headers, *t.headers), _dumps(body), check)
+
+
+def embedding_texts(n: int) -> list[str]:
+    """`n` distinct short texts, the same every run."""
+    rng = random.Random(SEED)
+    words = ("gateway", "vector", "search", "index", "query", "document", "cosine", "recall")
+    return [f"{i} " + " ".join(rng.choice(words) for _ in range(8)) for i in range(n)]
+
+
+def _embeddings_request(
+    t: TargetInfo, up: Upstream, w: Workload, headers: list[tuple[str, str]]
+) -> HttpRequest:
+    texts = embedding_texts(w.inputs)
+    check: dict[str, Any] = {"min_bytes": w.inputs * EMBEDDING_DIMS}
+    if t.dialect == "gemini":
+        name = "models/" + EMBEDDING_MODEL
+        body: dict[str, Any] = {
+            "requests": [{"model": name, "content": {"parts": [{"text": x}]}} for x in texts]
+        }
+        headers.append(("x-goog-api-key", up.api_key))
+        path = f"/v1beta/models/{EMBEDDING_MODEL}:batchEmbedContents"
+        check["contains"] = ['"embeddings"']
+    else:
+        # base64: what both openai SDKs ask for when the caller does not choose.
+        body = {"model": OPENAI_EMBEDDING_MODEL, "input": texts, "encoding_format": "base64"}
+        path = "/v1/embeddings"
+        check["contains"] = ['"embedding"']
     return HttpRequest(path, (*headers, *t.headers), _dumps(body), check)
 
 

@@ -117,6 +117,9 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_budget_min: int = 3  # re-sends always allowed per window, however quiet the gateway
     retry_budget_window_s: float = 10.0  # the budget's sliding window
     custom_mapping: dict[str, str] = msgspec.field(default_factory=dict)
+    # Where POST /v1/embeddings sends the OpenAI embedding names (text-embedding-3-small,
+    # text-embedding-3-large, text-embedding-ada-002, text-embedding-004).
+    embedding_model: str = "gemini-embedding-001"
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -158,6 +161,9 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # the store serves SDK users chaining turns: 1024 conversations for an hour is plenty for a
     # local gateway and bounds memory (the oldest go first).
     response_store_max_count: int = 1024
+    # POST /v1/embeddings: upstream batchEmbedContents calls (100 inputs each) one request may
+    # have in flight at once; the others wait their turn.
+    embedding_parallel_chunks: int = 4
     response_store_max_age_s: float = 3600.0
     # Bytes of the distinct items the store holds (a chain's shared history counts once); the
     # oldest go first. A response larger than this alone is not stored: a later
@@ -490,6 +496,15 @@ def _check_semantics(cfg: Config, origins: _Origins) -> None:
         )
         key = f"{tier}_model" if tier else "custom_mapping"
         raise ConfigError(f"{origins.of('routing', key)}: {e}") from None
+    from rawgate.model_router import GEMINI_MODEL
+
+    if not GEMINI_MODEL.match(r.embedding_model):
+        raise fail("routing", "embedding_model", r.embedding_model, "must be a Gemini model id")
+    if cfg.limits.embedding_parallel_chunks < 1:
+        raise fail(
+            "limits", "embedding_parallel_chunks", cfg.limits.embedding_parallel_chunks,
+            "must be >= 1",
+        )
     if r.retry_budget_ratio < 0:
         raise fail("routing", "retry_budget_ratio", r.retry_budget_ratio, "must be >= 0")
     if r.retry_budget_min < 0:

@@ -18,7 +18,10 @@ Invariants:
   as soon as the upstream answered 200, then one downstream write per upstream read (every frame
   that read completed), with the transcoder's heartbeat while the upstream is silent.
 - The loop knows no client protocol: the front (gateway/front.py) renders replies and makes the
-  stream transcoder; usage and the items to store come back as neutral records.
+  stream transcoder; usage and the items to store come back as neutral records. A passthrough
+  call (`call.passthrough`) is sent as the client's bytes (in the Code Assist envelope on an
+  OAuth account) and its raw reply goes back to the front; calls Code Assist cannot serve
+  (countTokens, embeddings) are only put on API-key accounts.
 - The scheduler's bookkeeping (acquire/release) is balanced on every path, cancellation included;
   the upstream response is closed (shielded) on every path, which resets an abandoned h2 stream.
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote
 
 import anyio
@@ -39,6 +42,7 @@ from rawgate.accounts.oauth import AccountRevoked
 from rawgate.accounts.scheduler import Cooldown, FailureKind
 from rawgate.errors import (
     AuthenticationError,
+    BadRequest,
     HTTPVersionNotSupported,
     InternalError,
     MethodNotImplemented,
@@ -59,20 +63,22 @@ from rawgate.errors import (
 from rawgate.logs import safe_text
 from rawgate.translate import mapping
 from rawgate.translate.gemini import decode_reply, error_from_upstream
+from rawgate.translate.native import unwrap_code_assist, wrap_code_assist
 from rawgate.translate.sse import SSEDecoder
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from rawgate.accounts.oauth import TokenManager
     from rawgate.accounts.scheduler import Scheduler
     from rawgate.accounts.store import Account
     from rawgate.gateway.account_sync import AccountSync
-    from rawgate.gateway.front import Front
+    from rawgate.gateway.front import AnyFront, Front, PassthroughFront
     from rawgate.seam import Request, ResponseSink
     from rawgate.state.response_store import ResponseStore
     from rawgate.translate.call import GeminiCall
-    from rawgate.translate.contract import Clock, IdFactory
+    from rawgate.translate.contract import Clock, IdFactory, RawTranscoder, StreamTranscoder
     from rawgate.upstream.client import UpstreamClient, UpstreamResponse
 
 __all__ = ["AttemptLoop", "Try", "charges_budget", "failure_kind", "retryable"]
@@ -141,14 +147,16 @@ class AttemptLoop:
         return h
 
     async def _proxy(
-        self, req: Request, sink: ResponseSink, front: Front, call: GeminiCall
+        self, req: Request, sink: ResponseSink, front: AnyFront, call: GeminiCall
     ) -> None:
         """Attempts with rotation; the first usable answer goes to the client."""
         sched = self.scheduler
         model = call.model
         debug = log.isEnabledFor(logging.DEBUG)
+        pt = call.passthrough
+        tried: set[str] = set() if pt is None or not pt.api_key_only else self._oauth_ids()
         try:
-            acc = sched.pick(model, time.monotonic(), key=call.conversation_key)
+            acc = sched.pick(model, time.monotonic(), exclude=tried, key=call.conversation_key)
         except RawgateError as e:
             if debug:
                 log.debug(
@@ -157,7 +165,7 @@ class AttemptLoop:
                 )  # fmt: skip
             e.headers.extend(self._headers(req, None))
             raise
-        tried = {acc.id}
+        tried.add(acc.id)
         attempts = sched.attempts_allowed()
         attempt = 0
         while True:
@@ -203,6 +211,20 @@ class AttemptLoop:
                 self._log_attempt(req, attempt, attempts, acc, model, tr, tr.error, "")
             return
 
+    def _oauth_ids(self) -> set[str]:
+        """The Code Assist accounts, which a call with no Code Assist route must skip; a 400
+        when they are all the pool has (failure path and API-key-only calls: O(accounts))."""
+        accounts = self.sync.accounts.values()
+        ids = {a.id for a in accounts if a.kind != "api_key"}
+        if not any(a.kind == "api_key" and a.enabled for a in accounts):
+            raise BadRequest(
+                "This call (countTokens or embeddings) needs an API-key account: Code Assist "
+                "(OAuth) accounts have no such route. Add a Gemini API key with `rawgate "
+                "accounts add --api-key KEY`.",
+                code="no_api_key_account",
+            )
+        return ids
+
     @staticmethod
     def _log_attempt(
         req: Request,
@@ -237,7 +259,7 @@ class AttemptLoop:
         self,
         req: Request,
         sink: ResponseSink,
-        front: Front,
+        front: AnyFront,
         call: GeminiCall,
         acc: Account,
         tr: Try,
@@ -268,7 +290,12 @@ class AttemptLoop:
                     raw = await resp.read(ERROR_BODY_MAX_BYTES)
                     raise error_from_upstream(resp.status, raw, resp.headers)
                 if not call.stream:
-                    reply = decode_reply(await resp.read())
+                    if call.passthrough is None:
+                        reply = decode_reply(await resp.read())
+                    else:
+                        raw = await resp.read()
+                        if acc.kind != "api_key":
+                            raw = unwrap_code_assist(raw)
             except AccountRevoked as e:
                 await self.sync.disable(acc, e.reason)
                 self.sync.count(acc, 0, 0, e.message)
@@ -281,7 +308,10 @@ class AttemptLoop:
                 await self._stream(sink, front, call, resp, head, acc, tr)
                 return
             try:
-                answer = front.render(call, reply, self.clock, self.ids)
+                if call.passthrough is None:
+                    answer = cast("Front", front).render(call, reply, self.clock, self.ids)
+                else:
+                    answer = cast("PassthroughFront", front).render_raw(call, raw)
             except RawgateError as e:
                 # An unusable answer (MALFORMED_FUNCTION_CALL ...) is the model's failure, not
                 # the account's: no cooldown, but the next attempt may go elsewhere.
@@ -322,8 +352,12 @@ class AttemptLoop:
     async def _upstream_request(
         self, acc: Account, call: GeminiCall
     ) -> tuple[str, list[Header], bytes]:
+        pt = call.passthrough
         if acc.kind == "api_key":
-            method = ":streamGenerateContent?alt=sse" if call.stream else ":generateContent"
+            if pt is not None:
+                method = ":" + pt.verb + ("?alt=sse" if call.stream else "")
+            else:
+                method = ":streamGenerateContent?alt=sse" if call.stream else ":generateContent"
             headers = [_UPSTREAM_JSON, _USER_AGENT, (b"x-goog-api-key", acc.api_key.encode())]
             # The model is one escaped path segment (router.resolve already allows only
             # [A-Za-z0-9._-]; quoting keeps that true should a future caller skip it). The
@@ -336,7 +370,7 @@ class AttemptLoop:
                     self._gemini_base + quote(call.model, safe="")
                 )
             url = base + method
-            return url, headers, mapping.gemini_body(call)
+            return url, headers, mapping.gemini_body(call) if pt is None else pt.body
         token = await self.tokens.access_token(acc, time.time())
         known = acc.project
         project = await self.tokens.project_for(acc, token, self._post_json_ca)
@@ -344,13 +378,17 @@ class AttemptLoop:
             self.sync.later(acc.id, project=project)
         method = "streamGenerateContent?alt=sse" if call.stream else "generateContent"
         headers = [_UPSTREAM_JSON, _USER_AGENT, (b"authorization", b"Bearer " + token.encode())]
-        body = mapping.code_assist_body(call, project, uuid.uuid4().hex)
+        if pt is not None:
+            # The client's bytes inside the envelope, never re-encoded (translate/native.py).
+            body = wrap_code_assist(pt.body, call.model, project, uuid.uuid4().hex)
+        else:
+            body = mapping.code_assist_body(call, project, uuid.uuid4().hex)
         return self._ca_base + method, headers, body
 
     async def _stream(
         self,
         sink: ResponseSink,
-        front: Front,
+        front: AnyFront,
         call: GeminiCall,
         resp: UpstreamResponse,
         head: list[Header],
@@ -361,11 +399,22 @@ class AttemptLoop:
         the head went out is reported to the scheduler here and recorded in `tr` (the client
         already has its answer: an error event)."""
         decoder = SSEDecoder(self._max_event_bytes)
-        tx = front.stream(call, self.clock, self.ids)
-        feed, finish, fail = tx.feed, tx.finish, tx.fail
+        tx: StreamTranscoder | RawTranscoder
+        decode: Callable[[bytes], Any]
+        if call.passthrough is None:
+            tx = cast("Front", front).stream(call, self.clock, self.ids)
+            decode = decode_reply
+            content = _SSE_HEAD
+        else:
+            # Raw event payloads to the front; a Code Assist event loses its envelope first.
+            tx = raw = cast("PassthroughFront", front).stream_raw(call)
+            decode = _same if acc.kind == "api_key" else unwrap_code_assist
+            content = raw.head
+        feed: Callable[[Any], bytes] = tx.feed
+        finish, fail = tx.finish, tx.fail
         heartbeat = tx.heartbeat
         first = tx.start()
-        await sink.start(200, [*_SSE_HEAD, *head])
+        await sink.start(200, [*content, *head])
         if first:
             await sink.send(first)
         upstream_error: RawgateError | None = None
@@ -374,7 +423,7 @@ class AttemptLoop:
         # stream's CPU: bench `stream-chat` c=16, ledger in bench/README.md), and a single
         # writer needs no lock. The wait counts from the
         # last downstream write, so upstream data that made no frame does not put it off.
-        beat = self._heartbeat_s if self._heartbeat_s > 0 else None
+        beat = self._heartbeat_s if self._heartbeat_s > 0 and heartbeat else None
         last = time.monotonic()  # the last downstream write
         receive = resp.receive_within
         send = sink.send
@@ -398,7 +447,7 @@ class AttemptLoop:
                     # The first event leaves on its own: a read holding a whole burst (100
                     # events, ~0.45 ms to transcode) must not delay the first byte (bench
                     # `stream-chat` c=1 TTFB, ledger in bench/README.md).
-                    out.append(feed(decode_reply(ps[0])))
+                    out.append(feed(decode(ps[0])))
                     data = b"".join(out)
                     out.clear()
                     if data:
@@ -407,7 +456,7 @@ class AttemptLoop:
                         flushed = True
                     del ps[0]
                 for p in ps:
-                    out.append(feed(decode_reply(p)))  # noqa: PERF401 (keep partials)
+                    out.append(feed(decode(p)))  # noqa: PERF401 (keep partials)
                 if out:
                     data = b"".join(out)
                     out.clear()
@@ -415,7 +464,7 @@ class AttemptLoop:
                         await send(data)  # one write per upstream read
                         last = time.monotonic()
             for p in decoder.close():
-                out.append(feed(decode_reply(p)))  # noqa: PERF401
+                out.append(feed(decode(p)))  # noqa: PERF401
             out.append(finish())
         except RawgateError as e:
             # Frames already made from this read go out before the error event.
@@ -527,6 +576,10 @@ _RETRYABLE = (
     UpstreamRequestTimeout,
     RateLimited,
 )
+
+
+def _same(payload: bytes) -> bytes:
+    return payload
 
 
 def _bearer_of(headers: list[Header]) -> str:

@@ -51,6 +51,7 @@ from rawgate.errors import (
 )
 from rawgate.gateway.account_sync import AccountSync
 from rawgate.gateway.attempts import ERROR_BODY_MAX_BYTES, USER_AGENT, AttemptLoop
+from rawgate.gateway.fronts import gemini as native
 from rawgate.gateway.fronts.anthropic import MessagesFront
 from rawgate.gateway.fronts.openai import ChatFront, CompletionsFront, ResponsesFront
 from rawgate.gateway.models import ModelListing
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from rawgate.config import Config
-    from rawgate.gateway.front import Front
+    from rawgate.gateway.front import AnyFront
     from rawgate.http.app import GatewayApp
     from rawgate.seam import AccessRecord, Request, ResponseSink
     from rawgate.translate.contract import Clock, IdFactory
@@ -203,7 +204,7 @@ class Gateway(AttemptLoop):
                 await self.client.__aexit__(None, None, None)
 
     def install(self, app: GatewayApp) -> None:
-        """Register the OpenAI and Anthropic routes on the app's router."""
+        """Register the OpenAI, Anthropic and Gemini-native routes on the app's router."""
         responses = ResponsesFront(self)
         self.add_front(app, "/v1/chat/completions", ChatFront(self))
         self.add_front(app, "/v1/completions", CompletionsFront(self))
@@ -211,11 +212,23 @@ class Gateway(AttemptLoop):
         self.add_front(app, "/responses", responses)
         messages = MessagesFront(self)  # reads or makes RAWGATE_HOME/signature_key
         self.add_front(app, "/v1/messages", messages, id_header=b"request-id")
-        # /v1/models in OpenAI's shape, in Anthropic's when asked with anthropic-version.
+        # /v1/models in OpenAI's shape, in Anthropic's when asked with anthropic-version, in
+        # Google's for google-genai (its default api_version is v1: `?key=` counts).
         messages.install(app, self.models, self.model)
+        add = app.router.add
+        add("POST", "/v1/embeddings", self._honest(native.EMBEDDINGS, serve=self.embeddings))
+        gemini = native.NativeFront(self)
+        for version in ("/v1beta", "/v1"):
+            label = version + "/models/{model}:{method}"
+            self.add_front(app, version + "/models/", gemini, prefix=True, query_key=True,
+                           label=label)  # fmt: skip
+        shape = gemini.error
+        add("GET", "/v1beta/models", self.google_models, query_key=True, shape=shape)
+        add("GET", "/v1beta/models/", self.google_model, prefix=True, query_key=True,
+            label="/v1beta/models/{model}", shape=shape)  # fmt: skip
 
     def add_front(
-        self, app: GatewayApp, path: str, front: Front, *, method: str = "POST", **route: Any
+        self, app: GatewayApp, path: str, front: AnyFront, *, method: str = "POST", **route: Any
     ) -> None:
         """Serve `front` (gateway/front.py) on `path`: decode, then attempts with rotation and
         retries, the stream pump and the accounting, whatever the protocol. `route`: the
@@ -223,7 +236,7 @@ class Gateway(AttemptLoop):
         route.setdefault("shape", front.error)  # the app's refusals (401, 503 ...) too
         app.router.add(method, path, self.handler(front), **route)
 
-    def handler(self, front: Front) -> Route:
+    def handler(self, front: AnyFront) -> Route:
         """The route handler of one front (see _honest)."""
         return self._honest(front)
 
@@ -244,18 +257,22 @@ class Gateway(AttemptLoop):
 
     # ---- routes -------------------------------------------------------------------------------
 
-    def _honest(self, front: Front) -> Route:
+    def _honest(self, front: AnyFront, serve: Route | None = None) -> Route:
         """Decode with `front`, then the attempt loop, with the errors told as what they are: a
         refused upstream credential is the account's failure (upstream_auth_failed naming the
         account labels), never the client's 401; a 400 of the mapping names the model it was
         mapped to. A front with its own error shape writes the error itself; the others leave
-        it to the app. One coroutine frame per request: the two try blocks share it."""
+        it to the app. One coroutine frame per request: the two try blocks share it. `serve`:
+        a route that runs several calls itself (/v1/embeddings) instead of decode + one call."""
 
         async def honest(req: Request, sink: ResponseSink) -> None:
             try:
                 try:
-                    call = await front.decode(req, req.access)
-                    await self._proxy(req, sink, front, call)
+                    if serve is None:
+                        call = await front.decode(req, req.access)
+                        await self._proxy(req, sink, front, call)
+                    else:
+                        await serve(req, sink)
                 except AccountsFailing as e:
                     # Every account rests; when a refused credential rests them all, say so.
                     raise self._resting_cause(e, time.monotonic()) from None
@@ -287,10 +304,16 @@ class Gateway(AttemptLoop):
         return honest
 
     async def models(self, req: Request, sink: ResponseSink) -> None:
+        if native.wants_google_listing(req):
+            await self.google_models(req, sink)
+            return
         data = self.router.list_models(await self.listing.names())
         await sink.respond(200, [_JSON], orjson.dumps({"object": "list", "data": data}))
 
     async def model(self, req: Request, sink: ResponseSink) -> None:
+        if native.wants_google_listing(req):
+            await self.google_model(req, sink)
+            return
         wanted = unquote(req.path[len("/v1/models/") :])
         for m in self.router.list_models(await self.listing.names()):
             if m["id"] == wanted:
@@ -299,6 +322,32 @@ class Gateway(AttemptLoop):
         raise NotFound(
             f"The model '{wanted}' does not exist", param="model", code="model_not_found"
         )
+
+    async def google_models(self, req: Request, sink: ResponseSink) -> None:
+        """GET /{v1beta,v1}/models in Google's shape: the upstream's generative models and the
+        embedding model (one page; pageToken is ignored)."""
+        await sink.respond(200, [_JSON], native.encode_listing(await self._google_names()))
+
+    async def google_model(self, req: Request, sink: ResponseSink) -> None:
+        prefix = "/v1beta/models/" if req.path.startswith("/v1beta/") else "/v1/models/"
+        wanted = unquote(req.path[len(prefix) :]).removeprefix("models/")
+        if wanted in await self._google_names():
+            await sink.respond(200, [_JSON], orjson.dumps(native.google_model(wanted)))
+            return
+        err = NotFound(f"models/{wanted} is not found for API version {prefix[1:-8]}.")
+        status, headers, body = native.NativeFront(self).error(err) or (404, [], b"")
+        await sink.respond(status, headers, body)
+
+    async def _google_names(self) -> list[str]:
+        names = list(await self.listing.names())
+        emb = self.cfg.routing.embedding_model
+        if emb not in names:
+            names.append(emb)
+        return names
+
+    async def embeddings(self, req: Request, sink: ResponseSink) -> None:
+        """POST /v1/embeddings (gateway/fronts/gemini.py)."""
+        await native.embeddings(self, req, sink)
 
     # ---- the data path ------------------------------------------------------------------------
 

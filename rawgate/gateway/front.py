@@ -12,6 +12,10 @@ Invariants:
 - `decode` may do I/O the protocol needs (a response store lookup, schema work offloaded to a
   thread); `render` and `stream` are sans-IO and take the clock and the id factory they must
   use, so a front's replies are deterministic under test.
+- A passthrough front (`PassthroughFront`: the Gemini-native routes, embeddings) decodes to a
+  call carrying `call.passthrough` (the verb and the client's body bytes); the loop sends that
+  body as it is and gives the front the raw reply bytes (`render_raw`, `stream_raw`), so
+  nothing is decoded or re-encoded on the way. Rotation, retries and accounting are the same.
 - `error` returns None to leave the shape to the app (OpenAI's JSON error body, which the app
   writes for every route it refuses before a handler runs), or (status, headers, body) for a
   protocol whose clients expect another shape. Only called before the response started: after
@@ -26,10 +30,16 @@ if TYPE_CHECKING:
     from rawgate.errors import RawgateError
     from rawgate.seam import AccessRecord, Request
     from rawgate.translate.call import GeminiCall
-    from rawgate.translate.contract import Answer, Clock, IdFactory, StreamTranscoder
+    from rawgate.translate.contract import (
+        Answer,
+        Clock,
+        IdFactory,
+        RawTranscoder,
+        StreamTranscoder,
+    )
     from rawgate.translate.gemini import Reply
 
-__all__ = ["ErrorReply", "Front"]
+__all__ = ["AnyFront", "ErrorReply", "Front", "PassthroughFront"]
 
 Header = tuple[bytes, bytes]
 ErrorReply = tuple[int, list[Header], bytes]
@@ -54,3 +64,22 @@ class Front(Protocol):
     def error(self, err: RawgateError) -> ErrorReply | None:
         """`err` in this protocol's shape, or None for the app's (OpenAI) shape."""
         ...
+
+
+class PassthroughFront(Protocol):
+    """A front whose calls carry `call.passthrough`: replies come back as raw bytes."""
+
+    async def decode(self, req: Request, access: AccessRecord) -> GeminiCall: ...
+
+    def render_raw(self, call: GeminiCall, payload: bytes) -> Answer:
+        """A complete reply from the upstream's JSON (unwrapped from Code Assist)."""
+        ...
+
+    def stream_raw(self, call: GeminiCall) -> RawTranscoder:
+        """A fresh passthrough transcoder for one streamed reply."""
+        ...
+
+    def error(self, err: RawgateError) -> ErrorReply | None: ...
+
+
+AnyFront = Front | PassthroughFront

@@ -555,11 +555,17 @@ class GatewayApp:
         if presented is None and route is not None and route.query_key:
             presented = _query_key(query)
         if presented is None:
-            raise AuthenticationError(
-                "Missing API key. Send it as 'Authorization: Bearer <key>' (the OpenAI SDKs do"
-                " this when api_key is set).",
-                headers=[_WWW_AUTH],
-            )
+            if route is not None and route.query_key and route.shape is not None:  # Gemini
+                how = (
+                    "Send it as 'x-goog-api-key: <key>' or '?key=<key>' (google-genai and the"
+                    " Gemini CLI do this with their API key setting)."
+                )
+            else:
+                how = (
+                    "Send it as 'Authorization: Bearer <key>' (the OpenAI SDKs do this when"
+                    " api_key is set)."
+                )
+            raise AuthenticationError("Missing API key. " + how, headers=[_WWW_AUTH])
         if presented is _DUPLICATE or not self._key_matches(presented):
             raise AuthenticationError(
                 "Incorrect API key provided. Use one of the keys in rawgate's auth.api_keys.",
@@ -663,6 +669,16 @@ class GatewayApp:
         lowered = path.lower()
         if lowered != path and self.router.allowed(lowered):
             return f"Paths are case-sensitive: did you mean '{lowered}'?"
+        # A Gemini client (google-genai, Gemini CLI) appends "/v1beta/models/..." to an origin:
+        # one with a path (".../v1") stacks them.
+        at = path.find("/v1beta/models/")
+        if at > 0:
+            origin = f"{request.scheme}://{self._host(request)}"
+            return (
+                f"It looks like your Gemini base URL ends in '{path[:at]}'; set it to {origin}"
+                " (GOOGLE_GEMINI_BASE_URL, or base_url in google-genai's HttpOptions: the client"
+                " appends '/v1beta/models/...' itself)."
+            )
         # What an OpenAI SDK appends to base_url ("/chat/completions", "/models/"): if the path
         # ends in one of those but does not start with exactly "/v1", base_url is wrong.
         tails = sorted(

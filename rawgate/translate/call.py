@@ -21,9 +21,21 @@ class ToolOrigin:
     namespace: str | None = None  # Responses `namespace` tools are flattened for Gemini
 
 
+@dataclass(slots=True, frozen=True)
+class Passthrough:
+    """A call whose body the client wrote in Gemini's own shape (the native front, embeddings):
+    the attempt loop sends `body` as it is to `:{verb}` and hands the raw reply bytes back to
+    the front (gateway/front.py PassthroughFront) instead of decoding them."""
+
+    verb: str  # generateContent, streamGenerateContent, countTokens, embedContent, ...
+    body: bytes  # the request body, byte for byte
+    api_key_only: bool = False  # no Code Assist route (countTokens, embeddings)
+    array: bool = False  # a stream the client reads as Google's JSON array (no alt=sse)
+
+
 @dataclass(slots=True)
 class GeminiCall:
-    api: Literal["chat", "completions", "responses", "messages"]
+    api: Literal["chat", "completions", "responses", "messages", "native", "embeddings"]
     model: str  # the Gemini model to call (router output, no "models/" prefix)
     client_model: str  # the model name the client asked for (echoed in replies)
     stream: bool
@@ -49,3 +61,5 @@ class GeminiCall:
     # fields above do not carry (Anthropic: map_messages' MessagesOptions); decode sets it, the
     # same front's render/stream read it. None for the OpenAI fronts.
     reply_options: object | None = None
+    # Set by passthrough fronts: `body` above is then unused (empty).
+    passthrough: Passthrough | None = None

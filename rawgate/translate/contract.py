@@ -30,6 +30,7 @@ __all__ = [
     "Answer",
     "Clock",
     "IdFactory",
+    "RawTranscoder",
     "Stored",
     "StreamTranscoder",
     "TokenUsage",
@@ -125,6 +126,33 @@ class StreamTranscoder(Protocol):
     def start(self) -> bytes: ...
 
     def feed(self, reply: Reply) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+    def fail(self, err: RawgateError) -> bytes: ...
+
+
+class RawTranscoder(Protocol):
+    """A passthrough stream (the Gemini-native front): each upstream event's raw JSON payload in
+    (already unwrapped from a Code Assist envelope), the client's framing out. Same life cycle
+    as StreamTranscoder; `heartbeat` may be empty (then the stream gets none); `head` is the
+    response head's content headers (the framing decides the content type)."""
+
+    @property
+    def head(self) -> tuple[tuple[bytes, bytes], ...]: ...
+
+    @property
+    def heartbeat(self) -> bytes: ...
+
+    @property
+    def usage(self) -> TokenUsage: ...
+
+    @property
+    def stored(self) -> Stored | None: ...
+
+    def start(self) -> bytes: ...
+
+    def feed(self, payload: bytes) -> bytes: ...
 
     def finish(self) -> bytes: ...
 

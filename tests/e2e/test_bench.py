@@ -300,6 +300,28 @@ def test_openai_requests_and_their_checks(
     assert body.get("stream", False) is stream and body["model"] == scenarios.MODEL
 
 
+def test_native_and_embeddings_send_rawgate_what_direct_sends_upstream() -> None:
+    for stream in (False, True):
+        w = scenarios.Workload(api="native", stream=stream, chunks=100)
+        direct = scenarios.build_request(_target("direct", "gemini"), UP_EMU, w)
+        gw = scenarios.build_request(_target(apis=frozenset({"native"})), UP_EMU, w)
+        assert (gw.path, gw.body, gw.check) == (direct.path, direct.body, direct.check)
+        assert ("x-goog-api-key", "k1") not in gw.headers  # rawgate uses its own pool's key
+    w = scenarios.Workload(api="embeddings", inputs=100)
+    direct = scenarios.build_request(_target("direct", "gemini"), UP_EMU, w)
+    gw = scenarios.build_request(_target(), UP_EMU, w)
+    assert direct.path == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+    items = json.loads(direct.body)["requests"]
+    body = json.loads(gw.body)
+    assert gw.path == "/v1/embeddings" and body["encoding_format"] == "base64"
+    assert [i["content"]["parts"][0]["text"] for i in items] == body["input"]
+    assert len(set(body["input"])) == 100
+    assert gw.check["min_bytes"] == direct.check["min_bytes"] == 100 * 3072
+    case = scenarios.all_scenarios()["embeddings"].cases[0]
+    assert not _target().supports(case)  # peers and the stand-in do not take it
+    assert _target(apis=frozenset({"embeddings"})).supports(case)
+
+
 def test_relaxed_checks_are_replaced_not_dropped() -> None:
     t = _target("portkey", relaxed={"tail": "why"}, stream_contains=('"finish_reason":"stop"',))
     req = scenarios.build_request(t, UP_EMU, scenarios.Workload(stream=True))

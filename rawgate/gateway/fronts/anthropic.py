@@ -217,13 +217,14 @@ class MessagesFront:
         add = app.router.add
         add("POST", "/v1/messages/count_tokens", self._shaped(self.count_tokens), shape=self.error,
             id_header=b"request-id")  # fmt: skip
-        add("GET", "/v1/models", self._models_route(self.models, openai_models))
+        add("GET", "/v1/models", self._models_route(self.models, openai_models), query_key=True)
         add(
             "GET",
             "/v1/models/",
             self._models_route(self.model, openai_model),
             prefix=True,
             label="/v1/models/{id}",
+            query_key=True,
         )
         # Protected like any route: Claude Code sends its key with these too.
         add("GET", "/", self.root)
