@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from rawgate.state.response_store import ResponseStore
     from rawgate.translate.call import GeminiCall
     from rawgate.translate.contract import Clock, IdFactory
+    from rawgate.translate.gemini import Reply
     from rawgate.upstream.client import UpstreamClient, UpstreamResponse
 
 __all__ = ["AttemptLoop", "Try", "charges_budget", "failure_kind", "retryable"]
@@ -160,10 +161,14 @@ class AttemptLoop:
         tried = {acc.id}
         attempts = sched.attempts_allowed()
         attempt = 0
+        access = req.access
+        access.stream = call.stream
+        tries = access.attempts = []  # (label, Try) per attempt, for the request log
         while True:
             attempt += 1
-            req.access.account = acc.display_name()
+            access.account = label = acc.display_name()
             tr = Try()
+            tries.append((label, tr))
             try:
                 await self._attempt(req, sink, front, call, acc, tr)
             except RawgateError as e:
@@ -278,7 +283,7 @@ class AttemptLoop:
                 raise
             head = self._headers(req, acc)
             if call.stream:
-                await self._stream(sink, front, call, resp, head, acc, tr)
+                await self._stream(req, sink, front, call, resp, head, acc, tr)
                 return
             try:
                 answer = front.render(call, reply, self.clock, self.ids)
@@ -289,6 +294,10 @@ class AttemptLoop:
                 raise
             await sink.respond(200, [_JSON, *head], answer.body)
             tin, tout = answer.usage
+            um = reply.usageMetadata
+            req.access.tokens = (
+                tin, tout, um.cachedContentTokenCount, um.thoughtsTokenCount
+            ) if um is not None else (tin, tout, 0, 0)  # fmt: skip
             sched.report_success(acc, call.model, time.monotonic(), tin, tout)
             self.sync.count(acc, tin, tout, None)
             if answer.stored is not None:
@@ -349,6 +358,7 @@ class AttemptLoop:
 
     async def _stream(
         self,
+        req: Request,
         sink: ResponseSink,
         front: Front,
         call: GeminiCall,
@@ -381,6 +391,7 @@ class AttemptLoop:
         sse = decoder.feed
         out: list[bytes] = []
         flushed = False  # the first event went out
+        reply: Reply | None = None  # the last event: its usageMetadata is the running total
         try:
             while True:
                 if beat is None:
@@ -398,7 +409,8 @@ class AttemptLoop:
                     # The first event leaves on its own: a read holding a whole burst (100
                     # events, ~0.45 ms to transcode) must not delay the first byte (bench
                     # `stream-chat` c=1 TTFB, ledger in bench/README.md).
-                    out.append(feed(decode_reply(ps[0])))
+                    reply = decode_reply(ps[0])
+                    out.append(feed(reply))
                     data = b"".join(out)
                     out.clear()
                     if data:
@@ -407,7 +419,8 @@ class AttemptLoop:
                         flushed = True
                     del ps[0]
                 for p in ps:
-                    out.append(feed(decode_reply(p)))  # noqa: PERF401 (keep partials)
+                    reply = decode_reply(p)
+                    out.append(feed(reply))
                 if out:
                     data = b"".join(out)
                     out.clear()
@@ -415,7 +428,8 @@ class AttemptLoop:
                         await send(data)  # one write per upstream read
                         last = time.monotonic()
             for p in decoder.close():
-                out.append(feed(decode_reply(p)))  # noqa: PERF401
+                reply = decode_reply(p)
+                out.append(feed(reply))
             out.append(finish())
         except RawgateError as e:
             # Frames already made from this read go out before the error event.
@@ -435,6 +449,10 @@ class AttemptLoop:
         await sink.end(b"".join(out))
         now = time.monotonic()
         tin, tout = tx.usage
+        um = reply.usageMetadata if reply is not None else None
+        req.access.tokens = (
+            tin, tout, um.cachedContentTokenCount, um.thoughtsTokenCount
+        ) if um is not None else (tin, tout, 0, 0)  # fmt: skip
         if upstream_error is not None:
             kind = failure_kind(upstream_error)
             if kind is not None:
@@ -444,6 +462,7 @@ class AttemptLoop:
             self.sync.count(acc, tin, tout, upstream_error.message)
             tr.answered = True
             tr.error = upstream_error
+            req.access.error_code = upstream_error.code or upstream_error.type
             return
         self.scheduler.report_success(acc, call.model, now, tin, tout)
         self.sync.count(acc, tin, tout, None)

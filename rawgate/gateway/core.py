@@ -20,7 +20,13 @@ Invariants:
   a 400 of the mapping, or a 503 with no usable account; never when
   routing.expose_account_header is off); the app layer adds x-request-id.
 - The access log reads the request's access record (seam.AccessRecord): the front fills the
-  models, the attempt loop the account.
+  models, the attempt loop the account, the attempts and the tokens; the request log
+  (monitor/request_log.py, fed by cli/stack.py) reads the same record.
+- Client keys (with a shared state, state/store.py): the app authenticated the key; here, once
+  the model is resolved, `check_key` admits and counts the request (one round trip) or refuses
+  it in the route's own error shape (429 + Retry-After over rpm/tpm/daily tokens, 403 for a
+  model outside the key's patterns, 401 disabled meanwhile); after an answer, `record_usage`
+  adds its tokens to the key, the account and the model.
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ from rawgate.accounts.scheduler import AccountsFailing, Scheduler
 from rawgate.accounts.store import Account, AccountStore
 from rawgate.errors import (
     AccountsAuthResting,
+    AuthenticationError,
     InsufficientQuota,
     NotFound,
+    PermissionDenied,
     RateLimited,
     RawgateError,
     UpstreamAuthFailed,
@@ -54,6 +62,7 @@ from rawgate.gateway.attempts import ERROR_BODY_MAX_BYTES, USER_AGENT, AttemptLo
 from rawgate.gateway.fronts.openai import ChatFront, CompletionsFront, ResponsesFront
 from rawgate.gateway.models import ModelListing
 from rawgate.model_router import ModelRouter
+from rawgate.state.keys import KeyRecord
 from rawgate.state.response_store import ResponseStore
 from rawgate.translate import mapping
 from rawgate.translate.contract import random_id, wall_clock
@@ -67,6 +76,8 @@ if TYPE_CHECKING:
     from rawgate.gateway.front import Front
     from rawgate.http.app import GatewayApp
     from rawgate.seam import AccessRecord, Request, ResponseSink
+    from rawgate.state.limiter import Decision
+    from rawgate.state.store import State
     from rawgate.translate.contract import Clock, IdFactory
 
 __all__ = ["Gateway"]
@@ -96,9 +107,11 @@ class Gateway(AttemptLoop):
         demo_accounts: list[Account] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         share_cooldowns: bool = False,
+        state: State | None = None,
     ) -> None:
         self.cfg = cfg
         self.home = home
+        self.state = state
         self.store = AccountStore(home / "accounts.json")
         self.client = client or UpstreamClient(cfg.upstream, cfg.timeouts, ssl_context=ssl_context)
         self._own_client = client is None
@@ -218,11 +231,12 @@ class Gateway(AttemptLoop):
         """Serve `front` (gateway/front.py) on `path`: decode, then attempts with rotation and
         retries, the stream pump and the accounting, whatever the protocol. `route`: the
         router's keywords (query_key, prefix, label, ...)."""
-        app.router.add(method, path, self.handler(front), **route)
+        app.router.add(method, path, self.handler(front, protocol_of(path)), **route)
 
-    def handler(self, front: Front) -> Route:
-        """The route handler of one front (see _honest)."""
-        return self._honest(front)
+    def handler(self, front: Front, protocol: str = "openai") -> Route:
+        """The route handler of one front (see _honest); `protocol` names it in the request
+        log."""
+        return self._honest(front, protocol)
 
     # ---- accounts (account_sync.py) ----------------------------------------------------------
 
@@ -241,7 +255,7 @@ class Gateway(AttemptLoop):
 
     # ---- routes -------------------------------------------------------------------------------
 
-    def _honest(self, front: Front) -> Route:
+    def _honest(self, front: Front, protocol: str = "openai") -> Route:
         """Decode with `front`, then the attempt loop, with the errors told as what they are: a
         refused upstream credential is the account's failure (upstream_auth_failed naming the
         account labels), never the client's 401; a 400 of the mapping names the model it was
@@ -249,10 +263,20 @@ class Gateway(AttemptLoop):
         it to the app. One coroutine frame per request: the two try blocks share it."""
 
         async def honest(req: Request, sink: ResponseSink) -> None:
+            access = req.access
+            access.protocol = protocol
             try:
                 try:
-                    call = await front.decode(req, req.access)
+                    call = await front.decode(req, access)
+                    if access.key is not None and self.state is not None:
+                        await self._admit(access)
                     await self._proxy(req, sink, front, call)
+                    if self.state is not None and access.account:
+                        tokens = access.tokens
+                        await self.state.record_usage(
+                            access.key_name or None, access.account, access.mapped_model,
+                            tokens[0], tokens[1],
+                        )  # fmt: skip
                 except AccountsFailing as e:
                     # Every account rests; when a refused credential rests them all, say so.
                     raise self._resting_cause(e, time.monotonic()) from None
@@ -275,6 +299,7 @@ class Gateway(AttemptLoop):
                         e.headers.extend(self._headers(req, None))  # raised before _proxy
                     raise
             except RawgateError as e:
+                access.error_code = e.code or e.type
                 shaped = None if sink.started else front.error(e)
                 if shaped is None:
                     raise
@@ -298,6 +323,18 @@ class Gateway(AttemptLoop):
         )
 
     # ---- the data path ------------------------------------------------------------------------
+
+    async def _admit(self, access: AccessRecord) -> None:
+        """The client key's limits for this request (one round trip: check and count), or the
+        refusal as an error the front shapes: 429 with Retry-After, 403 for the model, 401."""
+        assert self.state is not None
+        rec = access.key
+        assert isinstance(rec, KeyRecord)
+        model = access.mapped_model
+        d = await self.state.check_key(rec, model)
+        if d.allowed:
+            return
+        raise key_refusal(rec.name, model, d)
 
     def resolve(self, access: AccessRecord, name: str) -> str:
         """The Gemini model for the client's model `name` (recorded for the access log)."""
@@ -350,6 +387,52 @@ class Gateway(AttemptLoop):
         resp = await self.client.request("POST", url, [_FORM, USER_AGENT], body)
         async with resp:
             return resp.status, await resp.read(ERROR_BODY_MAX_BYTES)
+
+
+def protocol_of(path: str) -> str:
+    """The client protocol a front's route speaks, for the request log."""
+    if path.startswith("/v1beta") or path.startswith("/v1/models/"):
+        return "gemini"
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai"
+
+
+_LIMIT_NAMES = {
+    "rpm": "requests per minute",
+    "tpm": "tokens per minute",
+    "daily_tokens": "tokens per day",
+}
+
+
+def key_refusal(name: str, model: str, d: Decision) -> RawgateError:
+    """A refused check_key as the error the client gets (the front shapes it)."""
+    if d.reason == "model":
+        return PermissionDenied(
+            f"The client key '{name}' may not use the model '{model}' (its models patterns:"
+            " rawgate keys list).",
+            param="model",
+            code="model_not_allowed",
+        )
+    if d.reason in ("disabled", "unknown_key"):
+        return AuthenticationError(
+            f"The client key '{name}' is disabled or was removed.", code="key_disabled"
+        )
+    wait = max(1, d.retry_after_s)
+    if d.reason == "state_unavailable":
+        msg = (
+            "Client-key limits cannot be checked while the shared state store is unreachable"
+            " ([state] limits_fail = closed)."
+        )
+    else:
+        what = _LIMIT_NAMES.get(d.reason, d.reason)
+        msg = f"The client key '{name}' is over its limit of {what}."
+    return RateLimited(
+        msg,
+        code="key_rate_limited" if d.reason != "state_unavailable" else "state_unavailable",
+        headers=[(b"retry-after", str(wait).encode())],
+        retry_after_s=float(wait),
+    )
 
 
 def _names(names: list[str]) -> str:
