@@ -269,7 +269,7 @@ class Gateway(AttemptLoop):
                 try:
                     call = await front.decode(req, access)
                     if access.key is not None and self.state is not None:
-                        await self._admit(access)
+                        await self._admit(req)
                     await self._proxy(req, sink, front, call)
                     if self.state is not None and access.account:
                         tokens = access.tokens
@@ -324,17 +324,20 @@ class Gateway(AttemptLoop):
 
     # ---- the data path ------------------------------------------------------------------------
 
-    async def _admit(self, access: AccessRecord) -> None:
+    async def _admit(self, req: Request) -> None:
         """The client key's limits for this request (one round trip: check and count), or the
         refusal as an error the front shapes: 429 with Retry-After, 403 for the model, 401."""
         assert self.state is not None
+        access = req.access
         rec = access.key
         assert isinstance(rec, KeyRecord)
         model = access.mapped_model
         d = await self.state.check_key(rec, model)
         if d.allowed:
             return
-        raise key_refusal(rec.name, model, d)
+        err = key_refusal(rec.name, model, d)
+        err.headers.extend(self._headers(req, None))  # X-Mapped-Model
+        raise err
 
     def resolve(self, access: AccessRecord, name: str) -> str:
         """The Gemini model for the client's model `name` (recorded for the access log)."""
