@@ -60,6 +60,7 @@ from typing import Any, Literal, Protocol
 from urllib.parse import unquote, unquote_to_bytes
 
 import orjson
+from anyio import get_cancelled_exc_class
 
 from rawgate import __version__
 from rawgate.config import Config, ConfigError, auth_mode
@@ -482,6 +483,11 @@ class GatewayApp:
                 if not out.started:
                     raise RuntimeError(f"handler for {route.label} returned without responding")
             except ClientDisconnected:
+                status = CLIENT_CLOSED
+                raise
+            except get_cancelled_exc_class():
+                # The driver cancels the handler when the client went away (or the shutdown
+                # grace ran out): the response did not complete, whatever its head said.
                 status = CLIENT_CLOSED
                 raise
             except Exception as exc:
