@@ -62,6 +62,7 @@ from rawgate.translate.gemini import decode_reply, error_from_upstream
 from rawgate.translate.sse import SSEDecoder
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from rawgate.accounts.oauth import TokenManager
@@ -71,8 +72,9 @@ if TYPE_CHECKING:
     from rawgate.gateway.front import Front
     from rawgate.seam import Request, ResponseSink
     from rawgate.state.response_store import ResponseStore
+    from rawgate.state.store import State
     from rawgate.translate.call import GeminiCall
-    from rawgate.translate.contract import Clock, IdFactory
+    from rawgate.translate.contract import Clock, IdFactory, Stored
     from rawgate.translate.gemini import Reply
     from rawgate.upstream.client import UpstreamClient, UpstreamResponse
 
@@ -125,6 +127,19 @@ class AttemptLoop:
     _gemini_base: str
     _model_urls: dict[str, str]
     _ca_base: str
+    # With a shared state store (Redis): stored Responses go there (another instance continues
+    # the conversation) and every block this process learns is handed to `on_block` (the
+    # gateway publishes it). None: this process's response store, nothing to share.
+    shared_responses: State | None = None
+    on_block: Callable[[Cooldown], None] | None = None
+
+    async def keep(self, stored: Stored) -> None:
+        """Store a reply's items for previous_response_id, before the client can name them."""
+        shared = self.shared_responses
+        if shared is None:
+            self.responses.put(*stored)
+        else:
+            await shared.put_response(*stored)
 
     def _headers(self, req: Request, acc: Account | None) -> list[Header]:
         h: list[Header] = []
@@ -292,6 +307,8 @@ class AttemptLoop:
                 # the account's: no cooldown, but the next attempt may go elsewhere.
                 self.sync.count(acc, 0, 0, e.message)
                 raise
+            if answer.stored is not None:
+                await self.keep(answer.stored)
             await sink.respond(200, [_JSON, *head], answer.body)
             tin, tout = answer.usage
             um = reply.usageMetadata
@@ -300,8 +317,6 @@ class AttemptLoop:
             ) if um is not None else (tin, tout, 0, 0)  # fmt: skip
             sched.report_success(acc, call.model, time.monotonic(), tin, tout)
             self.sync.count(acc, tin, tout, None)
-            if answer.stored is not None:
-                self.responses.put(*answer.stored)
             read_all = True
         finally:
             self._in_flight -= 1
@@ -325,6 +340,8 @@ class AttemptLoop:
             block = self.scheduler.report_failure(
                 acc, model, time.monotonic(), kind, err.retry_after_s
             )
+            if block is not None and self.on_block is not None:
+                self.on_block(block)
         self.sync.count(acc, 0, 0, err.message)
         return block
 
@@ -446,6 +463,9 @@ class AttemptLoop:
                 except Exception:  # the client may be gone: nothing to tell
                     pass
             raise
+        stored = tx.stored
+        if upstream_error is None and stored is not None:
+            await self.keep(stored)  # before the last event: the client may name it at once
         await sink.end(b"".join(out))
         now = time.monotonic()
         tin, tout = tx.usage
@@ -459,6 +479,8 @@ class AttemptLoop:
                 tr.block = self.scheduler.report_failure(
                     acc, call.model, now, kind, upstream_error.retry_after_s
                 )
+                if tr.block is not None and self.on_block is not None:
+                    self.on_block(tr.block)
             self.sync.count(acc, tin, tout, upstream_error.message)
             tr.answered = True
             tr.error = upstream_error
@@ -466,9 +488,6 @@ class AttemptLoop:
             return
         self.scheduler.report_success(acc, call.model, now, tin, tout)
         self.sync.count(acc, tin, tout, None)
-        stored = tx.stored
-        if stored is not None:
-            self.responses.put(*stored)
 
     async def _post_json_ca(self, method: str, token: str, payload: dict[str, Any]) -> bytes:
         headers = [_UPSTREAM_JSON, _USER_AGENT, (b"authorization", b"Bearer " + token.encode())]

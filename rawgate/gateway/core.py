@@ -44,7 +44,7 @@ import orjson
 
 from rawgate.accounts.cooldowns import CooldownBoard
 from rawgate.accounts.oauth import TokenManager
-from rawgate.accounts.scheduler import AccountsFailing, Scheduler
+from rawgate.accounts.scheduler import AccountsFailing, Cooldown, Scheduler
 from rawgate.accounts.store import Account, AccountStore
 from rawgate.errors import (
     AccountsAuthResting,
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     from rawgate.http.app import GatewayApp
     from rawgate.seam import AccessRecord, Request, ResponseSink
     from rawgate.state.limiter import Decision
-    from rawgate.state.store import State
+    from rawgate.state.store import Cooldown as StateCooldown, State
     from rawgate.translate.contract import Clock, IdFactory
 
 __all__ = ["Gateway"]
@@ -88,6 +88,8 @@ Header = tuple[bytes, bytes]
 Route = Callable[["Request", "ResponseSink"], Awaitable[None]]
 
 _JSON: Header = (b"content-type", b"application/json")
+# The blocks instances share (scheduler reasons): what the upstream said about an account.
+_SHARED_BLOCKS = frozenset(("rate_limited", "auth"))
 _FORM: Header = (b"content-type", b"application/x-www-form-urlencoded")
 
 
@@ -159,6 +161,13 @@ class Gateway(AttemptLoop):
         )
         self._tg: Any = None
         self.reload_accounts()
+        if state is not None and state.backend == "redis":
+            # Shared across instances: stored Responses and the blocks each one learns (a 429,
+            # a refused credential). The local backend keeps this process's bounded store and
+            # the cooldowns.json board of `serve --workers N`.
+            self.shared_responses = state
+            self.on_block = self._publish_block
+            state.on_cooldown(self._learn_block)
 
     def reconfigure(self, cfg: Config) -> None:
         """Apply the model mapping, the routing knobs and the per-request limits of `cfg` (at
@@ -321,6 +330,33 @@ class Gateway(AttemptLoop):
         raise NotFound(
             f"The model '{wanted}' does not exist", param="model", code="model_not_found"
         )
+
+    # ---- shared state (Redis) -------------------------------------------------------------------
+
+    async def stored_history(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The conversation up to a stored Response (previous_response_id), None if unknown."""
+        if self.shared_responses is not None:
+            return await self.shared_responses.get_response(response_id)
+        return self.responses.get(response_id)
+
+    def _publish_block(self, block: Cooldown) -> None:
+        """A block learned here goes to the store (and so to every instance): the upstream's
+        rate limits and refused credentials only; a breaker or a rest is this process's own
+        health estimate. In the background: the request goes on rotating meanwhile."""
+        if block.reason not in _SHARED_BLOCKS or self._tg is None or self.state is None:
+            return
+        secs = block.until - time.monotonic()
+        if secs > 0:
+            self._tg.start_soon(self.state.set_cooldown, block.account, block.model, secs,
+                                block.reason)  # fmt: skip
+
+    def _learn_block(self, c: StateCooldown) -> None:
+        """A block learned anywhere (pub/sub), into the scheduler's clock."""
+        if not c.until:  # a clear by hand: the scheduler's own blocks end by themselves
+            return
+        mono = time.monotonic()
+        until = c.until - time.time() + mono
+        self.scheduler.import_cooldowns([Cooldown(c.account, c.model, until, c.reason)], mono)
 
     # ---- the data path ------------------------------------------------------------------------
 
