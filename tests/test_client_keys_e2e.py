@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2 as httpx
@@ -19,7 +20,7 @@ import pytest
 
 from rawgate.config import build_config
 from rawgate.state.store import open_state
-from tests.helpers_gateway import gateway_stack
+from tests.helpers_gateway import gateway_stack, serve_process
 from tests.test_front_seam import ToyFront
 
 pytestmark = pytest.mark.anyio
@@ -27,9 +28,9 @@ pytestmark = pytest.mark.anyio
 CHAT = "/v1/chat/completions"
 
 
-async def _add_key(home: Path, name: str, **limits: object) -> str:
+async def _add_key(home: Path, name: str, limits: dict[str, Any] | None = None, **more: Any) -> str:
     async with open_state(build_config({}, {}, {}), home, background=False) as st:
-        _, key = await st.add_key(name, **limits)  # type: ignore[arg-type]
+        _, key = await st.add_key(name, **(limits or {}), **more)
     return key
 
 
@@ -209,3 +210,19 @@ async def test_a_front_with_its_own_error_shape_gets_its_429_and_403(tmp_path: P
                 assert r.text == "toy-error 429 key_rate_limited"
                 assert int(r.headers["retry-after"]) >= 1
         assert codes == [200, 429, 429]
+
+
+def test_serve_workers_enforce_one_limit(tmp_path: Path) -> None:
+    """`rawgate serve --workers 2` (real processes, SO_REUSEPORT): the two workers count one
+    key's requests in one locked file, so a 4-rpm key gets exactly 4 of 10 through."""
+    key = anyio.run(_add_key, tmp_path, "w", {"rpm": 4})
+    left = 60.0 - time.time() % 60.0
+    if left < 8.0:  # one fixed UTC-minute window for the whole burst (and the start-up)
+        time.sleep(left + 0.05)
+    with serve_process(tmp_path, "--workers", "2") as origin, httpx.Client() as c:
+        codes = []
+        for _ in range(10):
+            # A new connection each time: the kernel spreads them over both workers.
+            r = c.post(origin + CHAT, json=_chat(), headers={**_auth(key), "connection": "close"})
+            codes.append(r.status_code)
+    assert sorted(codes) == [200] * 4 + [429] * 6
