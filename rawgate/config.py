@@ -570,6 +570,11 @@ RESTART_SETTINGS: frozenset[str] = frozenset(
         "timeouts.upstream_headers_s",
         "timeouts.upstream_read_idle_s",
         "timeouts.upstream_write_s",
+        # Opened once at start-up (cli/stack.py): the store connection and the log's writer.
+        "state",
+        "log.request_log",
+        "log.request_log_days",
+        "log.request_log_queue",
     }
 )
 
