@@ -167,3 +167,28 @@ async def test_local_state_health_and_metrics(tmp_path: Path) -> None:
         assert h["status"] == "ok" and h["state"] == "ok"
         metrics = (await c.get(run.origin + "/metrics")).text
         assert 'rawgate_state_degraded{backend="local"} 0' in metrics
+
+
+@pytest.mark.parametrize("fail", ["open", "closed"])
+async def test_limits_fail_while_redis_is_down(tmp_path: Path, fail: str) -> None:
+    srv = RedisServer().start()
+    try:
+        cfg = _redis(srv.url, "down:", redis_timeout_ms=100, redis_backoff_max_s=1.0,
+                     limits_fail=fail)  # fmt: skip
+        async with gateway_stack(tmp_path, config=cfg) as run, httpx.AsyncClient() as c:
+            st = run.gateway.state
+            assert st is not None
+            _, key = await st.add_key("fleet", rpm=100)
+            auth = {"authorization": f"Bearer {key}"}
+            assert (await c.post(run.origin + CHAT, json=_chat(), headers=auth)).status_code == 200
+            srv.kill()  # the key stays known from the local mirror
+            r = await c.post(run.origin + CHAT, json=_chat(), headers=auth)
+            if fail == "open":
+                assert r.status_code == 200
+            else:
+                assert r.status_code == 429
+                assert r.json()["error"]["code"] == "state_unavailable"
+                assert int(r.headers["retry-after"]) >= 1
+            assert (await c.get(run.origin + "/healthz")).json()["state"] == "degraded"
+    finally:
+        srv.stop()
