@@ -80,6 +80,15 @@ async def test_a_key_limited_to_n_rpm_gets_exactly_n_through_both(
         assert sorted(codes) == [200] * 5 + [429] * 7
         served = a.emulator.stats.get("generate", 0) + b.emulator.stats.get("generate", 0)
         assert served == 5
+        # Both instances recorded their answers' usage for the key in the one store.
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            rows = (await sa.usage("key", "fleet", 3600)).get("fleet", [])
+            if sum(u.requests for u in rows) == 5:
+                break
+            assert time.monotonic() < deadline, f"usage {rows}"
+            await anyio.sleep(0.05)
+        assert sum(u.tokens_in for u in rows) > 0 and sum(u.tokens_out for u in rows) > 0
 
 
 async def test_previous_response_id_continues_on_the_other_instance(

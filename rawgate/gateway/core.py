@@ -281,11 +281,7 @@ class Gateway(AttemptLoop):
                         await self._admit(req)
                     await self._proxy(req, sink, front, call)
                     if self.state is not None and access.account:
-                        tokens = access.tokens
-                        await self.state.record_usage(
-                            access.key_name or None, access.account, access.mapped_model,
-                            tokens[0], tokens[1],
-                        )  # fmt: skip
+                        await self._record_usage(access)
                 except AccountsFailing as e:
                     # Every account rests; when a refused credential rests them all, say so.
                     raise self._resting_cause(e, time.monotonic()) from None
@@ -359,6 +355,18 @@ class Gateway(AttemptLoop):
         self.scheduler.import_cooldowns([Cooldown(c.account, c.model, until, c.reason)], mono)
 
     # ---- the data path ------------------------------------------------------------------------
+
+    async def _record_usage(self, access: AccessRecord) -> None:
+        """The answer's tokens to the key's windows and the hourly usage. Locally no I/O:
+        awaited. With Redis a round trip: in the gateway's task group, so neither the
+        connection's next request waits for it nor a client that leaves cancels it."""
+        assert self.state is not None
+        tin, tout = access.tokens[0], access.tokens[1]
+        args = (access.key_name or None, access.account, access.mapped_model, tin, tout)
+        if self.shared_responses is not None and self._tg is not None:
+            self._tg.start_soon(self.state.record_usage, *args)
+        else:
+            await self.state.record_usage(*args)
 
     async def _admit(self, req: Request) -> None:
         """The client key's limits for this request (one round trip: check and count), or the
