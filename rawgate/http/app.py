@@ -603,6 +603,10 @@ class GatewayApp:
 
     # ---- auth ------------------------------------------------------------------------------
 
+    def effective_auth_mode(self) -> str:
+        """The auth mode in force now (the start-up line names it)."""
+        return self._mode()
+
     def _mode(self) -> str:
         """The auth mode of this request: auto on loopback is off until a client key exists."""
         if self._auto_off and self.client_keys is not None and self.client_keys.any():
