@@ -17,7 +17,7 @@ import pytest
 
 from rawgate.__main__ import main
 from rawgate.config import build_config
-from rawgate.monitor.request_log import query_rows
+from rawgate.monitor.request_log import RequestLog, Row, query_rows
 from rawgate.state.store import open_state
 from tests.helpers_gateway import gateway_stack
 
@@ -161,3 +161,22 @@ async def test_request_log_off_writes_nothing(tmp_path: Path) -> None:
         assert (await c.post(CHAT, json=_body("x"))).status_code == 200
         assert "rawgate_request_log_dropped_total" not in (await c.get("/metrics")).text
     assert not (tmp_path / "requests.db").exists()
+
+
+async def test_the_server_drops_rows_older_than_request_log_days(tmp_path: Path) -> None:
+    old = time.time() - 3 * 86400.0
+    with RequestLog(tmp_path / "requests.db") as log:
+        log.record(Row("old-1", "openai", CHAT, 200, 5.0, ts=old))
+        log.record(Row("recent", "openai", CHAT, 200, 5.0, ts=time.time() - 3600.0))
+    cfg = {"log": {"request_log_days": 1.0}}
+    async with (
+        gateway_stack(tmp_path, config=cfg) as run,
+        httpx.AsyncClient(base_url=run.origin) as c,
+    ):
+        r = await c.post(CHAT, json=_body("new"), headers={"x-request-id": "new-1"})
+        assert r.status_code == 200
+        await _rows(tmp_path, 2)
+        deadline = time.monotonic() + WAIT_S
+        while {r["request_id"] for r in await _rows(tmp_path, 1)} != {"recent", "new-1"}:
+            assert time.monotonic() < deadline, "the old row was not pruned"
+            await anyio.sleep(0.05)
