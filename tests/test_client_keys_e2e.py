@@ -9,6 +9,7 @@ answer's tokens land on the key's windows and usage; auth.api_keys keeps working
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import openai
 import pytest
 
 from rawgate.config import build_config
+from rawgate.monitor.request_log import query_rows
 from rawgate.state.store import open_state
 from tests.helpers_gateway import gateway_stack, serve_process
 from tests.test_front_seam import ToyFront
@@ -32,6 +34,15 @@ async def _add_key(home: Path, name: str, limits: dict[str, Any] | None = None, 
     async with open_state(build_config({}, {}, {}), home, background=False) as st:
         _, key = await st.add_key(name, **(limits or {}), **more)
     return key
+
+
+def _log_rows(home: Path) -> list[dict[str, Any]]:
+    """The request log's rows (the stack closed: everything is written)."""
+    conn = sqlite3.connect(f"file:{home / 'requests.db'}?mode=ro", uri=True)
+    try:
+        return list(query_rows(conn))
+    finally:
+        conn.close()
 
 
 async def _clear_of_minute_boundary() -> None:
@@ -97,6 +108,12 @@ async def test_rpm_limit_is_a_429_with_retry_after(tmp_path: Path) -> None:
         assert "requests per minute" in body["message"] and "try again" in body["message"]
         assert 1 <= int(err.response.headers["retry-after"]) <= 60
         assert err.response.headers["x-mapped-model"] == "gemini-2.5-flash"
+    # The request log names the key on every row; the refusals never reached an account.
+    rows = _log_rows(tmp_path)
+    assert [r["status"] for r in rows] == [200, 200, 429, 429]
+    assert {r["key_name"] for r in rows} == {"small"}
+    assert [r["error_code"] for r in rows[2:]] == ["key_rate_limited"] * 2
+    assert [r["attempts"] for r in rows[2:]] == [[], []]
 
 
 async def test_token_limits_count_the_answers_tokens(tmp_path: Path) -> None:
