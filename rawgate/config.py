@@ -258,6 +258,11 @@ class ConfigError(Exception):
     """A wrong key or value; the message is the one line printed at start-up."""
 
 
+def _client_keys_possible(cfg: Config) -> bool:
+    """Whether client keys may exist (the Redis store, or a keys.json in RAWGATE_HOME)."""
+    return cfg.state.backend == "redis" or (rawgate_home() / "keys.json").exists()
+
+
 def rawgate_home(env: dict[str, str] | None = None) -> Path:
     env = os.environ if env is None else env  # type: ignore[assignment]
     assert env is not None
@@ -532,14 +537,17 @@ def _check_semantics(cfg: Config, origins: _Origins) -> None:
             if isinstance(v, int | float) and not isinstance(v, bool) and v < 0:
                 raise fail(name, f.name, v, "must be >= 0")
     # Checked here, not only where the app is built, so that `serve --workers N` refuses it
-    # once in the parent and a SIGHUP reload refuses it before any worker sees it.
+    # once in the parent and a SIGHUP reload refuses it before any worker sees it. Client keys
+    # (`rawgate keys`: keys.json, or Redis) may be the only keys: then the app, which sees them,
+    # makes the final check at start-up.
     mode = auth_mode(cfg)
     if mode != "off":
-        if not cfg.auth.api_keys:
+        if not cfg.auth.api_keys and not _client_keys_possible(cfg):
             why = ("auth", "mode") if cfg.auth.mode != "auto" else ("server", "allow_lan_access")
             raise ConfigError(
                 f"{origins.of(*why)}: auth.mode = {mode!r} needs at least one key in"
-                " auth.api_keys (or RAWGATE_AUTH_API_KEYS); refusing to start with an open door"
+                " auth.api_keys (or RAWGATE_AUTH_API_KEYS) or a client key (rawgate keys add"
+                " NAME); refusing to start with an open door"
             )
         if any(not k.strip() for k in cfg.auth.api_keys):
             raise fail("auth", "api_keys", None, "contains an empty key")
@@ -577,6 +585,11 @@ RESTART_SETTINGS: frozenset[str] = frozenset(
         "timeouts.upstream_headers_s",
         "timeouts.upstream_read_idle_s",
         "timeouts.upstream_write_s",
+        # Opened once at start-up (cli/stack.py): the store connection and the log's writer.
+        "state",
+        "log.request_log",
+        "log.request_log_days",
+        "log.request_log_queue",
     }
 )
 

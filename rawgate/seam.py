@@ -15,7 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "AccessRecord",
@@ -44,16 +44,35 @@ def is_disconnect(exc: BaseException) -> bool:
 
 
 class AccessRecord:
-    """What a handler learned for the access log: the model asked for, the upstream model it
-    maps to, the account that served. Labels only, never secrets. The app creates one per
-    request (`Request.access`) and reads it back when it writes the access line."""
+    """What a handler learned about one request, for the access log and the request log: the
+    model asked for, the upstream model it maps to, the account that served, the client key,
+    the attempts, tokens and the error code. Labels, numbers and codes only, never a secret or
+    a body. The app creates one per request (`Request.access`) and reads it back when it writes
+    the access line and hands the finished request to its observer (the request log)."""
 
-    __slots__ = ("account", "mapped_model", "model")
+    __slots__ = ("account", "attempts", "error_code", "key", "key_name", "mapped_model", "model",
+                 "protocol", "stream", "tokens")  # fmt: skip
 
     def __init__(self) -> None:
         self.model = ""
         self.mapped_model = ""
         self.account = ""
+        # The client key record the app authenticated (state/keys.py KeyRecord), None for an
+        # auth.api_keys key or no key; `key_name` its name for the logs.
+        self.key: object | None = None
+        self.key_name = ""
+        # Set by the gateway for a proxied request: the front's protocol ("openai",
+        # "anthropic", "gemini"), "" for every other route (no request-log row).
+        self.protocol = ""
+        # Per upstream attempt, in order: (account label, the attempt's record, whose `status`
+        # is the upstream HTTP status, 0 for none). The record is read when the request ends.
+        self.attempts: list[tuple[str, Any]] | None = None
+        self.stream = False
+        self.tokens = NO_TOKENS  # (in, out, cached, thoughts) of the answer
+        self.error_code = ""  # the code (or type) of the error answered, "" for none
+
+
+NO_TOKENS: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 class Request:

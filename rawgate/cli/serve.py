@@ -274,12 +274,19 @@ def _run_loop(fn: Callable[..., Awaitable[int]], *args: Any, **kwargs: Any) -> i
     return anyio.run(main, backend="asyncio", backend_options=options)
 
 
-def _startup_line(cfg: Config, urls: list[str], workers: int, emulate: bool) -> str:
+def _startup_line(
+    cfg: Config, urls: list[str], workers: int, emulate: bool, auth: str | None = None
+) -> str:
+    """`auth`: the mode in force (the app's: client keys turn auto on); None: from `cfg`."""
     proto = "HTTP/1.1 + HTTP/2 (TLS, ALPN)" if cfg.server.tls_cert else "HTTP/1.1 + h2c"
     upstream = "; upstream: the built-in emulator (--emulate), not Google" if emulate else ""
+    if auth is None:
+        auth = auth_mode(cfg)
+        if auth == "off" and cfg.auth.mode == "auto":
+            auth = "off until a client key exists"
     return (
         f"rawgate {__version__} listening on {' '.join(urls)} ({proto}; workers={workers};"
-        f" auth {auth_mode(cfg)}{upstream})"
+        f" auth {auth}{upstream})"
     )
 
 
@@ -320,7 +327,8 @@ async def serve(
             gc.collect()
             gc.freeze()
             if announce:
-                print(_startup_line(cfg, server.urls, 1, emulate), flush=True)
+                auth = stack.app.effective_auth_mode()
+                print(_startup_line(cfg, server.urls, 1, emulate, auth), flush=True)
             if not worker_index and stack.no_accounts:  # once, not once per worker
                 log.warning(NO_ACCOUNT_WARNING)
             reloader = _Reloader(cfg, stack, server, reload, worker_index)

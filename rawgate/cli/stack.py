@@ -16,6 +16,12 @@ Invariants:
 - /metrics carries the scheduler's families (per account: up, in flight, cooling models,
   requests, errors, tokens; retries) next to the app's. With `metrics_dir` (a worker of
   `serve --workers N`) they are published there and a scrape sums all workers (metrics.py).
+- The shared state (`[state] backend`: local files or Redis, state/store.py) opens before the
+  gateway and closes after it: client keys (`rawgate keys`) authenticate in the app and are
+  limited by the gateway; /healthz says `"state": "ok" | "degraded"`; its series join /metrics.
+- The request log (`[log] request_log`, RAWGATE_HOME/requests.db, monitor/request_log.py) gets
+  one row per proxied request from the request's access record, queued without I/O; the writer
+  thread stops (writing what is queued) after the server has stopped serving.
 - `Stack.reconfigure()` is the SIGHUP path: the app and the gateway take the new settings for
   the next request; what was built once (upstream pool, emulator) stays.
 """
@@ -23,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -38,12 +45,16 @@ from rawgate.config import Config, rawgate_home
 from rawgate.gateway.core import Gateway
 from rawgate.http.app import GatewayApp
 from rawgate.metrics import Merge, WorkerExchange
+from rawgate.monitor.request_log import RequestLog, Row
+from rawgate.state.keys import KEY_PREFIX, KeyRecord
+from rawgate.state.store import State, open_state
 
 if TYPE_CHECKING:
     import ssl
 
     from rawgate.conn import ServerState
     from rawgate.emulator.server import RunningEmulator, Settings
+    from rawgate.seam import Request
 
 __all__ = ["DEMO_ACCOUNT_ID", "Stack", "open_stack"]
 
@@ -54,7 +65,11 @@ DEMO_ACCOUNT_ID = "emulator-demo"
 _GAUGE_MERGE: dict[str, Merge] = {
     "rawgate_account_up": "min",
     "rawgate_account_cooling_models": "max",
+    "rawgate_state_degraded": "max",
 }
+_KEY_PREFIX = KEY_PREFIX.encode()
+
+log = logging.getLogger("rawgate.cli.stack")
 
 
 @dataclass(slots=True)
@@ -63,6 +78,8 @@ class Stack:
     gateway: Gateway
     cfg: Config  # the effective config (upstream URLs point at the emulator with --emulate)
     emulator: RunningEmulator | None = None
+    shared: State | None = None  # the shared state ([state] backend)
+    request_log: RequestLog | None = None
 
     @property
     def no_accounts(self) -> bool:
@@ -77,6 +94,62 @@ class Stack:
         self.app.configure(cfg)
         self.gateway.reconfigure(cfg)
         self.cfg = cfg
+
+
+class StateKeys:
+    """The app's ClientKeys (http/app.py) over the shared state's key mirror (no I/O)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def lookup(self, presented: bytes) -> KeyRecord | None:
+        # Only `rk-...` can be a client key: any other credential skips the HMAC.
+        if not presented.startswith(_KEY_PREFIX):
+            return None
+        try:
+            plain = presented.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return self.state.lookup_key(plain)
+
+    def any(self) -> bool:
+        return self.state.has_keys()
+
+
+def request_log_row(
+    req: Request, route: str, status: int, duration_s: float, ttfb_s: float | None,
+    bytes_out: int,
+) -> Row | None:  # fmt: skip
+    """The request-log row of a finished request, None for a route that proxies nothing.
+    Built from the access record only: names, numbers and codes, never a body or a key."""
+    a = req.access
+    if not a.protocol:
+        return None
+    tin, tout, cached, thoughts = a.tokens
+    return Row(
+        request_id=req.request_id,
+        protocol=a.protocol,
+        route=route,
+        status=status,
+        latency_ms=round(duration_s * 1000.0, 3),
+        ts=time.time() - duration_s,
+        key_name=a.key_name or None,
+        client_model=a.model or None,
+        mapped_model=a.mapped_model or None,
+        account=a.account or None,
+        attempts=[(label, t.status) for label, t in a.attempts or ()],
+        error_code=a.error_code or None,
+        ttfb_ms=None if ttfb_s is None else round(ttfb_s * 1000.0, 3),
+        stream=a.stream,
+        tokens_in=tin,
+        tokens_out=tout,
+        tokens_cached=cached,
+        tokens_thoughts=thoughts,
+        bytes_in=len(req.body),
+        bytes_out=bytes_out,
+    )
 
 
 def _demo_account(api_key: str) -> Account:
@@ -133,13 +206,30 @@ async def open_stack(
             cfg = _point_at(cfg, emu)
             if emu.api_key:
                 demo = [_demo_account(emu.api_key)]
-        app = GatewayApp(cfg, state)
+        # A worker of `serve --workers N` (metrics_dir set) shares its limits with the others.
+        shared = await stack.enter_async_context(
+            open_state(cfg, home, processes=2 if metrics_dir is not None else 1)
+        )
+        app = GatewayApp(cfg, state, client_keys=StateKeys(shared))
+        app.health_extra = lambda: {"state": shared.status()["state"]}
+        for name, kind, help_, fn in shared.metrics_collectors():
+            app.metrics.add_collector(name, kind, help_, fn, _GAUGE_MERGE.get(name, "sum"))
+        rlog: RequestLog | None = None
+        if cfg.log.request_log:
+            lc = cfg.log
+            rlog = RequestLog(
+                home / "requests.db", days=lc.request_log_days, queue_max=lc.request_log_queue
+            )
+            await anyio.to_thread.run_sync(rlog.start)
+            stack.push_async_callback(_close_log, rlog)
+            _observe(app, rlog)
         gateway = Gateway(
             cfg,
             home=home,
             demo_accounts=demo,
             ssl_context=upstream_ssl_context,
             share_cooldowns=share_cooldowns,
+            state=shared,
         )
         await stack.enter_async_context(gateway)
         if emu is not None:
@@ -154,4 +244,31 @@ async def open_stack(
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             tg.start_soon(exchange.run)
-        yield Stack(app, gateway, cfg, emu)
+        yield Stack(app, gateway, cfg, emu, shared, rlog)
+
+
+async def _close_log(rlog: RequestLog) -> None:
+    """Write what is queued and stop the writer, off the loop (shielded: runs at shutdown)."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(rlog.close)
+
+
+def _observe(app: GatewayApp, rlog: RequestLog) -> None:
+    """Feed the request log from the app's observer hook, and count its drops in /metrics."""
+    record = rlog.record
+
+    def observe(
+        req: Request, route: str, status: int, duration_s: float, ttfb_s: float | None,
+        bytes_out: int,
+    ) -> None:  # fmt: skip
+        row = request_log_row(req, route, status, duration_s, ttfb_s, bytes_out)
+        if row is not None:
+            record(row)
+
+    app.on_request = observe
+    app.metrics.add_collector(
+        "rawgate_request_log_dropped_total",
+        "counter",
+        "Request-log rows dropped (the writer's queue was full, or a batch failed to write).",
+        lambda: [({}, float(rlog.dropped))],
+    )

@@ -62,7 +62,7 @@ from rawgate.errors import (
 )
 from rawgate.logs import safe_text
 from rawgate.translate import mapping
-from rawgate.translate.gemini import decode_reply, error_from_upstream
+from rawgate.translate.gemini import Reply, decode_reply, error_from_upstream
 from rawgate.translate.native import unwrap_code_assist, wrap_code_assist
 from rawgate.translate.sse import SSEDecoder
 
@@ -77,8 +77,15 @@ if TYPE_CHECKING:
     from rawgate.gateway.front import AnyFront, Front, PassthroughFront
     from rawgate.seam import Request, ResponseSink
     from rawgate.state.response_store import ResponseStore
+    from rawgate.state.store import State
     from rawgate.translate.call import GeminiCall
-    from rawgate.translate.contract import Clock, IdFactory, RawTranscoder, StreamTranscoder
+    from rawgate.translate.contract import (
+        Clock,
+        IdFactory,
+        RawTranscoder,
+        Stored,
+        StreamTranscoder,
+    )
     from rawgate.upstream.client import UpstreamClient, UpstreamResponse
 
 __all__ = ["AttemptLoop", "Try", "charges_budget", "failure_kind", "retryable"]
@@ -130,6 +137,19 @@ class AttemptLoop:
     _gemini_base: str
     _model_urls: dict[str, str]
     _ca_base: str
+    # With a shared state store (Redis): stored Responses go there (another instance continues
+    # the conversation) and every block this process learns is handed to `on_block` (the
+    # gateway publishes it). None: this process's response store, nothing to share.
+    shared_responses: State | None = None
+    on_block: Callable[[Cooldown], None] | None = None
+
+    async def keep(self, stored: Stored) -> None:
+        """Store a reply's items for previous_response_id, before the client can name them."""
+        shared = self.shared_responses
+        if shared is None:
+            self.responses.put(*stored)
+        else:
+            await shared.put_response(*stored)
 
     def _headers(self, req: Request, acc: Account | None) -> list[Header]:
         h: list[Header] = []
@@ -168,10 +188,14 @@ class AttemptLoop:
         tried.add(acc.id)
         attempts = sched.attempts_allowed()
         attempt = 0
+        access = req.access
+        access.stream = call.stream
+        tries = access.attempts = []  # (label, Try) per attempt, for the request log
         while True:
             attempt += 1
-            req.access.account = acc.display_name()
+            access.account = label = acc.display_name()
             tr = Try()
+            tries.append((label, tr))
             try:
                 await self._attempt(req, sink, front, call, acc, tr)
             except RawgateError as e:
@@ -305,7 +329,7 @@ class AttemptLoop:
                 raise
             head = self._headers(req, acc)
             if call.stream:
-                await self._stream(sink, front, call, resp, head, acc, tr)
+                await self._stream(req, sink, front, call, resp, head, acc, tr)
                 return
             try:
                 if call.passthrough is None:
@@ -317,12 +341,16 @@ class AttemptLoop:
                 # the account's: no cooldown, but the next attempt may go elsewhere.
                 self.sync.count(acc, 0, 0, e.message)
                 raise
+            if answer.stored is not None:
+                await self.keep(answer.stored)
             await sink.respond(200, [_JSON, *head], answer.body)
             tin, tout = answer.usage
+            um = reply.usageMetadata if call.passthrough is None else None
+            req.access.tokens = (
+                tin, tout, um.cachedContentTokenCount, um.thoughtsTokenCount
+            ) if um is not None else (tin, tout, 0, 0)  # fmt: skip
             sched.report_success(acc, call.model, time.monotonic(), tin, tout)
             self.sync.count(acc, tin, tout, None)
-            if answer.stored is not None:
-                self.responses.put(*answer.stored)
             read_all = True
         finally:
             self._in_flight -= 1
@@ -346,6 +374,8 @@ class AttemptLoop:
             block = self.scheduler.report_failure(
                 acc, model, time.monotonic(), kind, err.retry_after_s
             )
+            if block is not None and self.on_block is not None:
+                self.on_block(block)
         self.sync.count(acc, 0, 0, err.message)
         return block
 
@@ -387,6 +417,7 @@ class AttemptLoop:
 
     async def _stream(
         self,
+        req: Request,
         sink: ResponseSink,
         front: AnyFront,
         call: GeminiCall,
@@ -430,6 +461,9 @@ class AttemptLoop:
         sse = decoder.feed
         out: list[bytes] = []
         flushed = False  # the first event went out
+        # The last event (a Reply, or raw bytes on a passthrough): its usageMetadata is the
+        # running total.
+        reply: Any = None
         try:
             while True:
                 if beat is None:
@@ -447,7 +481,8 @@ class AttemptLoop:
                     # The first event leaves on its own: a read holding a whole burst (100
                     # events, ~0.45 ms to transcode) must not delay the first byte (bench
                     # `stream-chat` c=1 TTFB, ledger in bench/README.md).
-                    out.append(feed(decode(ps[0])))
+                    reply = decode(ps[0])
+                    out.append(feed(reply))
                     data = b"".join(out)
                     out.clear()
                     if data:
@@ -456,7 +491,8 @@ class AttemptLoop:
                         flushed = True
                     del ps[0]
                 for p in ps:
-                    out.append(feed(decode(p)))  # noqa: PERF401 (keep partials)
+                    reply = decode(p)
+                    out.append(feed(reply))
                 if out:
                     data = b"".join(out)
                     out.clear()
@@ -464,7 +500,8 @@ class AttemptLoop:
                         await send(data)  # one write per upstream read
                         last = time.monotonic()
             for p in decoder.close():
-                out.append(feed(decode(p)))  # noqa: PERF401
+                reply = decode(p)
+                out.append(feed(reply))
             out.append(finish())
         except RawgateError as e:
             # Frames already made from this read go out before the error event.
@@ -481,24 +518,31 @@ class AttemptLoop:
                 except Exception:  # the client may be gone: nothing to tell
                     pass
             raise
+        stored = tx.stored
+        if upstream_error is None and stored is not None:
+            await self.keep(stored)  # before the last event: the client may name it at once
         await sink.end(b"".join(out))
         now = time.monotonic()
         tin, tout = tx.usage
+        um = reply.usageMetadata if isinstance(reply, Reply) else None
+        req.access.tokens = (
+            tin, tout, um.cachedContentTokenCount, um.thoughtsTokenCount
+        ) if um is not None else (tin, tout, 0, 0)  # fmt: skip
         if upstream_error is not None:
             kind = failure_kind(upstream_error)
             if kind is not None:
                 tr.block = self.scheduler.report_failure(
                     acc, call.model, now, kind, upstream_error.retry_after_s
                 )
+                if tr.block is not None and self.on_block is not None:
+                    self.on_block(tr.block)
             self.sync.count(acc, tin, tout, upstream_error.message)
             tr.answered = True
             tr.error = upstream_error
+            req.access.error_code = upstream_error.code or upstream_error.type
             return
         self.scheduler.report_success(acc, call.model, now, tin, tout)
         self.sync.count(acc, tin, tout, None)
-        stored = tx.stored
-        if stored is not None:
-            self.responses.put(*stored)
 
     async def _post_json_ca(self, method: str, token: str, payload: dict[str, Any]) -> bytes:
         headers = [_UPSTREAM_JSON, _USER_AGENT, (b"authorization", b"Bearer " + token.encode())]

@@ -20,7 +20,13 @@ Invariants:
   a 400 of the mapping, or a 503 with no usable account; never when
   routing.expose_account_header is off); the app layer adds x-request-id.
 - The access log reads the request's access record (seam.AccessRecord): the front fills the
-  models, the attempt loop the account.
+  models, the attempt loop the account, the attempts and the tokens; the request log
+  (monitor/request_log.py, fed by cli/stack.py) reads the same record.
+- Client keys (with a shared state, state/store.py): the app authenticated the key; here, once
+  the model is resolved, `check_key` admits and counts the request (one round trip) or refuses
+  it in the route's own error shape (429 + Retry-After over rpm/tpm/daily tokens, 403 for a
+  model outside the key's patterns, 401 disabled meanwhile); after an answer, `record_usage`
+  adds its tokens to the key, the account and the model.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ import orjson
 
 from rawgate.accounts.cooldowns import CooldownBoard
 from rawgate.accounts.oauth import TokenManager
-from rawgate.accounts.scheduler import AccountsFailing, Scheduler
+from rawgate.accounts.scheduler import AccountsFailing, Cooldown, Scheduler
 from rawgate.accounts.store import Account, AccountStore
 from rawgate.errors import (
     AccountsAuthResting,
+    AuthenticationError,
     InsufficientQuota,
     NotFound,
+    PermissionDenied,
     RateLimited,
     RawgateError,
     UpstreamAuthFailed,
@@ -56,6 +64,7 @@ from rawgate.gateway.fronts.anthropic import MessagesFront
 from rawgate.gateway.fronts.openai import ChatFront, CompletionsFront, ResponsesFront
 from rawgate.gateway.models import ModelListing
 from rawgate.model_router import ModelRouter
+from rawgate.state.keys import KeyRecord
 from rawgate.state.response_store import ResponseStore
 from rawgate.translate import mapping
 from rawgate.translate.contract import random_id, wall_clock
@@ -69,6 +78,8 @@ if TYPE_CHECKING:
     from rawgate.gateway.front import AnyFront
     from rawgate.http.app import GatewayApp
     from rawgate.seam import AccessRecord, Request, ResponseSink
+    from rawgate.state.limiter import Decision
+    from rawgate.state.store import Cooldown as StateCooldown, State
     from rawgate.translate.contract import Clock, IdFactory
 
 __all__ = ["Gateway"]
@@ -79,6 +90,8 @@ Header = tuple[bytes, bytes]
 Route = Callable[["Request", "ResponseSink"], Awaitable[None]]
 
 _JSON: Header = (b"content-type", b"application/json")
+# The blocks instances share (scheduler reasons): what the upstream said about an account.
+_SHARED_BLOCKS = frozenset(("rate_limited", "auth"))
 _FORM: Header = (b"content-type", b"application/x-www-form-urlencoded")
 
 
@@ -98,9 +111,11 @@ class Gateway(AttemptLoop):
         demo_accounts: list[Account] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         share_cooldowns: bool = False,
+        state: State | None = None,
     ) -> None:
         self.cfg = cfg
         self.home = home
+        self.state = state
         self.store = AccountStore(home / "accounts.json")
         self.client = client or UpstreamClient(cfg.upstream, cfg.timeouts, ssl_context=ssl_context)
         self._own_client = client is None
@@ -148,6 +163,13 @@ class Gateway(AttemptLoop):
         )
         self._tg: Any = None
         self.reload_accounts()
+        if state is not None and state.backend == "redis":
+            # Shared across instances: stored Responses and the blocks each one learns (a 429,
+            # a refused credential). The local backend keeps this process's bounded store and
+            # the cooldowns.json board of `serve --workers N`.
+            self.shared_responses = state
+            self.on_block = self._publish_block
+            state.on_cooldown(self._learn_block)
 
     def reconfigure(self, cfg: Config) -> None:
         """Apply the model mapping, the routing knobs and the per-request limits of `cfg` (at
@@ -234,11 +256,12 @@ class Gateway(AttemptLoop):
         retries, the stream pump and the accounting, whatever the protocol. `route`: the
         router's keywords (query_key, prefix, label, ...)."""
         route.setdefault("shape", front.error)  # the app's refusals (401, 503 ...) too
-        app.router.add(method, path, self.handler(front), **route)
+        app.router.add(method, path, self.handler(front, protocol_of(path)), **route)
 
-    def handler(self, front: AnyFront) -> Route:
-        """The route handler of one front (see _honest)."""
-        return self._honest(front)
+    def handler(self, front: AnyFront, protocol: str = "openai") -> Route:
+        """The route handler of one front (see _honest); `protocol` names it in the request
+        log."""
+        return self._honest(front, protocol)
 
     # ---- accounts (account_sync.py) ----------------------------------------------------------
 
@@ -257,7 +280,9 @@ class Gateway(AttemptLoop):
 
     # ---- routes -------------------------------------------------------------------------------
 
-    def _honest(self, front: AnyFront, serve: Route | None = None) -> Route:
+    def _honest(
+        self, front: AnyFront, protocol: str = "openai", serve: Route | None = None
+    ) -> Route:
         """Decode with `front`, then the attempt loop, with the errors told as what they are: a
         refused upstream credential is the account's failure (upstream_auth_failed naming the
         account labels), never the client's 401; a 400 of the mapping names the model it was
@@ -266,13 +291,19 @@ class Gateway(AttemptLoop):
         a route that runs several calls itself (/v1/embeddings) instead of decode + one call."""
 
         async def honest(req: Request, sink: ResponseSink) -> None:
+            access = req.access
+            access.protocol = protocol
             try:
                 try:
                     if serve is None:
-                        call = await front.decode(req, req.access)
+                        call = await front.decode(req, access)
+                        if access.key is not None and self.state is not None:
+                            await self._admit(req)
                         await self._proxy(req, sink, front, call)
                     else:
                         await serve(req, sink)
+                    if self.state is not None and access.account:
+                        await self._record_usage(access)
                 except AccountsFailing as e:
                     # Every account rests; when a refused credential rests them all, say so.
                     raise self._resting_cause(e, time.monotonic()) from None
@@ -295,6 +326,7 @@ class Gateway(AttemptLoop):
                         e.headers.extend(self._headers(req, None))  # raised before _proxy
                     raise
             except RawgateError as e:
+                access.error_code = e.code or e.type
                 shaped = None if sink.started else front.error(e)
                 if shaped is None:
                     raise
@@ -349,7 +381,61 @@ class Gateway(AttemptLoop):
         """POST /v1/embeddings (gateway/fronts/gemini.py)."""
         await native.embeddings(self, req, sink)
 
+    # ---- shared state (Redis) -------------------------------------------------------------------
+
+    async def stored_history(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The conversation up to a stored Response (previous_response_id), None if unknown."""
+        if self.shared_responses is not None:
+            return await self.shared_responses.get_response(response_id)
+        return self.responses.get(response_id)
+
+    def _publish_block(self, block: Cooldown) -> None:
+        """A block learned here goes to the store (and so to every instance): the upstream's
+        rate limits and refused credentials only; a breaker or a rest is this process's own
+        health estimate. In the background: the request goes on rotating meanwhile."""
+        if block.reason not in _SHARED_BLOCKS or self._tg is None or self.state is None:
+            return
+        secs = block.until - time.monotonic()
+        if secs > 0:
+            self._tg.start_soon(self.state.set_cooldown, block.account, block.model, secs,
+                                block.reason)  # fmt: skip
+
+    def _learn_block(self, c: StateCooldown) -> None:
+        """A block learned anywhere (pub/sub), into the scheduler's clock."""
+        if not c.until:  # a clear by hand: the scheduler's own blocks end by themselves
+            return
+        mono = time.monotonic()
+        until = c.until - time.time() + mono
+        self.scheduler.import_cooldowns([Cooldown(c.account, c.model, until, c.reason)], mono)
+
     # ---- the data path ------------------------------------------------------------------------
+
+    async def _record_usage(self, access: AccessRecord) -> None:
+        """The answer's tokens to the key's windows and the hourly usage. Locally no I/O:
+        awaited. With Redis a round trip: in the gateway's task group, so neither the
+        connection's next request waits for it nor a client that leaves cancels it."""
+        assert self.state is not None
+        tin, tout = access.tokens[0], access.tokens[1]
+        args = (access.key_name or None, access.account, access.mapped_model, tin, tout)
+        if self.shared_responses is not None and self._tg is not None:
+            self._tg.start_soon(self.state.record_usage, *args)
+        else:
+            await self.state.record_usage(*args)
+
+    async def _admit(self, req: Request) -> None:
+        """The client key's limits for this request (one round trip: check and count), or the
+        refusal as an error the front shapes: 429 with Retry-After, 403 for the model, 401."""
+        assert self.state is not None
+        access = req.access
+        rec = access.key
+        assert isinstance(rec, KeyRecord)
+        model = access.mapped_model
+        d = await self.state.check_key(rec, model)
+        if d.allowed:
+            return
+        err = key_refusal(rec.name, model, d)
+        err.headers.extend(self._headers(req, None))  # X-Mapped-Model
+        raise err
 
     def resolve(self, access: AccessRecord, name: str) -> str:
         """The Gemini model for the client's model `name` (recorded for the access log)."""
@@ -402,6 +488,52 @@ class Gateway(AttemptLoop):
         resp = await self.client.request("POST", url, [_FORM, USER_AGENT], body)
         async with resp:
             return resp.status, await resp.read(ERROR_BODY_MAX_BYTES)
+
+
+def protocol_of(path: str) -> str:
+    """The client protocol a front's route speaks, for the request log."""
+    if path.startswith("/v1beta") or path.startswith("/v1/models/"):
+        return "gemini"
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai"
+
+
+_LIMIT_NAMES = {
+    "rpm": "requests per minute",
+    "tpm": "tokens per minute",
+    "daily_tokens": "tokens per day",
+}
+
+
+def key_refusal(name: str, model: str, d: Decision) -> RawgateError:
+    """A refused check_key as the error the client gets (the front shapes it)."""
+    if d.reason == "model":
+        return PermissionDenied(
+            f"The client key '{name}' may not use the model '{model}' (its models patterns:"
+            " rawgate keys list).",
+            param="model",
+            code="model_not_allowed",
+        )
+    if d.reason in ("disabled", "unknown_key"):
+        return AuthenticationError(
+            f"The client key '{name}' is disabled or was removed.", code="key_disabled"
+        )
+    wait = max(1, d.retry_after_s)
+    if d.reason == "state_unavailable":
+        msg = (
+            "Client-key limits cannot be checked while the shared state store is unreachable"
+            " ([state] limits_fail = closed)."
+        )
+    else:
+        what = _LIMIT_NAMES.get(d.reason, d.reason)
+        msg = f"The client key '{name}' is over its limit of {what}."
+    return RateLimited(
+        msg,
+        code="key_rate_limited" if d.reason != "state_unavailable" else "state_unavailable",
+        headers=[(b"retry-after", str(wait).encode())],
+        retry_after_s=float(wait),
+    )
 
 
 def _names(names: list[str]) -> str:

@@ -15,7 +15,8 @@ Invariants:
   tokens of the requests it had in flight when it crossed the line; the next ones wait.
 - A refusal carries `retry_after_s`: whole seconds (>= 1) until the window that blocks ends.
 - 0 means "no limit" for every field. `models` are fnmatch patterns (`*`, `?`, `[...]`) matched
-  case-sensitively against the model name the client asked for; empty = every model.
+  case-sensitively against the model the caller passes (the gateway passes the Gemini model the
+  request maps to, after aliases and custom_mapping); empty = every model.
 """
 
 from __future__ import annotations

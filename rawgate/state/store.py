@@ -133,6 +133,7 @@ class State(abc.ABC):
 
     health: Health
     backend: str = ""
+    _by_hash: dict[str, KeyRecord]  # key hash -> record: the local mirror of the key table
 
     def __init__(self) -> None:
         # Per-key counters of this process for /metrics: name -> outcome -> count, and
@@ -143,6 +144,10 @@ class State(abc.ABC):
     @property
     def degraded(self) -> bool:
         return self.health.degraded
+
+    def has_keys(self) -> bool:
+        """True while at least one client key exists (from the local mirror, no I/O)."""
+        return bool(self._by_hash)
 
     def status(self) -> dict[str, Any]:
         """For /healthz: {"backend", "state": "ok" | "degraded", "degraded_episodes"}."""

@@ -108,7 +108,7 @@ class ResponsesFront(_OpenAIFront):
         model = gw.resolve(access, body.model)
         history = None
         if body.previous_response_id:
-            history = gw.responses.get(body.previous_response_id)
+            history = await gw.stored_history(body.previous_response_id)
             if history is None:
                 raise BadRequest(
                     f"Previous response with id '{body.previous_response_id}' not found.",
