@@ -179,9 +179,12 @@ def check_h11_maybe_extract_at_most() -> None:
     h = _h11_server(b"abcdef")
     buf = h._receive_buffer
     expect(callable(getattr(buf, "maybe_extract_at_most", None)), "not a method of the buffer")
-    first = buf.maybe_extract_at_most(4)
-    expect(first == b"abcd" and buf._data == b"ef", "did not take the first n bytes out")
-    expect(buf.maybe_extract_at_most(10) == b"ef", "did not return what is left")
+    # (object: mypy's strict equality calls bytearray == bytes non-overlapping; it compares bytes)
+    first: object = buf.maybe_extract_at_most(4)
+    left: object = buf._data
+    expect(first == b"abcd" and left == b"ef", "did not take the first n bytes out")
+    rest: object = buf.maybe_extract_at_most(10)
+    expect(rest == b"ef", "did not return what is left")
     expect(buf.maybe_extract_at_most(3) is None, "an empty buffer did not give None")
     # h1_server's fast head (taken with compat.h11_take): h11 looked at a partial head (and
     # remembered where its search ended), then the head completed and the fast path took it out.
@@ -199,6 +202,7 @@ def check_h11_maybe_extract_at_most() -> None:
 def check_h11_full_items() -> None:
     h = _h11_server(b"GET / HTTP/1.1\r\nHost: x\r\nX-Thing:  A b \r\n\r\n")
     ev = h.next_event()
+    assert isinstance(ev, h11.Request)
     items = ev.headers._full_items
     expect(isinstance(items, list), f"_full_items is {type(items).__name__}, not a list")
     expect(items == [(b"Host", b"host", b"x"), (b"X-Thing", b"x-thing", b"A b")],
@@ -208,6 +212,7 @@ def check_h11_full_items() -> None:
 def check_h11_content_length() -> None:
     h = _h11_server(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
     ev = h.next_event()
+    assert isinstance(ev, h11.Request)
     cl = [v for _, n, v in ev.headers._full_items if n == b"content-length"]
     expect(cl == [b"3"], f"identical Content-Lengths were not merged into one: {cl!r}")
     for bad in (b"3, 4", b"x", b"-1"):
@@ -540,6 +545,7 @@ def check_receive_goaway_frame() -> None:
         frames, mine = H2ClientConnection._receive_goaway_frame(h, frame)
         expect(len(theirs) == 1 and len(mine) == 1 and not frames, "not one ConnectionTerminated")
         a, b = theirs[0], mine[0]
+        assert isinstance(b, ConnectionTerminated)  # the override's list is typed list[Event]
         expect((a.error_code, a.last_stream_id, a.additional_data)
                == (b.error_code, b.last_stream_id, b.additional_data),
                f"h2 reports {a!r}, the override {b!r}")
@@ -661,7 +667,8 @@ def check_error_code_from_int() -> None:
 
     expect(_error_code_from_int(8) is ErrorCodes.CANCEL, "8 is not ErrorCodes.CANCEL")
     expect(_error_code_from_int(0xFFF) == 0xFFF, "an unknown code is not returned as an int")
-    expect(_error_code_from_int(7).name == "REFUSED_STREAM", "ErrorCodes lost .name")
+    code = _error_code_from_int(7)
+    expect(isinstance(code, ErrorCodes) and code.name == "REFUSED_STREAM", "ErrorCodes lost .name")
 
 
 # ---- h2: what the client's DATA fast path (h2_data.FastH2 via compat) reads ------------------
@@ -807,9 +814,11 @@ def check_encode_integer() -> None:
 
 def check_frame_types() -> None:
     # h2_flood.GuardedH2.on_frame compares frame.type with these numbers (RFC 9113 6).
-    numbers = {DataFrame: 0x0, HeadersFrame: 0x1, PriorityFrame: 0x2, RstStreamFrame: 0x3,
-               SettingsFrame: 0x4, PingFrame: 0x6, WindowUpdateFrame: 0x8,
-               ContinuationFrame: 0x9, AltSvcFrame: 0xA}
+    numbers: dict[type[Frame], int] = {
+        DataFrame: 0x0, HeadersFrame: 0x1, PriorityFrame: 0x2, RstStreamFrame: 0x3,
+        SettingsFrame: 0x4, PingFrame: 0x6, WindowUpdateFrame: 0x8,
+        ContinuationFrame: 0x9, AltSvcFrame: 0xA,
+    }  # fmt: skip
     wrong = [cls.__name__ for cls, t in numbers.items() if cls.type != t]
     expect(not wrong, f"type numbers changed for {wrong}")
     expect("ACK" in PingFrame(0, flags=["ACK"]).flags, "flags no longer support `in` by name")
@@ -1089,7 +1098,9 @@ def _defined_names(trees: Iterable[ast.AST]) -> set[str]:
                             out.add(x.attr)
                         elif isinstance(x, ast.Name):
                             out.add(x.id)
-                if any(isinstance(t, ast.Name) and t.id == "__slots__" for t in targets):
+                if n.value is not None and any(
+                    isinstance(t, ast.Name) and t.id == "__slots__" for t in targets
+                ):
                     out.update(c.value for c in ast.walk(n.value)
                                if isinstance(c, ast.Constant) and isinstance(c.value, str))
     return out

@@ -149,6 +149,7 @@ def test_fast_path_is_plain_h2(actions: list[tuple[str, int, int, bool]], cuts: 
 def test_plain_data_frames_take_the_fast_path() -> None:
     _, wire = _traffic([("head", 0, 0, False), ("data", 0, 100, False), ("data", 0, 50, False)])
     c = _client(True)
+    assert isinstance(c, FastH2)  # (_client checked it) its receive_data mixes in Data
     c.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x"),
                        (b":path", b"/")], end_stream=True)
     for i in (1, 2):
@@ -170,6 +171,7 @@ def test_protocol_errors_stay_h2s(kind: str) -> None:
 def test_a_frame_cut_by_the_read_keeps_the_fast_path() -> None:
     _, wire = _traffic([("head", 0, 0, False)] + [("data", 0, 100, False)] * 4)
     c = _client(True)
+    assert isinstance(c, FastH2)  # (_client checked it) its receive_data mixes in Data
     for i in range(3):
         c.send_headers(1 + 2 * i, [(b":method", b"GET"), (b":scheme", b"http"),
                                    (b":authority", b"x"), (b":path", b"/")], end_stream=True)

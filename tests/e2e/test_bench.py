@@ -4,6 +4,7 @@ request each over h1 and h2c against the in-process stand-in (no load)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -589,14 +590,14 @@ def test_exit_status_fails_only_on_harness_breakage() -> None:
 
     ok = {"kind": "run", "target": "direct", "result": {"ok": 5, "error_total": 0}}
     bad = {"kind": "run", "target": "rawgate", "result": {"ok": 0, "error_total": 7}}
-    quick = SimpleNamespace(quick=True, strict=False)
+    quick = argparse.Namespace(quick=True, strict=False)
     b: Any = SimpleNamespace(broken=[], records=[ok, bad])
     assert exit_status(b, quick) == 0  # rawgate's errors are numbers, not breakage
-    assert exit_status(b, SimpleNamespace(quick=False, strict=True)) == 1
+    assert exit_status(b, argparse.Namespace(quick=False, strict=True)) == 1
     b.records = [bad]
     assert exit_status(b, quick) == 1  # the direct path answered nothing
     b.broken = ["chat c=4 direct: loadgen exited with 1"]
-    assert exit_status(b, SimpleNamespace(quick=False, strict=False)) == 1
+    assert exit_status(b, argparse.Namespace(quick=False, strict=False)) == 1
 
 
 def test_compare_table_against_a_baseline() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 import subprocess
@@ -35,8 +36,13 @@ def test_defaults_are_the_demo_credentials() -> None:
     assert s.quota_requests is None and s.validate and s.require_auth
 
 
+def _emulate_parser() -> argparse.ArgumentParser:
+    (subs,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return subs.choices["emulate"]
+
+
 def test_every_flag_has_help() -> None:
-    sub = build_parser()._subparsers._group_actions[0].choices["emulate"]  # type: ignore[union-attr]
+    sub = _emulate_parser()
     for action in sub._actions:
         assert action.help, action.option_strings
 
@@ -44,8 +50,9 @@ def test_every_flag_has_help() -> None:
 def test_engine_help_says_what_the_fast_engine_serves() -> None:
     # It once said "HTTP/1.1-only"; emulator_fast.py serves h2c and TLS h2 too
     # (tests/e2e/test_emulator_fast.py drives both).
-    sub = build_parser()._subparsers._group_actions[0].choices["emulate"]  # type: ignore[union-attr]
+    sub = _emulate_parser()
     (engine,) = [a for a in sub._actions if "--engine" in a.option_strings]
+    assert engine.help is not None
     fast = engine.help.split("fast:", 1)[1]
     assert "HTTP/1.1-only" not in engine.help
     for words in ("HTTP/1.1", "h2c", "h2 over TLS", "411", "benchmark-only"):

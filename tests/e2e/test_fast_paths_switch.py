@@ -21,6 +21,7 @@ from rawgate import compat
 from rawgate.config import Config
 from rawgate.conn import ConnInfo, ServerState
 from rawgate.http import h1_server, h2_server
+from rawgate.http.hpack_encode import ResponseEncoder
 from rawgate.seam import Header, Request, ResponseSink
 from tests.helpers_h1 import h1_serving
 from tests.helpers_h2 import H2Client
@@ -105,7 +106,7 @@ def h2_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
         counts["dispatch_frame"] += 1
         return dispatch(conn, frame)
 
-    class Counted(h2_server.ResponseEncoder):
+    class Counted(ResponseEncoder):
         def encode(self, headers: list[Header], huffman: bool = True) -> bytes:
             counts["encode"] += 1
             return super().encode(headers, huffman)

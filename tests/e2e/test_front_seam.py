@@ -17,6 +17,7 @@ import pytest
 
 from rawgate.errors import BadRequest, RawgateError
 from rawgate.gateway.front import ErrorReply
+from rawgate.http.app import GatewayApp
 from rawgate.seam import AccessRecord, Request
 from rawgate.translate.call import GeminiCall
 from rawgate.translate.contract import (
@@ -100,7 +101,9 @@ class ToyFront:
 
 def _install(run: Running) -> None:
     gw = run.gateway
-    gw.add_front(run.server.app, "/toy", ToyFront())
+    app = run.server.app
+    assert isinstance(app, GatewayApp)
+    gw.add_front(app, "/toy", ToyFront())
     gw.clock = lambda: 1_700_000_000.0  # deterministic replies: the injected clock and ids
     gw.ids = lambda prefix, digits: prefix + "7" * digits
 

@@ -85,7 +85,7 @@ def chat_body(r: random.Random) -> dict[str, Any]:
         "messages": [{"role": "user", "content": "start"}]
         + [_message(r) for _ in range(r.randint(0, 4))],
     }
-    for key, values in {
+    options: dict[str, list[Any]] = {
         "stream": [True, False],
         "temperature": [0.2, 1.0, 2.0],
         "max_tokens": [5, 64, 2**40],
@@ -106,7 +106,8 @@ def chat_body(r: random.Random) -> dict[str, Any]:
         "reasoning_effort": ["low", "high", "minimal", "none"],
         "stream_options": [{"include_usage": True}],
         "seed": [1, 7],
-    }.items():
+    }
+    for key, values in options.items():
         if r.random() < 0.25:
             b[key] = r.choice(values)
     if r.random() < WILD:  # one wrong-typed field
@@ -134,7 +135,7 @@ def responses_body(r: random.Random) -> dict[str, Any]:
         "model": r.choice(["gpt-5", "gemini-2.5-pro", "gpt-4o", "gemini-3-flash"]),
         "input": r.choice(["", None, 5]) if r.random() < WILD else r.choice([items, "just text"]),
     }
-    for key, values in {
+    options: dict[str, list[Any]] = {
         "instructions": ["be brief", "you are a reviewer"],
         "stream": [True, False],
         "tools": [[{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
@@ -146,7 +147,8 @@ def responses_body(r: random.Random) -> dict[str, Any]:
         "max_output_tokens": [16, 200],
         "store": [False, True],
         "include": [["reasoning.encrypted_content"]],
-    }.items():  # fmt: skip
+    }  # fmt: skip
+    for key, values in options.items():
         if r.random() < 0.3:
             b[key] = r.choice(values)
     return b
@@ -159,7 +161,8 @@ def completion_body(r: random.Random) -> dict[str, Any]:
         if r.random() < WILD
         else r.choice(["say", ["only one"], "with \u00e9"]),
     }
-    for key, values in {"echo": [True], "n": [2, 1], "stream": [True], "user": ["u"]}.items():
+    options: dict[str, list[Any]] = {"echo": [True], "n": [2, 1], "stream": [True], "user": ["u"]}
+    for key, values in options.items():
         if r.random() < 0.3:
             b[key] = r.choice(values)
     return b

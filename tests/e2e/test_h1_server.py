@@ -786,7 +786,7 @@ async def test_wakeup_wakes_its_waiter(monkeypatch: pytest.MonkeyPatch, on_async
         def no_loop() -> None:
             raise RuntimeError("no running event loop")
 
-        monkeypatch.setattr(h1_server.asyncio, "get_running_loop", no_loop)
+        monkeypatch.setattr("rawgate.http.h1_server.asyncio.get_running_loop", no_loop)
     w = h1_server._Wakeup()
     monkeypatch.undo()
     assert (w._asyncio is not None) is on_asyncio

@@ -25,6 +25,7 @@ import msgspec
 import pytest
 import trustme
 from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSAttribute
 
 from rawgate.config import Config, ConfigError
 from rawgate.conn import ServerState
@@ -67,27 +68,27 @@ class App:
         """Set once a request for `path` reached its blocking point."""
         return self._arrivals.setdefault(path, anyio.Event())
 
-    async def __call__(self, req: Request, sink: ResponseSink) -> None:
-        self.paths.append(req.path)
-        self.schemes.append(req.scheme)
-        self.versions.append(req.http_version)
+    async def __call__(self, request: Request, sink: ResponseSink) -> None:
+        self.paths.append(request.path)
+        self.schemes.append(request.scheme)
+        self.versions.append(request.http_version)
         try:
-            if req.path == "/block":
+            if request.path == "/block":
                 self.arrived.set()
-                self.arrival(req.path).set()
+                self.arrival(request.path).set()
                 await self.release.wait()
-            elif req.path == "/hang":
+            elif request.path == "/hang":
                 await sink.start(200, [(b"content-type", b"text/event-stream")])
                 await sink.send(b"data: 1\n\n")
                 self.arrived.set()
-                self.arrival(req.path).set()
+                self.arrival(request.path).set()
                 await anyio.sleep_forever()
-            await json_response(sink, 200, b'{"path":"%s"}' % req.path.encode())
+            await json_response(sink, 200, b'{"path":"%s"}' % request.path.encode())
         except anyio.get_cancelled_exc_class():
-            self.cancelled.append(req.path)
+            self.cancelled.append(request.path)
             self.cancelled_event.set()
             raise
-        self.finished.append(req.path)
+        self.finished.append(request.path)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ async def test_tls_alpn_picks_the_driver(
             async with await anyio.connect_tcp(
                 "127.0.0.1", server.port, ssl_context=client_ctx, tls_standard_compatible=False
             ) as s:
-                assert s.extra(anyio.streams.tls.TLSAttribute.alpn_protocol) == (
+                assert s.extra(TLSAttribute.alpn_protocol) == (
                     alpn[0] if alpn else None
                 )
                 (r1, r2) = await exchange(s, get("/secure") + get("/again"), 2)

@@ -76,6 +76,7 @@ def test_500_distinct_fanout_tools_are_refused_within_the_request_budget(
         responses_to_gemini(decode_responses(body), FLASH, schemas=schemas)
     err = ei.value
     assert err.status == 400 and err.type == "invalid_request_error"
+    assert err.param is not None
     k = int(err.param.removeprefix("tools[").removesuffix("].parameters"))
     assert f"Tool 't{k}'" in str(err) and "tool_schema_max_work" in str(err)
     # the work before the refusal is within the budget (+ the one step that crossed it), and

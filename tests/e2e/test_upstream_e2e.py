@@ -197,7 +197,11 @@ async def test_abandoned_streams_leave_no_stream_or_connection_behind(
 
                         tg.start_soon(one)
                 assert "streams=1" not in repr(client) and "ACTIVE" not in repr(client)
-                await wait_until(lambda o=origin: o.stats.active == 0, "origin apps ended")
+
+                def apps_ended(o: H1Origin | H2Origin = origin) -> bool:
+                    return o.stats.active == 0
+
+                await wait_until(apps_ended, "origin apps ended")
                 assert origin.stats.cancelled == 5
             if origin is h1:
                 await wait_until(lambda: h1.stats.open_connections == 0, "h1 sockets closed")

@@ -39,7 +39,7 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
 )
 def test_bad_config_names_key_and_value(raw: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as e:
-        build_config(raw, {}, {})  # type: ignore[arg-type]
+        build_config(raw, {}, {})
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 

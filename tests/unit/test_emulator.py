@@ -598,7 +598,7 @@ async def test_revoked_refresh_token_and_its_access_tokens_die(app: EmulatorApp)
                        envelope("x"))).status == 200
     app.core.revoke(DEMO_ACCOUNT.refresh_token)
     s = await call(app, "POST", "/token", FORM, token_form())
-    assert s.status == 400 and s.json() == {  # type: ignore[comparison-overlap]
+    assert s.status == 400 and s.json() == {
         "error": "invalid_grant", "error_description": "Token has been expired or revoked."}
     s = await call(app, "POST", "/v1internal:generateContent", bearer, envelope("x"))
     assert s.status == 401

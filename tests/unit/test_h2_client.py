@@ -295,7 +295,10 @@ async def test_one_slow_consumer_does_not_stall_the_connection() -> None:
         await reply.end(big)
 
     # a connection window smaller than what the slow stream holds: credit on receipt or stall
-    small = {"h2_stream_window_bytes": 64 * KiB, "h2_connection_window_bytes": 65535}
+    small: dict[str, Any] = {
+        "h2_stream_window_bytes": 64 * KiB,
+        "h2_connection_window_bytes": 65535,
+    }
     async with env(app, **small) as e:
         slow = await e.client.request("GET", URL, [])
         await wait_until(lambda: stream_of(slow).buffered == 64 * KiB, "slow one full")

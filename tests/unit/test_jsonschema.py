@@ -294,7 +294,7 @@ def test_response_schema_keeps_json_schema() -> None:
     assert out["required"] == ["a"]
 
 
-_leaf = st.sampled_from(
+_leaf: st.SearchStrategy[Any] = st.sampled_from(
     [
         {"type": "string"}, {"type": "integer"}, {"type": ["number", "null"]}, {"const": "x"},
         {"enum": ["a", 1]}, {"$ref": "#/$defs/A"}, {"$ref": "#"}, {"$ref": "#/nope"}, True, False,

@@ -541,7 +541,7 @@ def test_deprecated_functions_and_function_call() -> None:
 
 
 def test_chat_call_record() -> None:
-    body = {
+    body: dict[str, Any] = {
         "model": "gpt-4o",
         "messages": [{"role": "user", "content": "hi"}],
         "n": 3,

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from rawgate.errors import UpstreamConnectError, UpstreamPoolTimeout
 from rawgate.upstream.pool import (
+    Connection,
     ConnState,
     Limits,
     OriginPool,
@@ -69,7 +70,7 @@ def test_idle_connection_is_reused_most_recent_first() -> None:
     ws = waiters(1)
     plan = assign([old, new], ws, LIM, NOW, expect=1)
     assert plan.assigned == [(ws[0], new)]
-    assert plan.opened == plan.closed == []
+    assert plan.opened == [] and plan.closed == []
 
 
 def test_no_free_connection_opens_one_until_the_limit_then_queues_fifo() -> None:
@@ -234,8 +235,10 @@ def test_plan_invariants(conns: list[Fake], n_waiters: int, max_conns: int, expe
     )
     assert not plan.opened or live + len(plan.opened) <= max_conns
     # only idle (expired, stale, over the keep-alive cap) or drained connections get closed
-    for c in plan.closed:
-        assert c.state is ConnState.IDLE or (c.state is ConnState.DRAINING and c.in_use == 0)
+    for gone in plan.closed:
+        assert gone.state is ConnState.IDLE or (
+            gone.state is ConnState.DRAINING and gone.in_use == 0
+        )
 
 
 def _reference_assign(conns: list[Fake], ws: list[Waiter], lim: Limits, expect: int) -> Plan:
@@ -447,7 +450,7 @@ async def test_driver_h2_burst_waits_for_one_connection_and_shares_it() -> None:
     d = Dialer(http2=True, capacity=10)
     d.gate = anyio.Event()
     pool = make_pool(d, max_conns=4)
-    got: list[Fake] = []
+    got: list[Connection] = []
 
     async def want() -> None:
         got.append(await pool.acquire())

@@ -494,7 +494,8 @@ def test_export_import_latest_end_wins() -> None:
     w2, _ = make(2)
     w1.report_failure(p1[0], M, 0.0, "rate_limited", 30.0)
     w1.report_failure(p1[1], M, 0.0, "server")  # breaker/5xx state is not shared
-    assert w1.cooldowns_dirty
+    dirty_before = w1.cooldowns_dirty  # a local: mypy would keep the attribute narrowed to True
+    assert dirty_before
     out = w1.export_cooldowns(1.0)
     assert not w1.cooldowns_dirty
     assert [(c.account, c.model, c.until) for c in out] == [("a0", M, 30.0)]

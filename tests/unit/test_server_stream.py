@@ -22,7 +22,7 @@ pytestmark = pytest.mark.anyio
     params=[("asyncio", {}), ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
-    return request.param  # type: ignore[no-any-return]
+    return request.param
 
 
 async def _pair() -> tuple[ServerStream, socket.socket, socket.socket]:

@@ -11,6 +11,7 @@ import openai
 import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
+from openai.types.chat import ChatCompletionMessageParam
 
 from rawgate.errors import RateLimited, UpstreamError, UpstreamProtocolError
 from rawgate.translate.contract import TokenUsage
@@ -31,7 +32,7 @@ from tests.unit.test_transcode_golden import (
 
 pytestmark = pytest.mark.anyio
 
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 WEATHER = {
     "type": "function",
     "function": {"name": "get_weather", "parameters": {"type": "object"}},
@@ -340,7 +341,7 @@ def test_sdk_raw_iteration(name: str) -> None:
     c = case(name)
     body = run_stream(case_call(c), [upstream(c)])
     with sdk(body) as client:
-        chunks = list(client.chat.completions.create(model="gpt-4o", messages=HI, stream=True))  # type: ignore[arg-type]
+        chunks = list(client.chat.completions.create(model="gpt-4o", messages=HI, stream=True))
     texts: dict[int, str] = {}
     for ch in chunks:
         for choice in ch.choices:
@@ -372,7 +373,7 @@ _HELPER_RAISES: dict[str, type[Exception]] = {
 def test_sdk_stream_helper(name: str) -> None:
     c = case(name)
     body = run_stream(case_call(c), [upstream(c)])
-    with sdk(body) as client, client.chat.completions.stream(model="gpt-4o", messages=HI) as stream:  # type: ignore[arg-type]
+    with sdk(body) as client, client.chat.completions.stream(model="gpt-4o", messages=HI) as stream:
         events = [e.type for e in stream]
         assert "chunk" in events
         if name in _HELPER_RAISES:
@@ -385,8 +386,8 @@ def test_sdk_stream_helper(name: str) -> None:
     assert msg.role == "assistant"  # never "assistantassistant"
     if name == "chat_tools":
         calls = msg.tool_calls or []
-        assert [tc.function.name for tc in calls] == ["get_weather", "get_weather"]  # type: ignore[union-attr]
-        assert [orjson.loads(tc.function.arguments) for tc in calls] == [  # type: ignore[union-attr]
+        assert [tc.function.name for tc in calls] == ["get_weather", "get_weather"]
+        assert [orjson.loads(tc.function.arguments) for tc in calls] == [
             {"city": "Paris"},
             {"city": "Rome", "units": "c"},
         ]
@@ -406,7 +407,7 @@ def test_sdk_raises_on_error_events(name: str) -> None:
     c = case(name)
     body = run_stream(case_call(c), [upstream(c)])
     with sdk(body) as client, pytest.raises(openai.APIError) as ei:
-        for _ in client.chat.completions.create(model="gpt-4o", messages=HI, stream=True):  # type: ignore[arg-type]
+        for _ in client.chat.completions.create(model="gpt-4o", messages=HI, stream=True):
             pass
     expect = (
         "The model is overloaded" if name == "chat_error_midstream" else "MALFORMED_FUNCTION_CALL"
@@ -418,7 +419,7 @@ def test_sdk_stream_helper_raises_on_error_events() -> None:
     c = case("chat_error_midstream")
     body = run_stream(case_call(c), [upstream(c)])
     with sdk(body) as client, pytest.raises(openai.APIError):
-        with client.chat.completions.stream(model="gpt-4o", messages=HI) as stream:  # type: ignore[arg-type]
+        with client.chat.completions.stream(model="gpt-4o", messages=HI) as stream:
             for _ in stream:
                 pass
 
@@ -427,7 +428,7 @@ async def test_async_sdk() -> None:
     c = case("chat_tools")
     body = run_stream(case_call(c), [upstream(c)])
     async with async_sdk(body) as client:
-        stream = await client.chat.completions.create(model="gpt-4o", messages=HI, stream=True)  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(model="gpt-4o", messages=HI, stream=True)
         n_tools = 0
         async for ch in stream:
             for choice in ch.choices:
@@ -441,7 +442,7 @@ def test_sdk_non_stream(name: str) -> None:
     status, _, body = run_whole(case_call(c), upstream(c)).partition(b"\n")
     assert status == b"HTTP 200"
     with sdk(body) as client:
-        got = client.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]
+        got = client.chat.completions.create(model="gpt-4o", messages=HI)
     assert got.usage is not None and got.usage.completion_tokens_details is not None
     if name == "chat_tools_nonstream":
         calls = got.choices[0].message.tool_calls or []
@@ -525,7 +526,7 @@ def test_property_chat_stream_invariants(replies: list[dict[str, Any]], end: str
         assert "error" in frames_[-1]
     with sdk(out) as client:
         try:
-            list(client.chat.completions.create(model="m", messages=HI, stream=True))  # type: ignore[arg-type]
+            list(client.chat.completions.create(model="m", messages=HI, stream=True))
         except openai.APIError:
             assert "error" in frames_[-1]
 

@@ -311,7 +311,9 @@ def test_output_items_and_usage_for_the_store() -> None:
     for chunk in upstream(c).split(b"\r\n\r\n"):
         if chunk:
             rs.feed(decode_reply(chunk[6:]))
-    assert rs.stored is None  # nothing to keep before the answer completed
+    # (read into a local: mypy would keep rs.stored narrowed to None past rs.finish())
+    stored_before = rs.stored
+    assert stored_before is None  # nothing to keep before the answer completed
     rs.finish()
     assert rs.output_items == rs.response["output"] and len(rs.output_items) == 4
     usage = rs.response["usage"]
@@ -384,7 +386,7 @@ def test_sdk_sees_response_failed(name: str) -> None:
     with sdk(body) as client, client.responses.stream(model="gpt-5", input="hi") as stream:
         evs = list(stream)
         assert evs[-1].type == "response.failed"
-        assert evs[-1].response.error is not None  # type: ignore[union-attr]
+        assert evs[-1].response.error is not None
         with pytest.raises(RuntimeError):
             stream.get_final_response()
 
@@ -548,7 +550,9 @@ def test_property_any_stream_keeps_the_invariants(
     chunks: list[list[dict[str, Any]]], end: str | None, model: str
 ) -> None:
     call = make_call("responses", _CODEX["request"], model)
-    replies = [{"candidates": [{"content": {"parts": p, "role": "model"}}]} for p in chunks]
+    replies: list[dict[str, Any]] = [
+        {"candidates": [{"content": {"parts": p, "role": "model"}}]} for p in chunks
+    ]
     if end is not None:
         replies.append({"candidates": [{"finishReason": end}]})
     out = run_stream(call, sse(*replies))

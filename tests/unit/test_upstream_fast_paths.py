@@ -74,6 +74,7 @@ async def test_the_switch_decides_whether_fast_path_code_runs(
             assert r.status == 200
             (pool,) = client.pools
             (conn,) = pool.conns
+            assert isinstance(conn, h2_client.H2Connection)
             assert isinstance(conn._h2, FastH2) is fast
             assert isinstance(conn._h2, H2ClientConnection)  # GOAWAY drains either way
             dec = SSEDecoder()

@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from rawgate.config import LimitsConfig
 from rawgate.translate.gemini import decode_reply, error_from_upstream
@@ -27,21 +28,15 @@ from tests.unit.test_mapping import (
 from tests.unit.test_transcode_golden import make_call, run_stream, sdk
 from tests.unit.test_transcode_responses import check_stream, codex_view, events
 
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 FLASH = "gemini-2.5-flash"
 G3 = "gemini-3-pro-preview"
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}}
 WEATHER = {
     "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
+    "function": {"name": "get_weather", "parameters": WEATHER_PARAMS},
 }
-R_WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "parameters": WEATHER["function"]["parameters"],
-}  # type: ignore[index]
+R_WEATHER = {"type": "function", "name": "get_weather", "parameters": WEATHER_PARAMS}
 
 
 def chat(model: str = FLASH, **body: Any) -> Any:
@@ -113,10 +108,10 @@ def test_vector_03_one_whole_function_call() -> None:
     assert orjson.loads(args) == {"city": "Paris", "units": "c"}
     assert chat_frames(out)[-2]["choices"][0]["finish_reason"] == "tool_calls"
     assert sum("role" in d for d in ds) == 1
-    with sdk(out) as client, client.chat.completions.stream(model="m", messages=HI) as s:  # type: ignore[arg-type]
+    with sdk(out) as client, client.chat.completions.stream(model="m", messages=HI) as s:
         final = s.get_final_completion()
     (tc,) = final.choices[0].message.tool_calls or []
-    assert tc.function.name == "get_weather"  # type: ignore[union-attr]
+    assert tc.function.name == "get_weather"
 
 
 def test_vector_04_call_with_no_arguments() -> None:
@@ -299,7 +294,7 @@ def test_vector_10_prompt_blocked() -> None:
     )
     assert frames[-1] == "[DONE]"
     with sdk(out) as client:
-        list(client.chat.completions.create(model="m", messages=HI, stream=True))  # type: ignore[arg-type]
+        list(client.chat.completions.create(model="m", messages=HI, stream=True))
     whole = orjson.loads(chat_response(chat(), decode_reply(_BLOCKED[6:-4])))
     choice = whole["choices"][0]
     assert (
@@ -401,11 +396,11 @@ def test_vector_14_upstream_429_with_retry_delay(monkeypatch: pytest.MonkeyPatch
     assert "12.5s" in body["message"]
     # OAI-PY raises RateLimitError and its retry sleeps 12.5 s.
     slept: list[float] = []
-    monkeypatch.setattr(openai._base_client.time, "sleep", slept.append)
+    monkeypatch.setattr("openai._base_client.time.sleep", slept.append)
     headers = {k.decode(): v.decode() for k, v in err.headers}
     with sdk(err.to_json(), status=429, headers=headers) as client:
         with pytest.raises(openai.RateLimitError):
-            client.with_options(max_retries=1).chat.completions.create(model="m", messages=HI)  # type: ignore[arg-type]
+            client.with_options(max_retries=1).chat.completions.create(model="m", messages=HI)
     assert slept == [12.5]
     # Responses / Codex: HTTP 200 stream with response.failed and "try again in 12.5s".
     rs = ResponsesStream(resp(), "resp_v14")
@@ -455,7 +450,7 @@ def test_vector_16_error_mid_stream() -> None:
         f["choices"][0]["finish_reason"] is None for f in frames[:-1]
     )
     with sdk(out) as client, pytest.raises(openai.APIError) as ei:
-        list(client.chat.completions.create(model="m", messages=HI, stream=True))  # type: ignore[arg-type]
+        list(client.chat.completions.create(model="m", messages=HI, stream=True))
     assert ei.value.message == "The model is overloaded. Please try again later."
     evs = check_stream(run_stream(resp(), _V16))
     assert evs[-1]["type"] == "response.failed"
@@ -501,7 +496,7 @@ def test_vector_20_sse_hygiene_under_long_thinking() -> None:
     assert b"event:" not in chat_out
     with_beats = HEARTBEAT * 3 + chat_out.replace(b"\n\n", b"\n\n" + HEARTBEAT, 2)
     with sdk(with_beats) as client:
-        got = list(client.chat.completions.create(model="m", messages=HI, stream=True))  # type: ignore[arg-type]
+        got = list(client.chat.completions.create(model="m", messages=HI, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "Go."
 
     resp_out = run_stream(resp(), chunks)
