@@ -15,6 +15,7 @@ import anthropic
 import httpx2 as httpx
 import orjson
 import pytest
+from anthropic.types import ImageBlockParam, Message, MessageParam
 
 from tests.helpers_gateway import gateway_stack
 
@@ -41,6 +42,12 @@ TWO_CALLS = (
 
 def _client(origin: str, **kw: Any) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=origin, api_key="sk-test", max_retries=0, **kw)
+
+
+def _body(err: anthropic.APIStatusError) -> dict[str, Any]:
+    """The SDK types an error's parsed body as `object`; ours is always a JSON object."""
+    assert isinstance(err.body, dict), err.body
+    return err.body
 
 
 def _last_upstream(run: Any) -> dict[str, Any]:
@@ -130,6 +137,7 @@ async def test_raw_wire_beta_query_and_event_framing(tmp_path: Path) -> None:
 async def _tool_loop(c: anthropic.AsyncAnthropic, model: str, stream: bool) -> list[Any]:
     """Turn 1 gets two parallel tool_use blocks; turn 2 sends their results back."""
     first: list[Any] = [{"role": "user", "content": TWO_CALLS}]
+    m1: Message  # the stream's final message is a ParsedMessage, a Message subclass
     if stream:
         async with c.messages.stream(model=model, max_tokens=300, tools=TOOLS, messages=first) as s:
             m1 = await s.get_final_message()
@@ -151,6 +159,7 @@ async def _tool_loop(c: anthropic.AsyncAnthropic, model: str, stream: bool) -> l
             ],
         },
     ]
+    m2: Message
     if stream:
         async with c.messages.stream(
             model=model, max_tokens=300, tools=TOOLS, messages=history
@@ -210,6 +219,7 @@ async def test_thinking_blocks(tmp_path: Path) -> None:
         )
         kinds = [b.type for b in msg.content]
         assert kinds[0] == "thinking" and "text" in kinds
+        assert msg.content[0].type == "thinking"
         assert "pondering deeply" in msg.content[0].thinking
         sent = _last_upstream(run)
         assert sent["generationConfig"]["thinkingConfig"] == {
@@ -269,8 +279,10 @@ async def test_count_tokens_is_the_documented_estimate(tmp_path: Path) -> None:
         )
         assert r.input_tokens == 100
         system = "s" * 40
-        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                             "data": "iVBORw0KGgo="}}  # fmt: skip
+        image: ImageBlockParam = {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+        }
         r = await c.messages.count_tokens(
             model="claude-sonnet-4-5",
             system=system,
@@ -305,13 +317,15 @@ async def test_models_list_in_both_shapes(tmp_path: Path) -> None:
 
 async def test_errors_are_the_sdks_own_types(tmp_path: Path) -> None:
     async with gateway_stack(tmp_path) as run, _client(run.origin) as c:
-        user = [{"role": "user", "content": "[[emu:error status=429 limit=10 retry_delay=2s]]"}]
+        user: list[MessageParam] = [
+            {"role": "user", "content": "[[emu:error status=429 limit=10 retry_delay=2s]]"}
+        ]
         with pytest.raises(anthropic.RateLimitError) as rl:
             await c.messages.create(model="gemini-2.5-pro", max_tokens=10, messages=user)
         assert rl.value.response.headers["retry-after"] == "2"
         assert rl.value.response.headers["retry-after-ms"] == "2000"
         assert rl.value.request_id == rl.value.response.headers["x-request-id"]
-        assert rl.value.body["error"]["type"] == "rate_limit_error"
+        assert _body(rl.value)["error"]["type"] == "rate_limit_error"
 
         # A spent quota (limit: 0) is final: no retry can fix it, and the SDK is told so.
         user = [{"role": "user", "content": "[[emu:error status=429]]"}]
@@ -324,14 +338,14 @@ async def test_errors_are_the_sdks_own_types(tmp_path: Path) -> None:
         with pytest.raises(anthropic.OverloadedError) as ov:
             await c.messages.create(model="gemini-2.5-flash-lite", max_tokens=10, messages=user)
         assert ov.value.status_code == 529
-        assert ov.value.body["error"]["type"] == "overloaded_error"
+        assert _body(ov.value)["error"]["type"] == "overloaded_error"
 
         with pytest.raises(anthropic.BadRequestError) as br:
             await c.messages.create(
                 model="claude-sonnet-4-5", max_tokens=0, messages=[{"role": "user", "content": "x"}]
             )
         assert "max_tokens" in br.value.message
-        assert br.value.body["type"] == "error"
+        assert _body(br.value)["type"] == "error"
 
         # Vector 9: Gemini's context overflow in the words Claude Code's compaction parses.
         msg = ("The input token count (1200293) exceeds the maximum number of tokens allowed"
@@ -340,7 +354,7 @@ async def test_errors_are_the_sdks_own_types(tmp_path: Path) -> None:
         with pytest.raises(anthropic.BadRequestError) as br:
             await c.messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=user)
         assert (
-            br.value.body["error"]["message"]
+            _body(br.value)["error"]["message"]
             == "prompt is too long: 1200293 tokens > 1048576 maximum"
         )
         assert br.value.response.headers["x-should-retry"] == "false"
@@ -368,14 +382,14 @@ async def test_auth_on_gives_authentication_error(tmp_path: Path) -> None:
                     messages=[{"role": "user", "content": "x"}],
                 )
             # rawgate's own refusal, in Anthropic's shape, and final (E6).
-            assert au.value.body["type"] == "error"
-            assert au.value.body["error"]["type"] == "authentication_error"
+            assert _body(au.value)["type"] == "error"
+            assert _body(au.value)["error"]["type"] == "authentication_error"
             assert au.value.response.headers["x-should-retry"] == "false"
             with pytest.raises(anthropic.AuthenticationError) as au:
                 await c.messages.count_tokens(
                     model="claude-sonnet-4-5", messages=[{"role": "user", "content": "x"}]
                 )
-            assert au.value.body["error"]["type"] == "authentication_error"
+            assert _body(au.value)["error"]["type"] == "authentication_error"
         # x-api-key (what Claude Code sends for ANTHROPIC_API_KEY) and Bearer both work.
         for kw in ({"api_key": "sk-right"}, {"auth_token": "sk-right", "api_key": None}):
             async with anthropic.AsyncAnthropic(base_url=run.origin, max_retries=0, **kw) as ok:
@@ -423,7 +437,7 @@ async def test_pings_while_gemini_is_quiet(tmp_path: Path) -> None:
     skips them and the text is intact."""
     cfg = {"limits": {"sse_heartbeat_s": 0.05}}
     async with gateway_stack(tmp_path, config=cfg) as run, httpx.AsyncClient() as h:
-        body = {
+        body: dict[str, Any] = {
             "model": "claude-sonnet-4-5",
             "max_tokens": 100,
             "stream": True,

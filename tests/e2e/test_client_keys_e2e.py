@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from rawgate.config import build_config
+from rawgate.http.app import GatewayApp
 from rawgate.monitor.request_log import query_rows
 from rawgate.state.store import open_state
 from tests.e2e.test_front_seam import ToyFront
@@ -215,7 +216,9 @@ async def test_strict_mode_with_client_keys_only_starts(
 async def test_a_front_with_its_own_error_shape_gets_its_429_and_403(tmp_path: Path) -> None:
     key = await _add_key(tmp_path, "toy", rpm=1, models=["gemini-2.5-flash"])
     async with gateway_stack(tmp_path) as run, httpx.AsyncClient(base_url=run.origin) as c:
-        run.gateway.add_front(run.server.app, "/toy", ToyFront())
+        app = run.server.app  # typed as the seam's App protocol; the stack builds a GatewayApp
+        assert isinstance(app, GatewayApp)
+        run.gateway.add_front(app, "/toy", ToyFront())
         r = await c.post("/toy", content=b"gemini-2.5-pro\nhi", headers=_auth(key))
         assert r.status_code == 403 and r.text == "toy-error 403 model_not_allowed"
         await _clear_of_minute_boundary()

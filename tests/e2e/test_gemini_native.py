@@ -74,9 +74,9 @@ async def test_generate_stream_and_count_tokens_on_v1_and_v1beta(tmp_path: Path)
                 n = await c.models.count_tokens(model=MODEL, contents="count these tokens")
                 assert n.total_tokens and n.total_tokens > 0
         # The client's key stays with rawgate: the upstream saw the pool's key, no query key.
-        _path, query, headers, _body = _upstream(run, ":generateContent")
-        assert (b"x-goog-api-key", run.emulator.api_key.encode()) in headers
-        assert CLIENT_KEY.encode() not in b"".join(v for _, v in headers) + query.encode()
+        _path, query, up_headers, _body = _upstream(run, ":generateContent")
+        assert (b"x-goog-api-key", run.emulator.api_key.encode()) in up_headers
+        assert CLIENT_KEY.encode() not in b"".join(v for _, v in up_headers) + query.encode()
 
 
 async def test_body_forwarded_byte_for_byte_and_stream_framing(tmp_path: Path) -> None:

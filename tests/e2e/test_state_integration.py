@@ -95,7 +95,7 @@ async def test_previous_response_id_continues_on_the_other_instance(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with _two(tmp_path, redis_server.url) as (a, b), httpx.AsyncClient() as c:
-        body = {"model": "gemini-2.5-flash", "input": "remember the word kiwi"}
+        body: dict[str, Any] = {"model": "gemini-2.5-flash", "input": "remember the word kiwi"}
         r = await c.post(a.origin + "/v1/responses", json=body)
         assert r.status_code == 200, r.text
         first = r.json()["id"]
@@ -159,7 +159,7 @@ async def test_an_unreachable_redis_is_degraded_in_healthz_and_metrics(tmp_path:
         assert r.status_code == 200  # served on local state
 
         async def health() -> dict[str, Any]:
-            return (await c.get(run.origin + "/healthz")).json()  # type: ignore[no-any-return]
+            return (await c.get(run.origin + "/healthz")).json()
 
         deadline = time.monotonic() + WAIT_S
         while (await health())["state"] != "degraded":

@@ -360,7 +360,7 @@ def test_unknown_fields_and_blocks_are_ignored() -> None:
 def test_round_trip_through_the_transcoder_keeps_signatures() -> None:
     """A non-stream answer with a signed call, echoed back as Claude Code does, maps back to
     the same functionCall with the same signature."""
-    first = {"tools": [BASH], "messages": [{"role": "user", "content": "run ls"}]}
+    first: dict[str, Any] = {"tools": [BASH], "messages": [{"role": "user", "content": "run ls"}]}
     call, opts = messages_to_gemini(
         decode_messages(orjson.dumps({"model": "c", "max_tokens": 9, **first})), PRO3, SIG
     )

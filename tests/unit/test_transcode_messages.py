@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from itertools import count
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -150,7 +150,7 @@ def test_vector2_variant_call_without_args_gives_empty_object() -> None:
 
 
 def test_vector7_omitted_thinking_carries_only_the_signature() -> None:
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         {"candidates": [{"content": {"parts": [{"text": "plan...", "thought": True}]}}]},
         {
             "candidates": [
@@ -190,7 +190,7 @@ def test_vector12_error_after_the_200_is_an_error_event_and_nothing_after() -> N
 
 
 def test_vector13_safety_stop_is_refusal_with_usage() -> None:
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         {"candidates": [{"content": {"parts": [{"text": "Sure"}]}}]},
         {
             "candidates": [{"finishReason": "SAFETY", "index": 0}],
@@ -408,7 +408,7 @@ def test_the_anthropic_sdk_accumulates_our_stream() -> None:
     from anthropic.lib.streaming._messages import accumulate_event
     from anthropic.types import RawMessageStreamEvent
 
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         {"candidates": [{"content": {"parts": [{"text": "hm", "thought": True}]}}]},
         {
             "candidates": [
@@ -430,10 +430,11 @@ def test_the_anthropic_sdk_accumulates_our_stream() -> None:
     snap = None
     bufs: dict[int, bytes] = {}
     for e in evs:
-        ev = construct_type(type_=RawMessageStreamEvent, value=e)
+        # construct_type is typed `object`; it builds the union member the type tag names.
+        ev = cast(RawMessageStreamEvent, construct_type(type_=RawMessageStreamEvent, value=e))
         snap = accumulate_event(event=ev, current_snapshot=snap, json_bufs=bufs)
     assert snap is not None and anthropic is not None
     assert [b.type for b in snap.content] == ["thinking", "text", "tool_use"]
-    assert snap.content[1].text == "Run"
-    assert snap.content[2].input == {"command": "ls"}
+    assert snap.content[1].type == "text" and snap.content[1].text == "Run"
+    assert snap.content[2].type == "tool_use" and snap.content[2].input == {"command": "ls"}
     assert snap.stop_reason == "tool_use" and snap.usage.output_tokens == 4
