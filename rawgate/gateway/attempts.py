@@ -61,6 +61,7 @@ from rawgate.errors import (
     UpstreamRequestTimeout,
 )
 from rawgate.logs import safe_text
+from rawgate.seam import Header
 from rawgate.translate import mapping
 from rawgate.translate.gemini import Reply, decode_reply, error_from_upstream
 from rawgate.translate.native import unwrap_code_assist, wrap_code_assist
@@ -92,7 +93,6 @@ __all__ = ["AttemptLoop", "Try", "charges_budget", "failure_kind", "retryable"]
 
 log = logging.getLogger("rawgate.gateway.core")
 
-Header = tuple[bytes, bytes]
 
 # A stream cut by the server's shutdown (its grace ran out) ends with this error event; writing
 # it may take at most CUT_NOTICE_S seconds (a client that reads nothing must not hold shutdown).

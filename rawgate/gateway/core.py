@@ -64,6 +64,7 @@ from rawgate.gateway.fronts.anthropic import MessagesFront
 from rawgate.gateway.fronts.openai import ChatFront, CompletionsFront, ResponsesFront
 from rawgate.gateway.models import ModelListing
 from rawgate.model_router import ModelRouter
+from rawgate.seam import Header
 from rawgate.state.keys import KeyRecord
 from rawgate.state.response_store import ResponseStore
 from rawgate.translate import mapping
@@ -86,7 +87,6 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("rawgate.gateway.core")
 
-Header = tuple[bytes, bytes]
 Route = Callable[["Request", "ResponseSink"], Awaitable[None]]
 
 _JSON: Header = (b"content-type", b"application/json")

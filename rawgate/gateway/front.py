@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from rawgate.seam import Header
+
 if TYPE_CHECKING:
     from rawgate.errors import RawgateError
     from rawgate.seam import AccessRecord, Request
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AnyFront", "ErrorReply", "Front", "PassthroughFront"]
 
-Header = tuple[bytes, bytes]
 ErrorReply = tuple[int, list[Header], bytes]
 
 

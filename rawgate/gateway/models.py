@@ -18,11 +18,11 @@ import orjson
 
 from rawgate.accounts.store import Account
 from rawgate.errors import RawgateError
+from rawgate.seam import Header
 from rawgate.upstream.client import UpstreamClient
 
 __all__ = ["FALLBACK_MODELS", "MODELS_CACHE_S", "MODELS_FETCH_TIMEOUT_S", "ModelListing"]
 
-Header = tuple[bytes, bytes]
 
 # Upstream model listings change rarely; one fetch per 10 minutes keeps /v1/models cheap.
 MODELS_CACHE_S = 600.0

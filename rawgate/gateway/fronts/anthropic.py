@@ -40,6 +40,7 @@ import orjson
 
 from rawgate.errors import BadRequest, NotFound, RawgateError
 from rawgate.model_router import MODELS_CREATED
+from rawgate.seam import Header
 from rawgate.translate import mapping
 from rawgate.translate.contract import answer, token_usage
 from rawgate.translate.map_messages import (
@@ -73,7 +74,6 @@ __all__ = ["MessagesFront", "estimate_tokens", "load_signature_key"]
 
 log = logging.getLogger("rawgate.gateway.anthropic")
 
-Header = tuple[bytes, bytes]
 _JSON: Header = (b"content-type", b"application/json")
 SIGNATURE_KEY_FILE = "signature_key"
 SIGNATURE_KEY_BYTES = 32

@@ -34,6 +34,7 @@ import msgspec
 import orjson
 
 from rawgate.errors import NotFound, RawgateError, UpstreamProtocolError
+from rawgate.seam import Header
 from rawgate.translate import map_embeddings
 from rawgate.translate.call import GeminiCall, Passthrough
 from rawgate.translate.contract import NO_USAGE, answer, token_usage
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = ["EMBEDDINGS", "EMBEDDING_ALIASES", "EmbeddingsFront", "NativeFront", "NativeStream"]
 
-Header = tuple[bytes, bytes]
 _JSON: Header = (b"content-type", b"application/json")
 # Verbs Code Assist has no route for: API-key accounts only.
 _KEY_ONLY = frozenset({"countTokens", "embedContent", "batchEmbedContents"})
