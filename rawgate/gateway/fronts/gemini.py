@@ -33,7 +33,7 @@ import anyio
 import msgspec
 import orjson
 
-from rawgate.errors import NotFound, RawgateError, UpstreamProtocolError
+from rawgate.errors import InternalError, NotFound, RawgateError, UpstreamProtocolError
 from rawgate.seam import Header
 from rawgate.translate import map_embeddings
 from rawgate.translate.call import GeminiCall, Passthrough
@@ -278,13 +278,15 @@ class EmbeddingsFront:
     __slots__ = ()
 
     async def decode(self, req: Request, access: AccessRecord) -> GeminiCall:
-        raise NotImplementedError  # chunks are built by `embeddings`, never decoded
+        # Never called: `embeddings` builds each chunk's call itself (one request, many calls).
+        raise InternalError("the embeddings front decodes no request")
 
     def render_raw(self, call: GeminiCall, payload: bytes) -> Answer:
         return answer(payload, _usage(payload))
 
     def stream_raw(self, call: GeminiCall) -> NativeStream:
-        raise NotImplementedError  # embeddings never stream
+        # Never called: batchEmbedContents has no streaming form.
+        raise InternalError("embeddings never stream")
 
     def error(self, err: RawgateError) -> ErrorReply | None:
         return None
