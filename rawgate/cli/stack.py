@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -220,9 +221,15 @@ async def open_stack(
             rlog = RequestLog(
                 home / "requests.db", days=lc.request_log_days, queue_max=lc.request_log_queue
             )
-            await anyio.to_thread.run_sync(rlog.start)
-            stack.push_async_callback(_close_log, rlog)
-            _observe(app, rlog)
+            try:
+                await anyio.to_thread.run_sync(rlog.start)
+            except (OSError, sqlite3.Error) as e:
+                # The monitor never takes the server down: serve without it, and say so.
+                log.warning("request log off: %s cannot be opened (%s)", home / "requests.db", e)
+                rlog = None
+            else:
+                stack.push_async_callback(_close_log, rlog)
+                _observe(app, rlog)
         gateway = Gateway(
             cfg,
             home=home,

@@ -146,15 +146,29 @@ class Row:
         )
 
 
+# `serve --workers N` opens the file from N processes at once: switching a new database to WAL
+# takes an exclusive lock that SQLite reports as "locked" without waiting on its busy handler, so
+# the set-up is retried (bounded: SETUP_TRIES x SETUP_WAIT_S).
+SETUP_TRIES = 50
+SETUP_WAIT_S = 0.1
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    else:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    for attempt in range(SETUP_TRIES):
         conn = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last rows only
-        conn.executescript(_SCHEMA)
-    return conn
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut loses the last rows only
+            conn.executescript(_SCHEMA)
+            return conn
+        except sqlite3.OperationalError as e:
+            conn.close()
+            if "locked" not in str(e) or attempt == SETUP_TRIES - 1:
+                raise
+            time.sleep(SETUP_WAIT_S)
+    raise AssertionError("unreachable")
 
 
 class RequestLog:

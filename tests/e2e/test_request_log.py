@@ -161,3 +161,34 @@ def test_cli_logs_follow_prints_new_rows_until_stopped(tmp_path: Path) -> None:
             assert proc.wait(10) == 0
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def test_many_writers_opening_a_fresh_database_at_once(tmp_path: Path) -> None:
+    """`serve --workers N`: N processes create requests.db together; switching it to WAL is
+    retried instead of failing start-up with "database is locked"."""
+    db = tmp_path / "requests.db"
+    logs = [RequestLog(db) for _ in range(8)]
+    errors: list[BaseException] = []
+    go = threading.Barrier(len(logs))
+
+    def start(log: RequestLog) -> None:
+        go.wait()
+        try:
+            log.start()
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(lg,)) for lg in logs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert errors == []
+        for i, lg in enumerate(logs):
+            lg.record(_row(i))
+        _wait(lambda: sum(lg.written for lg in logs) == len(logs), "one row per writer")
+    finally:
+        for lg in logs:
+            lg.close()
+    assert len(_rows(db)) == len(logs)
