@@ -41,15 +41,15 @@ from rawgate.accounts.cooldowns import SYNC_INTERVAL_S, CooldownBoard
 from rawgate.accounts.scheduler import Cooldown as SchedulerCooldown
 from rawgate.accounts.store import Account, AccountStore, write_atomic
 from rawgate.config import Config
-from rawgate.state.keys import KeyFile, KeyRecord, add_record, find, hash_key, rotate_record
+from rawgate.state.keys import KeyFile, KeyRecord, add_record, find, rotate_record
 from rawgate.state.limiter import (
     DAY_MS,
     HOUR_MS,
     Decision,
+    Limits,
     Usage,
     WindowCounts,
     decide,
-    model_allowed,
     windows,
 )
 from rawgate.state.response_store import ResponseStore
@@ -243,24 +243,7 @@ class LocalState(State):
         self._by_hash = {r.hash: r for r in records.values()}
         return True
 
-    def lookup_key(self, plain: str) -> KeyRecord | None:
-        if not self._salt:
-            return None
-        return self._by_hash.get(hash_key(self._salt, plain))
-
-    async def check_key(self, record: KeyRecord, model: str) -> Decision:
-        decision = await self._decide(record, model)
-        self.tally_decision(record.name, decision)
-        return decision
-
-    async def _decide(self, record: KeyRecord, model: str) -> Decision:
-        if not record.enabled:
-            return Decision(False, 0, "disabled")
-        limits = record.limits()
-        if not model_allowed(limits.models, model):
-            return Decision(False, 0, "model")
-        if limits.unlimited:
-            return Decision(True)
+    async def _count_request(self, record: KeyRecord, limits: Limits) -> Decision:
         now = _now_ms()
 
         def check(rows: dict[str, _Row]) -> Decision:

@@ -65,11 +65,10 @@ from rawgate.state.keys import (
     decode_record,
     encode_record,
     find,
-    hash_key,
     new_salt,
     rotate_record,
 )
-from rawgate.state.limiter import DAY_MS, HOUR_MS, Decision, Usage, model_allowed
+from rawgate.state.limiter import DAY_MS, HOUR_MS, Decision, Limits, Usage
 from rawgate.state.response_store import ResponseStore
 from rawgate.state.store import Cooldown, Health, State, StateUnavailable
 
@@ -507,24 +506,7 @@ class RedisState(State):
         """Re-read the key table now (it also follows every change by itself, via pub/sub)."""
         return await self._call(self._load_keys) is not _FAILED
 
-    def lookup_key(self, plain: str) -> KeyRecord | None:
-        if not self._salt:
-            return None
-        return self._by_hash.get(hash_key(self._salt, plain))
-
-    async def check_key(self, record: KeyRecord, model: str) -> Decision:
-        decision = await self._decide(record, model)
-        self.tally_decision(record.name, decision)
-        return decision
-
-    async def _decide(self, record: KeyRecord, model: str) -> Decision:
-        if not record.enabled:
-            return Decision(False, 0, "disabled")
-        limits = record.limits()
-        if not model_allowed(limits.models, model):
-            return Decision(False, 0, "model")
-        if limits.unlimited:
-            return Decision(True)
+    async def _count_request(self, record: KeyRecord, limits: Limits) -> Decision:
         res = await self._call(
             lambda: self._evalsha(
                 self._check, f"{self._p}{{k:{record.name}}}:lim",

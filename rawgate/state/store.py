@@ -41,8 +41,8 @@ import anyio
 
 from rawgate.accounts.store import Account
 from rawgate.config import Config, StateConfig
-from rawgate.state.keys import KeyRecord, KeyStoreError
-from rawgate.state.limiter import Decision, Usage
+from rawgate.state.keys import KeyRecord, KeyStoreError, hash_key
+from rawgate.state.limiter import Decision, Limits, Usage, model_allowed
 
 __all__ = [
     "BACKOFF_BASE_S",
@@ -134,6 +134,7 @@ class State(abc.ABC):
     health: Health
     backend: str = ""
     _by_hash: dict[str, KeyRecord]  # key hash -> record: the local mirror of the key table
+    _salt: str  # the key table's salt ('' until the table has one)
 
     def __init__(self) -> None:
         # Per-key counters of this process for /metrics: name -> outcome -> count, and
@@ -242,13 +243,34 @@ class State(abc.ABC):
 
     # ---- client keys ----
 
-    @abc.abstractmethod
     def lookup_key(self, plain: str) -> KeyRecord | None:
-        """The record of a presented client key (enabled or not), None if unknown. No I/O."""
+        """The record of a presented client key (enabled or not), None if unknown. No I/O:
+        the local mirror of the key table, by salted hash (both backends keep it)."""
+        if not self._salt:
+            return None
+        return self._by_hash.get(hash_key(self._salt, plain))
+
+    async def check_key(self, record: KeyRecord, model: str) -> Decision:
+        """Admit one request of `record` for `model` and count it, or refuse (429/403 data).
+        The rules that need no counting are decided here for both backends; only a limited
+        key reaches the backend's atomic check-and-record."""
+        if not record.enabled:
+            decision = Decision(False, 0, "disabled")
+        else:
+            limits = record.limits()
+            if not model_allowed(limits.models, model):
+                decision = Decision(False, 0, "model")
+            elif limits.unlimited:
+                decision = Decision(True)
+            else:
+                decision = await self._count_request(record, limits)
+        self.tally_decision(record.name, decision)
+        return decision
 
     @abc.abstractmethod
-    async def check_key(self, record: KeyRecord, model: str) -> Decision:
-        """Admit one request of `record` for `model` and count it, or refuse (429/403 data)."""
+    async def _count_request(self, record: KeyRecord, limits: Limits) -> Decision:
+        """Check-and-record one request of a limited key against its windows, atomically
+        across every process that shares the backend."""
 
     @abc.abstractmethod
     async def record_usage(
