@@ -215,19 +215,6 @@ class LocalState(State):
         for fn in self._listeners:
             fn(Cooldown(account, "", 0.0, "cleared"))
 
-    def cooldowns(self) -> list[Cooldown]:
-        now = time.time()
-        return [c for c in self._cooldowns.values() if c.until > now]
-
-    def cooldown_until(self, account: str, model: str) -> float:
-        a = self._cooldowns.get((account, model))
-        b = self._cooldowns.get((account, ""))
-        end = max(a.until if a else 0.0, b.until if b else 0.0)
-        return end if end > time.time() else 0.0
-
-    def on_cooldown(self, listener: Callable[[Cooldown], None]) -> None:
-        self._listeners.append(listener)
-
     # ---- keys ----
 
     def refresh_keys(self, force: bool = False) -> bool:

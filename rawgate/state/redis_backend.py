@@ -480,19 +480,6 @@ class RedisState(State):
             self._pending_clear.add(account)
         self._notify(Cooldown(account, "", 0.0, "cleared"))
 
-    def cooldowns(self) -> list[Cooldown]:
-        now = time.time()
-        return [c for c in self._cooldowns.values() if c.until > now]
-
-    def cooldown_until(self, account: str, model: str) -> float:
-        a = self._cooldowns.get((account, model))
-        b = self._cooldowns.get((account, ""))
-        end = max(a.until if a else 0.0, b.until if b else 0.0)
-        return end if end > time.time() else 0.0
-
-    def on_cooldown(self, listener: Callable[[Cooldown], None]) -> None:
-        self._listeners.append(listener)
-
     # ---- keys ----
 
     async def _load_keys(self) -> None:

@@ -135,6 +135,9 @@ class State(abc.ABC):
     backend: str = ""
     _by_hash: dict[str, KeyRecord]  # key hash -> record: the local mirror of the key table
     _salt: str  # the key table's salt ('' until the table has one)
+    # (account, model or '' for account-wide) -> its cooldown: the local mirror, and who hears
+    _cooldowns: dict[tuple[str, str], Cooldown]
+    _listeners: list[Callable[[Cooldown], None]]
 
     def __init__(self) -> None:
         # Per-key counters of this process for /metrics: name -> outcome -> count, and
@@ -227,19 +230,23 @@ class State(abc.ABC):
     async def clear_cooldowns(self, account: str) -> None:
         """Forget every cooldown of an account (re-enabled or removed by hand)."""
 
-    @abc.abstractmethod
     def cooldowns(self) -> list[Cooldown]:
-        """Every live cooldown, from the local mirror."""
+        """Every live cooldown, from the local mirror (both backends keep `_cooldowns`)."""
+        now = time.time()
+        return [c for c in self._cooldowns.values() if c.until > now]
 
-    @abc.abstractmethod
     def cooldown_until(self, account: str, model: str) -> float:
         """When (account, model) is usable again: the later of its own and the account-wide
         end; 0.0 = now. From the local mirror (no I/O)."""
+        a = self._cooldowns.get((account, model))
+        b = self._cooldowns.get((account, ""))
+        end = max(a.until if a else 0.0, b.until if b else 0.0)
+        return end if end > time.time() else 0.0
 
-    @abc.abstractmethod
     def on_cooldown(self, listener: Callable[[Cooldown], None]) -> None:
         """Call `listener` for every cooldown learned (here or on another instance); a clear
         arrives as Cooldown(account, "", 0.0, "cleared")."""
+        self._listeners.append(listener)
 
     # ---- client keys ----
 
