@@ -139,16 +139,20 @@ class Token:
     new_refresh_token: str = ""  # the endpoint rotated the refresh token
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    """A token endpoint's JSON object, or {} for anything else (an HTML page, a proxy's text)."""
+    try:
+        doc = msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def parse_token_response(
     status: int, body: bytes, now: float, who: str, secrets: tuple[str, ...] = ()
 ) -> Token:
     """Decide on a token endpoint answer (pure). `who` names the account in messages."""
-    try:
-        doc = msgspec.json.decode(body) if body else None
-    except msgspec.DecodeError:
-        doc = None
-    if not isinstance(doc, dict):
-        doc = {}
+    doc = _json_object(body)
     if status != 200:
         error = doc.get("error")
         desc = doc.get("error_description")
@@ -563,12 +567,7 @@ def parse_code_response(
     status: int, body: bytes, now: float, secrets: tuple[str, ...] = ()
 ) -> LoginGrant:
     """Decide on the token endpoint's answer to an authorization_code exchange (pure)."""
-    try:
-        doc = msgspec.json.decode(body) if body else None
-    except msgspec.DecodeError:
-        doc = None
-    if not isinstance(doc, dict):
-        doc = {}
+    doc = _json_object(body)
     if status != 200:
         error = doc.get("error")
         desc = doc.get("error_description")

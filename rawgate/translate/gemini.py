@@ -331,6 +331,27 @@ def responses_usage(u: Usage | None) -> dict[str, Any]:
     }
 
 
+def logprob_tokens(res: LogprobsResult, top: int) -> list[dict[str, Any]]:
+    """OpenAI's per-token logprob entries (Chat `logprobs.content`, Responses `logprobs`) for
+    Gemini's logprobsResult, with `top` alternatives per token."""
+    tops = res.topCandidates
+    out: list[dict[str, Any]] = []
+    for i, c in enumerate(res.chosenCandidates):
+        alts = tops[i].candidates[:top] if top and i < len(tops) else ()
+        out.append(
+            {
+                "token": c.token,
+                "logprob": c.logProbability,
+                "bytes": list(c.token.encode()),
+                "top_logprobs": [
+                    {"token": a.token, "logprob": a.logProbability, "bytes": list(a.token.encode())}
+                    for a in alts
+                ],
+            }
+        )
+    return out
+
+
 def part_text(p: Part) -> str | None:
     """Text for the parts OpenAI has no slot for: images inline as Markdown data URLs, code
     execution as fenced blocks. None for parts with nothing to show."""

@@ -71,6 +71,7 @@ from rawgate.translate.gemini import (
     custom_input,
     finish_error,
     finish_kind,
+    logprob_tokens,
     part_text,
 )
 from rawgate.translate.signatures import mint_call_id
@@ -109,22 +110,7 @@ def _tool_call(
 
 def _chat_logprobs(res: LogprobsResult, top: int) -> dict[str, Any]:
     """Chat `choices[].logprobs` for Gemini's logprobsResult, `top` alternatives per token."""
-    tops = res.topCandidates
-    content: list[dict[str, Any]] = []
-    for i, c in enumerate(res.chosenCandidates):
-        alts = tops[i].candidates[:top] if top and i < len(tops) else ()
-        content.append(
-            {
-                "token": c.token,
-                "logprob": c.logProbability,
-                "bytes": list(c.token.encode()),
-                "top_logprobs": [
-                    {"token": a.token, "logprob": a.logProbability, "bytes": list(a.token.encode())}
-                    for a in alts
-                ],
-            }
-        )
-    return {"content": content, "refusal": None}
+    return {"content": logprob_tokens(res, top), "refusal": None}
 
 
 def _legacy_logprobs(res: LogprobsResult, top: int, offset: int) -> tuple[dict[str, Any], int]:

@@ -59,7 +59,6 @@ from rawgate.translate.contract import (
 )
 from rawgate.translate.gemini import (
     FunctionCall,
-    LogprobsResult,
     Part,
     Reply,
     Usage,
@@ -67,6 +66,7 @@ from rawgate.translate.gemini import (
     custom_input,
     finish_error,
     finish_kind,
+    logprob_tokens,
     part_text,
     responses_usage,
 )
@@ -110,24 +110,6 @@ _TEXT_DELTA_TAIL = _TEXT_DELTA_END + b"\n\n"
 _TRY_AGAIN = re.compile(r"(?i)try again in\s*\d")
 
 
-def _logprobs(res: LogprobsResult, top: int) -> list[dict[str, Any]]:
-    """Responses `logprobs` entries for Gemini's logprobsResult, `top` alternatives per token."""
-    tops = res.topCandidates
-    out: list[dict[str, Any]] = []
-    for i, c in enumerate(res.chosenCandidates):
-        alts = tops[i].candidates[:top] if top and i < len(tops) else ()
-        out.append(
-            {
-                "token": c.token,
-                "logprob": c.logProbability,
-                "bytes": list(c.token.encode()),
-                "top_logprobs": [
-                    {"token": a.token, "logprob": a.logProbability, "bytes": list(a.token.encode())}
-                    for a in alts
-                ],
-            }
-        )
-    return out
 
 
 def _skeleton(call: GeminiCall, response_id: str, created_at: int) -> dict[str, Any]:
@@ -327,7 +309,7 @@ class ResponsesStream:
             if cand.content is not None and cand.content.parts:
                 lp = cand.logprobsResult
                 if lp is not None and self._call.logprobs is not None:
-                    self._parts(cand.content.parts, out, _logprobs(lp, self._call.logprobs))
+                    self._parts(cand.content.parts, out, logprob_tokens(lp, self._call.logprobs))
                 else:
                     self._parts(cand.content.parts, out)
             if cand.finishReason:
