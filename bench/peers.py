@@ -33,7 +33,13 @@ import sys
 from pathlib import Path
 
 from bench.procs import Proc
-from bench.scenarios import MODEL, TargetInfo, Upstream
+from bench.scenarios import (
+    EMBEDDING_MODEL,
+    MODEL,
+    OPENAI_EMBEDDING_MODEL,
+    TargetInfo,
+    Upstream,
+)
 
 ROOT = Path(__file__).resolve().parent
 PEERS_DIR = ROOT / ".peers"
@@ -104,6 +110,11 @@ def litellm_config(up: Upstream) -> str:
         f"      model: gemini/{MODEL}\n"
         f"      api_base: http://127.0.0.1:{up.port}/v1beta\n"
         f"      api_key: {up.api_key}\n"
+        f"  - model_name: {OPENAI_EMBEDDING_MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: gemini/{EMBEDDING_MODEL}\n"
+        f"      api_base: http://127.0.0.1:{up.port}/v1beta\n"
+        f"      api_key: {up.api_key}\n"
         "litellm_settings:\n"
         "  callbacks: []\n"
         "  num_retries: 0\n"
@@ -139,7 +150,12 @@ def litellm_proc(
             "--num_workers", str(workers)]
     proc = Proc("litellm", argv, port=port, ready_path="/health/liveliness", env=env,
                 cwd=str(log_dir), cpu=cpu, log_dir=log_dir)
-    info = TargetInfo("litellm", "openai", port)
+    # Its /v1/messages (Anthropic) routes by model_name to the same gemini/ entry; its
+    # /v1/embeddings by the OpenAI embedding name to gemini-embedding-001 (batchEmbedContents).
+    apis = {"chat", "responses", "messages"}
+    if up.kind == "emulator":  # the stand-in has no embeddings
+        apis.add("embeddings")
+    info = TargetInfo("litellm", "openai", port, apis=frozenset(apis))
     return proc, info
 
 

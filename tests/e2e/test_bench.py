@@ -72,6 +72,34 @@ def test_checker_accepts_a_good_chat_stream() -> None:
     assert chk(200, body) is None
 
 
+def _messages_stream(sep: str, stop: bool = True) -> bytes:
+    """An Anthropic stream of 3 text deltas, its JSON written with `sep` after each colon
+    (rawgate: compact; LiteLLM 1.108: json.dumps' `": "`), ending with message_stop or not."""
+    def frame(etype: str, rest: str = "") -> str:
+        return f'event: {etype}\ndata: {{"type":{sep}"{etype}"{rest}}}\n\n'
+    delta = (f',{sep}"index":{sep}0,{sep}"delta":{sep}'
+             f'{{"type":{sep}"text_delta","text":{sep}"abcd"}}')
+    frames = [frame("message_start"), *(frame("content_block_delta", delta) for _ in range(3)),
+              frame("message_delta")]
+    if stop:
+        frames.append(frame("message_stop"))
+    return "".join(frames).encode()
+
+
+@pytest.mark.parametrize("sep", ["", " "])
+def test_messages_checks_take_either_json_spacing_and_still_need_the_stop(sep: str) -> None:
+    w = scenarios.Workload(api="messages", stream=True, chunks=3, chunk_bytes=4)
+    chk = Checker(Check(**scenarios.build_request(_target(), UP_EMU, w).check))
+    assert chk(200, _messages_stream(sep)) is None
+    assert chk(200, _messages_stream(sep, stop=False)) in ("missing_marker", "bad_tail")
+    w = scenarios.Workload(api="messages", chunks=3, chunk_bytes=4)
+    chk = Checker(Check(**scenarios.build_request(_target(), UP_EMU, w).check))
+    good = (b'{"id":"m","type":"message","content":[{"type":"text","text":"abcdabcdabcd"}],'
+            b'"stop_reason":"end_turn"}')
+    assert chk(200, good) is None
+    assert chk(200, good.replace(b'"type":"text"', b'"type":"tool_use"')) == "missing_marker"
+
+
 @pytest.mark.parametrize(
     ("check", "status", "body", "kind"),
     [
@@ -285,9 +313,11 @@ def test_direct_path_gets_the_equivalent_gemini_request() -> None:
         ("responses", False, "/v1/responses", {"contains": ['"output"']}),
         ("responses", True, "/v1/responses",
          {"contains": ["response.completed"], "min_events": 3}),
-        ("messages", False, "/v1/messages", {"contains": ['"stop_reason":"end_turn"']}),
+        ("messages", False, "/v1/messages",
+         {"contains": ['"type":"text"', '"stop_reason":"end_turn"']}),
         ("messages", True, "/v1/messages",
-         {"tail": 'data: {"type":"message_stop"}', "min_events": 3}),
+         {"contains": ["event: content_block_delta", "event: message_stop"],
+          "tail": '"message_stop"}', "min_events": 3}),
     ],
 )
 def test_openai_requests_and_their_checks(
