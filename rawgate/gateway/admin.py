@@ -206,6 +206,7 @@ class Admin:
         # admin key is checked first and the answer is in the admin shape (404/405 included).
         for method in ("GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"):
             add(method, "/admin", self.dispatch, auth="admin", shape=admin_error)
+            add(method, "/admin/", self.dispatch, auth="admin", shape=admin_error)
             add(method, "/admin/", self.dispatch, auth="admin", prefix=True,
                 label="/admin/{path}", shape=admin_error)  # fmt: skip
 
