@@ -394,6 +394,12 @@ class Admin:
         since = time.time() - _since(q["since"]) if "since" in q else None
         path = self.home / "requests.db"
         model, key, account = q.get("model"), q.get("key"), q.get("account")
+        if account is not None:
+            # Rows name the account as it is shown (label, email or id): accept any of them.
+            try:
+                account = self._find_account(account).display_name()
+            except (NotFound, Conflict):
+                pass  # an account removed since: its rows still carry the name given
 
         def read() -> list[dict[str, Any]]:
             if not path.exists():

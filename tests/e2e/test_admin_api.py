@@ -251,8 +251,11 @@ async def test_a_cooldown_after_an_emulator_429_shows_with_remaining_s_and_reaso
             [{"account": "A", "status": 429}, {"account": "B", "status": 200}]
         ]
         assert rows[0]["ts"] >= rows[1]["ts"]  # newest first
-        only_a = await _wait_rows(c, tmp_path, 1, account="B")
-        assert {r["account"] for r in only_a} == {"B"}
+        only_b = await _wait_rows(c, tmp_path, 1, account="B")
+        assert {r["account"] for r in only_b} == {"B"}
+        b_id = AccountStore(tmp_path / "accounts.json").load()[1].id
+        by_id = await _wait_rows(c, tmp_path, 1, account=b_id)  # the id names it too
+        assert by_id == only_b
 
 
 # ---- accounts -------------------------------------------------------------------------------
