@@ -528,3 +528,33 @@ async def test_running_on_redis_says_fleet_and_reads_the_shared_usage(
         assert usage["fleet"] is True and usage["rows"][0]["name"] == "fleet"
         cfg = (await c.get("/admin/config", headers=h)).json()
         assert cfg["state"]["redis_url"] == redis_server.url
+
+
+async def test_redis_down_admin_writes_are_503_and_the_overview_says_degraded(
+    tmp_path: Path,
+) -> None:
+    from tests.helpers_redis import RedisServer
+
+    srv = RedisServer().start()
+    try:
+        config = {"state": {"backend": "redis", "redis_url": srv.url, "redis_timeout_ms": 200}}
+        async with (
+            gateway_stack(tmp_path, config=config) as run,
+            httpx.AsyncClient(base_url=run.origin, timeout=10) as c,
+        ):
+            h = _h(tmp_path)
+            made = await c.post("/admin/keys", headers=h, json={"name": "a"})
+            assert made.status_code == 201
+            auth = {"authorization": f"Bearer {made.json()['key']}"}
+            srv.kill()
+            r = await c.post("/admin/keys", headers=h, json={"name": "b"})
+            _admin_error(r, 503, "state_unavailable")
+            assert srv.url not in r.text
+            _admin_error(await c.get("/admin/keys", headers=h), 503, "state_unavailable")
+            _admin_error(await c.get("/admin/usage", headers=h), 503, "state_unavailable")
+            # The gateway still serves, and the overview says how.
+            assert (await c.post(CHAT, json=_body(), headers=auth)).status_code == 200
+            doc = (await c.get("/admin/overview", headers=h)).json()
+            assert doc["instance"]["state"] == "degraded" and doc["instance"]["fleet"] is True
+    finally:
+        srv.kill()
