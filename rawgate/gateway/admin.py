@@ -432,7 +432,7 @@ class Admin:
         models.update(r.custom_mapping)
         return 200, {
             "server": {
-                "host": s.host or "127.0.0.1",
+                "host": s.host or ("0.0.0.0" if s.allow_lan_access else "127.0.0.1"),
                 "port": s.port,
                 "workers": s.workers,
                 "tls": bool(s.tls_cert),
@@ -455,8 +455,8 @@ class Admin:
             "limits": msgspec.structs.asdict(cfg.limits),
             "timeouts": msgspec.structs.asdict(cfg.timeouts),
             "upstream": {
-                "gemini_base_url": up.gemini_base_url,
-                "code_assist_base_url": up.code_assist_base_url,
+                "gemini_base_url": _mask_url(up.gemini_base_url),
+                "code_assist_base_url": _mask_url(up.code_assist_base_url),
                 "http2": up.http2,
                 "proxy": bool(up.proxy),  # the URL may carry credentials
                 "emulated": self.emulated,
