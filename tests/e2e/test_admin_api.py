@@ -506,8 +506,17 @@ async def test_bad_input_gets_the_admin_error_shape_never_a_500(tmp_path: Path) 
 async def test_running_on_redis_says_fleet_and_reads_the_shared_usage(
     tmp_path: Path, redis_server: Any
 ) -> None:
+    from rawgate.config import build_config
+    from rawgate.state.store import open_state
+
     config = {"state": {"backend": "redis", "redis_url": redis_server.url,
                         "key_prefix": f"adm{time.monotonic_ns()}:"}}  # fmt: skip
+    # The same accounts in accounts.json (what serve reads) and in Redis (`rawgate accounts`).
+    store = AccountStore(tmp_path / "accounts.json")
+    for key, label in TWO_KEYS:
+        store.add_api_key(key, label=label)
+    async with open_state(build_config(config, {}, {}), tmp_path, background=False) as st:
+        assert await st.import_accounts(store.load()) == (2, 0)
     async with (
         gateway_stack(tmp_path, config=config) as run,
         httpx.AsyncClient(base_url=run.origin) as c,
@@ -516,6 +525,14 @@ async def test_running_on_redis_says_fleet_and_reads_the_shared_usage(
         plain = (await c.post("/admin/keys", headers=h, json={"name": "fleet"})).json()["key"]
         r = await c.post(CHAT, json=_body(), headers={"authorization": f"Bearer {plain}"})
         assert r.status_code == 200
+        # A disable lands in both stores.
+        r = await c.post("/admin/accounts/A/disable", headers=h)
+        assert r.status_code == 200 and r.json()["state"] == "disabled"
+        assert run.gateway.store.load()[0].enabled is False
+        async with open_state(build_config(config, {}, {}), tmp_path, background=False) as st:
+            shared = {a.label: a for a in await st.load_accounts()}
+        assert shared["A"].enabled is False and shared["B"].enabled is True
+        assert shared["A"].disabled_reason == "disabled from the dashboard"
         doc = (await c.get("/admin/overview", headers=h)).json()
         assert doc["instance"]["fleet"] is True and doc["instance"]["state_backend"] == "redis"
         deadline = time.monotonic() + WAIT_S
