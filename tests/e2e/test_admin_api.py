@@ -575,3 +575,17 @@ async def test_redis_down_admin_writes_are_503_and_the_overview_says_degraded(
             assert doc["instance"]["state"] == "degraded" and doc["instance"]["fleet"] is True
     finally:
         srv.kill()
+
+
+async def test_an_open_breaker_shows_as_breaker_open_with_its_end(tmp_path: Path) -> None:
+    async with gateway_stack(tmp_path) as run, httpx.AsyncClient(base_url=run.origin) as c:
+        for _ in range(3):  # one account: three 5xx in a row open its breaker
+            r = await c.post(CHAT, json=_body("[[emu:error status=500]] x"))
+            assert r.status_code >= 500
+        doc = (await c.get("/admin/overview", headers=_h(tmp_path))).json()
+        acc = _account(doc, "emulator-demo")
+        assert acc["state"] == "breaker_open" and acc["errors"] == 3
+        first = acc["cooldowns"][0]
+        assert first["model"] == "" and "breaker" in first["reason"]
+        assert 0 < first["remaining_s"] <= 5
+        assert acc["last_error"]
