@@ -270,7 +270,7 @@ async def test_refresh_lock_one_of_fifty(opener: Opener) -> None:
         got: list[str] = []
 
         async def contender(st: State) -> None:
-            got.append(await refresh_once(st, "acc-oauth", refresh, poll_s=0.02))
+            got.append((await refresh_once(st, "acc-oauth", refresh, poll_s=0.02))[0])
 
         async with anyio.create_task_group() as tg:
             for i in range(50):
