@@ -235,8 +235,8 @@ class StateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # never loses it mid-call.
     oauth_refresh_lock_s: float = 45.0
     # A request that needs a token another instance is refreshing waits this long for it
-    # (polling the shared token every 50 ms); then it fails over (503 oauth_refresh_failed,
-    # the request tries another account).
+    # (polling the shared token every 50 ms); then that attempt fails (oauth_refresh_failed)
+    # and the request moves on to another account.
     oauth_refresh_wait_s: float = 10.0
 
 
