@@ -28,6 +28,11 @@ Invariants:
   request): cooldowns and tokens from the mirror, responses from a local fallback map, usage
   buffered (bounded) and pushed on recovery, limits per `limits_fail`.
 - coredis retries are off (NoRetryPolicy): one attempt per call, the backoff is ours.
+- Accounts: every write is a version compare-and-set that PUBLISHes "accts"; the accounts
+  listeners hear it, and once more after every resync (an event missed while away). Counters
+  the servers add go to P{accts}:n by one script per flush (no version bump, no event): they
+  are added onto the JSON's counters when read for a listing and never folded into the JSON
+  (a read-modify-write reads without them), so no increment is counted twice or lost.
 """
 
 from __future__ import annotations
