@@ -100,9 +100,9 @@ class AccountSync:
         except Exception as e:
             self.install(await anyio.to_thread.run_sync(self._file_accounts))
             log.warning(
-                "accounts: Redis ([state] redis_url) does not answer (%s); serving the %d "
-                "account(s) of %s until it does", _one_line(e), len(self.accounts),
-                self.store.path,
+                "accounts: the list in Redis ([state] redis_url) cannot be read: it does not "
+                "answer (%s); serving the %d account(s) of %s until it does",
+                _one_line(e), len(self.accounts), self.store.path,
             )  # fmt: skip
             return
         if not accounts:
