@@ -10,8 +10,10 @@ Invariants:
 - Redis holding no account while accounts.json holds some is never resolved by importing on
   our own (an instance with a stale file would bring back accounts removed from the fleet):
   the server serves what Redis holds and warns, naming `rawgate accounts import`.
-- Redis not answering at start: the server starts on accounts.json and says so; a reload that
-  fails keeps the list in use (the last known one). Either way, Redis answering again reloads.
+- Redis not answering at start: the server starts on the list it last read from Redis
+  (RAWGATE_HOME/accounts.redis-cache.json, 0600, rewritten after every read), else on
+  accounts.json, and says so; a reload that fails keeps the list in use. Either way, Redis
+  answering again reloads.
 - The scheduler is only touched on the event loop; blocking file I/O (accounts.json writes, the
   cooldown board) runs in a worker thread.
 - accounts.json is stat()ed every ACCOUNTS_POLL_S; a file that does not load keeps the last good
@@ -28,13 +30,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from rawgate.accounts.cooldowns import CooldownBoard
 from rawgate.accounts.scheduler import Cooldown, Scheduler
-from rawgate.accounts.store import Account, AccountStore, AccountStoreError
+from rawgate.accounts.store import (
+    Account,
+    AccountStore,
+    AccountStoreError,
+    encode_store,
+    write_atomic,
+)
 from rawgate.state.store import State
 
 __all__ = ["ACCOUNTS_POLL_S", "COOLDOWN_SYNC_S", "STATS_FLUSH_S", "AccountSync"]
@@ -44,6 +53,8 @@ log = logging.getLogger("rawgate.gateway.core")
 # How often the running server stats accounts.json for changes made by `rawgate accounts`
 # (one stat() call: ~2 us).
 ACCOUNTS_POLL_S = 1.0
+# The accounts last read from Redis, for a start while it does not answer (under RAWGATE_HOME).
+REDIS_CACHE_NAME = "accounts.redis-cache.json"
 # How often per-account counters are written back (batched: never one write per request).
 STATS_FLUSH_S = 10.0
 # How often a worker of `serve --workers N` exchanges cooldowns with the others (cooldowns.py).
@@ -69,6 +80,7 @@ class AccountSync:
         # The accounts list's store when it is not accounts.json (`[state] backend = "redis"`).
         self.shared = shared
         self._changed = anyio.Event()
+        self.cache = AccountStore(store.path.with_name(REDIS_CACHE_NAME))
         self.scheduler = scheduler
         self.board = board
         self.demo = demo
@@ -98,13 +110,14 @@ class AccountSync:
         try:
             accounts = await st.load_accounts()
         except Exception as e:
-            self.install(await anyio.to_thread.run_sync(self._file_accounts))
+            source, fallback = await anyio.to_thread.run_sync(self._fallback)
+            self.install(fallback)
             log.warning(
-                "accounts: the list in Redis ([state] redis_url) cannot be read: it does not "
-                "answer (%s); serving the %d account(s) of %s until it does",
-                _one_line(e), len(self.accounts), self.store.path,
+                "accounts: the list in Redis ([state] redis_url) cannot be read (%s); serving "
+                "the %d account(s) of %s until it can", _one_line(e), len(fallback), source,
             )  # fmt: skip
             return
+        await anyio.to_thread.run_sync(self._save_cache, accounts)
         if not accounts:
             n = len(await anyio.to_thread.run_sync(self._file_accounts))
             if n:
@@ -126,6 +139,21 @@ class AccountSync:
             log.warning("accounts: %s", e)
             return []
 
+    def _fallback(self) -> tuple[Path, list[Account]]:
+        """Where to start while Redis does not answer: its last list, else accounts.json."""
+        if self.cache.path.exists():  # (an empty list read from Redis counts)
+            try:
+                return self.cache.path, self.cache.load()
+            except AccountStoreError as e:
+                log.warning("accounts: %s", e)
+        return self.store.path, self._file_accounts()
+
+    def _save_cache(self, accounts: list[Account]) -> None:
+        try:
+            write_atomic(self.cache.path, encode_store(accounts), durable=False)
+        except OSError as e:
+            log.warning("accounts: %s cannot be written: %s", self.cache.path, e.strerror or e)
+
     async def watch_shared(self) -> None:
         """Re-read the shared list whenever it changed (pub/sub or a reconnection); runs until
         cancelled. A burst of changes costs one read."""
@@ -144,6 +172,7 @@ class AccountSync:
                 continue
             self.install(accounts)
             self.on_reload()
+            await anyio.to_thread.run_sync(self._save_cache, accounts)
             log.info("accounts reloaded from Redis: %d account(s)", len(self.accounts))
 
     async def watch(self) -> None:

@@ -191,7 +191,8 @@ async def test_redis_down_at_start_serves_accounts_json_then_takes_redis_list(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis not answering at start: the instance starts on accounts.json and says so; once
-    Redis answers (reconnection), its list replaces the file's without a restart."""
+    Redis answers (reconnection), its list replaces the file's without a restart; the next
+    start without Redis uses the list last read from it."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     prefix = f"f{secrets.token_hex(4)}:"
@@ -214,6 +215,12 @@ async def test_redis_down_at_start_serves_accounts_json_then_takes_redis_list(
                 await anyio.sleep(0.05)
         finally:
             srv.stop()
+    # The next start with Redis down again: the list last read from Redis, not the file's.
+    caplog.clear()
+    async with gateway_stack(tmp_path, config=cfg) as run:
+        assert [a.label for a in run.gateway.accounts] == ["redis-B"]
+        assert "accounts.redis-cache.json" in caplog.text
+    assert (tmp_path / "accounts.redis-cache.json").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.anyio
