@@ -507,7 +507,7 @@ class Gateway(AttemptLoop):
                 wait_s=st.oauth_refresh_wait_s, reject=refused,
             )  # fmt: skip
         except RefreshBusy:
-            acc = self.sync.accounts.get(key.partition(".")[0])
+            acc = self.sync.accounts.get(key.rpartition(".")[0])  # "id.fingerprint"
             who = self._account_name(acc) if acc is not None else "an account"
             raise OAuthError(
                 f"the access token of {who} is being refreshed by another rawgate instance and "
