@@ -229,6 +229,15 @@ class StateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     response_max_bytes: int = 4 * MiB
     # Hourly usage buckets (per key, account and model) are kept this many days.
     usage_days: int = 35
+    # OAuth refreshes across the fleet (redis): the instance refreshing an account's access
+    # token holds a lock that lapses after this long, so one that died mid-refresh blocks the
+    # others no longer than this. Above the refresh's own timeout (30 s), so a live holder
+    # never loses it mid-call.
+    oauth_refresh_lock_s: float = 45.0
+    # A request that needs a token another instance is refreshing waits this long for it
+    # (polling the shared token every 50 ms); then that attempt fails (oauth_refresh_failed)
+    # and the request moves on to another account.
+    oauth_refresh_wait_s: float = 10.0
 
 
 class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -546,6 +555,8 @@ def _check_semantics(cfg: Config, origins: _Origins) -> None:
         raise fail("state", "redis_timeout_ms", st.redis_timeout_ms, "must be >= 1")
     if st.redis_max_connections < 1:
         raise fail("state", "redis_max_connections", st.redis_max_connections, "must be >= 1")
+    if not st.oauth_refresh_lock_s > 0:
+        raise fail("state", "oauth_refresh_lock_s", st.oauth_refresh_lock_s, "must be > 0")
     for sec in (cfg.limits, cfg.timeouts, cfg.state):
         name = type(sec).__name__.removesuffix("Config").lower()
         for f in msgspec.structs.fields(type(sec)):

@@ -10,6 +10,14 @@ Invariants:
 - Exactly one refresh (and one project discovery) in flight per account: concurrent callers
   wait for it and share its result or its error (each gets its own copy of the exception). If
   the caller doing the refresh is cancelled (its client went away), a waiter takes over.
+- Across processes (`shared`, injected by the gateway with `[state] backend = "redis"`): the
+  one refresh of this process goes through `shared(key, fetch)`, which either returns the
+  token another instance stored or runs `fetch` under the fleet's lock and stores its result.
+  What is shared is (token, refresh point): the token is offered until the moment its
+  refresher would itself refresh it, so every instance adopts the same refresh point and the
+  fleet refreshes once per account per expiry. `key` binds the token to the account id and a
+  fingerprint of its refresh token (never the secret itself). A token the upstream refused
+  (invalidate) is never adopted again from the shared store: its successor is refreshed.
 - Errors: `invalid_grant` -> AccountRevoked (the gateway disables the account and keeps
   `reason`); a rejected OAuth client -> a 503 naming the config keys; anything else (status,
   timeout, malformed answer, connection failure) -> OAuthError, an UpstreamError. No message
@@ -72,6 +80,11 @@ QUOTE_MAX_CHARS = 200
 
 PostForm = Callable[[str, dict[str, str]], Awaitable[tuple[int, bytes]]]
 PostJson = Callable[[str, str, dict[str, Any]], Awaitable[bytes]]
+# (key, fetch -> (token, refresh point), a token not to accept or "") -> (token, refresh
+# point): see the module note.
+SharedRefresh = Callable[
+    [str, Callable[[], Awaitable[tuple[str, float]]], str], Awaitable[tuple[str, float]]
+]
 T = TypeVar("T")
 
 
@@ -258,8 +271,10 @@ class TokenManager:
         *,
         timeout_s: float = REFRESH_TIMEOUT_S,
         on_refresh_token: Callable[[Account, str], None] | None = None,
+        shared: SharedRefresh | None = None,
     ) -> None:
         self.token_url = token_url
+        self._shared = shared
         self._client_id = client_id
         self._client_secret = client_secret
         self._post_form = post_form
@@ -267,6 +282,8 @@ class TokenManager:
         # Called when the endpoint hands out a new refresh token (the gateway persists it).
         self._on_refresh_token = on_refresh_token
         self._tokens: dict[str, Token] = {}
+        # account id -> the last token the upstream refused (not to be taken back from `shared`)
+        self._refused: dict[str, str] = {}
         self._refreshes: _SingleFlight[Token] = _SingleFlight()
         self._projects: _SingleFlight[str] = _SingleFlight()
         # Discovered project ids by account id: a hot reload's fresh Account objects (whose
@@ -283,7 +300,9 @@ class TokenManager:
 
     def invalidate(self, acc: Account) -> None:
         """Forget the token (the upstream answered 401 to it): the next call refreshes."""
-        self._tokens.pop(acc.id, None)
+        tok = self._tokens.pop(acc.id, None)
+        if tok is not None:
+            self._refused[acc.id] = tok.value
 
     def invalidate_if(self, acc: Account, token: str) -> None:
         """Forget the token only if it is still `token`: of many requests that saw a 401 with
@@ -291,6 +310,7 @@ class TokenManager:
         tok = self._tokens.get(acc.id)
         if tok is not None and tok.value == token:
             del self._tokens[acc.id]
+            self._refused[acc.id] = token
 
     async def access_token(self, acc: Account, now: float) -> str:
         """A usable access token for `acc` (refreshing it first if due)."""
@@ -316,6 +336,28 @@ class TokenManager:
                 "upstream.oauth_client_secret are not set in config.toml",
                 code="oauth_not_configured",
             )
+        if self._shared is None:
+            return await self._fetch(acc, now)
+        fp = _fingerprint(acc.refresh_token)
+        fetched: list[Token] = []
+
+        async def fetch() -> tuple[str, float]:
+            tok = await self._fetch(acc, now)
+            fetched.append(tok)
+            return tok.value, tok.refresh_at
+
+        refused = self._refused.get(acc.id, "")
+        value, until = await self._shared(f"{acc.id}.{fp.hex()}", fetch, refused)
+        if fetched:
+            return fetched[0]
+        # Another instance's token: used (and refreshed) at the refresh point it was given.
+        tok = Token(value=value, refresh_at=until, expires_at=until, fingerprint=fp)
+        self._tokens[acc.id] = tok
+        return tok
+
+    async def _fetch(self, acc: Account, now: float) -> Token:
+        """One round trip to the token endpoint (the refresh itself)."""
+        who = acc.display_name()
         refresh_token = acc.refresh_token
         secrets = (refresh_token, self._client_secret)
         fields = {

@@ -558,7 +558,8 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
         (hups if signum == signal.SIGHUP else signals_seen).append(signum)
 
     try:  # once here, not once per worker: a corrupt accounts.json is one line
-        AccountStore(rawgate_home() / "accounts.json").load()
+        if cfg.state.backend != "redis":  # (with Redis the accounts are there, not in the file)
+            AccountStore(rawgate_home() / "accounts.json").load()
     except AccountStoreError as e:
         return _fail(str(e), 2)
     try:  # made once here, before any worker starts, so that every worker reads the same key

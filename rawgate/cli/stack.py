@@ -205,7 +205,9 @@ async def open_stack(
             from rawgate.emulator import server as emulator
 
             settings = emulator_settings or emulator.Settings()
-            stored = AccountStore(home / "accounts.json").load()
+            # (With Redis the accounts are there: key_source below asks the gateway's list.)
+            local = cfg.state.backend != "redis"
+            stored = AccountStore(home / "accounts.json").load() if local else []
             keys = tuple(a.api_key for a in stored if a.kind == "api_key" and a.api_key)
             if keys:
                 settings = dataclasses.replace(

@@ -43,7 +43,7 @@ import anyio
 import orjson
 
 from rawgate.accounts.cooldowns import CooldownBoard
-from rawgate.accounts.oauth import TokenManager
+from rawgate.accounts.oauth import OAuthError, TokenManager
 from rawgate.accounts.scheduler import AccountsFailing, Cooldown, Scheduler
 from rawgate.accounts.store import Account, AccountStore
 from rawgate.errors import (
@@ -67,6 +67,7 @@ from rawgate.model_router import ModelRouter
 from rawgate.seam import Header
 from rawgate.state.keys import KeyRecord
 from rawgate.state.response_store import ResponseStore
+from rawgate.state.store import RefreshBusy, refresh_once
 from rawgate.translate import mapping
 from rawgate.translate.contract import random_id, wall_clock
 from rawgate.upstream.client import UpstreamClient
@@ -130,7 +131,10 @@ class Gateway(AttemptLoop):
         self.board = CooldownBoard(home / "cooldowns.json") if share_cooldowns else None
         demo = list(demo_accounts or [])
         changed = self._accounts_changed
-        self.sync = AccountSync(self.store, self.scheduler, self.board, demo, changed)
+        # With Redis the accounts list and the OAuth access tokens are the fleet's (the local
+        # backend keeps accounts.json and each process's own tokens).
+        fleet = state if state is not None and state.backend == "redis" else None
+        self.sync = AccountSync(self.store, self.scheduler, self.board, demo, changed, fleet)
         up = cfg.upstream
         self.tokens = TokenManager(
             up.oauth_token_url,
@@ -138,6 +142,7 @@ class Gateway(AttemptLoop):
             up.oauth_client_secret,
             self._post_form,
             on_refresh_token=self.sync.on_refresh_token,
+            shared=self._fleet_refresh if fleet is not None else None,
         )
         lim = cfg.limits
         self.responses = ResponseStore(
@@ -162,7 +167,10 @@ class Gateway(AttemptLoop):
             self.client, self._gemini_base, lambda: self.sync.accounts.values(), USER_AGENT
         )
         self._tg: Any = None
-        self.reload_accounts()
+        if fleet is None:
+            self.reload_accounts()
+        else:  # read from Redis in __aenter__, before the listener accepts
+            self.sync.install([])
         if state is not None and state.backend == "redis":
             # Shared across instances: stored Responses and the blocks each one learns (a 429,
             # a refused credential). The local backend keeps this process's bounded store and
@@ -207,6 +215,9 @@ class Gateway(AttemptLoop):
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self.sync.tg = self._tg
+        if self.sync.shared is not None:
+            await self.sync.start()
+            self._tg.start_soon(self.sync.watch_shared)
         self._tg.start_soon(self.sync.watch)
         if self.board is not None:
             self._tg.start_soon(self.sync.sync_cooldowns)
@@ -219,7 +230,7 @@ class Gateway(AttemptLoop):
                 await self._tg.__aexit__(None, None, None)
                 self._tg = self.sync.tg = None
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.sync.flush)
+                await self.sync.flush_async()
         finally:
             # Not under a shield scope: the client's task group scope must be the current one.
             if self._own_client:
@@ -482,6 +493,28 @@ class Gateway(AttemptLoop):
 
 
     # ---- OAuth ----------------------------------------------------------------------------------
+
+    async def _fleet_refresh(
+        self, key: str, fetch: Callable[[], Awaitable[tuple[str, float]]], refused: str
+    ) -> tuple[str, float]:
+        """TokenManager's `shared` on Redis: one refresh per account for the whole fleet
+        (state/store.py refresh_once: the shared token, else a lock with an expiry)."""
+        assert self.state is not None
+        st = self.cfg.state
+        try:
+            return await refresh_once(
+                self.state, key, fetch, lock_ttl_s=st.oauth_refresh_lock_s,
+                wait_s=st.oauth_refresh_wait_s, reject=refused,
+            )  # fmt: skip
+        except RefreshBusy:
+            acc = self.sync.accounts.get(key.rpartition(".")[0])  # "id.fingerprint"
+            who = self._account_name(acc) if acc is not None else "an account"
+            raise OAuthError(
+                f"the access token of {who} is being refreshed by another rawgate instance and "
+                f"did not arrive within {st.oauth_refresh_wait_s:g} s ([state] "
+                "oauth_refresh_wait_s); its refresh lock lapses after "
+                f"{st.oauth_refresh_lock_s:g} s"
+            ) from None
 
     async def _post_form(self, url: str, fields: dict[str, str]) -> tuple[int, bytes]:
         body = urlencode(fields).encode()

@@ -53,7 +53,7 @@ from rawgate.state.limiter import (
     windows,
 )
 from rawgate.state.response_store import ResponseStore
-from rawgate.state.store import Cooldown, Health, State
+from rawgate.state.store import AccountStats, Cooldown, Health, State
 
 __all__ = ["KEYS_POLL_S", "USAGE_FLUSH_S", "LocalState"]
 
@@ -441,6 +441,25 @@ class LocalState(State):
             with contextlib.suppress(Exception):  # baseline: notify on later changes only
                 self._accounts_watch.load()
         self._accounts_listeners.append(listener)
+
+    async def add_account_stats(self, deltas: dict[str, AccountStats]) -> bool:
+        def apply(accounts: list[Account]) -> list[Account]:
+            for a in accounts:
+                d = deltas.get(a.id)
+                if d is not None:
+                    a.add_stats(*d)
+            return accounts
+
+        def run() -> None:
+            if self.accounts.path.exists():
+                self.accounts.update(apply)
+
+        try:
+            await anyio.to_thread.run_sync(run)
+        except Exception:
+            log.exception("writing account counters failed")
+            return False
+        return True
 
     def _poll_accounts(self) -> None:
         # Its own AccountStore: load_accounts() on self.accounts must not reset the baseline.

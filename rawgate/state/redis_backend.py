@@ -9,6 +9,8 @@ touches exactly one key, hence one slot):
     P{r:ID}               stored Response (JSON [input, output]), PX = response_store_max_age_s
     P{a:ACCOUNT}:tok      "expires_ms\\x1ftoken", PXAT expires;  P{a:ACCOUNT}:lock  owner, PX ttl
     P{accts}              hash id -> Account JSON;  P{accts}:v  its version (INCR per write)
+    P{accts}:n            hash "id\\x1f(r|i|o|e)" -> counters the servers add (HINCRBY, batched),
+                          "id\\x1fl" -> last error; added to the JSON's counters when read
     channel P events      "cd\\x1faccount\\x1fmodel\\x1funtil_ms\\x1freason"
                           | "clr\\x1faccount" | "keys" | "accts"
 
@@ -26,6 +28,11 @@ Invariants:
   request): cooldowns and tokens from the mirror, responses from a local fallback map, usage
   buffered (bounded) and pushed on recovery, limits per `limits_fail`.
 - coredis retries are off (NoRetryPolicy): one attempt per call, the backoff is ours.
+- Accounts: every write is a version compare-and-set that PUBLISHes "accts"; the accounts
+  listeners hear it, and once more after every resync (an event missed while away). Counters
+  the servers add go to P{accts}:n by one script per flush (no version bump, no event): they
+  are added onto the JSON's counters when read for a listing and never folded into the JSON
+  (a read-modify-write reads without them), so no increment is counted twice or lost.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ from rawgate.state.keys import (
 )
 from rawgate.state.limiter import DAY_MS, HOUR_MS, Decision, Limits, Usage
 from rawgate.state.response_store import ResponseStore
-from rawgate.state.store import Cooldown, Health, State, StateUnavailable
+from rawgate.state.store import AccountStats, Cooldown, Health, State, StateUnavailable
 
 __all__ = ["RedisState"]
 
@@ -185,13 +192,27 @@ redis.call('PUBLISH', ARGV[4], 'keys')
 return 1
 """
 
-# KEYS = P{accts}, P{accts}:v; ARGV = expected version, channel, id1, json1, id2, json2, ...
+# KEYS = P{accts}, P{accts}:v, P{accts}:n; ARGV = expected version, channel, id1, json1, ...
+# The counters of accounts no longer listed go with them.
 _REPLACE_ACCTS = """
 if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for _, f in ipairs(redis.call('HKEYS', KEYS[3])) do
+  local id = string.sub(f, 1, string.find(f, '\\31', 1, true) - 1)
+  if redis.call('HEXISTS', KEYS[1], id) == 0 then redis.call('HDEL', KEYS[3], f) end
+end
 redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[2], 'accts')
+return 1
+"""
+
+# KEYS[1] = P{accts}:n; ARGV = field, value, ... (a field ending in 'l' is set, others added)
+_ACCT_STATS = """
+for i = 1, #ARGV, 2 do
+  if string.sub(ARGV[i], -1) == 'l' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  else redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
 return 1
 """
 
@@ -202,6 +223,23 @@ _account_enc = msgspec.json.Encoder()
 
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _add_counters(accounts: list[Account], stats: dict[Any, Any]) -> None:
+    """The servers' counters (P{accts}:n fields) onto the accounts read from the JSON."""
+    by_id = {a.id: a for a in accounts}
+    for f, v in stats.items():
+        acc_id, _, letter = _text(f).rpartition(SEP)
+        a = by_id.get(acc_id)
+        if a is None:
+            continue
+        if letter == "l":
+            a.last_error = _text(v)
+        elif letter in _COUNTER_FIELDS:
+            setattr(a, _COUNTER_FIELDS[letter], getattr(a, _COUNTER_FIELDS[letter]) + int(v))
+
+
+_COUNTER_FIELDS = {"r": "requests", "i": "tokens_in", "o": "tokens_out", "e": "errors"}
 
 
 class RedisState(State):
@@ -244,6 +282,7 @@ class RedisState(State):
         self.k_salt = f"{p}{{keys}}:salt"
         self.k_accts = f"{p}{{accts}}"
         self.k_accts_v = f"{p}{{accts}}:v"
+        self.k_accts_n = f"{p}{{accts}}:n"
         self.channel = f"{p}events"
         self._p = p
         self._extend = self.client.register_script(_EXTEND)
@@ -254,6 +293,7 @@ class RedisState(State):
         self._usage = self.client.register_script(_USAGE)
         self._cas = self.client.register_script(_CAS)
         self._replace_accts = self.client.register_script(_REPLACE_ACCTS)
+        self._acct_stats = self.client.register_script(_ACCT_STATS)
         self._accounts_listeners: list[Callable[[], None]] = []
         self._cooldowns: dict[tuple[str, str], Cooldown] = {}
         self._pending_cd: dict[tuple[str, str], Cooldown] = {}
@@ -404,6 +444,15 @@ class RedisState(State):
         self._ready.set()
         for c in learned:
             self._notify(c)
+        # A change of the accounts list may have been published while we were away.
+        self._accounts_changed()
+
+    def _accounts_changed(self) -> None:
+        for fn in self._accounts_listeners:
+            try:
+                fn()
+            except Exception:
+                log.exception("accounts listener failed")
 
     def _on_message(self, data: str) -> None:
         parts = data.split(SEP)
@@ -417,11 +466,7 @@ class RedisState(State):
         elif parts[0] == "keys":
             self._keys_changed.set()  # reloaded by _keys_reloader, off the subscriber loop
         elif parts[0] == "accts":
-            for fn in self._accounts_listeners:
-                try:
-                    fn()
-                except Exception:
-                    log.exception("accounts listener failed")
+            self._accounts_changed()
 
     def _fold(self, c: Cooldown) -> bool:
         if self._during_resync is not None:
@@ -746,18 +791,23 @@ class RedisState(State):
 
     # ---- accounts ----
 
-    async def accounts_snapshot(self) -> tuple[int, list[Account]]:
-        """(version, accounts) read together; the version grows with every write."""
+    async def accounts_snapshot(self, *, counters: bool = True) -> tuple[int, list[Account]]:
+        """(version, accounts) read together; the version grows with every write. `counters`:
+        with the servers' counters (P{accts}:n) added (what listings show); without, the
+        stored JSON as is (what a read-modify-write must write back)."""
 
-        async def read() -> tuple[Any, Any]:
+        async def read() -> tuple[Any, Any, Any]:
             async with self.client.pipeline(transaction=True) as pipe:
                 v = pipe.get(self.k_accts_v)
                 h = pipe.hgetall(self.k_accts)
-            return await v, await h
+                n = pipe.hgetall(self.k_accts_n) if counters else None
+            return await v, await h, (await n if n is not None else {})
 
-        v, raw = await self._admin(read)
+        v, raw, stats = await self._admin(read)
         accts = [_account_dec.decode(x if isinstance(x, bytes) else x.encode())
                  for x in raw.values()]  # fmt: skip
+        if stats:
+            _add_counters(accts, stats)
         return int(v or 0), sorted(accts, key=lambda a: (a.created, a.id))
 
     async def accounts_replace(self, version: int, accounts: list[Account]) -> bool:
@@ -766,9 +816,25 @@ class RedisState(State):
         for a in accounts:
             args += [a.id, _account_enc.encode(a)]
         ok = await self._admin(
-            partial(self._replace_accts, keys=[self.k_accts, self.k_accts_v], args=args)
-        )
+            partial(
+                self._replace_accts, keys=[self.k_accts, self.k_accts_v, self.k_accts_n],
+                args=args,
+            )
+        )  # fmt: skip
         return int(ok) == 1
+
+    async def add_account_stats(self, deltas: dict[str, AccountStats]) -> bool:
+        args: list[Any] = []
+        for acc_id, (req, tin, tout, errs, last) in deltas.items():
+            for letter, n in (("r", req), ("i", tin), ("o", tout), ("e", errs)):
+                if n:
+                    args += [f"{acc_id}{SEP}{letter}", n]
+            if last:
+                args += [f"{acc_id}{SEP}l", last]
+        if not args:
+            return True
+        res = await self._call(partial(self._acct_stats, keys=[self.k_accts_n], args=args))
+        return res is not _FAILED
 
     async def update_accounts(
         self, fn: Callable[[list[Account]], list[Account] | None]
@@ -776,7 +842,7 @@ class RedisState(State):
         """AccountStore.update's contract (validate, then write all or nothing) on Redis:
         read with the version, apply `fn`, write if the version did not move; else retry."""
         for attempt in range(ACCOUNTS_CAS_ATTEMPTS):
-            version, current = await self.accounts_snapshot()
+            version, current = await self.accounts_snapshot(counters=False)
             result = fn(current)
             accounts = current if result is None else result
             validate_accounts(accounts, "accounts in Redis")

@@ -48,9 +48,11 @@ __all__ = [
     "BACKOFF_BASE_S",
     "METRIC_KEYS_MAX",
     "OTHER_KEY",
+    "AccountStats",
     "Cooldown",
     "Health",
     "KeyStoreError",
+    "RefreshBusy",
     "State",
     "StateUnavailable",
     "open_state",
@@ -66,6 +68,10 @@ USAGE_KINDS = ("key", "account", "model")
 # /metrics: per-key series for at most this many key names; the rest are summed as OTHER_KEY.
 METRIC_KEYS_MAX = 256
 OTHER_KEY = "_other"
+
+
+# Per-account counter deltas: requests, tokens in, tokens out, errors, last error (None: none).
+AccountStats = tuple[int, int, int, int, str | None]
 
 
 class StateUnavailable(Exception):
@@ -360,11 +366,23 @@ class State(abc.ABC):
 
     @abc.abstractmethod
     def on_accounts_changed(self, listener: Callable[[], None]) -> None:
-        """Call `listener` (no arguments) after the accounts list changed anywhere."""
+        """Call `listener` (no arguments) after the accounts list changed anywhere (Redis: also
+        after every reconnection, since a change may have been missed meanwhile)."""
+
+    @abc.abstractmethod
+    async def add_account_stats(self, deltas: dict[str, AccountStats]) -> bool:
+        """Add per-account counters, batched by the gateway (never one call per request):
+        id -> (requests, tokens in, tokens out, errors, last error or None). Unknown ids are
+        ignored. False when the store did not take them (the caller keeps them for the next
+        flush); never raises for a store failure."""
 
     @abc.abstractmethod
     async def cooldown_entries(self) -> list[Cooldown]:
         """Every live cooldown read from the store itself (for the CLI, which has no mirror)."""
+
+
+class RefreshBusy(Exception):
+    """refresh_once waited its bound while another caller held the account's refresh lock."""
 
 
 async def refresh_once(
@@ -372,39 +390,51 @@ async def refresh_once(
     account: str,
     refresh: Callable[[], Awaitable[tuple[str, float]]],
     *,
-    lock_ttl_s: float = 30.0,
+    lock_ttl_s: float = 45.0,
+    wait_s: float = 10.0,
     poll_s: float = 0.05,
-    min_valid_s: float = 60.0,
-) -> str:
-    """An access token for `account`, refreshed by at most one caller in the fleet at a time.
+    min_valid_s: float = 0.0,
+    reject: str = "",
+) -> tuple[str, float]:
+    """(token, good_until) for `account`, refreshed by at most one caller in the fleet at a time.
 
-    A cached token valid for `min_valid_s` more is returned as is. Otherwise the caller that
-    takes the lock calls `refresh()` (-> token, expires_at), stores and releases; the others
-    poll the cache every `poll_s` until the token appears or the lock lapses (then they try to
-    take it). `refresh()`'s errors propagate to its caller; waiters then take the lock in turn.
+    A shared token good for `min_valid_s` more is returned as is. Otherwise the caller that
+    takes the lock calls `refresh()` (-> token, good_until), stores and releases; the others
+    poll the shared token every `poll_s` until it appears or the lock is free (a holder that
+    failed released it; one that died let it lapse after `lock_ttl_s`): then they try to take
+    it. A caller that waited `wait_s` in all raises RefreshBusy (the lock holder is slow or
+    dead; its lock lapses by itself). `refresh()`'s errors propagate to its caller; waiters
+    then take the lock in turn. `reject`: a token the caller saw refused (a shared copy of it
+    counts as none).
     """
-    deadline = time.time() + lock_ttl_s * 2
+
+    def usable(cached: tuple[str, float] | None) -> bool:
+        return (cached is not None and cached[0] != reject
+                and cached[1] - time.time() > min_valid_s)  # fmt: skip
+
+    deadline = time.monotonic() + wait_s
     while True:
         cached = await state.get_access_token(account)
-        if cached is not None and cached[1] - time.time() >= min_valid_s:
-            return cached[0]
+        if usable(cached):
+            assert cached is not None
+            return cached
         owner = await state.acquire_refresh_lock(account, lock_ttl_s)
         if owner is not None:
             try:
                 # Checked again under the lock: a holder may have stored a token and released
                 # between our cache miss and our acquire (else that is a second refresh).
                 cached = await state.get_access_token(account)
-                if cached is not None and cached[1] - time.time() >= min_valid_s:
-                    return cached[0]
-                token, expires_at = await refresh()
-                await state.put_access_token(account, token, expires_at)
-                return token
+                if usable(cached):
+                    assert cached is not None
+                    return cached
+                token, until = await refresh()
+                await state.put_access_token(account, token, until)
+                return token, until
             finally:
-                await state.release_refresh_lock(account, owner)
-        if time.time() > deadline:  # a wedged lock holder; refresh on our own
-            token, expires_at = await refresh()
-            await state.put_access_token(account, token, expires_at)
-            return token
+                with anyio.CancelScope(shield=True):  # a cancelled refresher frees the lock
+                    await state.release_refresh_lock(account, owner)
+        if time.monotonic() >= deadline:
+            raise RefreshBusy(account)
         await anyio.sleep(poll_s)
 
 

@@ -19,7 +19,7 @@ from rawgate.accounts.store import Account, AccountStoreError
 from rawgate.config import Config, build_config
 from rawgate.state.keys import KeyStoreError
 from rawgate.state.redis_backend import RedisState
-from rawgate.state.store import Cooldown, State, open_state, refresh_once
+from rawgate.state.store import Cooldown, RefreshBusy, State, open_state, refresh_once
 from tests.helpers_redis import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -270,7 +270,7 @@ async def test_refresh_lock_one_of_fifty(opener: Opener) -> None:
         got: list[str] = []
 
         async def contender(st: State) -> None:
-            got.append(await refresh_once(st, "acc-oauth", refresh, poll_s=0.02))
+            got.append((await refresh_once(st, "acc-oauth", refresh, poll_s=0.02))[0])
 
         async with anyio.create_task_group() as tg:
             for i in range(50):
@@ -286,7 +286,65 @@ async def test_refresh_lock_one_of_fifty(opener: Opener) -> None:
         assert await b.acquire_refresh_lock("acc-x", 30) is not None
 
 
+@both
+async def test_refresh_waits_a_bounded_time_and_never_takes_back_a_refused_token(
+    opener: Opener,
+) -> None:
+    calls: list[str] = []
+
+    async def refresh() -> tuple[str, float]:
+        calls.append("r")
+        return f"tok-{len(calls)}", time.time() + 3600
+
+    async with opener() as st:
+        # Another caller holds the lock (a slow or dead refresher): a bounded wait, then
+        # RefreshBusy, without a refresh of our own.
+        owner = await st.acquire_refresh_lock("acc-w", 30)
+        assert owner is not None
+        with pytest.raises(RefreshBusy):
+            await refresh_once(st, "acc-w", refresh, wait_s=0.2, poll_s=0.02)
+        assert calls == []
+        await st.release_refresh_lock("acc-w", owner)
+        assert (await refresh_once(st, "acc-w", refresh))[0] == "tok-1"
+        assert (await refresh_once(st, "acc-w", refresh))[0] == "tok-1"  # shared, no call
+        # The upstream refused tok-1: it is not taken back, one refresh replaces it.
+        assert (await refresh_once(st, "acc-w", refresh, reject="tok-1"))[0] == "tok-2"
+        assert (await refresh_once(st, "acc-w", refresh, reject="tok-1"))[0] == "tok-2"
+        assert calls == ["r", "r"]
+        # A lock that lapses (its holder died) lets the next caller refresh.
+        assert await st.acquire_refresh_lock("acc-d", 0.2) is not None
+        got = await refresh_once(st, "acc-d", refresh, wait_s=5, poll_s=0.02)
+        assert got[0] == "tok-3"
+
+
 # ---- accounts ----
+
+
+@both
+async def test_account_counters_are_added_in_batches_and_never_counted_twice(
+    opener: Opener,
+) -> None:
+    async with opener() as st:
+        acc = Account(id="c1", kind="api_key", api_key="AIza" + "c" * 35, requests=5)
+        assert await st.import_accounts([acc]) == (1, 0)
+        first = {"c1": (3, 10, 20, 1, "boom"), "gone": (1, 1, 1, 0, None)}
+        assert await st.add_account_stats(first)
+        assert await st.add_account_stats({"c1": (2, 0, 0, 0, None)})
+
+        def disable(accounts: list[Account]) -> None:
+            for a in accounts:
+                a.enabled = False
+
+        # A read-modify-write in between (a disable) neither loses nor doubles them.
+        await st.update_accounts(disable)
+        (got,) = await st.load_accounts()
+        assert (got.requests, got.tokens_in, got.tokens_out, got.errors, got.last_error,
+                got.enabled) == (10, 10, 20, 1, "boom", False)  # fmt: skip
+        await st.update_accounts(lambda accounts: [])
+        assert await st.load_accounts() == []
+        # Its counters went with it: the same account imported again starts from its own.
+        assert await st.import_accounts([acc]) == (1, 0)
+        assert [a.requests for a in await st.load_accounts()] == [5]
 
 
 @both

@@ -380,3 +380,57 @@ async def test_project_for_discovers_once_under_concurrency() -> None:
     assert await tm.project_for(acc, "tok", ca) == "p-9" and len(ca.calls) == 1
     reloaded = oauth_acc()  # hot reload: a fresh object without the project
     assert await tm.project_for(reloaded, "tok", ca) == "p-9" and len(ca.calls) == 1
+
+
+class Fleet:
+    """An in-memory `shared` for TokenManager: one token per key, one fetch at a time (the
+    contract of state.refresh_once, without a store)."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, tuple[str, float]] = {}
+        self.lock = anyio.Lock()
+        self.keys: list[str] = []
+
+    async def __call__(self, key: str, fetch: Any, refused: str) -> tuple[str, float]:
+        self.keys.append(key)
+        async with self.lock:
+            hit = self.tokens.get(key)
+            if hit is None or hit[0] == refused:
+                hit = self.tokens[key] = await fetch()
+            return hit
+
+
+async def test_two_managers_on_one_fleet_refresh_once_and_share_the_refresh_point() -> None:
+    ep = FakeTokenEndpoint(ok("ya29.one", 3599), ok("ya29.two", 3599))
+    fleet = Fleet()
+    a, b = manager(ep, shared=fleet), manager(ep, shared=fleet)
+    got: list[str] = []
+
+    async def call(tm: TokenManager) -> None:
+        got.append(await tm.access_token(oauth_acc(), 1000.0))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(call, (a, b)[i % 2])
+    assert got == ["ya29.one"] * 50 and len(ep.calls) == 1
+    # What the fleet shares is the refresh point, so both refresh at the same moment.
+    assert list(fleet.tokens.values()) == [("ya29.one", 1000.0 + 3599 - REFRESH_MARGIN_S)]
+    assert b.cached(oauth_acc(), 1000.0 + 3599 - REFRESH_MARGIN_S - 1) == "ya29.one"
+    assert b.cached(oauth_acc(), 1000.0 + 3599 - REFRESH_MARGIN_S) is None
+    # The key names the account and a fingerprint of its refresh token, never the secret.
+    assert all(k.startswith("o1.") and RT not in k for k in fleet.keys)
+
+
+async def test_a_refused_token_is_not_taken_back_from_the_fleet() -> None:
+    ep = FakeTokenEndpoint(ok("ya29.one", 3599), ok("ya29.two", 3599))
+    fleet = Fleet()
+    a, b = manager(ep, shared=fleet), manager(ep, shared=fleet)
+    acc = oauth_acc()
+    assert await a.access_token(acc, 1000.0) == "ya29.one"
+    assert await b.access_token(acc, 1000.0) == "ya29.one"
+    # Google refuses it before its expiry: both see the 401; one refresh for the two.
+    a.invalidate_if(acc, "ya29.one")
+    b.invalidate_if(acc, "ya29.one")
+    assert await a.access_token(acc, 1001.0) == "ya29.two"
+    assert await b.access_token(acc, 1001.0) == "ya29.two"
+    assert len(ep.calls) == 2
