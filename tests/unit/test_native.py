@@ -4,8 +4,11 @@ Assist envelope around a byte-faithful body (vector 15), unwrapping, and Google-
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
+from hypothesis import given, strategies as st
 
 from rawgate.errors import AuthenticationError, BadRequest, RateLimited, UpstreamError
 from rawgate.translate.native import (
@@ -13,6 +16,7 @@ from rawgate.translate.native import (
     google_error,
     has_finish_reason,
     parse_native_path,
+    rename_body_models,
     unwrap_code_assist,
     wrap_code_assist,
 )
@@ -94,3 +98,104 @@ def test_google_shaped_errors() -> None:
     assert doc["details"][0]["reason"] == "API_KEY_INVALID"
     status, body, _ = google_error(UpstreamError("upstream failed"))
     assert status == 503 and orjson.loads(body)["error"]["status"] == "UNAVAILABLE"
+
+
+def test_renamed_url_model_renames_the_items_that_named_it_and_nothing_else() -> None:
+    # Odd spacing, escapes, a text that quotes a "model" key, key order and unknown fields:
+    # only the three item models that named the client's model change, in their own form.
+    body = (
+        b'{ "requests" : [\n'
+        b'  {"model": "models/my-embedder", "content": {"parts": [{"text": '
+        b'"say \\"model\\": \\"models/my-embedder\\" \\u00e9"}]}, "x": [1, 2.50, {}]},\n'
+        b'  {"content": {"parts": [{"text": "no model"}]}, "model":"my-embedder"},\n'
+        b'  {"content": {"parts": [{"text": "omitted"}]}},\n'
+        b'  {"model": "models/other", "content": {"parts": [{"text": "third"}]}},\n'
+        b'  {"model": "models/my-embedder", "content": {"model": "models/my-embedder"}}\n'
+        b'], "extra": {"model": "models/my-embedder"}}'
+    )
+    out = rename_body_models(body, "batchEmbedContents", "my-embedder", "gemini-embedding-001")
+    want = (
+        body.replace(
+            b'{"model": "models/my-embedder", "content": {"parts"',
+            b'{"model": "models/gemini-embedding-001", "content": {"parts"',
+        )
+        .replace(b'"model":"my-embedder"}', b'"model":"gemini-embedding-001"}')
+        .replace(
+            b'{"model": "models/my-embedder", "content": {"model"',
+            b'{"model": "models/gemini-embedding-001", "content": {"model"',
+        )
+    )
+    assert out == want
+    doc = orjson.loads(out)
+    assert [r.get("model") for r in doc["requests"]] == [
+        "models/gemini-embedding-001",
+        "gemini-embedding-001",
+        None,
+        "models/other",
+        "models/gemini-embedding-001",
+    ]
+    assert doc["requests"][4]["content"] == {"model": "models/my-embedder"}  # not an item model
+    assert doc["extra"] == {"model": "models/my-embedder"}
+    assert "models/my-embedder" in doc["requests"][0]["content"]["parts"][0]["text"]
+
+
+def test_renamed_model_in_count_tokens_embed_content_and_generate() -> None:
+    ct = (
+        b'{"generateContentRequest": {"model": "models/alias", "contents": '
+        b'[{"parts": [{"text": "hi"}]}]}}'
+    )
+    assert rename_body_models(ct, "countTokens", "alias", "gemini-2.5-flash") == ct.replace(
+        b'"models/alias"', b'"models/gemini-2.5-flash"'
+    )
+    one = b'{"model":"models/alias","content":{"parts":[{"text":"models/alias"}]}}'
+    assert rename_body_models(one, "embedContent", "alias", "g") == (
+        b'{"model":"models/g","content":{"parts":[{"text":"models/alias"}]}}'
+    )
+    gen = b'{"contents":[{"parts":[{"text":"model"}]}],"model":"alias"}'
+    assert rename_body_models(gen, "generateContent", "alias", "g") == gen.replace(
+        b'"alias"', b'"g"'
+    )
+    # No repeated model, or one naming another model: the very same bytes object.
+    plain = b'{"contents":[{"parts":[{"text":"hi"}]}]}'
+    assert rename_body_models(plain, "generateContent", "alias", "g") is plain
+    other = b'{"requests":[{"model":"models/x","content":{"parts":[{"text":"a"}]}}]}'
+    assert rename_body_models(other, "batchEmbedContents", "alias", "g") is other
+
+
+_TEXT = st.lists(
+    st.sampled_from(['"', "\\", "{", "}", "[", "]", ":", ",", "é", "a", '"model"', "models/al"]),
+    max_size=12,
+).map("".join)
+
+
+@given(
+    items=st.lists(
+        st.tuples(
+            st.sampled_from([None, "al", "models/al", "models/other", "x"]),
+            _TEXT,
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    indent=st.booleans(),
+)
+def test_rename_is_exactly_the_item_models_whatever_the_text(
+    items: list[tuple[str | None, str, bool]], indent: bool
+) -> None:
+    reqs = []
+    for model, text, first in items:
+        r: dict[str, object] = {"content": {"parts": [{"text": text}], "model": text}}
+        if model is not None:
+            r = {"model": model, **r} if first else {**r, "model": model}
+        reqs.append(r)
+    doc = {"requests": reqs, "model": "models/al", "note": {"model": "models/al"}}
+    body = json.dumps(doc, indent=2 if indent else None, ensure_ascii=indent).encode()
+    out = rename_body_models(body, "batchEmbedContents", "al", "real")
+    want = orjson.loads(body)
+    want["model"] = "models/real"
+    renamed = {"al": "real", "models/al": "models/real"}
+    for r in want["requests"]:
+        if "model" in r:
+            r["model"] = renamed.get(str(r["model"]), r["model"])
+    assert orjson.loads(out) == want
