@@ -132,12 +132,8 @@ def litellm_config(up: Upstream) -> str:
     )
 
 
-def litellm_proc(
-    up: Upstream, port: int, cpu: int | None, log_dir: Path, workers: int = 1
-) -> tuple[Proc, TargetInfo]:
-    exe = litellm_install(log_dir / "litellm-install.log")
-    cfg = log_dir / f"litellm-{port}.yaml"
-    cfg.write_text(litellm_config(up))
+def litellm_env(up: Upstream) -> dict[str, str]:
+    """LiteLLM's environment: ours less its own settings, plus the run's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "LITELLM_"))}
     env |= {
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no cost-map fetch at start-up
@@ -154,19 +150,32 @@ def litellm_proc(
         "GEMINI_API_BASE": f"http://127.0.0.1:{up.port}",
         "GEMINI_API_KEY": up.api_key,
     }
-    argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
-            "--num_workers", str(workers)]
-    proc = Proc("litellm", argv, port=port, ready_path="/health/liveliness", env=env,
-                cwd=str(log_dir), cpu=cpu, log_dir=log_dir)
+    return env
+
+
+def litellm_info(up: Upstream, port: int) -> TargetInfo:
     # Its /v1/messages (Anthropic) routes by model_name to the same gemini/ entry; its
-    # /v1/embeddings by the OpenAI embedding name to gemini-embedding-001 (batchEmbedContents).
-    # Native generateContent goes through its Gemini pass-through route.
+    # /v1/embeddings by the OpenAI embedding name to gemini-embedding-001 (batchEmbedContents);
+    # native generateContent goes through its Gemini pass-through (/gemini/v1beta/...), whose
+    # client key (any, with the master key off) it reads from x-goog-api-key.
     apis = {"chat", "responses", "messages", "native"}
     if up.kind == "emulator":  # the stand-in has no embeddings
         apis.add("embeddings")
-    info = TargetInfo("litellm", "openai", port, apis=frozenset(apis), native_prefix="/gemini",
+    return TargetInfo("litellm", "openai", port, apis=frozenset(apis), native_prefix="/gemini",
                       native_headers=(("x-goog-api-key", "sk-bench-client"),))
-    return proc, info
+
+
+def litellm_proc(
+    up: Upstream, port: int, cpu: int | None, log_dir: Path, workers: int = 1
+) -> tuple[Proc, TargetInfo]:
+    exe = litellm_install(log_dir / "litellm-install.log")
+    cfg = log_dir / f"litellm-{port}.yaml"
+    cfg.write_text(litellm_config(up))
+    argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", str(workers)]
+    proc = Proc("litellm", argv, port=port, ready_path="/health/liveliness",
+                env=litellm_env(up), cwd=str(log_dir), cpu=cpu, log_dir=log_dir)
+    return proc, litellm_info(up, port)
 
 
 # --- Portkey -------------------------------------------------------------------------------------

@@ -155,13 +155,13 @@ def all_scenarios() -> dict[str, Scenario]:
         ),
         Scenario(
             "native",
-            "Gemini-native generateContent through rawgate's passthrough front vs direct: "
-            "non-stream, and streaming 100 chunks of 16 B, 16 connections",
+            "Gemini-native generateContent through rawgate's passthrough front vs direct (and "
+            "LiteLLM's /gemini pass-through): non-stream, and streaming 100 chunks of 16 B, 16 "
+            "connections",
             (
                 Case("c=16", Workload(api="native"), Load()),
                 Case("stream c=16", Workload(api="native", **_STREAM100), Load()),
             ),
-            kinds=("direct", "gateway"),
         ),
         Scenario(
             "embeddings",
