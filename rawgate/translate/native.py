@@ -123,6 +123,8 @@ _MODEL_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 # JSON tokens that matter for the walk: whole strings (skipped in C, escapes included) and the
 # structural characters. Numbers, literals and whitespace are never needed.
+# A `"model"` key anywhere (inside a JSON string the quotes would be escaped).
+_MODEL_KEY = re.compile(rb'"model"\s*:')
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]', re.S)
 
 
@@ -174,8 +176,8 @@ def rename_body_models(body: bytes, method: str, client_model: str, model: str) 
     """`body` with each repeated model that named `client_model` (bare or as
     `models/<client_model>`) renamed to `model` in the same form; every other byte as sent."""
     paths = _MODEL_PATHS.get(method)
-    if not paths or b'"model"' not in body:
-        return body
+    if not paths or _MODEL_KEY.search(body) is None:
+        return body  # the common case: a conversation's `"role":"model"` is no key
     names = {client_model: model, "models/" + client_model: "models/" + model}
     out: list[bytes] = []
     last = 0

@@ -158,8 +158,24 @@ def test_renamed_model_in_count_tokens_embed_content_and_generate() -> None:
     # No repeated model, or one naming another model: the very same bytes object.
     plain = b'{"contents":[{"parts":[{"text":"hi"}]}]}'
     assert rename_body_models(plain, "generateContent", "alias", "g") is plain
+    turns = b'{"contents":[{"role":"model","parts":[{"text":"say \\"model\\": alias"}]}]}'
+    assert rename_body_models(turns, "generateContent", "alias", "g") is turns
     other = b'{"requests":[{"model":"models/x","content":{"parts":[{"text":"a"}]}}]}'
     assert rename_body_models(other, "batchEmbedContents", "alias", "g") is other
+
+
+def test_a_body_without_a_model_key_is_not_walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A remapped conversation pays one regex search, not a token walk of its whole history.
+    from rawgate.translate import native
+
+    def walked(*_a: object) -> list[tuple[int, int]]:
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(native, "_value_spans", walked)
+    turns = b'{"contents":[{"role":"model","parts":[{"text":"say \\"model\\": alias"}]}]}'
+    assert rename_body_models(turns, "generateContent", "alias", "g") is turns
+    with pytest.raises(AssertionError, match="walked"):
+        rename_body_models(b'{"model":"alias"}', "generateContent", "alias", "g")
 
 
 _TEXT = st.lists(
