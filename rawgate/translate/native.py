@@ -121,10 +121,10 @@ _MODEL_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
     "embedContent": (("model",),),
     "batchEmbedContents": (("model",), ("requests", "*", "model")),
 }
-# JSON tokens that matter for the walk: whole strings (skipped in C, escapes included) and the
-# structural characters. Numbers, literals and whitespace are never needed.
 # A `"model"` key anywhere (inside a JSON string the quotes would be escaped).
 _MODEL_KEY = re.compile(rb'"model"\s*:')
+# JSON tokens that matter for the walk: whole strings (skipped in C, escapes included) and the
+# structural characters. Numbers, literals and whitespace are never needed.
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]', re.S)
 
 
@@ -141,7 +141,7 @@ def _value_spans(body: bytes, paths: tuple[tuple[str, ...], ...]) -> list[tuple[
         c = tok[0]
         if c == 0x22:  # a string
             if stack and stack[-1][0] and expect_key:
-                key = orjson.loads(tok)
+                key = _string(tok)
                 expect_key = False
                 continue
             here = _child(stack, key)
@@ -160,6 +160,16 @@ def _value_spans(body: bytes, paths: tuple[tuple[str, ...], ...]) -> list[tuple[
             expect_key = bool(stack) and stack[-1][0]
             key = None
     return spans
+
+
+def _string(tok: bytes) -> str | None:
+    """A JSON string token's value; None when it is not valid UTF-8 (check_body's decoder
+    skips the bytes of fields it keeps raw, so they may hold anything; Google judges them)."""
+    try:
+        v = orjson.loads(tok)
+    except orjson.JSONDecodeError:
+        return None
+    return v if isinstance(v, str) else None
 
 
 def _child(stack: list[tuple[bool, tuple[str, ...]]], key: str | None) -> tuple[str, ...] | None:
@@ -182,7 +192,8 @@ def rename_body_models(body: bytes, method: str, client_model: str, model: str) 
     out: list[bytes] = []
     last = 0
     for start, end in _value_spans(body, paths):
-        new = names.get(orjson.loads(body[start:end]))
+        name = _string(body[start:end])
+        new = names.get(name) if name is not None else None
         if new is None:
             continue
         out.append(body[last:start])

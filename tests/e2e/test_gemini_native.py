@@ -437,6 +437,12 @@ async def test_an_aliased_model_renames_the_models_the_body_repeats(tmp_path: Pa
             )
             assert r.status_code == 400 and r.json()["error"]["status"] == "INVALID_ARGUMENT"
             assert _upstream(run, ":batchEmbedContents")[3] == bad
+            # Bytes that are not UTF-8 get Google's 400 (the emulator's), never a 500.
+            r = await http.post(
+                f"{run.origin}/v1beta/models/my-embedder:batchEmbedContents",
+                content=b'{"requests":[{"\xff":1,"model":"\xfe","content":"\xff"}]}',
+            )
+            assert r.status_code == 400 and r.json()["error"]["status"] == "INVALID_ARGUMENT"
             # countTokens' generateContentRequest.model and embedContent's model follow too.
             ct = (
                 b'{"generateContentRequest": {"model": "models/my-flash", "contents": '

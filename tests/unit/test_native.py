@@ -164,6 +164,18 @@ def test_renamed_model_in_count_tokens_embed_content_and_generate() -> None:
     assert rename_body_models(other, "batchEmbedContents", "alias", "g") is other
 
 
+def test_bytes_check_body_keeps_raw_are_never_a_crash() -> None:
+    # check_body skips the bytes of the fields it keeps raw: invalid UTF-8 gets past it, and
+    # the rename leaves such strings (keys or values) alone instead of failing.
+    body = (
+        b'{"requests":[{"model":"\xff","content":{}},{"\xfe":{"model":"al"},'
+        b'"model":"models/al"}]}'
+    )
+    check_body(body, "batchEmbedContents")
+    out = rename_body_models(body, "batchEmbedContents", "al", "real")
+    assert out == body.replace(b'"models/al"', b'"models/real"')
+
+
 def test_a_body_without_a_model_key_is_not_walked(monkeypatch: pytest.MonkeyPatch) -> None:
     # A remapped conversation pays one regex search, not a token walk of its whole history.
     from rawgate.translate import native
