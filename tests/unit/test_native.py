@@ -227,3 +227,34 @@ def test_rename_is_exactly_the_item_models_whatever_the_text(
         if "model" in r:
             r["model"] = renamed.get(str(r["model"]), r["model"])
     assert orjson.loads(out) == want
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6) | st.just("models/al"),
+    lambda kids: st.lists(kids, max_size=4)
+    | st.dictionaries(st.sampled_from(["model", "requests", "content", "x", "é"]), kids,
+                      max_size=4),
+    max_leaves=20,
+)
+
+
+@given(
+    doc=st.dictionaries(st.sampled_from(["model", "requests", "contents"]), _JSON, max_size=3),
+    noise=st.binary(max_size=3),
+    at=st.integers(min_value=0),
+)
+def test_any_body_check_body_takes_renames_without_raising(
+    doc: dict[str, object], noise: bytes, at: int
+) -> None:
+    body = json.dumps(doc, ensure_ascii=False).encode()
+    k = at % (len(body) + 1)
+    body = body[:k] + noise + body[k:]
+    for method in ("batchEmbedContents", "countTokens", "generateContent"):
+        try:
+            check_body(body, method)
+        except BadRequest:
+            continue
+        out = rename_body_models(body, method, "al", "real")
+        if out != body:  # something was renamed: it named the alias, and only it changed
+            assert b'"models/al"' in body or b'"al"' in body
+            assert len(out) - len(body) == 2 * (out.count(b'"real"') + out.count(b'/real"'))
