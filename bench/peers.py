@@ -15,6 +15,11 @@ How each one reaches a Gemini upstream at a custom base URL (checked in their in
   `VertexBase._check_custom_proxy` builds `{api_base}/models/{m}:{endpoint}`, adds `alt=sse`
   for streams, and sends the key as `x-goog-api-key`. Since 1.10x the proxy refuses to start
   without a master key unless LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY=true.
+  Its Gemini pass-through (`/gemini/{endpoint:path}`, proxy/pass_through_endpoints/
+  llm_passthrough_endpoints.py `gemini_proxy_route`) forwards to `os.getenv("GEMINI_API_BASE")
+  or "https://generativelanguage.googleapis.com"` + the endpoint, with `?key=` set to the
+  GEMINI_API_KEY credential (it reads the client's own key from `?key=`/`x-goog-api-key` for
+  its auth only); a path containing "stream" is relayed as a stream.
 - Portkey 1.15: per request, `x-portkey-provider: google`,
   `x-portkey-custom-host: http://127.0.0.1:P` (the base URL *without* /v1beta: the google
   provider's endpoint adds `/v1beta/models/{m}:generateContent?key=K`) and
@@ -127,12 +132,8 @@ def litellm_config(up: Upstream) -> str:
     )
 
 
-def litellm_proc(
-    up: Upstream, port: int, cpu: int | None, log_dir: Path, workers: int = 1
-) -> tuple[Proc, TargetInfo]:
-    exe = litellm_install(log_dir / "litellm-install.log")
-    cfg = log_dir / f"litellm-{port}.yaml"
-    cfg.write_text(litellm_config(up))
+def litellm_env(up: Upstream) -> dict[str, str]:
+    """LiteLLM's environment: ours less its own settings, plus the run's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "LITELLM_"))}
     env |= {
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no cost-map fetch at start-up
@@ -145,18 +146,36 @@ def litellm_proc(
         # (LiteLLM's default is 500 per host).
         "AIOHTTP_CONNECTOR_LIMIT": "4096",
         "AIOHTTP_CONNECTOR_LIMIT_PER_HOST": "2048",
+        # The Gemini pass-through's upstream and key (read per request, not from the config).
+        "GEMINI_API_BASE": f"http://127.0.0.1:{up.port}",
+        "GEMINI_API_KEY": up.api_key,
     }
-    argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
-            "--num_workers", str(workers)]
-    proc = Proc("litellm", argv, port=port, ready_path="/health/liveliness", env=env,
-                cwd=str(log_dir), cpu=cpu, log_dir=log_dir)
+    return env
+
+
+def litellm_info(up: Upstream, port: int) -> TargetInfo:
     # Its /v1/messages (Anthropic) routes by model_name to the same gemini/ entry; its
-    # /v1/embeddings by the OpenAI embedding name to gemini-embedding-001 (batchEmbedContents).
-    apis = {"chat", "responses", "messages"}
+    # /v1/embeddings by the OpenAI embedding name to gemini-embedding-001 (batchEmbedContents);
+    # native generateContent goes through its Gemini pass-through (/gemini/v1beta/...), whose
+    # client key (any, with the master key off) it reads from x-goog-api-key.
+    apis = {"chat", "responses", "messages", "native"}
     if up.kind == "emulator":  # the stand-in has no embeddings
         apis.add("embeddings")
-    info = TargetInfo("litellm", "openai", port, apis=frozenset(apis))
-    return proc, info
+    return TargetInfo("litellm", "openai", port, apis=frozenset(apis), native_prefix="/gemini",
+                      native_headers=(("x-goog-api-key", "sk-bench-client"),))
+
+
+def litellm_proc(
+    up: Upstream, port: int, cpu: int | None, log_dir: Path, workers: int = 1
+) -> tuple[Proc, TargetInfo]:
+    exe = litellm_install(log_dir / "litellm-install.log")
+    cfg = log_dir / f"litellm-{port}.yaml"
+    cfg.write_text(litellm_config(up))
+    argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", str(workers)]
+    proc = Proc("litellm", argv, port=port, ready_path="/health/liveliness",
+                env=litellm_env(up), cwd=str(log_dir), cpu=cpu, log_dir=log_dir)
+    return proc, litellm_info(up, port)
 
 
 # --- Portkey -------------------------------------------------------------------------------------

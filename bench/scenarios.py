@@ -155,13 +155,13 @@ def all_scenarios() -> dict[str, Scenario]:
         ),
         Scenario(
             "native",
-            "Gemini-native generateContent through rawgate's passthrough front vs direct: "
-            "non-stream, and streaming 100 chunks of 16 B, 16 connections",
+            "Gemini-native generateContent through rawgate's passthrough front vs direct (and "
+            "LiteLLM's /gemini pass-through): non-stream, and streaming 100 chunks of 16 B, 16 "
+            "connections",
             (
                 Case("c=16", Workload(api="native"), Load()),
                 Case("stream c=16", Workload(api="native", **_STREAM100), Load()),
             ),
-            kinds=("direct", "gateway"),
         ),
         Scenario(
             "embeddings",
@@ -256,6 +256,10 @@ class TargetInfo:
     relaxed: dict[str, str] = field(default_factory=dict)
     # Markers a stream from this target must contain in place of a relaxed check.
     stream_contains: tuple[str, ...] = ()
+    # Native (generateContent) requests: where the target serves Gemini's own paths (LiteLLM's
+    # pass-through is under /gemini) and the headers they need (its client key).
+    native_prefix: str = ""
+    native_headers: tuple[tuple[str, str], ...] = ()
 
     def supports(self, case: Case) -> bool:
         return case.workload.api in self.apis and case.load.proto in self.protos
@@ -350,7 +354,8 @@ def build_request(t: TargetInfo, up: Upstream, w: Workload) -> HttpRequest:
             gbody["tools"] = gemini_tools()
         if t.dialect == "gemini":  # rawgate answers with its own pool's key
             headers.append(("x-goog-api-key", up.api_key))
-        path = f"/v1beta/models/{t.model}{op}"
+        headers.extend(t.native_headers)
+        path = f"{t.native_prefix}/v1beta/models/{t.model}{op}"
         check: dict[str, Any] = {"min_bytes": w.text_bytes}
         if w.stream:
             check |= {"contains": ['"finishReason"'], "min_events": w.chunks}

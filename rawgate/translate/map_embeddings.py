@@ -69,7 +69,9 @@ def decode_embeddings(body: bytes) -> tuple[EmbeddingsRequest, list[str]]:
         inputs = [raw]
     elif raw and not all(isinstance(x, str) for x in raw):
         raise BadRequest(
-            "Token-id inputs are not supported: Gemini embeds text. Send the input as strings.",
+            "Token-id inputs are not supported: Gemini embeds text. Send the input as strings "
+            "(LangChain's OpenAIEmbeddings sends token ids unless it is given "
+            "check_embedding_ctx_length=False).",
             param="input",
         )
     else:

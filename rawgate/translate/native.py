@@ -9,6 +9,12 @@ Invariants:
 - Code Assist accounts get `{"model", "project", "user_prompt_id"?, "request": <client body>}`
   built by concatenation, and every answer (whole or per stream event) is unwrapped to its raw
   `response` object, so a Gemini client cannot tell which kind of account answered.
+- When the model router renames the URL model, a `model` the body repeats (top-level, each
+  `requests[i].model` of batchEmbedContents, countTokens' `generateContentRequest.model`) that
+  named the client's model is renamed with it (`rename_body_models`), by splicing only those
+  string values: Google rejects an item model that differs from the URL's. Anything else (an
+  omitted model, one naming a third model) travels as sent, so Google answers it as it would
+  have answered the client directly.
 - Errors are `{"error": {"code", "message", "status", "details"?}}` with Google's status names;
   a 429 carries a `google.rpc.RetryInfo` detail with the delay rawgate knows; a bad client key is
   400 `INVALID_ARGUMENT` with `ErrorInfo.reason API_KEY_INVALID`, as Google answers it (the
@@ -33,6 +39,7 @@ __all__ = [
     "google_error",
     "has_finish_reason",
     "parse_native_path",
+    "rename_body_models",
     "unwrap_code_assist",
     "wrap_code_assist",
 ]
@@ -100,6 +107,102 @@ def check_body(body: bytes, method: str) -> None:
         raise BadRequest(
             "* GenerateContentRequest.contents: contents is not specified", param="contents"
         )
+
+
+# Where a Gemini request body repeats its model (key paths; "*" is every array element).
+_MODEL_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "generateContent": (("model",),),
+    "streamGenerateContent": (("model",),),
+    "countTokens": (
+        ("model",),
+        ("generateContentRequest", "model"),
+        ("generate_content_request", "model"),
+    ),
+    "embedContent": (("model",),),
+    "batchEmbedContents": (("model",), ("requests", "*", "model")),
+}
+# A `"model"` key anywhere (inside a JSON string the quotes would be escaped).
+_MODEL_KEY = re.compile(rb'"model"\s*:')
+# JSON tokens that matter for the walk: whole strings (skipped in C, escapes included) and the
+# structural characters. Numbers, literals and whitespace are never needed.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]', re.S)
+
+
+def _value_spans(body: bytes, paths: tuple[tuple[str, ...], ...]) -> list[tuple[int, int]]:
+    """(start, end) of every string value found at one of `paths` (a JSON object's keys; "*"
+    any array element), in body order. The body is a valid JSON object (check_body ran)."""
+    spans: list[tuple[int, int]] = []
+    # One frame per open container: (is it an object, its key path).
+    stack: list[tuple[bool, tuple[str, ...]]] = []
+    key: str | None = None  # the key just read in the innermost object (awaiting its value)
+    expect_key = False
+    for m in _TOKEN.finditer(body):
+        tok = m.group()
+        c = tok[0]
+        if c == 0x22:  # a string
+            if stack and stack[-1][0] and expect_key:
+                key = _string(tok)
+                expect_key = False
+                continue
+            here = _child(stack, key)
+            if here is not None and here in paths:
+                spans.append((m.start(), m.end()))
+            key = None
+        elif c == 0x7B or c == 0x5B:  # { or [
+            here = _child(stack, key) if stack else ()
+            stack.append((c == 0x7B, here if here is not None else ("\x00",)))
+            key = None
+            expect_key = c == 0x7B
+        elif c == 0x7D or c == 0x5D:  # } or ]
+            stack.pop()
+            key = None
+        elif c == 0x2C:  # ,
+            expect_key = bool(stack) and stack[-1][0]
+            key = None
+    return spans
+
+
+def _string(tok: bytes) -> str | None:
+    """A JSON string token's value; None when it is not valid UTF-8 (check_body's decoder
+    skips the bytes of fields it keeps raw, so they may hold anything; Google judges them)."""
+    try:
+        v = orjson.loads(tok)
+    except orjson.JSONDecodeError:
+        return None
+    return v if isinstance(v, str) else None
+
+
+def _child(stack: list[tuple[bool, tuple[str, ...]]], key: str | None) -> tuple[str, ...] | None:
+    """The path of the value about to be read in the innermost container."""
+    if not stack:
+        return ()
+    is_obj, path = stack[-1]
+    if is_obj:
+        return None if key is None else (*path, key)
+    return (*path, "*")
+
+
+def rename_body_models(body: bytes, method: str, client_model: str, model: str) -> bytes:
+    """`body` with each repeated model that named `client_model` (bare or as
+    `models/<client_model>`) renamed to `model` in the same form; every other byte as sent."""
+    paths = _MODEL_PATHS.get(method)
+    if not paths or _MODEL_KEY.search(body) is None:
+        return body  # the common case: a conversation's `"role":"model"` is no key
+    names = {client_model: model, "models/" + client_model: "models/" + model}
+    out: list[bytes] = []
+    last = 0
+    for start, end in _value_spans(body, paths):
+        name = _string(body[start:end])
+        new = names.get(name) if name is not None else None
+        if new is None:
+            continue
+        out.append(body[last:start])
+        out.append(orjson.dumps(new))
+        last = end
+    if not out:
+        return body
+    out.append(body[last:])
+    return b"".join(out)
 
 
 def wrap_code_assist(body: bytes, model: str, project: str, prompt_id: str | None) -> bytes:

@@ -353,6 +353,27 @@ def test_native_and_embeddings_send_rawgate_what_direct_sends_upstream() -> None
     assert _target(apis=frozenset({"embeddings"})).supports(case)
 
 
+def test_litellm_gets_the_native_request_on_its_gemini_pass_through() -> None:
+    # LiteLLM serves Gemini's paths under /gemini and reads a client key from x-goog-api-key;
+    # its upstream and key come from its environment (GEMINI_API_BASE, GEMINI_API_KEY).
+    from bench import peers
+
+    t = peers.litellm_info(UP_EMU, 8046)
+    env = peers.litellm_env(UP_EMU)
+    assert env["GEMINI_API_BASE"] == f"http://127.0.0.1:{UP_EMU.port}"
+    assert env["GEMINI_API_KEY"] == UP_EMU.api_key
+    for stream in (False, True):
+        w = scenarios.Workload(api="native", stream=stream, chunks=100)
+        case = scenarios.Case("c", w, scenarios.Load())
+        assert t.supports(case)
+        direct = scenarios.build_request(_target("direct", "gemini"), UP_EMU, w)
+        req = scenarios.build_request(t, UP_EMU, w)
+        assert req.path == "/gemini" + direct.path
+        assert (req.body, req.check) == (direct.body, direct.check)
+        assert ("x-goog-api-key", "sk-bench-client") in req.headers
+        assert ("x-goog-api-key", UP_EMU.api_key) not in req.headers
+
+
 def test_relaxed_checks_are_replaced_not_dropped() -> None:
     t = _target("portkey", relaxed={"tail": "why"}, stream_contains=('"finish_reason":"stop"',))
     req = scenarios.build_request(t, UP_EMU, scenarios.Workload(stream=True))

@@ -389,3 +389,73 @@ async def test_count_tokens_and_embeddings_skip_code_assist_accounts(tmp_path: P
             assert r.status_code == 200 and "candidates" in r.json()
             generated.add(r.headers["x-account-email"])
         assert generated == {"A", DEMO_ACCOUNT.email}
+
+
+async def test_an_aliased_model_renames_the_models_the_body_repeats(tmp_path: Path) -> None:
+    # Google (and the emulator) refuse a batchEmbedContents item whose `model` differs from the
+    # URL's: when the router renames the URL model, the items that named it follow.
+    mapping = {"routing": {"custom_mapping": {"my-embedder": "gemini-embedding-001",
+                                              "my-flash": MODEL}}}
+    async with gateway_stack(tmp_path, config=mapping) as run:
+        async with _sdk(run) as c:
+            texts = [f"aliased doc {i}" for i in range(7)]
+            got = await c.models.embed_content(
+                model="my-embedder",
+                contents=texts,
+                config=types.EmbedContentConfig(output_dimensionality=64),
+            )
+            assert got.embeddings and len(got.embeddings) == 7
+            direct = await c.models.embed_content(model="gemini-embedding-001", contents=texts,
+                                                  config=types.EmbedContentConfig(
+                                                      output_dimensionality=64))
+            assert direct.embeddings
+            assert [e.values for e in got.embeddings] == [e.values for e in direct.embeddings]
+            n = await c.models.count_tokens(model="my-flash", contents="count me")
+            assert n.total_tokens and n.total_tokens > 0
+        async with httpx.AsyncClient() as http:
+            # In bytes: only the item models that named the alias change, spacing kept.
+            body = (
+                b'{"requests": [ {"model" : "models/my-embedder", "content": {"parts": '
+                b'[{"text": "say \\"models/my-embedder\\""}]}, "outputDimensionality": 8},'
+                b' {"content": {"parts": [{"text": "b"}]}, "model":"models/my-embedder"} ]}'
+            )
+            r = await http.post(
+                f"{run.origin}/v1beta/models/my-embedder:batchEmbedContents", content=body
+            )
+            assert r.status_code == 200, r.text
+            assert r.headers["x-mapped-model"] == "gemini-embedding-001"
+            assert [len(e["values"]) for e in r.json()["embeddings"]] == [8, 3072]
+            path, _q, _h, sent = _upstream(run, ":batchEmbedContents")
+            assert path == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+            assert sent == body.replace(
+                b'"models/my-embedder"}', b'"models/gemini-embedding-001"}'
+            ).replace(b'"model" : "models/my-embedder"', b'"model" : "models/gemini-embedding-001"')
+            # An item naming a third model is the client's mistake: Google's own 400, as sent.
+            bad = b'{"requests":[{"model":"models/other","content":{"parts":[{"text":"c"}]}}]}'
+            r = await http.post(
+                f"{run.origin}/v1beta/models/my-embedder:batchEmbedContents", content=bad
+            )
+            assert r.status_code == 400 and r.json()["error"]["status"] == "INVALID_ARGUMENT"
+            assert _upstream(run, ":batchEmbedContents")[3] == bad
+            # Bytes that are not UTF-8 get Google's 400 (the emulator's), never a 500.
+            r = await http.post(
+                f"{run.origin}/v1beta/models/my-embedder:batchEmbedContents",
+                content=b'{"requests":[{"\xff":1,"model":"\xfe","content":"\xff"}]}',
+            )
+            assert r.status_code == 400 and r.json()["error"]["status"] == "INVALID_ARGUMENT"
+            # countTokens' generateContentRequest.model and embedContent's model follow too.
+            ct = (
+                b'{"generateContentRequest": {"model": "models/my-flash", "contents": '
+                b'[{"role": "user", "parts": [{"text": "hi"}]}]}}'
+            )
+            r = await http.post(f"{run.origin}/v1beta/models/my-flash:countTokens", content=ct)
+            assert r.status_code == 200 and r.json()["totalTokens"] > 0
+            assert _upstream(run, ":countTokens")[3] == ct.replace(
+                b"models/my-flash", b"models/gemini-2.5-flash"
+            )
+            one = b'{"model": "models/my-embedder", "content": {"parts": [{"text": "x"}]}}'
+            r = await http.post(f"{run.origin}/v1/models/my-embedder:embedContent", content=one)
+            assert r.status_code == 200 and len(r.json()["embedding"]["values"]) == 3072
+            assert _upstream(run, ":embedContent")[3] == one.replace(
+                b"my-embedder", b"gemini-embedding-001"
+            )

@@ -4,10 +4,12 @@ shape) and OpenAI's `POST /v1/embeddings`, both passthrough fronts (gateway/fron
 Invariants:
 - Native: the client's body goes upstream byte for byte (translate/native.py checks only that
   it is a JSON object fit for the verb); the model in the URL is the only thing rewritten (by
-  the model router). The client's credential (`x-goog-api-key`, `?key=`, Bearer) is checked by
-  the app like on every route and never forwarded: the upstream call carries the picked
-  account's key, or its OAuth token inside the Code Assist envelope (unwrapped on the way back,
-  so the client cannot tell). countTokens and embeddings go to API-key accounts only.
+  the model router), with the body's own copies of it (`requests[i].model` ...) when they
+  named it (translate/native.rename_body_models). The client's credential (`x-goog-api-key`,
+  `?key=`, Bearer) is checked by the app like on every route and never forwarded: the
+  upstream call carries the picked account's key, or its OAuth token inside the Code Assist
+  envelope (unwrapped on the way back, so the client cannot tell). countTokens and
+  embeddings go to API-key accounts only.
 - Native streams: the upstream is always asked for SSE; each event's JSON payload is relayed
   as it came (`data: ...\\r\\n\\r\\n`, or an element of the JSON array when the client did not
   ask `alt=sse`), never re-encoded. A stream that ends without any `finishReason` is not ended
@@ -44,6 +46,7 @@ from rawgate.translate.native import (
     google_error,
     has_finish_reason,
     parse_native_path,
+    rename_body_models,
 )
 
 if TYPE_CHECKING:
@@ -156,6 +159,9 @@ class NativeFront:
         access.model = route.model
         model = self.gw.resolve(access, route.model)
         check_body(req.body, verb)
+        body = req.body
+        if model != route.model:
+            body = rename_body_models(body, verb, route.model, model)
         stream = verb == "streamGenerateContent"
         array = stream and "sse" not in _query_values(req.query, "alt")
         key = None
@@ -167,7 +173,7 @@ class NativeFront:
             client_model=route.model,
             stream=stream,
             body={},
-            passthrough=Passthrough(verb, req.body, verb in _KEY_ONLY, array),
+            passthrough=Passthrough(verb, body, verb in _KEY_ONLY, array),
             conversation_key=key,
         )
 
