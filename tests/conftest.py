@@ -30,6 +30,7 @@ SLOW_MODULES = frozenset(
         "test_seed_tutorial",
         "test_gateway_workers",
         "test_state",
+        "test_redis_outage",
         "test_keys",
         "test_emulator_cli",
         "test_bench",

@@ -185,6 +185,18 @@ redis.call('PUBLISH', ARGV[4], 'keys')
 return 1
 """
 
+# KEYS = P{keys}, P{keys}:salt; ARGV = salt, channel, name1, json1, name2, json2, ...
+# The salt is set once (SET NX) and never deleted: its absence after a reconnection means the
+# server lost its data (restarted without persistence, FLUSHALL, failover to an empty replica).
+# Then the key table an instance mirrors is put back, with its salt (the records' hashes use it).
+_RESTORE_KEYS = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+for i = 3, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('PUBLISH', ARGV[2], 'keys')
+return 1
+"""
+
 # KEYS = P{accts}, P{accts}:v; ARGV = expected version, channel, id1, json1, id2, json2, ...
 _REPLACE_ACCTS = """
 if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[1]) then return 0 end
@@ -254,6 +266,7 @@ class RedisState(State):
         self._usage = self.client.register_script(_USAGE)
         self._cas = self.client.register_script(_CAS)
         self._replace_accts = self.client.register_script(_REPLACE_ACCTS)
+        self._restore_keys = self.client.register_script(_RESTORE_KEYS)
         self._accounts_listeners: list[Callable[[], None]] = []
         self._cooldowns: dict[tuple[str, str], Cooldown] = {}
         self._pending_cd: dict[tuple[str, str], Cooldown] = {}
@@ -370,15 +383,14 @@ class RedisState(State):
     async def _resync(self) -> None:
         """Push what was learned while away, rebuild the mirrors, then declare health."""
         with anyio.fail_after(max(self.timeout_s * 8, 2.0)):
-            for account in list(self._pending_clear):
-                await self._clear(keys=[self.k_cd], args=[account + SEP, self.channel, account])
-            self._pending_clear.clear()
-            now = time.time()
-            for c in list(self._pending_cd.values()):
-                if c.until > now:
-                    await self._extend_raw(c.account, c.model, c.until - now, c.reason)
-            self._pending_cd.clear()
-            await self._flush_usage()
+            if await self._restore_lost():
+                # The cooldowns went with the rest: put back every live one this instance
+                # knows (pub/sub gave it everyone's); EXTEND keeps the later end of any race.
+                now = time.time()
+                for c in list(self._cooldowns.values()):
+                    if c.until > now and (c.account, c.model) not in self._pending_cd:
+                        await self._extend_raw(c.account, c.model, c.until - now, c.reason)
+            await self._push_pending()
             # Events folded while HGETALL is in flight may postdate its answer (the watchdog
             # resyncs while the subscriber runs): they are kept aside and folded in again.
             self._during_resync = []
@@ -400,10 +412,59 @@ class RedisState(State):
                 self._fold(c)
             await self._load_keys()
         self.health.succeeded()
+        # Requests answered during the pushes above were still degraded: what they learned
+        # went to fresh buffers; from here on nothing more is buffered, so one more push
+        # empties them (else they would wait for the next outage).
+        if self._pending_clear or self._pending_cd or self._pending_usage or self._pending_tokens:
+            await self._call(self._push_pending)
         self.synced += 1
         self._ready.set()
         for c in learned:
             self._notify(c)
+
+    async def _push_pending(self) -> None:
+        """Push what was learned while degraded: clears, cooldowns, then usage. Each buffer is
+        taken whole first, so what arrives during the pushes lands in a fresh one instead of
+        being cleared with the pushed entries; what did not get through goes back."""
+        clears, self._pending_clear = self._pending_clear, set()
+        cds, self._pending_cd = self._pending_cd, {}
+        try:
+            for account in list(clears):
+                await self._clear(keys=[self.k_cd], args=[account + SEP, self.channel, account])
+                clears.discard(account)
+            now = time.time()
+            for k, c in list(cds.items()):
+                if c.until > now:
+                    await self._extend_raw(c.account, c.model, c.until - now, c.reason)
+                del cds[k]
+        finally:
+            self._pending_clear |= clears
+            for k, c in cds.items():
+                old = self._pending_cd.get(k)
+                if old is None or old.until < c.until:
+                    self._pending_cd[k] = c
+        await self._flush_usage()
+
+    async def _restore_lost(self) -> bool:
+        """True when Redis came back without its data and this instance put back what it
+        mirrors (the key table with its salt; the caller adds the cooldowns). The first
+        instance to reconnect does it; the others find the salt there and keep what they read.
+        Without it, every client key would be unknown at once (and with `[auth] mode = "auto"`
+        on loopback, no key at all turns auth off)."""
+        if not self._salt:
+            return False
+        args: list[Any] = [self._salt, self.channel]
+        for rec in self._by_hash.values():
+            args += [rec.name, encode_record(rec)]
+        res = await self._restore_keys(keys=[self.k_keys, self.k_salt], args=args)
+        if int(res) != 1:
+            return False
+        log.warning(
+            "%s came back without its data: restored %d client keys and the live cooldowns"
+            " from this instance (usage history, limit windows, stored Responses and OAuth"
+            " tokens held there are gone)", self.health.name, len(self._by_hash),
+        )  # fmt: skip
+        return True
 
     def _on_message(self, data: str) -> None:
         parts = data.split(SEP)
@@ -574,22 +635,33 @@ class RedisState(State):
                 self._pending_usage[k] = self._pending_usage.get(k, 0) + n
 
     async def _flush_usage(self) -> None:
-        """Push what was counted while degraded; on failure it stays buffered for next time."""
+        """Push what was counted while degraded. The buffers are taken whole first: requests
+        answered during the pushes (still degraded) buffer into fresh ones, never into rows
+        being pushed (an increment there would be deleted with the row). What did not get
+        through goes back, merged with what arrived meanwhile."""
         if not self._pending_usage and not self._pending_tokens:
             return
+        tokens, self._pending_tokens = self._pending_tokens, {}
+        rows, self._pending_usage = self._pending_usage, {}
         ttl = self.cfg.state.usage_days * DAY_MS + HOUR_MS
-        for name, n in list(self._pending_tokens.items()):
-            await self._record(keys=[f"{self._p}{{k:{name}}}:lim"], args=[n])
-            del self._pending_tokens[name]
-        by_hour: dict[int, list[Any]] = {}
-        for (hour, f), n in self._pending_usage.items():
-            if n:
-                by_hour.setdefault(hour, [ttl]).extend((f, n))
-        for hour, args in by_hour.items():
-            await self._usage(keys=[f"{self._p}{{u}}:{hour}"], args=args)
-            for f in args[1::2]:
-                del self._pending_usage[(hour, f)]
-        self._pending_usage.clear()  # only zero rows can be left
+        try:
+            for name, n in list(tokens.items()):
+                await self._record(keys=[f"{self._p}{{k:{name}}}:lim"], args=[n])
+                del tokens[name]
+            by_hour: dict[int, list[Any]] = {}
+            for (hour, f), n in rows.items():
+                if n:
+                    by_hour.setdefault(hour, [ttl]).extend((f, n))
+            for hour, args in by_hour.items():
+                await self._usage(keys=[f"{self._p}{{u}}:{hour}"], args=args)
+                for f in args[1::2]:
+                    del rows[(hour, f)]
+        finally:
+            for name, n in tokens.items():
+                self._pending_tokens[name] = self._pending_tokens.get(name, 0) + n
+            for (hour, f), n in rows.items():
+                if n:
+                    self._buffer_usage(hour, {f: n})
 
     async def usage(self, kind: str, name: str | None, since_s: float) -> dict[str, list[Usage]]:
         now_ms = time.time_ns() // 1_000_000

@@ -1,0 +1,391 @@
+"""Issue 16's outage proof: two real `rawgate serve --emulate` processes on one real
+redis-server, under a bounded chat load (streaming and not, both instances, three accounts, two
+client keys), while the server is killed mid-load and restarted EMPTY on the same port (no
+persistence: the harder case, everything it held is gone).
+
+What must hold (the README's "Several instances" paragraph on an outage says the same):
+- every response is a 200, or with `limits_fail = "closed"` the documented 429
+  `state_unavailable` (with Retry-After, in the route's shape) for the limited key only; never a
+  5xx, never a reset connection; every stream ends with its finish chunk and `[DONE]`;
+- /healthz on both says "degraded" soon after the kill, "ok" again soon after the restart (the
+  reconnection time is measured and printed; asserted only against a generous bound);
+- exactly one "unreachable" and one "is back" warning per instance for the episode;
+- the client keys survive the empty restart (the instances put their mirror back: without it
+  every key would be unknown, or with auth "auto" the door would open), and so do the
+  cooldowns the instances knew;
+- usage counted during the outage is pushed on return (an exact count for a key used only
+  then); a cooldown learned by one instance after the return reaches the other (pub/sub
+  subscribed again);
+- bounded connections on the Redis side (CLIENT LIST) and file descriptors in each process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2 as httpx
+import pytest
+
+from rawgate.accounts.store import Account, AccountStore
+from rawgate.config import Config, build_config
+from rawgate.state.redis_backend import RedisState
+from rawgate.state.store import open_state
+from tests.helpers_redis import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+CHAT = "/v1/chat/completions"
+WORKERS = 4  # concurrent clients of the load
+MAX_PER_WORKER = 400  # the load's bound in count ...
+LOAD_CAP_S = 90.0  # ... and in time
+BEFORE_KILL = 40  # answers before redis-server is killed
+OUTAGE_BATCH = 10  # requests of the "outage" key, all made while both instances are degraded
+DEGRADED_WITHIN_S = 15.0
+RECONNECT_WITHIN_S = 15.0  # generous: the default backoff (0.5 s doubling) on a shared box
+MAX_CONNECTIONS = 16  # [state] redis_max_connections (its default)
+
+
+@dataclass
+class Instance:
+    name: str
+    origin: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def warnings(self, text: str) -> int:
+        return sum(text in line for line in self.log.read_text().splitlines())
+
+
+@contextmanager
+def _serve(name: str, home: Path, env: dict[str, str]) -> Iterator[Instance]:
+    """`rawgate serve --emulate --port 0` with stdout and stderr in files (a pipe left unread
+    could block the process); stopped with SIGTERM, which must end it with status 0."""
+    out, log = home / "stdout.txt", home / "serve.log"
+    with out.open("wb") as fo, log.open("wb") as fe:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rawgate", "serve", "--emulate", "--port", "0"],
+            env={**os.environ, "RAWGATE_HOME": str(home), **env}, stdout=fo, stderr=fe,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (m := re.search(r"listening on (http://\S+)", out.read_text())):
+            assert proc.poll() is None, f"{name} exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{name}: no start-up line"
+            time.sleep(0.02)
+        yield Instance(name, m.group(1), proc, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _accounts(homes: list[Path]) -> None:
+    """Three API-key accounts with the same ids in every home (serve reads accounts.json)."""
+    store = AccountStore(homes[0] / "accounts.json")
+    store.update(
+        lambda cur: [Account(id=f"acc{i}", kind="api_key", label=f"acc{i}",
+                             api_key=f"AIzaSy{i:033d}", created=1) for i in range(3)]
+    )  # fmt: skip
+    for h in homes[1:]:
+        shutil.copy(homes[0] / "accounts.json", h / "accounts.json")
+        os.chmod(h / "accounts.json", 0o600)
+
+
+def _redis_clients(port: int) -> int:
+    """Connections named "rawgate" on the server (CLIENT LIST)."""
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), "client", "list"],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout  # fmt: skip
+    return sum(" name=rawgate " in f" {line} " for line in out.splitlines())
+
+
+class Load:
+    """WORKERS clients, each alternating instance, streaming or not, and key; bounded."""
+
+    def __init__(self, insts: list[Instance], keys: dict[str, str], fail: str) -> None:
+        self.insts = insts
+        self.keys = keys
+        self.fail = fail
+        self.stop = anyio.Event()
+        self.outcomes: Counter[str] = Counter()
+        self.problems: list[str] = []
+        self.done = 0
+        self.after_kill = 0  # answered after the kill, before the restart
+        self.ok: Counter[str] = Counter()  # 200s per key
+        self.ok_since_kill: Counter[str] = Counter()  # 200s per key sent after the kill
+
+    async def check(
+        self, c: httpx.AsyncClient, inst: Instance, key: str, stream: bool, text: str
+    ) -> int:
+        """One chat request; what is wrong with its answer goes to `problems`."""
+        body = {"model": "gemini-2.5-flash", "stream": stream,
+                "messages": [{"role": "user", "content": text}]}  # fmt: skip
+        auth = {"authorization": f"Bearer {self.keys[key]}"}
+        try:
+            async with c.stream("POST", inst.origin + CHAT, json=body, headers=auth) as r:
+                data = await r.aread()
+        except httpx.HTTPError as e:
+            self.problems.append(f"{inst.name} {key} stream={stream}: {type(e).__name__} {e}")
+            return 0
+        what = f"{inst.name} {key} stream={stream}: {r.status_code} {data[:300]!r}"
+        if r.status_code == 200:
+            if stream:
+                ok = data.rstrip().endswith(b"data: [DONE]") and b'"finish_reason":"stop"' in data
+            else:
+                ok = b'"finish_reason":"stop"' in data and b'"content":"' in data
+            if not ok:
+                self.problems.append("incomplete " + what)
+        elif r.status_code == 429 and self.fail == "closed" and key == "limited":
+            # The documented refusal, in the chat route's OpenAI shape.
+            if b'"code":"state_unavailable"' not in data or int(r.headers["retry-after"]) < 1:
+                self.problems.append("bad 429 " + what)
+        else:
+            self.problems.append("unexpected " + what)
+        self.outcomes[f"{r.status_code} {key}"] += 1
+        return r.status_code
+
+    async def worker(self, w: int, killed: anyio.Event, restarted: anyio.Event) -> None:
+        names = sorted(self.keys.keys() - {"outage"})
+        async with httpx.AsyncClient(timeout=20) as c:
+            for i in range(MAX_PER_WORKER):
+                if self.stop.is_set():
+                    return
+                inst = self.insts[(w + i) % len(self.insts)]
+                key = names[(w + i // 2) % len(names)]
+                sent_after_kill = killed.is_set()
+                status = await self.check(c, inst, key, (w + i) % 2 == 0, f"load {w}.{i}")
+                if status == 200:
+                    self.ok[key] += 1
+                    self.ok_since_kill[key] += sent_after_kill
+                self.done += 1
+                if killed.is_set() and not restarted.is_set():
+                    self.after_kill += 1
+
+
+async def _health(c: httpx.AsyncClient, inst: Instance) -> str:
+    r = await c.get(inst.origin + "/healthz")
+    assert r.status_code == 200, r.text  # also while degraded: the instance still serves
+    state: str = r.json()["state"]
+    return state
+
+
+async def _until_state(c: httpx.AsyncClient, insts: list[Instance], want: str,
+                       within: float) -> dict[str, float]:  # fmt: skip
+    """Poll each instance's /healthz until it says `want`: seconds taken per instance."""
+    t0 = time.monotonic()
+    took: dict[str, float] = {}
+    while len(took) < len(insts):
+        for inst in insts:
+            if inst.name not in took and await _health(c, inst) == want:
+                took[inst.name] = time.monotonic() - t0
+        assert time.monotonic() - t0 < within, f"not {want} within {within} s: {took}"
+        await anyio.sleep(0.02)
+    return took
+
+
+def _admin_cfg(url: str, prefix: str) -> Config:
+    return build_config({"state": {"backend": "redis", "redis_url": url, "key_prefix": prefix,
+                                   "redis_timeout_ms": 3000}}, {}, {})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fail", "sig"), [("open", signal.SIGKILL), ("closed", signal.SIGTERM)], ids=["open", "closed"]
+)
+async def test_redis_stopped_mid_load_and_restarted_empty(
+    tmp_path: Path, fail: str, sig: signal.Signals
+) -> None:
+    srv = RedisServer().start()
+    prefix = "chaos:"
+    env = {"RAWGATE_STATE_BACKEND": "redis", "RAWGATE_STATE_REDIS_URL": srv.url,
+           "RAWGATE_STATE_KEY_PREFIX": prefix, "RAWGATE_STATE_LIMITS_FAIL": fail}  # fmt: skip
+    homes = [tmp_path / "a", tmp_path / "b"]
+    for h in homes:
+        h.mkdir()
+    _accounts(homes)
+    cfg = _admin_cfg(srv.url, prefix)
+    keys: dict[str, str] = {}
+    async with open_state(cfg, tmp_path, background=False) as st:
+        keys["limited"] = (await st.add_key("limited", rpm=100_000))[1]
+        keys["free"] = (await st.add_key("free"))[1]
+        keys["outage"] = (await st.add_key("outage"))[1]
+    try:
+        with _serve("a", homes[0], env) as a, _serve("b", homes[1], env) as b:
+            insts = [a, b]
+            async with httpx.AsyncClient(timeout=20) as c:
+                await _until_state(c, insts, "ok", 10)
+            fds_before = {i.name: i.fds() for i in insts}
+            load = Load(insts, keys, fail)
+            killed, restarted = anyio.Event(), anyio.Event()
+            took_degraded: dict[str, float] = {}
+            took_ok: dict[str, float] = {}
+            async with anyio.create_task_group() as tg, httpx.AsyncClient(timeout=20) as c:
+                for w in range(WORKERS):
+                    tg.start_soon(load.worker, w, killed, restarted)
+                with anyio.fail_after(LOAD_CAP_S):
+                    while load.done < BEFORE_KILL:  # noqa: ASYNC110 - a counter
+                        await anyio.sleep(0.01)
+                    done_at_kill = load.done
+                    assert srv.proc is not None
+                    srv.proc.send_signal(sig)
+                    srv.proc.wait(10)
+                    killed.set()
+                    took_degraded = await _until_state(c, insts, "degraded", DEGRADED_WITHIN_S)
+                    # Used only while both are degraded: its usage must all be pushed later.
+                    for i in range(OUTAGE_BATCH):
+                        status = await load.check(c, insts[i % 2], "outage", i % 3 == 0,
+                                                  f"outage {i}")  # fmt: skip
+                        assert status == 200, load.problems
+                    while load.after_kill < 20:  # noqa: ASYNC110 - a counter
+                        await anyio.sleep(0.01)
+                    srv.start()  # the same port, empty
+                    took_ok = await _until_state(c, insts, "ok", RECONNECT_WITHIN_S)
+                    restarted.set()
+                    after = load.done
+                    while load.done < after + 20:  # noqa: ASYNC110 - a counter
+                        await anyio.sleep(0.01)
+                load.stop.set()
+            print(
+                f"\nlimits_fail={fail} signal={sig.name}: {load.done} load requests"
+                f" ({done_at_kill} before the kill, {load.after_kill} during the outage)"
+                f" + {OUTAGE_BATCH} outage-key requests; outcomes {dict(load.outcomes)};"
+                f" degraded after {took_degraded}; reconnected (healthz ok) after the restart"
+                f" in {took_ok} s"
+            )
+            assert load.problems == []
+            if fail == "open":
+                assert set(load.outcomes) <= {"200 limited", "200 free", "200 outage"}
+            assert load.outcomes["200 outage"] == OUTAGE_BATCH
+            assert load.after_kill >= 20
+
+            # One warning per instance for the whole episode, however many calls failed.
+            for inst in insts:
+                assert inst.warnings("unreachable") == 1, inst.log.read_text()
+                assert inst.warnings("is back after") == 1, inst.log.read_text()
+
+            async with open_state(cfg, tmp_path, background=False) as st, \
+                    httpx.AsyncClient(timeout=20) as c:  # fmt: skip
+                # The keys survived the empty restart: in Redis again, and accepted by both.
+                assert sorted(r.name for r in await st.list_keys()) == [
+                    "free", "limited", "outage"]
+                for inst in insts:
+                    for key in ("limited", "free"):
+                        assert await load.check(c, inst, key, False, "after") == 200
+                    # Auth stayed on: an unknown key is still refused.
+                    r = await c.post(inst.origin + CHAT, json={"model": "gemini-2.5-flash",
+                                     "messages": [{"role": "user", "content": "x"}]},
+                                     headers={"authorization": "Bearer rk-unknown"})  # fmt: skip
+                    assert r.status_code == 401, r.text
+                assert load.problems == []
+                # What was counted during the outage was pushed on return.
+                usage = (await st.usage("key", "outage", 3600)).get("outage", [])
+                assert sum(u.requests for u in usage) == OUTAGE_BATCH, usage
+                assert sum(u.tokens_in for u in usage) > 0 < sum(u.tokens_out for u in usage)
+                # The load's keys: every answer sent after the kill is counted in the new
+                # server (buffered and pushed, or recorded after the return), and nothing
+                # twice; those before the kill went with the old server's data (unless their
+                # recording, in the background, met the outage: then they are pushed too).
+                for key in ("free", "limited"):
+                    deadline = time.monotonic() + 10
+                    while True:
+                        rows = (await st.usage("key", key, 3600)).get(key, [])
+                        n = sum(u.requests for u in rows)
+                        if n >= load.ok_since_kill[key]:
+                            break
+                        assert time.monotonic() < deadline, (
+                            f"usage of {key!r}: {n} < {load.ok_since_kill[key]} answered since"
+                            f" the kill ({load.ok[key]} in all)")
+                        await anyio.sleep(0.1)
+                    print(f"usage of {key!r} in the new server: {n} requests; answered"
+                          f" since the kill {load.ok_since_kill[key]}, in all {load.ok[key]}")
+                    assert n <= load.ok[key]
+                # A cooldown learned by a after the return reaches b (subscribed again): b
+                # then answers gemini-2.5-pro with its own 429, without asking its upstream
+                # (whose answer to a plain prompt would be a 200).
+                auth = {"authorization": f"Bearer {keys['free']}"}
+                pro = {"model": "gemini-2.5-pro"}
+                for _ in range(3):  # max_attempts (3) accounts per request
+                    r = await c.post(a.origin + CHAT, headers=auth, json={**pro, "messages": [
+                        {"role": "user", "content": "[[emu:error status=429 retry_delay=30s]] x"}
+                    ]})  # fmt: skip
+                    assert r.status_code == 429, r.text
+                with anyio.fail_after(5):
+                    while True:
+                        r = await c.post(b.origin + CHAT, headers=auth, json={
+                            **pro, "messages": [{"role": "user", "content": "plain"}]})
+                        assert r.status_code in (200, 429), r.text
+                        if r.status_code == 429:
+                            break
+                        await anyio.sleep(0.05)
+                assert 20 <= int(r.headers["retry-after"]) <= 31
+                assert {c.account for c in await st.cooldown_entries()} == {
+                    "acc0", "acc1", "acc2"}
+
+            # Bounded: connections on the server side, file descriptors in each process.
+            clients = _redis_clients(srv.port)
+            fds_after = {i.name: i.fds() for i in insts}
+            print(f"redis clients named rawgate: {clients}; fds before {fds_before},"
+                  f" after {fds_after}")  # fmt: skip
+            assert 2 <= clients <= 2 * (MAX_CONNECTIONS + 1)
+            for inst in insts:
+                assert fds_after[inst.name] <= fds_before[inst.name] + 4
+    finally:
+        srv.stop()
+
+
+async def test_what_is_learned_during_the_recovery_push_is_pushed_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery pushes the buffers while still degraded: a request answered then (its usage,
+    a 429 it met) is buffered during the push. It must reach Redis too, not be cleared with the
+    pushed entries nor wait for the next outage (the e2e test above met it ~1 run in 3)."""
+    srv = RedisServer().start()
+    try:
+        cfg = build_config({"state": {"backend": "redis", "redis_url": srv.url,
+                                      "key_prefix": "push:", "redis_timeout_ms": 200,
+                                      "redis_backoff_max_s": 1.0}}, {}, {})  # fmt: skip
+        async with open_state(cfg, tmp_path) as st:
+            assert isinstance(st, RedisState)
+            srv.kill()
+            await st.record_usage("k", "acc1", "m", 3, 4)  # fails: degraded, buffered
+            assert st.health.degraded
+            push = st._usage
+            injected: list[bool] = []
+
+            async def usage_push(*args: Any, **kwargs: Any) -> Any:
+                if not injected:  # once: a request answered while the push is under way
+                    injected.append(True)
+                    await st.record_usage("k", "acc1", "m", 5, 6)
+                    await st.set_cooldown("acc2", "m", 60, "429")
+                return await push(*args, **kwargs)
+
+            monkeypatch.setattr(st, "_usage", usage_push)
+            srv.start()  # the same port
+            with anyio.fail_after(15):
+                while st.status()["state"] != "ok":  # noqa: ASYNC110 - a flag, not an event
+                    await anyio.sleep(0.02)
+            assert injected
+            async with open_state(cfg, tmp_path) as fresh:
+                usage = (await fresh.usage("key", "k", 3600))["k"]
+                assert [(u.requests, u.tokens_in, u.tokens_out) for u in usage] == [(2, 8, 10)]
+                assert fresh.cooldown_until("acc2", "m") > time.time() + 50
+    finally:
+        srv.stop()
