@@ -24,7 +24,12 @@ Invariants:
   connect timeout is the same). A failure flips `health.degraded`, and until the supervisor
   gets a PING and a subscription through again, calls skip Redis at once (no timeout paid per
   request): cooldowns and tokens from the mirror, responses from a local fallback map, usage
-  buffered (bounded) and pushed on recovery, limits per `limits_fail`.
+  buffered (bounded) and pushed on recovery, limits per `limits_fail`. Responses stored while
+  degraded go to Redis after the recovery (in the background: they may be large).
+- Recovery pushes from buffers taken whole, then, once healthy, once more: what requests
+  learned during the pushes (still degraded) is pushed too, never cleared with them.
+- A server back without the key table's salt (set once, never deleted) lost its data: the
+  first instance back writes its key table (and salt) and its live cooldowns back.
 - coredis retries are off (NoRetryPolicy): one attempt per call, the backoff is ours.
 """
 
@@ -274,6 +279,7 @@ class RedisState(State):
         self._during_resync: list[Cooldown] | None = None
         self._trouble = anyio.Event()  # a request-path call failed: the watchdog probes
         self._keys_changed = anyio.Event()  # a "keys" event: the reloader re-reads the table
+        self._responses_back = anyio.Event()  # recovered with Responses stored while away
         self._listeners: list[Callable[[Cooldown], None]] = []
         self._salt = ""
         self._by_hash: dict[str, KeyRecord] = {}
@@ -344,6 +350,7 @@ class RedisState(State):
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._watchdog)
                         tg.start_soon(self._keys_reloader)
+                        tg.start_soon(self._responses_pusher)
                         async for msg in ps:
                             self._on_message(_text(msg["data"]))
                 raise ConnectionError("subscription ended")
@@ -372,6 +379,28 @@ class RedisState(State):
                     await self._resync()
                 except (TimeoutError, OSError, coredis.exceptions.RedisError):
                     continue
+
+    async def _responses_pusher(self) -> None:
+        """After each recovery: the Responses stored while degraded go to Redis."""
+        while True:
+            await self._responses_back.wait()
+            self._responses_back = anyio.Event()
+            await self._push_responses()
+
+    async def _push_responses(self) -> None:
+        """Oldest first, one call each with the TTL they have left, so a previous_response_id
+        naming one continues on any instance from now on. Off the recovery itself (they may
+        be many and large); a failure stops it, the rest wait for the next recovery."""
+        max_age_s = self.cfg.limits.response_store_max_age_s
+        for rid, age_s, inputs, outputs in self._fallback_responses.live():
+            ttl_ms = int((max_age_s - age_s) * 1000)
+            if ttl_ms <= 0:
+                continue
+            put = partial(self.client.set, f"{self._p}{{r:{rid}}}",
+                          orjson.dumps([inputs, outputs]), px=ttl_ms)  # fmt: skip
+            if await self._call(put) is _FAILED:
+                return
+            self._fallback_responses.discard(rid)
 
     async def _keys_reloader(self) -> None:
         """A key was added, changed or removed somewhere: re-read the table (one HGETALL)."""
@@ -417,6 +446,8 @@ class RedisState(State):
         # empties them (else they would wait for the next outage).
         if self._pending_clear or self._pending_cd or self._pending_usage or self._pending_tokens:
             await self._call(self._push_pending)
+        if len(self._fallback_responses):
+            self._responses_back.set()
         self.synced += 1
         self._ready.set()
         for c in learned:

@@ -37,6 +37,7 @@ from typing import Any
 
 import anyio
 import httpx2 as httpx
+import orjson
 import pytest
 
 from rawgate.accounts.store import Account, AccountStore
@@ -165,7 +166,7 @@ class Load:
         return r.status_code
 
     async def worker(self, w: int, killed: anyio.Event, restarted: anyio.Event) -> None:
-        names = sorted(self.keys.keys() - {"outage"})
+        names = ["free", "limited"]
         async with httpx.AsyncClient(timeout=20) as c:
             for i in range(MAX_PER_WORKER):
                 if self.stop.is_set():
@@ -225,6 +226,23 @@ async def _cool_everywhere(
             await anyio.sleep(0.05)
 
 
+async def _store_response(
+    c: httpx.AsyncClient, key: str, inst: Instance, stream: bool
+) -> str:
+    """A Response created on `inst` (/v1/responses, stored): its id."""
+    body = {"model": "gemini-2.5-flash", "input": f"remember {inst.name}", "stream": stream}
+    r = await c.post(inst.origin + "/v1/responses", json=body,
+                     headers={"authorization": f"Bearer {key}"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    if not stream:
+        rid: str = r.json()["id"]
+        return rid
+    done = [line for line in r.text.splitlines() if '"response.completed"' in line]
+    assert done, r.text
+    rid = orjson.loads(done[0].removeprefix("data: "))["response"]["id"]
+    return rid
+
+
 async def _state_errors(c: httpx.AsyncClient, inst: Instance, key: str) -> int:
     text = (await c.get(inst.origin + "/metrics", headers={"authorization": f"Bearer {key}"})).text
     m = re.search(r'^rawgate_state_errors_total\{backend="redis"\} (\d+)', text, re.M)
@@ -261,14 +279,15 @@ async def test_redis_stopped_mid_load_and_restarted_empty(
     async with open_state(cfg, tmp_path, background=False) as st:
         keys["limited"] = (await st.add_key("limited", rpm=100_000))[1]
         keys["free"] = (await st.add_key("free"))[1]
-        keys["outage"] = (await st.add_key("outage"))[1]
+        keys["outage"] = (await st.add_key("outage"))[1]  # only while both are degraded
+        keys["probe"] = (await st.add_key("probe"))[1]  # the test's own other requests
     try:
         with _serve("a", homes[0], env) as a, _serve("b", homes[1], env) as b:
             insts = [a, b]
             async with httpx.AsyncClient(timeout=20) as c:
                 await _until_state(c, insts, "ok", 10)
                 # A cooldown every instance knows before the outage (it must survive it).
-                await _cool_everywhere(c, keys["free"], a, b, "gemini-2.5-flash-lite", 300)
+                await _cool_everywhere(c, keys["probe"], a, b, "gemini-2.5-flash-lite", 300)
             fds_before = {i.name: i.fds() for i in insts}
             load = Load(insts, keys, fail)
             killed, restarted = anyio.Event(), anyio.Event()
@@ -293,6 +312,9 @@ async def test_redis_stopped_mid_load_and_restarted_empty(
                         status = await load.check(c, insts[i % 2], "outage", i % 3 == 0,
                                                   f"outage {i}")  # fmt: skip
                         assert status == 200, load.problems
+                    # Responses stored now live in their instance until Redis is back.
+                    stored = [await _store_response(c, keys["probe"], inst, inst is b)
+                              for inst in insts]  # fmt: skip
                     await anyio.sleep(max(0.0, killed_at + OUTAGE_S - time.monotonic()))
                     assert load.after_kill >= 20
                     if stalled:
@@ -325,26 +347,10 @@ async def test_redis_stopped_mid_load_and_restarted_empty(
 
             async with open_state(cfg, tmp_path, background=False) as st, \
                     httpx.AsyncClient(timeout=20) as c:  # fmt: skip
-                # The keys survived the empty restart: in Redis again, and accepted by both.
-                assert sorted(r.name for r in await st.list_keys()) == [
-                    "free", "limited", "outage"]
-                for inst in insts:
-                    for key in ("limited", "free"):
-                        assert await load.check(c, inst, key, False, "after") == 200
-                    # Auth stayed on: an unknown key is still refused.
-                    r = await c.post(inst.origin + CHAT, json={"model": "gemini-2.5-flash",
-                                     "messages": [{"role": "user", "content": "x"}]},
-                                     headers={"authorization": "Bearer rk-unknown"})  # fmt: skip
-                    assert r.status_code == 401, r.text
-                assert load.problems == []
-                # What was counted during the outage was pushed on return.
-                usage = (await st.usage("key", "outage", 3600)).get("outage", [])
-                assert sum(u.requests for u in usage) == OUTAGE_BATCH, usage
-                assert sum(u.tokens_in for u in usage) > 0 < sum(u.tokens_out for u in usage)
-                # The load's keys: every answer sent after the kill is counted in the new
-                # server (buffered and pushed, or recorded after the return), and nothing
-                # twice; those before the kill went with the old server's data (unless their
-                # recording, in the background, met the outage: then they are pushed too).
+                # The load's keys (nothing else used them): every answer sent after the kill
+                # is counted in the new server (buffered and pushed, or recorded after the
+                # return); those before the kill went with the old server's data (unless
+                # their recording, in the background, met the outage: then they are pushed).
                 for key in ("free", "limited"):
                     deadline = time.monotonic() + 10
                     while True:
@@ -362,16 +368,44 @@ async def test_redis_stopped_mid_load_and_restarted_empty(
                         # At least once: a call that timed out on a hung server was buffered
                         # and pushed, and ran anyway when the server resumed. At most the
                         # calls that failed (rawgate_state_errors_total) count twice.
-                        failed = sum([await _state_errors(c, i, keys["free"]) for i in insts])
+                        failed = sum([await _state_errors(c, i, keys["probe"]) for i in insts])
                         print(f"  calls failed (rawgate_state_errors_total): {failed}")
                         assert n <= load.ok[key] + failed
-                    else:  # the server's old data, and any count in it, is gone
+                    else:  # nothing twice (the old server's counts are gone)
                         assert n <= load.ok[key]
+                # What was counted during the outage was pushed on return, exactly.
+                usage = (await st.usage("key", "outage", 3600)).get("outage", [])
+                assert sum(u.requests for u in usage) == OUTAGE_BATCH, usage
+                assert sum(u.tokens_in for u in usage) > 0 < sum(u.tokens_out for u in usage)
+
+                # The keys survived the empty restart: in Redis again, and accepted by both.
+                assert sorted(r.name for r in await st.list_keys()) == sorted(keys)
+                for inst in insts:
+                    for key in ("limited", "free", "probe"):
+                        assert await load.check(c, inst, key, False, "after") == 200
+                    # Auth stayed on: an unknown key is still refused.
+                    r = await c.post(inst.origin + CHAT, json={"model": "gemini-2.5-flash",
+                                     "messages": [{"role": "user", "content": "x"}]},
+                                     headers={"authorization": "Bearer rk-unknown"})  # fmt: skip
+                    assert r.status_code == 401, r.text
+                assert load.problems == []
+                # The Responses stored during the outage were pushed on return: each continues
+                # on the other instance (pushed in the background, hence the polling).
+                probe = {"authorization": f"Bearer {keys['probe']}"}
+                for rid, other in zip(stored, (b, a), strict=True):
+                    with anyio.fail_after(5):
+                        while (r := await c.post(other.origin + "/v1/responses", json={
+                            "model": "gemini-2.5-flash", "input": "and then?",
+                            "previous_response_id": rid,
+                        }, headers=probe)).status_code != 200:  # fmt: skip
+                            assert r.status_code == 400, r.text
+                            assert b"previous_response_not_found" in r.content
+                            await anyio.sleep(0.05)
                 # A cooldown learned by a after the return reaches b (subscribed again).
-                r = await _cool_everywhere(c, keys["free"], a, b, "gemini-2.5-pro", 30)
+                r = await _cool_everywhere(c, keys["probe"], a, b, "gemini-2.5-pro", 30)
                 assert 20 <= int(r.headers["retry-after"]) <= 31
                 # In Redis: those, and the ones from before the outage (put back by the first
-                # instance to reconnect: the empty server had lost them).
+                # instance to reconnect when the server came back empty).
                 assert {(c.account, c.model) for c in await st.cooldown_entries()} == {
                     (f"acc{i}", m) for i in range(3)
                     for m in ("gemini-2.5-pro", "gemini-2.5-flash-lite")}  # fmt: skip
