@@ -217,6 +217,14 @@ _account_dec = msgspec.json.Decoder(Account)
 _account_enc = msgspec.json.Encoder()
 
 
+def _leaf(e: BaseException) -> Exception:
+    """What the one warning of an episode names: the first real error inside task-group
+    wrappers (coredis' pubsub raises "unhandled errors in a TaskGroup"), not the wrapper."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e if isinstance(e, Exception) else RuntimeError(str(e))
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -303,11 +311,13 @@ class RedisState(State):
         try:
             with anyio.fail_after(self.timeout_s):
                 return await fn()
-        except (TimeoutError, OSError, coredis.exceptions.RedisError) as e:
+        except TimeoutError:
+            self.health.failed(TimeoutError(f"no answer within {self.timeout_s * 1000:g} ms"))
+        except (OSError, coredis.exceptions.RedisError) as e:
             self.health.failed(e)
         except Exception as e:  # a coredis internal (ExceptionGroup ...): still not the caller's
             log.debug("redis call failed", exc_info=True)
-            self.health.failed(e)
+            self.health.failed(_leaf(e))
         self._trouble.set()
         return _FAILED
 
@@ -362,7 +372,7 @@ class RedisState(State):
                 # Shutting down? coredis' pubsub cleanup can raise ClosedResourceError inside
                 # a group while we are cancelled; the cancellation surfaces at this checkpoint.
                 await anyio.lowlevel.checkpoint()
-                self.health.failed(e if isinstance(e, Exception) else RuntimeError(str(e)))
+                self.health.failed(_leaf(e))
             self._ready.set()
             await anyio.sleep(self.health.next_delay())
 
