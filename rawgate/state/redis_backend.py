@@ -85,6 +85,8 @@ SEP = "\x1f"
 # Usage counts buffered while Redis is away: distinct (hour, kind, name) rows, then dropped.
 MAX_PENDING_USAGE_ROWS = 10_000
 MAX_COOLDOWN_FIELDS = 4096
+# Cooldowns pushed per round trip after an outage.
+EXTEND_BATCH = 256
 # The subscriber PINGs a silent connection after this long, so a dead one is noticed.
 PUBSUB_IDLE_S = 5.0
 # Optimistic writes of the accounts list: tries before giving up (with jittered backoff).
@@ -425,10 +427,8 @@ class RedisState(State):
             if await self._restore_lost():
                 # The cooldowns went with the rest: put back every live one this instance
                 # knows (pub/sub gave it everyone's); EXTEND keeps the later end of any race.
-                now = time.time()
-                for c in list(self._cooldowns.values()):
-                    if c.until > now and (c.account, c.model) not in self._pending_cd:
-                        await self._extend_raw(c.account, c.model, c.until - now, c.reason)
+                await self._extend_many([c for k, c in self._cooldowns.items()
+                                         if k not in self._pending_cd])  # fmt: skip
             await self._push_pending()
             # Events folded while HGETALL is in flight may postdate its answer (the watchdog
             # resyncs while the subscriber runs): they are kept aside and folded in again.
@@ -473,11 +473,8 @@ class RedisState(State):
             for account in list(clears):
                 await self._clear(keys=[self.k_cd], args=[account + SEP, self.channel, account])
                 clears.discard(account)
-            now = time.time()
-            for k, c in list(cds.items()):
-                if c.until > now:
-                    await self._extend_raw(c.account, c.model, c.until - now, c.reason)
-                del cds[k]
+            await self._extend_many(list(cds.values()))
+            cds.clear()
         finally:
             self._pending_clear |= clears
             for k, c in cds.items():
@@ -554,6 +551,23 @@ class RedisState(State):
             args=[f"{account}{SEP}{model}", int(seconds * 1000), reason[:200], self.channel,
                   MAX_COOLDOWN_FIELDS],
         )  # fmt: skip
+
+    async def _extend_many(self, cooldowns: list[Cooldown]) -> None:
+        """The live ones of `cooldowns` in few round trips (a recovery may push thousands, and
+        runs under one deadline): the first through the Script object, which loads the script
+        into a server that just restarted, the rest pipelined EXTEND_BATCH at a time."""
+        now = time.time()
+        live = [c for c in cooldowns if c.until > now]
+        if not live:
+            return
+        first = live[0]
+        await self._extend_raw(first.account, first.model, first.until - now, first.reason)
+        for i in range(1, len(live), EXTEND_BATCH):
+            await self._evalsha_many([
+                (self._extend, self.k_cd, (f"{c.account}{SEP}{c.model}",
+                 int((c.until - now) * 1000), c.reason[:200], self.channel, MAX_COOLDOWN_FIELDS))
+                for c in live[i : i + EXTEND_BATCH]
+            ])  # fmt: skip
 
     async def set_cooldown(self, account: str, model: str, seconds: float, reason: str) -> float:
         seconds = max(0.0, seconds)

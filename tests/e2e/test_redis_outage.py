@@ -42,7 +42,7 @@ import pytest
 
 from rawgate.accounts.store import Account, AccountStore
 from rawgate.config import Config, build_config
-from rawgate.state.redis_backend import RedisState
+from rawgate.state.redis_backend import EXTEND_BATCH, RedisState
 from rawgate.state.store import open_state
 from tests.helpers_redis import RedisServer
 
@@ -513,5 +513,38 @@ async def test_repeated_outages_leak_no_connection_and_no_descriptor(tmp_path: P
             for inst in insts:
                 assert len(inst.warnings("unreachable")) == cycles
                 assert len(inst.warnings("is back after")) == cycles
+    finally:
+        srv.stop()
+
+
+async def test_an_empty_restart_gets_back_every_key_and_cooldown_in_batches(
+    tmp_path: Path,
+) -> None:
+    """In-process, with more cooldowns than one pipelined batch (EXTEND_BATCH): 300 known
+    before the outage (put back because the server came back empty) and 300 learned during it
+    (pushed); a fresh instance then sees all 600 and the key."""
+    n = 300
+    assert n > EXTEND_BATCH
+    srv = RedisServer().start()
+    try:
+        cfg = build_config({"state": {"backend": "redis", "redis_url": srv.url,
+                                      "key_prefix": "many:", "redis_timeout_ms": 1000,
+                                      "redis_backoff_max_s": 1.0}}, {}, {})  # fmt: skip
+        async with open_state(cfg, tmp_path) as st:
+            rec, key = await st.add_key("k", rpm=10)
+            for i in range(n):
+                await st.set_cooldown(f"before{i}", "m", 120, "429")
+            srv.kill()
+            for i in range(n):
+                await st.set_cooldown(f"during{i}", "m", 120, "429")
+            assert st.health.degraded
+            srv.start()  # the same port, empty
+            with anyio.fail_after(15):
+                while st.status()["state"] != "ok":  # noqa: ASYNC110 - a flag, not an event
+                    await anyio.sleep(0.02)
+            assert st.lookup_key(key) == rec
+            async with open_state(cfg, tmp_path) as fresh:
+                assert fresh.lookup_key(key) == rec
+                assert len(fresh.cooldowns()) == 2 * n
     finally:
         srv.stop()
