@@ -297,9 +297,11 @@ class RedisState(State):
         self._pending_tokens: dict[str, int] = {}
         self._local_tokens: dict[str, tuple[str, float]] = {}
         lim = cfg.limits
+        # Responses stored while degraded, until pushed: the same bounds as the local store.
         self._fallback_responses = ResponseStore(
-            lim.response_store_max_count, lim.response_store_max_age_s
-        )
+            lim.response_store_max_count, lim.response_store_max_age_s,
+            lim.response_store_max_bytes,
+        )  # fmt: skip
         self._ready = anyio.Event()
         # Set by the supervisor after each successful (re)sync; tests wait on it.
         self.synced = 0

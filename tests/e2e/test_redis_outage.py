@@ -548,3 +548,21 @@ async def test_an_empty_restart_gets_back_every_key_and_cooldown_in_batches(
                 assert len(fresh.cooldowns()) == 2 * n
     finally:
         srv.stop()
+
+
+async def test_responses_kept_while_redis_is_down_honour_the_byte_bound(tmp_path: Path) -> None:
+    """The local fallback for Responses stored during an outage is bounded like the local
+    store: `limits.response_store_max_bytes` (the oldest go first)."""
+    from tests.helpers_redis import free_port
+
+    cfg = build_config({
+        "state": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+                  "redis_timeout_ms": 100},
+        "limits": {"response_store_max_bytes": 3000},
+    }, {}, {})  # fmt: skip
+    async with open_state(cfg, tmp_path) as st:
+        assert st.health.degraded
+        for i in range(3):
+            assert await st.put_response(f"resp_{i}", [{"text": str(i) * 1000}], [])
+        assert await st.get_response("resp_0") is None  # evicted: 3 x ~1 KB > 3000 bytes
+        assert await st.get_response("resp_2") == [{"text": "2" * 1000}]
