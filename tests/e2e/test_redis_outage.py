@@ -243,6 +243,12 @@ async def _store_response(
     return rid
 
 
+async def _continue(c: httpx.AsyncClient, key: str, inst: Instance, rid: str) -> httpx.Response:
+    return await c.post(inst.origin + "/v1/responses", json={
+        "model": "gemini-2.5-flash", "input": "and then?", "previous_response_id": rid,
+    }, headers={"authorization": f"Bearer {key}"})  # fmt: skip
+
+
 async def _state_errors(c: httpx.AsyncClient, inst: Instance, key: str) -> int:
     text = (await c.get(inst.origin + "/metrics", headers={"authorization": f"Bearer {key}"})).text
     m = re.search(r'^rawgate_state_errors_total\{backend="redis"\} (\d+)', text, re.M)
@@ -288,6 +294,8 @@ async def test_redis_stopped_mid_load_and_restarted_empty(
                 await _until_state(c, insts, "ok", 10)
                 # A cooldown every instance knows before the outage (it must survive it).
                 await _cool_everywhere(c, keys["probe"], a, b, "gemini-2.5-flash-lite", 300)
+                # A Response stored in Redis before the outage.
+                before = await _store_response(c, keys["probe"], a, False)
             fds_before = {i.name: i.fds() for i in insts}
             load = Load(insts, keys, fail)
             killed, restarted = anyio.Event(), anyio.Event()
@@ -312,6 +320,11 @@ async def test_redis_stopped_mid_load_and_restarted_empty(
                         status = await load.check(c, insts[i % 2], "outage", i % 3 == 0,
                                                   f"outage {i}")  # fmt: skip
                         assert status == 200, load.problems
+                    # One stored in Redis only cannot be continued now, even on the instance
+                    # that stored it: the documented 400 (README, "Several instances").
+                    r = await _continue(c, keys["probe"], a, before)
+                    assert r.status_code == 400, r.text
+                    assert r.json()["error"]["code"] == "previous_response_not_found"
                     # Responses stored now live in their instance until Redis is back.
                     stored = [await _store_response(c, keys["probe"], inst, inst is b)
                               for inst in insts]  # fmt: skip
@@ -396,16 +409,15 @@ async def test_redis_stopped_mid_load_and_restarted_empty(
                 assert load.problems == []
                 # The Responses stored during the outage were pushed on return: each continues
                 # on the other instance (pushed in the background, hence the polling).
-                probe = {"authorization": f"Bearer {keys['probe']}"}
                 for rid, other in zip(stored, (b, a), strict=True):
                     with anyio.fail_after(5):
-                        while (r := await c.post(other.origin + "/v1/responses", json={
-                            "model": "gemini-2.5-flash", "input": "and then?",
-                            "previous_response_id": rid,
-                        }, headers=probe)).status_code != 200:  # fmt: skip
+                        while (r := await _continue(c, keys["probe"], other, rid)).status_code \
+                                != 200:  # fmt: skip
                             assert r.status_code == 400, r.text
                             assert b"previous_response_not_found" in r.content
                             await anyio.sleep(0.05)
+                if stalled:  # the server kept its data: the one from before continues again
+                    assert (await _continue(c, keys["probe"], b, before)).status_code == 200
                 # A cooldown learned by a after the return reaches b (subscribed again).
                 r = await _cool_everywhere(c, keys["probe"], a, b, "gemini-2.5-pro", 30)
                 assert 20 <= int(r.headers["retry-after"]) <= 31
