@@ -1,24 +1,28 @@
 """Issue 16's outage proof: two real `rawgate serve --emulate` processes on one real
-redis-server, under a bounded chat load (streaming and not, both instances, three accounts, two
-client keys), while the server is killed mid-load and restarted EMPTY on the same port (no
-persistence: the harder case, everything it held is gone).
+redis-server, under a bounded load (4 clients; OpenAI Chat and Anthropic Messages, streaming and
+not; both instances; three accounts; client keys with and without a per-minute limit), while
+the server is killed (SIGKILL), terminated (SIGTERM) or stalled (SIGSTOP) mid-load, then back on
+the same port: restarted EMPTY (no persistence: the harder case, everything it held is gone), or
+resumed with its data after a stall. Both `limits_fail` modes.
 
 What must hold (the README's "Several instances" paragraph on an outage says the same):
 - every response of the load is a 200, or with `limits_fail = "closed"` the documented 429
   `state_unavailable` (with Retry-After, in the route's shape) for the limited key only; never a
-  5xx, never a reset connection; every stream ends with its finish chunk and `[DONE]`. The one
-  documented 503 (`state_unavailable`, Retry-After): continuing a Response that is only in the
-  unreachable Redis; those stored during the outage continue everywhere once it is back;
+  5xx, never a reset connection; every stream ends with its terminal event. The one documented
+  503 (`state_unavailable`, Retry-After): continuing a Response that is only in the unreachable
+  Redis; those stored during the outage continue on every instance once it is back;
 - /healthz on both says "degraded" soon after the kill, "ok" again soon after the restart (the
   reconnection time is measured and printed; asserted only against a generous bound);
-- exactly one "unreachable" and one "is back" warning per instance for the episode;
-- the client keys survive the empty restart (the instances put their mirror back: without it
-  every key would be unknown, or with auth "auto" the door would open), and so do the
-  cooldowns the instances knew;
-- usage counted during the outage is pushed on return (an exact count for a key used only
-  then); a cooldown learned by one instance after the return reaches the other (pub/sub
-  subscribed again);
-- bounded connections on the Redis side (CLIENT LIST) and file descriptors in each process.
+- exactly one "unreachable" (naming the cause) and one "is back" warning per instance;
+- the client keys survive the empty restart (the first instance back puts its mirror back:
+  without it every key would be unknown, or with auth "auto" the door would open), and so do
+  the cooldowns the instances knew;
+- usage counted during the outage is pushed on return (exactly, for a key used only then; for
+  the load's keys at least every answer since the kill, and nothing twice unless a stalled
+  server ran a call that had timed out); a cooldown learned by one instance after the return
+  reaches the other (pub/sub subscribed again);
+- bounded connections on the Redis side (CLIENT LIST) and file descriptors in each process,
+  also after five kill-and-restart cycles.
 """
 
 from __future__ import annotations
