@@ -140,6 +140,8 @@ class Load:
         self.done = 0
         self.after_kill = 0  # answered after the kill, before the restart
         self.routes: Counter[str] = Counter()
+        # Seconds per request by phase (before the kill, outage, after): printed, not asserted.
+        self.latency: dict[str, list[float]] = {}
         self.ok: Counter[str] = Counter()  # 200s per key
         self.ok_since_kill: Counter[str] = Counter()  # 200s per key sent after the kill
 
@@ -197,8 +199,11 @@ class Load:
                 inst = self.insts[(w + i) % len(self.insts)]
                 key = names[(w + i // 2) % len(names)]
                 sent_after_kill = killed.is_set()
+                phase = ("before", "outage", "after")[sent_after_kill + restarted.is_set()]
+                t0 = time.monotonic()
                 status = await self.check(c, inst, key, (w + i) % 2 == 0, f"load {w}.{i}",
                                           messages=i % 3 == 2)  # fmt: skip
+                self.latency.setdefault(phase, []).append(time.monotonic() - t0)
                 if status == 200:
                     self.ok[key] += 1
                     self.ok_since_kill[key] += sent_after_kill
@@ -207,6 +212,11 @@ class Load:
                 self.done += 1
                 if killed.is_set() and not restarted.is_set():
                     self.after_kill += 1
+
+
+def _spread(latency: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    return {phase: (round(sorted(ts)[len(ts) // 2] * 1000, 1), round(max(ts) * 1000, 1))
+            for phase, ts in latency.items()}  # fmt: skip
 
 
 async def _health(c: httpx.AsyncClient, inst: Instance) -> str:
@@ -373,7 +383,7 @@ async def test_redis_stopped_mid_load_and_restarted_empty(
                 f"\nlimits_fail={fail} signal={sig.name}: {load.done} load requests"
                 f" ({done_at_kill} before the kill, {load.after_kill} during the outage)"
                 f" + {OUTAGE_BATCH} outage-key requests; outcomes {dict(load.outcomes)};"
-                f" routes {dict(load.routes)};"
+                f" routes {dict(load.routes)}; latency ms (median, max) {_spread(load.latency)};"
                 f" degraded after {took_degraded}; reconnected (healthz ok) after the restart"
                 f" in {took_ok} s"
             )
