@@ -23,9 +23,10 @@ Invariants:
 - Every call runs under `[state] redis_timeout_ms` (fail_after around the coredis call; the
   connect timeout is the same). A failure flips `health.degraded`, and until the supervisor
   gets a PING and a subscription through again, calls skip Redis at once (no timeout paid per
-  request): cooldowns and tokens from the mirror, responses from a local fallback map, usage
-  buffered (bounded) and pushed on recovery, limits per `limits_fail`. Responses stored while
-  degraded go to Redis after the recovery (in the background: they may be large).
+  request): cooldowns and tokens from the mirror, usage buffered (bounded) and pushed on
+  recovery, limits per `limits_fail`. Responses: each instance keeps those it stored (bounded
+  like the local store) and reads them first; the ones stored while degraded go to Redis after
+  the recovery (in the background: they may be large).
 - Recovery pushes from buffers taken whole, then, once healthy, once more: what requests
   learned during the pushes (still degraded) is pushed too, never cleared with them.
 - A server back without the key table's salt (set once, never deleted) lost its data: the
@@ -297,11 +298,14 @@ class RedisState(State):
         self._pending_tokens: dict[str, int] = {}
         self._local_tokens: dict[str, tuple[str, float]] = {}
         lim = cfg.limits
-        # Responses stored while degraded, until pushed: the same bounds as the local store.
-        self._fallback_responses = ResponseStore(
+        # Every Response this instance stored, bounded like the local backend's store: read
+        # first, so continuing on the same instance costs no round trip and still works while
+        # Redis is away. `_unsent`: the ids stored while degraded, pushed after the recovery.
+        self._responses = ResponseStore(
             lim.response_store_max_count, lim.response_store_max_age_s,
             lim.response_store_max_bytes,
         )  # fmt: skip
+        self._unsent: dict[str, None] = {}
         self._ready = anyio.Event()
         # Set by the supervisor after each successful (re)sync; tests wait on it.
         self.synced = 0
@@ -406,15 +410,21 @@ class RedisState(State):
         naming one continues on any instance from now on. Off the recovery itself (they may
         be many and large); a failure stops it, the rest wait for the next recovery."""
         max_age_s = self.cfg.limits.response_store_max_age_s
-        for rid, age_s, inputs, outputs in self._fallback_responses.live():
-            ttl_ms = int((max_age_s - age_s) * 1000)
-            if ttl_ms <= 0:
+        for rid, age_s, inputs, outputs in self._responses.live():
+            if rid not in self._unsent:
                 continue
-            put = partial(self.client.set, f"{self._p}{{r:{rid}}}",
-                          orjson.dumps([inputs, outputs]), px=ttl_ms)  # fmt: skip
-            if await self._call(put) is _FAILED:
-                return
-            self._fallback_responses.discard(rid)
+            ttl_ms = int((max_age_s - age_s) * 1000)
+            if ttl_ms > 0:
+                put = partial(self.client.set, f"{self._p}{{r:{rid}}}",
+                              orjson.dumps([inputs, outputs]), px=ttl_ms)  # fmt: skip
+                if await self._call(put) is _FAILED:
+                    return
+            self._unsent.pop(rid, None)
+        # Ids no longer held (evicted or expired while Redis was away) cannot be pushed; an id
+        # added during the pushes (a new failure) stays for the next recovery.
+        held = {rid for rid, _, _, _ in self._responses.live()}
+        for rid in [r for r in self._unsent if r not in held]:
+            del self._unsent[rid]
 
     async def _keys_reloader(self) -> None:
         """A key was added, changed or removed somewhere: re-read the table (one HGETALL)."""
@@ -458,7 +468,7 @@ class RedisState(State):
         # empties them (else they would wait for the next outage).
         if self._pending_clear or self._pending_cd or self._pending_usage or self._pending_tokens:
             await self._call(self._push_pending)
-        if len(self._fallback_responses):
+        if self._unsent:
             self._responses_back.set()
         self.synced += 1
         self._ready.set()
@@ -819,12 +829,16 @@ class RedisState(State):
         res = await self._call(
             lambda: self.client.set(f"{self._p}{{r:{response_id}}}", data, px=ttl_ms)
         )
+        self._responses.put(response_id, input_items, output_items)
         if res is _FAILED:
-            self._fallback_responses.put(response_id, input_items, output_items)
+            self._unsent[response_id] = None
+            if len(self._unsent) > 2 * self._responses.max_count:  # drop the evicted ones
+                held = {rid for rid, _, _, _ in self._responses.live()}
+                self._unsent = {rid: None for rid in self._unsent if rid in held}
         return True
 
     async def get_response(self, response_id: str) -> list[dict[str, Any]] | None:
-        local = self._fallback_responses.get(response_id)
+        local = self._responses.get(response_id)
         if local is not None:
             return local
         data = await self._call(lambda: self.client.get(f"{self._p}{{r:{response_id}}}"))

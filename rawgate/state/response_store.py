@@ -115,16 +115,11 @@ class ResponseStore:
 
     def live(self) -> list[tuple[str, float, list[dict[str, Any]], list[dict[str, Any]]]]:
         """(id, age in seconds, input items, output items) of every unexpired entry, oldest
-        first (a copy: the caller may `discard` while it goes through them)."""
+        first (a copy: the store may change while the caller goes through them)."""
         now = self._clock()
         return [(rid, now - stamp, inputs, outputs)
                 for rid, (stamp, inputs, outputs) in self._entries.items()
                 if now - stamp <= self.max_age_s]  # fmt: skip
-
-    def discard(self, response_id: str) -> None:
-        entry = self._entries.pop(response_id, None)
-        if entry is not None:
-            self._release(entry)
 
     def _release(self, entry: _Entry) -> None:
         held = self._held
