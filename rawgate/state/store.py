@@ -17,7 +17,8 @@ Invariants (both backends; tests/e2e/test_state.py runs the same tests on each):
   refresh locks) never raise for a store failure: the Redis backend answers from local state,
   flips `degraded` (one warning per episode), retries with backoff in the background and, once
   back, pushes what it learned meanwhile (cooldowns, clears, usage, stored Responses: until
-  then those continue on this instance only). Limits then follow `[state] limits_fail`.
+  then those continue on this instance only; it keeps the Responses it stored and reads them
+  first). Limits then follow `[state] limits_fail`.
 - Admin methods (keys add/list/rotate/..., usage, accounts) need the store: they raise
   StateUnavailable (one line, no URL) when it does not answer, KeyStoreError /
   AccountStoreError for bad arguments (an unknown key name ...).
