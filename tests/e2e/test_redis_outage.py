@@ -303,7 +303,7 @@ def _admin_cfg(url: str, prefix: str) -> Config:
     [("open", signal.SIGKILL), ("closed", signal.SIGTERM), ("open", signal.SIGSTOP)],
     ids=["open-killed", "closed-terminated", "open-stalled"],
 )
-async def test_redis_stopped_mid_load_and_restarted_empty(
+async def test_redis_down_mid_load_and_back(
     tmp_path: Path, fail: str, sig: signal.Signals
 ) -> None:
     # SIGSTOP: a hung server (connections accepted, nothing answered) that resumes with its
