@@ -216,8 +216,10 @@ class StateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # One Redis call (connect included) may take this long; then the call is served from local
     # state and the episode starts. Same-datacenter round trips are ~0.2-1 ms.
     redis_timeout_ms: int = 250
-    # While degraded, Redis is retried after 0.5 s, doubling up to this (then every this long).
-    redis_backoff_max_s: float = 30.0
+    # While degraded, Redis is retried after 0.5 s, doubling up to this (then every this long):
+    # an instance is back at most about this long after Redis is (one connection attempt per
+    # instance every 5 s costs Redis nothing; 30 s meant up to 30 s degraded after a restart).
+    redis_backoff_max_s: float = 5.0
     # Connections to Redis per process; calls are pipelined over them (coredis multiplexes).
     redis_max_connections: int = 16
     # Per-key limits while Redis is unreachable: open = serve without limits (logged once per

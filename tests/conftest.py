@@ -31,6 +31,7 @@ SLOW_MODULES = frozenset(
         "test_gateway_workers",
         "test_state",
         "test_fleet",
+        "test_redis_outage",
         "test_keys",
         "test_emulator_cli",
         "test_bench",

@@ -25,8 +25,14 @@ Invariants:
 - Every call runs under `[state] redis_timeout_ms` (fail_after around the coredis call; the
   connect timeout is the same). A failure flips `health.degraded`, and until the supervisor
   gets a PING and a subscription through again, calls skip Redis at once (no timeout paid per
-  request): cooldowns and tokens from the mirror, responses from a local fallback map, usage
-  buffered (bounded) and pushed on recovery, limits per `limits_fail`.
+  request): cooldowns and tokens from the mirror, usage buffered (bounded) and pushed on
+  recovery, limits per `limits_fail`. Responses: each instance keeps those it stored (bounded
+  like the local store) and reads them first; the ones stored while degraded go to Redis after
+  the recovery (in the background: they may be large).
+- Recovery pushes from buffers taken whole, then, once healthy, once more: what requests
+  learned during the pushes (still degraded) is pushed too, never cleared with them.
+- A server back without the key table's salt (set once, never deleted) lost its data: the
+  first instance back writes its key table (and salt) and its live cooldowns back.
 - coredis retries are off (NoRetryPolicy): one attempt per call, the backoff is ours.
 - Accounts: every write is a version compare-and-set that PUBLISHes "accts"; the accounts
   listeners hear it, and once more after every resync (an event missed while away). Counters
@@ -87,6 +93,8 @@ SEP = "\x1f"
 # Usage counts buffered while Redis is away: distinct (hour, kind, name) rows, then dropped.
 MAX_PENDING_USAGE_ROWS = 10_000
 MAX_COOLDOWN_FIELDS = 4096
+# Cooldowns pushed per round trip after an outage.
+EXTEND_BATCH = 256
 # The subscriber PINGs a silent connection after this long, so a dead one is noticed.
 PUBSUB_IDLE_S = 5.0
 # Optimistic writes of the accounts list: tries before giving up (with jittered backoff).
@@ -192,6 +200,18 @@ redis.call('PUBLISH', ARGV[4], 'keys')
 return 1
 """
 
+# KEYS = P{keys}, P{keys}:salt; ARGV = salt, channel, name1, json1, name2, json2, ...
+# The salt is set once (SET NX) and never deleted: its absence after a reconnection means the
+# server lost its data (restarted without persistence, FLUSHALL, failover to an empty replica).
+# Then the key table an instance mirrors is put back, with its salt (the records' hashes use it).
+_RESTORE_KEYS = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+for i = 3, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('PUBLISH', ARGV[2], 'keys')
+return 1
+"""
+
 # KEYS = P{accts}, P{accts}:v, P{accts}:n; ARGV = expected version, channel, id1, json1, ...
 # The counters of accounts no longer listed go with them.
 _REPLACE_ACCTS = """
@@ -219,6 +239,14 @@ return 1
 _FAILED: Any = object()
 _account_dec = msgspec.json.Decoder(Account)
 _account_enc = msgspec.json.Encoder()
+
+
+def _leaf(e: BaseException) -> Exception:
+    """What the one warning of an episode names: the first real error inside task-group
+    wrappers (coredis' pubsub raises "unhandled errors in a TaskGroup"), not the wrapper."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e if isinstance(e, Exception) else RuntimeError(str(e))
 
 
 def _text(v: Any) -> str:
@@ -294,6 +322,7 @@ class RedisState(State):
         self._cas = self.client.register_script(_CAS)
         self._replace_accts = self.client.register_script(_REPLACE_ACCTS)
         self._acct_stats = self.client.register_script(_ACCT_STATS)
+        self._restore_keys = self.client.register_script(_RESTORE_KEYS)
         self._accounts_listeners: list[Callable[[], None]] = []
         self._cooldowns: dict[tuple[str, str], Cooldown] = {}
         self._pending_cd: dict[tuple[str, str], Cooldown] = {}
@@ -301,6 +330,7 @@ class RedisState(State):
         self._during_resync: list[Cooldown] | None = None
         self._trouble = anyio.Event()  # a request-path call failed: the watchdog probes
         self._keys_changed = anyio.Event()  # a "keys" event: the reloader re-reads the table
+        self._responses_back = anyio.Event()  # recovered with Responses stored while away
         self._listeners: list[Callable[[Cooldown], None]] = []
         self._salt = ""
         self._by_hash: dict[str, KeyRecord] = {}
@@ -308,9 +338,14 @@ class RedisState(State):
         self._pending_tokens: dict[str, int] = {}
         self._local_tokens: dict[str, tuple[str, float]] = {}
         lim = cfg.limits
-        self._fallback_responses = ResponseStore(
-            lim.response_store_max_count, lim.response_store_max_age_s
-        )
+        # Every Response this instance stored, bounded like the local backend's store: read
+        # first, so continuing on the same instance costs no round trip and still works while
+        # Redis is away. `_unsent`: the ids stored while degraded, pushed after the recovery.
+        self._responses = ResponseStore(
+            lim.response_store_max_count, lim.response_store_max_age_s,
+            lim.response_store_max_bytes,
+        )  # fmt: skip
+        self._unsent: dict[str, None] = {}
         self._ready = anyio.Event()
         # Set by the supervisor after each successful (re)sync; tests wait on it.
         self.synced = 0
@@ -324,11 +359,13 @@ class RedisState(State):
         try:
             with anyio.fail_after(self.timeout_s):
                 return await fn()
-        except (TimeoutError, OSError, coredis.exceptions.RedisError) as e:
+        except TimeoutError:
+            self.health.failed(TimeoutError(f"no answer within {self.timeout_s * 1000:g} ms"))
+        except (OSError, coredis.exceptions.RedisError) as e:
             self.health.failed(e)
         except Exception as e:  # a coredis internal (ExceptionGroup ...): still not the caller's
             log.debug("redis call failed", exc_info=True)
-            self.health.failed(e)
+            self.health.failed(_leaf(e))
         self._trouble.set()
         return _FAILED
 
@@ -371,6 +408,7 @@ class RedisState(State):
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._watchdog)
                         tg.start_soon(self._keys_reloader)
+                        tg.start_soon(self._responses_pusher)
                         async for msg in ps:
                             self._on_message(_text(msg["data"]))
                 raise ConnectionError("subscription ended")
@@ -382,7 +420,7 @@ class RedisState(State):
                 # Shutting down? coredis' pubsub cleanup can raise ClosedResourceError inside
                 # a group while we are cancelled; the cancellation surfaces at this checkpoint.
                 await anyio.lowlevel.checkpoint()
-                self.health.failed(e if isinstance(e, Exception) else RuntimeError(str(e)))
+                self.health.failed(_leaf(e))
             self._ready.set()
             await anyio.sleep(self.health.next_delay())
 
@@ -400,6 +438,34 @@ class RedisState(State):
                 except (TimeoutError, OSError, coredis.exceptions.RedisError):
                     continue
 
+    async def _responses_pusher(self) -> None:
+        """After each recovery: the Responses stored while degraded go to Redis."""
+        while True:
+            await self._responses_back.wait()
+            self._responses_back = anyio.Event()
+            await self._push_responses()
+
+    async def _push_responses(self) -> None:
+        """Oldest first, one call each with the TTL they have left, so a previous_response_id
+        naming one continues on any instance from now on. Off the recovery itself (they may
+        be many and large); a failure stops it, the rest wait for the next recovery."""
+        max_age_s = self.cfg.limits.response_store_max_age_s
+        for rid, age_s, inputs, outputs in self._responses.live():
+            if rid not in self._unsent:
+                continue
+            ttl_ms = int((max_age_s - age_s) * 1000)
+            if ttl_ms > 0:
+                put = partial(self.client.set, f"{self._p}{{r:{rid}}}",
+                              orjson.dumps([inputs, outputs]), px=ttl_ms)  # fmt: skip
+                if await self._call(put) is _FAILED:
+                    return
+            self._unsent.pop(rid, None)
+        # Ids no longer held (evicted or expired while Redis was away) cannot be pushed; an id
+        # added during the pushes (a new failure) stays for the next recovery.
+        held = {rid for rid, _, _, _ in self._responses.live()}
+        for rid in [r for r in self._unsent if r not in held]:
+            del self._unsent[rid]
+
     async def _keys_reloader(self) -> None:
         """A key was added, changed or removed somewhere: re-read the table (one HGETALL)."""
         while True:
@@ -410,15 +476,12 @@ class RedisState(State):
     async def _resync(self) -> None:
         """Push what was learned while away, rebuild the mirrors, then declare health."""
         with anyio.fail_after(max(self.timeout_s * 8, 2.0)):
-            for account in list(self._pending_clear):
-                await self._clear(keys=[self.k_cd], args=[account + SEP, self.channel, account])
-            self._pending_clear.clear()
-            now = time.time()
-            for c in list(self._pending_cd.values()):
-                if c.until > now:
-                    await self._extend_raw(c.account, c.model, c.until - now, c.reason)
-            self._pending_cd.clear()
-            await self._flush_usage()
+            if await self._restore_lost():
+                # The cooldowns went with the rest: put back every live one this instance
+                # knows (pub/sub gave it everyone's); EXTEND keeps the later end of any race.
+                await self._extend_many([c for k, c in self._cooldowns.items()
+                                         if k not in self._pending_cd])  # fmt: skip
+            await self._push_pending()
             # Events folded while HGETALL is in flight may postdate its answer (the watchdog
             # resyncs while the subscriber runs): they are kept aside and folded in again.
             self._during_resync = []
@@ -440,6 +503,13 @@ class RedisState(State):
                 self._fold(c)
             await self._load_keys()
         self.health.succeeded()
+        # Requests answered during the pushes above were still degraded: what they learned
+        # went to fresh buffers; from here on nothing more is buffered, so one more push
+        # empties them (else they would wait for the next outage).
+        if self._pending_clear or self._pending_cd or self._pending_usage or self._pending_tokens:
+            await self._call(self._push_pending)
+        if self._unsent:
+            self._responses_back.set()
         self.synced += 1
         self._ready.set()
         for c in learned:
@@ -453,6 +523,47 @@ class RedisState(State):
                 fn()
             except Exception:
                 log.exception("accounts listener failed")
+
+    async def _push_pending(self) -> None:
+        """Push what was learned while degraded: clears, cooldowns, then usage. Each buffer is
+        taken whole first, so what arrives during the pushes lands in a fresh one instead of
+        being cleared with the pushed entries; what did not get through goes back."""
+        clears, self._pending_clear = self._pending_clear, set()
+        cds, self._pending_cd = self._pending_cd, {}
+        try:
+            for account in list(clears):
+                await self._clear(keys=[self.k_cd], args=[account + SEP, self.channel, account])
+                clears.discard(account)
+            await self._extend_many(list(cds.values()))
+            cds.clear()
+        finally:
+            self._pending_clear |= clears
+            for k, c in cds.items():
+                old = self._pending_cd.get(k)
+                if old is None or old.until < c.until:
+                    self._pending_cd[k] = c
+        await self._flush_usage()
+
+    async def _restore_lost(self) -> bool:
+        """True when Redis came back without its data and this instance put back what it
+        mirrors (the key table with its salt; the caller adds the cooldowns). The first
+        instance to reconnect does it; the others find the salt there and keep what they read.
+        Without it, every client key would be unknown at once (and with `[auth] mode = "auto"`
+        on loopback, no key at all turns auth off)."""
+        if not self._salt:
+            return False
+        args: list[Any] = [self._salt, self.channel]
+        for rec in self._by_hash.values():
+            args += [rec.name, encode_record(rec)]
+        res = await self._restore_keys(keys=[self.k_keys, self.k_salt], args=args)
+        if int(res) != 1:
+            return False
+        log.warning(
+            "%s came back without its data: restored %d client keys and the live cooldowns"
+            " from this instance (usage history, limit windows, stored Responses and OAuth"
+            " tokens held there are gone)", self.health.name, len(self._by_hash),
+        )  # fmt: skip
+        return True
 
     def _on_message(self, data: str) -> None:
         parts = data.split(SEP)
@@ -497,6 +608,23 @@ class RedisState(State):
             args=[f"{account}{SEP}{model}", int(seconds * 1000), reason[:200], self.channel,
                   MAX_COOLDOWN_FIELDS],
         )  # fmt: skip
+
+    async def _extend_many(self, cooldowns: list[Cooldown]) -> None:
+        """The live ones of `cooldowns` in few round trips (a recovery may push thousands, and
+        runs under one deadline): the first through the Script object, which loads the script
+        into a server that just restarted, the rest pipelined EXTEND_BATCH at a time."""
+        now = time.time()
+        live = [c for c in cooldowns if c.until > now]
+        if not live:
+            return
+        first = live[0]
+        await self._extend_raw(first.account, first.model, first.until - now, first.reason)
+        for i in range(1, len(live), EXTEND_BATCH):
+            await self._evalsha_many([
+                (self._extend, self.k_cd, (f"{c.account}{SEP}{c.model}",
+                 int((c.until - now) * 1000), c.reason[:200], self.channel, MAX_COOLDOWN_FIELDS))
+                for c in live[i : i + EXTEND_BATCH]
+            ])  # fmt: skip
 
     async def set_cooldown(self, account: str, model: str, seconds: float, reason: str) -> float:
         seconds = max(0.0, seconds)
@@ -619,22 +747,33 @@ class RedisState(State):
                 self._pending_usage[k] = self._pending_usage.get(k, 0) + n
 
     async def _flush_usage(self) -> None:
-        """Push what was counted while degraded; on failure it stays buffered for next time."""
+        """Push what was counted while degraded. The buffers are taken whole first: requests
+        answered during the pushes (still degraded) buffer into fresh ones, never into rows
+        being pushed (an increment there would be deleted with the row). What did not get
+        through goes back, merged with what arrived meanwhile."""
         if not self._pending_usage and not self._pending_tokens:
             return
+        tokens, self._pending_tokens = self._pending_tokens, {}
+        rows, self._pending_usage = self._pending_usage, {}
         ttl = self.cfg.state.usage_days * DAY_MS + HOUR_MS
-        for name, n in list(self._pending_tokens.items()):
-            await self._record(keys=[f"{self._p}{{k:{name}}}:lim"], args=[n])
-            del self._pending_tokens[name]
-        by_hour: dict[int, list[Any]] = {}
-        for (hour, f), n in self._pending_usage.items():
-            if n:
-                by_hour.setdefault(hour, [ttl]).extend((f, n))
-        for hour, args in by_hour.items():
-            await self._usage(keys=[f"{self._p}{{u}}:{hour}"], args=args)
-            for f in args[1::2]:
-                del self._pending_usage[(hour, f)]
-        self._pending_usage.clear()  # only zero rows can be left
+        try:
+            for name, n in list(tokens.items()):
+                await self._record(keys=[f"{self._p}{{k:{name}}}:lim"], args=[n])
+                del tokens[name]
+            by_hour: dict[int, list[Any]] = {}
+            for (hour, f), n in rows.items():
+                if n:
+                    by_hour.setdefault(hour, [ttl]).extend((f, n))
+            for hour, args in by_hour.items():
+                await self._usage(keys=[f"{self._p}{{u}}:{hour}"], args=args)
+                for f in args[1::2]:
+                    del rows[(hour, f)]
+        finally:
+            for name, n in tokens.items():
+                self._pending_tokens[name] = self._pending_tokens.get(name, 0) + n
+            for (hour, f), n in rows.items():
+                if n:
+                    self._buffer_usage(hour, {f: n})
 
     async def usage(self, kind: str, name: str | None, since_s: float) -> dict[str, list[Usage]]:
         now_ms = time.time_ns() // 1_000_000
@@ -735,12 +874,16 @@ class RedisState(State):
         res = await self._call(
             lambda: self.client.set(f"{self._p}{{r:{response_id}}}", data, px=ttl_ms)
         )
+        self._responses.put(response_id, input_items, output_items)
         if res is _FAILED:
-            self._fallback_responses.put(response_id, input_items, output_items)
+            self._unsent[response_id] = None
+            if len(self._unsent) > 2 * self._responses.max_count:  # drop the evicted ones
+                held = {rid for rid, _, _, _ in self._responses.live()}
+                self._unsent = {rid: None for rid in self._unsent if rid in held}
         return True
 
     async def get_response(self, response_id: str) -> list[dict[str, Any]] | None:
-        local = self._fallback_responses.get(response_id)
+        local = self._responses.get(response_id)
         if local is not None:
             return local
         data = await self._call(lambda: self.client.get(f"{self._p}{{r:{response_id}}}"))

@@ -113,6 +113,14 @@ class ResponseStore:
             return None
         return [*inputs, *outputs]
 
+    def live(self) -> list[tuple[str, float, list[dict[str, Any]], list[dict[str, Any]]]]:
+        """(id, age in seconds, input items, output items) of every unexpired entry, oldest
+        first (a copy: the store may change while the caller goes through them)."""
+        now = self._clock()
+        return [(rid, now - stamp, inputs, outputs)
+                for rid, (stamp, inputs, outputs) in self._entries.items()
+                if now - stamp <= self.max_age_s]  # fmt: skip
+
     def _release(self, entry: _Entry) -> None:
         held = self._held
         for item in (*entry[1], *entry[2]):

@@ -16,8 +16,9 @@ Invariants (both backends; tests/e2e/test_state.py runs the same tests on each):
 - Request-path methods (cooldowns, lookup_key, check_key, record_usage, responses, tokens,
   refresh locks) never raise for a store failure: the Redis backend answers from local state,
   flips `degraded` (one warning per episode), retries with backoff in the background and, once
-  back, pushes what it learned meanwhile (cooldowns, clears, usage). Limits then follow
-  `[state] limits_fail`. A Response stored while degraded stays in this process only.
+  back, pushes what it learned meanwhile (cooldowns, clears, usage, stored Responses: until
+  then those continue on this instance only; it keeps the Responses it stored and reads them
+  first). Limits then follow `[state] limits_fail`.
 - Admin methods (keys add/list/rotate/..., usage, accounts) need the store: they raise
   StateUnavailable (one line, no URL) when it does not answer, KeyStoreError /
   AccountStoreError for bad arguments (an unknown key name ...).

@@ -78,6 +78,23 @@ def test_expired_and_evicted_entries_give_their_bytes_back() -> None:
     assert len(store) == 1 and store.bytes == deep_size(_item("y"))
 
 
+def test_live_lists_unexpired_entries_oldest_first_with_their_age() -> None:
+    """What the Redis backend pushes after an outage."""
+    now = [0.0]
+    store = ResponseStore(max_age_s=10, clock=lambda: now[0])
+    shared = _item("s" * 500)
+    store.put("old", [shared], [_item("o")])
+    now[0] = 4
+    store.put("new", [shared, _item("n")], [])
+    store.put("newer", [_item("m")], [])
+    assert [(rid, age) for rid, age, _, _ in store.live()] == [
+        ("old", 4.0), ("new", 0.0), ("newer", 0.0)]
+    now[0] = 12  # "old" (put at 0) is past max_age, the others (put at 4) are 8 s old
+    live = store.live()
+    assert [(rid, age) for rid, age, _, _ in live] == [("new", 8.0), ("newer", 8.0)]
+    assert live[0][2] == [shared, _item("n")] and live[0][3] == []
+
+
 pytestmark = pytest.mark.anyio
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from rawgate.errors import BadRequest
+from rawgate.errors import BadRequest, ServiceUnavailable
 from rawgate.translate import mapping, schemas
 from rawgate.translate.contract import answer, token_usage
 from rawgate.translate.transcode_chat import ChatStream, chat_response, completion_response
@@ -109,6 +109,17 @@ class ResponsesFront(_OpenAIFront):
         history = None
         if body.previous_response_id:
             history = await gw.stored_history(body.previous_response_id)
+            if history is None and gw.shared_responses is not None and gw.shared_responses.degraded:
+                # Not "not found": the shared store that may hold it does not answer. A 503
+                # with Retry-After, which the SDKs retry, instead of a 400 that ends the chat.
+                wait = max(1, int(gw.shared_responses.health.delay_s + 0.999))
+                raise ServiceUnavailable(
+                    f"Previous response with id '{body.previous_response_id}' cannot be read"
+                    " while the shared state store is unreachable; retry shortly.",
+                    param="previous_response_id",
+                    code="state_unavailable",
+                    headers=[(b"retry-after", str(wait).encode())],
+                )
             if history is None:
                 raise BadRequest(
                     f"Previous response with id '{body.previous_response_id}' not found.",
