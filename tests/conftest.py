@@ -33,6 +33,7 @@ SLOW_MODULES = frozenset(
         "test_keys",
         "test_emulator_cli",
         "test_bench",
+        "test_dashboard_browser",
     }
 )
 
