@@ -243,6 +243,15 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_log_queue: int = 10_000
 
 
+class AdminConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The dashboard (/ui) and its JSON API (/admin/...)."""
+
+    # Keys for /admin/... (header only: Authorization: Bearer or X-Admin-Key). Empty: `serve`
+    # generates one into RAWGATE_HOME/admin_key (0600, reused) and prints the /ui URL with it.
+    # Admin keys are not client keys, and client keys are not admin keys.
+    api_keys: list[str] = msgspec.field(default_factory=list)
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
@@ -252,6 +261,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
 
 
 class ConfigError(Exception):
@@ -303,7 +313,13 @@ def config_path(path: str | Path | None = None, env: dict[str, str] | None = Non
 
 # Never echoed in an error: they are credentials (a proxy URL may carry user:password).
 _SECRET_KEYS = frozenset(
-    {"auth.api_keys", "upstream.oauth_client_secret", "upstream.proxy", "state.redis_url"}
+    {
+        "auth.api_keys",
+        "admin.api_keys",
+        "upstream.oauth_client_secret",
+        "upstream.proxy",
+        "state.redis_url",
+    }
 )
 
 
@@ -551,6 +567,11 @@ def _check_semantics(cfg: Config, origins: _Origins) -> None:
             )
         if any(not k.strip() for k in cfg.auth.api_keys):
             raise fail("auth", "api_keys", None, "contains an empty key")
+    if any(not k.strip() for k in cfg.admin.api_keys):
+        raise fail("admin", "api_keys", None, "contains an empty key")
+    if set(cfg.admin.api_keys) & set(cfg.auth.api_keys):
+        # One key for both would let a client drive the admin API (and the reverse).
+        raise fail("admin", "api_keys", None, "must not repeat a key of auth.api_keys")
 
 
 def auth_mode(cfg: Config) -> str:

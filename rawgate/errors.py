@@ -25,6 +25,7 @@ __all__ = [
     "AuthenticationError",
     "BadGateway",
     "BadRequest",
+    "Conflict",
     "HTTPVersionNotSupported",
     "HeadersTooLarge",
     "InsufficientQuota",
@@ -139,6 +140,14 @@ class NotFound(RawgateError):
     status = 404
     type = "invalid_request_error"
     default_code = "not_found"
+
+
+class Conflict(RawgateError):
+    """409: the name is taken (the admin API's key add)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class MethodNotAllowed(RawgateError):

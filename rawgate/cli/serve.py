@@ -59,6 +59,7 @@ from rawgate.config import (
 from rawgate.conn import ServerState
 from rawgate.http.listener import BindError, bind_error, bind_hosts, open_server, server_ssl_context
 from rawgate.logs import configure_logging
+from rawgate.monitor.admin_key import AdminKeyError, admin_keys
 
 if TYPE_CHECKING:
     import ssl
@@ -290,6 +291,20 @@ def _startup_line(
     )
 
 
+def _dashboard_line(url: str, key: str | None) -> str:
+    """The /ui URL, once per start on stderr (not a log line). With a generated admin key the
+    key rides in the URL fragment, which a browser never sends to a server; configured keys
+    are never printed."""
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.rpartition(":")
+    if host in ("0.0.0.0", "[::]"):  # listening on every address: this machine's loopback
+        host = "127.0.0.1"
+    base = f"{scheme}://{host}:{port}/ui"
+    if key is None:
+        return f"rawgate: dashboard: {base} (admin key: [admin] api_keys)"
+    return f"rawgate: dashboard: {base}#key={key}"
+
+
 async def serve(
     cfg: Config,
     *,
@@ -329,6 +344,8 @@ async def serve(
             if announce:
                 auth = stack.app.effective_auth_mode()
                 print(_startup_line(cfg, server.urls, 1, emulate, auth), flush=True)
+                print(_dashboard_line(server.urls[0], stack.admin_key), file=sys.stderr,
+                      flush=True)  # fmt: skip
             if not worker_index and stack.no_accounts:  # once, not once per worker
                 log.warning(NO_ACCOUNT_WARNING)
             reloader = _Reloader(cfg, stack, server, reload, worker_index)
@@ -544,6 +561,10 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
         AccountStore(rawgate_home() / "accounts.json").load()
     except AccountStoreError as e:
         return _fail(str(e), 2)
+    try:  # made once here, before any worker starts, so that every worker reads the same key
+        shown = admin_keys(cfg.admin.api_keys, rawgate_home())[1]
+    except AdminKeyError as e:
+        return _fail(str(e), 2)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         port, holder = _reserve_port(cfg)
@@ -582,6 +603,7 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
             scheme = "https" if cfg.server.tls_cert else "http"
             urls = [f"{scheme}://{f'[{h}]' if ':' in h else h}:{port}" for h in bind_hosts(cfg)]
             print(_startup_line(cfg, urls, n, args.emulate), flush=True)
+            print(_dashboard_line(urls[0], shown), file=sys.stderr, flush=True)
         while code == 0 and not signals_seen:
             time.sleep(_SUPERVISE_TICK_S)
             if hups and not signals_seen:

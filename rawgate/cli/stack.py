@@ -22,6 +22,9 @@ Invariants:
 - The request log (`[log] request_log`, RAWGATE_HOME/requests.db, monitor/request_log.py) gets
   one row per proxied request from the request's access record, queued without I/O; the writer
   thread stops (writing what is queued) after the server has stopped serving.
+- The admin API (/admin/..., /ui: gateway/admin.py) takes `[admin] api_keys`, else the key of
+  RAWGATE_HOME/admin_key (made here if missing); every proxied request also goes into the
+  per-minute rate ring it shows (monitor/rates.py), request log on or off.
 - `Stack.reconfigure()` is the SIGHUP path: the app and the gateway take the new settings for
   the next request; what was built once (upstream pool, emulator) stays.
 """
@@ -42,10 +45,13 @@ import anyio
 import msgspec
 
 from rawgate.accounts.store import Account, AccountStore
-from rawgate.config import Config, rawgate_home
+from rawgate.config import Config, ConfigError, rawgate_home
+from rawgate.gateway.admin import Admin
 from rawgate.gateway.core import Gateway
 from rawgate.http.app import GatewayApp
 from rawgate.metrics import Merge, WorkerExchange
+from rawgate.monitor.admin_key import AdminKeyError, admin_keys
+from rawgate.monitor.rates import RateRing
 from rawgate.monitor.request_log import RequestLog, Row
 from rawgate.state.keys import KEY_PREFIX, KeyRecord
 from rawgate.state.store import State, open_state
@@ -81,6 +87,10 @@ class Stack:
     emulator: RunningEmulator | None = None
     shared: State | None = None  # the shared state ([state] backend)
     request_log: RequestLog | None = None
+    admin: Admin | None = None
+    # The generated admin key (RAWGATE_HOME/admin_key) while [admin] api_keys is empty: what
+    # `serve` prints in the /ui URL; None when the keys are configured.
+    admin_key: str | None = None
 
     @property
     def no_accounts(self) -> bool:
@@ -211,7 +221,11 @@ async def open_stack(
         shared = await stack.enter_async_context(
             open_state(cfg, home, processes=2 if metrics_dir is not None else 1)
         )
-        app = GatewayApp(cfg, state, client_keys=StateKeys(shared))
+        try:
+            admin_list, shown = admin_keys(cfg.admin.api_keys, home)
+        except AdminKeyError as e:
+            raise ConfigError(str(e)) from None
+        app = GatewayApp(cfg, state, client_keys=StateKeys(shared), admin_keys=admin_list)
         app.health_extra = lambda: {"state": shared.status()["state"]}
         for name, kind, help_, fn in shared.metrics_collectors():
             app.metrics.add_collector(name, kind, help_, fn, _GAUGE_MERGE.get(name, "sum"))
@@ -229,7 +243,8 @@ async def open_stack(
                 rlog = None
             else:
                 stack.push_async_callback(_close_log, rlog)
-                _observe(app, rlog)
+        rates = RateRing()
+        _observe(app, rlog, rates)
         gateway = Gateway(
             cfg,
             home=home,
@@ -244,6 +259,8 @@ async def open_stack(
                 a.kind == "api_key" and a.api_key == key for a in gateway.accounts
             )
         gateway.install(app)
+        admin = Admin(gateway, app, rates=rates, rlog=rlog, home=home, emulated=emu is not None)
+        admin.install(app)
         for name, kind, help_, fn in gateway.scheduler.metrics_collectors(time.monotonic):
             app.metrics.add_collector(name, kind, help_, fn, _GAUGE_MERGE.get(name, "sum"))
         if metrics_dir is not None:
@@ -251,7 +268,7 @@ async def open_stack(
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             tg.start_soon(exchange.run)
-        yield Stack(app, gateway, cfg, emu, shared, rlog)
+        yield Stack(app, gateway, cfg, emu, shared, rlog, admin, shown)
 
 
 async def _close_log(rlog: RequestLog) -> None:
@@ -260,19 +277,28 @@ async def _close_log(rlog: RequestLog) -> None:
         await anyio.to_thread.run_sync(rlog.close)
 
 
-def _observe(app: GatewayApp, rlog: RequestLog) -> None:
-    """Feed the request log from the app's observer hook, and count its drops in /metrics."""
-    record = rlog.record
+def _observe(app: GatewayApp, rlog: RequestLog | None, rates: RateRing) -> None:
+    """Feed the rate ring and the request log from the app's observer hook (proxied requests
+    only), and count the log's drops in /metrics."""
+    ring = rates.record
 
     def observe(
         req: Request, route: str, status: int, duration_s: float, ttfb_s: float | None,
         bytes_out: int,
     ) -> None:  # fmt: skip
-        row = request_log_row(req, route, status, duration_s, ttfb_s, bytes_out)
-        if row is not None:
-            record(row)
+        a = req.access
+        if not a.protocol:
+            return
+        tokens = a.tokens
+        ring(time.time(), duration_s, status, tokens[0], tokens[1])
+        if rlog is not None:
+            row = request_log_row(req, route, status, duration_s, ttfb_s, bytes_out)
+            if row is not None:
+                rlog.record(row)
 
     app.on_request = observe
+    if rlog is None:
+        return
     app.metrics.add_collector(
         "rawgate_request_log_dropped_total",
         "counter",

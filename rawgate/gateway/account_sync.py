@@ -58,6 +58,8 @@ class AccountSync:
         self.on_reload = on_reload
         self.accounts: dict[str, Account] = {}
         self.dirty: dict[str, list[Any]] = {}  # per-account counters not yet written
+        # The last failure message per account id (the admin API shows it; bounded by the pool)
+        self.last_error: dict[str, str] = {}
         self.tg: Any = None
 
     def reload(self) -> None:
@@ -115,7 +117,7 @@ class AccountSync:
         d[2] += tokens_out
         if error is not None:
             d[3] += 1
-            d[4] = error
+            d[4] = self.last_error[acc.id] = error
 
     def flush(self) -> None:
         dirty, self.dirty = self.dirty, {}

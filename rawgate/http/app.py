@@ -106,7 +106,7 @@ Handler = Callable[[Request, ResponseSink], Awaitable[None]]
 # A route's own error shape: (status, headers, body) for an error refused before or by its
 # handler, or None for the OpenAI JSON error (gateway/front.py `Front.error`).
 ErrorShape = Callable[[RawgateError], "tuple[int, list[Header], bytes] | None"]
-AuthLevel = Literal["protected", "public", "health"]
+AuthLevel = Literal["protected", "public", "health", "admin"]
 
 # Label for requests that matched no route: one series, whatever paths clients invent.
 UNMATCHED = "unmatched"
@@ -131,6 +131,7 @@ _BEARER = b"bearer"
 _HEALTH_BODY = b'{"status":"ok","version":"' + __version__.encode() + b'"}'
 _RETRY_1: Header = (b"retry-after", b"1")
 _WWW_AUTH: Header = (b"www-authenticate", b'Bearer realm="rawgate"')
+_WWW_AUTH_ADMIN: Header = (b"www-authenticate", b'Bearer realm="rawgate-admin"')
 _VARY_ORIGIN: Header = (b"vary", b"origin")
 _ACAO_ANY: Header = (b"access-control-allow-origin", b"*")
 # Browsers hide response headers from scripts unless exposed; these are the ones clients read.
@@ -155,8 +156,9 @@ _SLOT = {
     b"host": 7,
     b":authority": 8,
     b"content-type": 9,
+    b"x-admin-key": 10,
 }
-_N_SLOTS = 10
+_N_SLOTS = 11
 # Paths whose requests never count against limits.max_in_flight.
 _UNCAPPED = frozenset({"/healthz", "/health", "/metrics"})
 _DUPLICATE = b"\x00dup"  # a repeated credential header: ambiguous, never accepted
@@ -265,8 +267,8 @@ class Router:
         """
         if not path.startswith("/"):
             raise ValueError(f"route path must start with '/': {path!r}")
-        if auth not in ("protected", "public", "health"):
-            raise ValueError(f"auth must be protected, public or health, not {auth!r}")
+        if auth not in ("protected", "public", "health", "admin"):
+            raise ValueError(f"auth must be protected, public, health or admin, not {auth!r}")
         method = method.upper()
         if prefix:
             if not path.endswith("/"):
@@ -378,10 +380,13 @@ class GatewayApp:
         state: ServerState | None = None,
         *,
         client_keys: ClientKeys | None = None,
+        admin_keys: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.state = state
         self.client_keys = client_keys
+        # The admin keys used while [admin] api_keys is empty (the RAWGATE_HOME/admin_key file).
+        self.admin_fallback = list(admin_keys or ())
         self.on_request: RequestObserver | None = None
         # Extra fields of the /healthz body (the shared state's "state": "ok" | "degraded").
         self.health_extra: Callable[[], dict[str, Any]] | None = None
@@ -416,6 +421,8 @@ class GatewayApp:
         self._access_log = cfg.log.access_log
         # Digests of the keys: equal-length values for compare_digest whatever the key lengths.
         self._key_digests = [hashlib.sha256(k.encode()).digest() for k in cfg.auth.api_keys]
+        admin = cfg.admin.api_keys or self.admin_fallback
+        self._admin_digests = [hashlib.sha256(k.encode()).digest() for k in admin if k]
         origins = cfg.server.cors_allowed_origins
         self._cors_any = "*" in origins
         self._cors_origins = frozenset(
@@ -452,8 +459,12 @@ class GatewayApp:
         origin = slots[1]
         host = slots[7] if slots[7] is not None else slots[8]
         foreign = origin is not None and not self._same_origin(request, origin, host)
-        cors_ok = origin is not None and (
-            not foreign or (self._cors_allows(origin) and not _admin_path(request.path))
+        # Admin paths never carry CORS headers, not even for their own origin (a same-origin
+        # page needs none), and never answer a preflight.
+        cors_ok = (
+            origin is not None
+            and not _admin_path(request.path)
+            and (not foreign or self._cors_allows(origin))
         )
         if cors_ok:
             assert origin is not None
@@ -492,6 +503,8 @@ class GatewayApp:
                 if foreign and not cors_ok:
                     raise _foreign_origin(request.path)
                 if request.method == "OPTIONS" and origin is not None and slots[5] is not None:
+                    if _admin_path(request.path):
+                        raise _foreign_origin(request.path)
                     await self._preflight(out, cors_ok, slots[6])
                     return
                 mode = self.auth_mode  # inline self._mode(): one call less per request
@@ -499,7 +512,9 @@ class GatewayApp:
                 if self._auto_off and keys is not None and keys.any():
                     mode = "all_except_health"
                 rec: ClientKey | None = None
-                if mode != "off":
+                if route is not None and route.auth == "admin":
+                    self._admin_auth(slots)  # whatever the mode; client keys never count
+                elif mode != "off":
                     if not self._exempt(route, mode):
                         rec = self._authenticate(request.query, route, slots)
                 elif keys is not None and keys.any():
@@ -617,6 +632,14 @@ class GatewayApp:
                 _check_json(ct)
             except UnsupportedMediaType:
                 return False
+        if path.startswith("/admin"):
+            admin = self.router.match(method, path)
+            if admin is not None and admin.auth == "admin":
+                try:
+                    self._admin_auth(slots)
+                except AuthenticationError:
+                    return False
+                return True
         mode = self._mode()
         if mode == "off":
             return True
@@ -642,6 +665,35 @@ class GatewayApp:
         if self._auto_off and self.client_keys is not None and self.client_keys.any():
             return "all_except_health"
         return self.auth_mode
+
+    def _admin_auth(self, slots: list[bytes | None]) -> None:
+        """401 unless an admin key came in X-Admin-Key or Authorization. Never a cookie (a
+        browser attaches cookies to forged cross-site requests), never a query parameter (URLs
+        end up in logs and browser histories)."""
+        value = slots[10]
+        if value is None:
+            auth = slots[2]
+            presented = None if auth is None else auth if auth is _DUPLICATE else _bearer(auth)
+        else:
+            presented = value if value is _DUPLICATE else value.strip(b" \t")
+        if presented is None:
+            raise AuthenticationError(
+                "This admin route needs the admin key in a header: 'Authorization: Bearer <key>'"
+                " or 'X-Admin-Key: <key>' ([admin] api_keys, or the key in"
+                " RAWGATE_HOME/admin_key that rawgate serve prints with the /ui URL).",
+                code="admin_key_required",
+                headers=[_WWW_AUTH_ADMIN],
+            )
+        digest = hashlib.sha256(presented).digest()
+        ok = False
+        for d in self._admin_digests:  # no early exit: time does not depend on which matched
+            ok |= hmac.compare_digest(digest, d)
+        if not ok or not presented or presented is _DUPLICATE:
+            raise AuthenticationError(
+                "Incorrect admin key (client keys and auth.api_keys are not admin keys).",
+                code="admin_key_invalid",
+                headers=[_WWW_AUTH_ADMIN],
+            )
 
     def _exempt(self, route: Route | None, mode: str) -> bool:
         if route is None:

@@ -305,13 +305,23 @@ def query_rows(
     model: str | None = None,
     status: str | None = None,
     limit: int = 1000,
+    before_ts: float | None = None,
+    account: str | None = None,
+    newest_first: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Rows matching the filters, oldest first (each with its `id`)."""
+    """Rows matching the filters, oldest first (each with its `id`); `newest_first` for the
+    admin API's pages (`before_ts`: rows strictly older, the next page)."""
     where = ["id > ?"]
     params: list[Any] = [after_id]
     if since_ts is not None:
         where.append("ts >= ?")
         params.append(since_ts)
+    if before_ts is not None:
+        where.append("ts < ?")
+        params.append(before_ts)
+    if account is not None:
+        where.append("account = ?")
+        params.append(account)
     if key is not None:
         where.append("key_name = ?")
         params.append(key)
@@ -324,7 +334,7 @@ def query_rows(
         params.extend(args)
     sql = (
         f"SELECT id, {', '.join(COLUMNS)} FROM requests WHERE {' AND '.join(where)} "
-        "ORDER BY id LIMIT ?"
+        f"ORDER BY id {'DESC' if newest_first else ''} LIMIT ?"
     )
     params.append(limit)
     for rec in conn.execute(sql, params):
