@@ -16,11 +16,13 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +31,8 @@ from typing import Any
 import orjson
 import pytest
 from openai import OpenAI
+
+from tests.helpers_redis import REDIS_BIN, RedisServer
 
 CHROMIUM = os.environ.get("RAWGATE_CHROMIUM", "/usr/bin/chromium")
 if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
@@ -51,9 +55,10 @@ ACCOUNTS = {
 }
 
 
-def _env(home: Path) -> dict[str, str]:
+def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAWGATE_")}
     env["RAWGATE_HOME"] = str(home)
+    env.update(extra)
     return env
 
 
@@ -108,20 +113,26 @@ def _wait_for(pred: Any, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
+def _add_accounts(home: Path) -> None:
+    """Accounts A, B, C in home/accounts.json, with the CLI."""
+    home.mkdir(exist_ok=True)
     for label, key in ACCOUNTS.items():
         subprocess.run(
             [sys.executable, "-m", "rawgate", "accounts", "add", "--api-key", key,
              "--label", label],
-            env=_env(tmp_path), check=True, capture_output=True, timeout=WAIT_S,
+            env=_env(home), check=True, capture_output=True, timeout=WAIT_S,
         )  # fmt: skip
-    log = tmp_path / "stderr.log"
+
+
+@contextmanager
+def _serve(home: Path, **env: str) -> Iterator[Gateway]:
+    """`rawgate serve --emulate` on a free port with the accounts in `home`."""
+    log = home / "stderr.log"
     with log.open("w") as err:
         p = subprocess.Popen(
             [sys.executable, "-m", "rawgate", "serve", "--emulate", "--host", "127.0.0.1",
              "--port", "0"],
-            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=err, text=True,
+            env=_env(home, **env), stdout=subprocess.PIPE, stderr=err, text=True,
         )  # fmt: skip
     try:
         assert p.stdout is not None
@@ -135,7 +146,7 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         assert found is not None
         url = found.group(1)
         assert url.startswith(f"http://127.0.0.1:{port}/ui#key=")
-        key_file = tmp_path / "admin_key"
+        key_file = home / "admin_key"
         assert key_file.stat().st_mode & 0o777 == 0o600
         assert key_file.read_text().strip() == url.split("#key=", 1)[1]
         yield Gateway(p, port, log, url)
@@ -147,6 +158,13 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
             except subprocess.TimeoutExpired:
                 p.kill()
         p.communicate(timeout=WAIT_S)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    _add_accounts(tmp_path)
+    with _serve(tmp_path) as gw:
+        yield gw
 
 
 @pytest.fixture(scope="module")
@@ -487,4 +505,58 @@ def test_client_keys_added_and_removed_from_the_page(
     pg.get_by_test_id("key-remove-ci").click()
     pg.get_by_test_id("key-remove-confirm-ci").click()
     expect(pg.get_by_test_id("key-row-ci")).to_have_count(0, timeout=EXPECT_MS)
+    assert seen.errors == []
+
+
+# ---- several instances on Redis: fleet-wide accounts and usage, this instance's requests -------
+
+
+@pytest.mark.skipif(
+    REDIS_BIN is None, reason="redis-server not installed (apt-get install redis-server)"
+)
+def test_on_redis_the_page_shows_the_fleet(tmp_path: Path, page: tuple[Page, Seen]) -> None:
+    pg, seen = page
+    redis = RedisServer().start()
+    try:
+        env = {
+            "RAWGATE_STATE_BACKEND": "redis",
+            "RAWGATE_STATE_REDIS_URL": redis.url,
+            "RAWGATE_STATE_KEY_PREFIX": f"ui{os.getpid()}:",
+        }
+        # The same accounts (same ids: cooldowns are shared per account id) in both homes.
+        _add_accounts(tmp_path / "one")
+        (tmp_path / "two").mkdir()
+        shutil.copy2(tmp_path / "one" / "accounts.json", tmp_path / "two" / "accounts.json")
+        with (
+            _serve(tmp_path / "one", **env) as one,
+            _serve(tmp_path / "two", **env) as two,
+        ):
+            _open(pg, one)
+            expect(pg.get_by_test_id("instance-backend")).to_have_text("redis")
+            expect(pg.get_by_test_id("fleet-note")).to_be_visible()
+            expect(pg.get_by_test_id("fleet-note")).to_contain_text(
+                "fleet-wide accounts and usage from the shared store; requests from this instance"
+            )
+            # Requests served by the other instance: in the fleet's usage, not in this
+            # instance's request log.
+            assert {two.chat()[0] for _ in range(3)} == {200}
+            expect(
+                pg.locator("[data-testid=usage-model-row][data-name='gemini-2.5-flash'] td").nth(1)
+            ).to_have_text("3", timeout=EXPECT_MS)
+            expect(pg.get_by_test_id("usage-sub")).to_contain_text("fleet-wide")
+            expect(pg.get_by_test_id("requests-table")).to_contain_text("no request matches")
+            # A cooldown met on the other instance shows here (the shared store's).
+            cool_a = f"[[emu:error status=429 retry_delay=45s limit=10 for={ACCOUNTS['A']}]] hi"
+            assert all(two.chat(cool_a)[0] == 200 for _ in range(3))
+            expect(_state(pg, "A")).to_have_attribute("data-state", "cooling", timeout=EXPECT_MS)
+            expect(pg.get_by_test_id("account-countdown-A").first).to_have_text(
+                re.compile(r"^\d+s$")
+            )
+            # The store stops answering: this instance says it is degraded, and goes on.
+            redis.stop()
+            expect(pg.get_by_test_id("instance-state")).to_have_text(
+                "state degraded", timeout=EXPECT_MS
+            )
+    finally:
+        redis.stop()
     assert seen.errors == []
