@@ -332,6 +332,31 @@ def test_dashboard_shows_the_gateway_live(gateway: Gateway, page: tuple[Page, Se
     assert seen.errors == []
 
 
+def test_polling_pauses_while_the_tab_is_hidden(gateway: Gateway, page: tuple[Page, Seen]) -> None:
+    pg, seen = page
+    _open(pg, gateway)
+    expect(pg.get_by_test_id("live-status")).to_contain_text("live")
+
+    def overviews() -> int:
+        return sum(1 for _, url, _ in seen.admin if url.endswith("/admin/overview"))
+
+    set_hidden = """(hidden) => {
+        Object.defineProperty(document, "hidden", {value: hidden, configurable: true});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }"""
+    pg.evaluate(set_hidden, True)
+    expect(pg.get_by_test_id("live-status")).to_have_text("paused (tab hidden)")
+    paused_at = overviews()
+    pg.wait_for_timeout(3 * 2000)  # three poll periods
+    assert overviews() <= paused_at + 1  # at most the one already on its way
+    gateway.chat()
+    pg.evaluate(set_hidden, False)  # back: polls at once, and the request shows
+    expect(pg.get_by_test_id("live-status")).to_contain_text("live", timeout=EXPECT_MS)
+    expect(pg.get_by_test_id("request-row")).to_have_count(1, timeout=EXPECT_MS)
+    assert overviews() > paused_at
+    assert seen.errors == []
+
+
 # ---- actions: disable / enable an account -----------------------------------------------------
 
 
