@@ -45,6 +45,10 @@ try:
 except ImportError:  # pragma: no cover - the test extra pins it
     pytest.skip("playwright is not installed (pip install -e '.[test]')", allow_module_level=True)
 
+# A browser and one or two gateway processes per test: more than the suite's 60 s default on a
+# loaded machine (each step waits on the page, none on the clock).
+pytestmark = pytest.mark.timeout(180)
+
 WAIT_S = 20.0
 EXPECT_MS = 15_000  # playwright's polling deadline for one DOM expectation
 SCREENSHOT = Path(__file__).with_name("dashboard.png")
