@@ -34,6 +34,7 @@ SLOW_MODULES = frozenset(
         "test_emulator_cli",
         "test_bench",
         "test_dashboard_browser",
+        "test_admin_serve",
     }
 )
 

@@ -206,6 +206,7 @@ class Admin:
         # admin key is checked first and the answer is in the admin shape (404/405 included).
         for method in ("GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"):
             add(method, "/admin", self.dispatch, auth="admin", shape=admin_error)
+            add(method, "/admin/", self.dispatch, auth="admin", shape=admin_error)
             add(method, "/admin/", self.dispatch, auth="admin", prefix=True,
                 label="/admin/{path}", shape=admin_error)  # fmt: skip
 
@@ -393,6 +394,12 @@ class Admin:
         since = time.time() - _since(q["since"]) if "since" in q else None
         path = self.home / "requests.db"
         model, key, account = q.get("model"), q.get("key"), q.get("account")
+        if account is not None:
+            # Rows name the account as it is shown (label, email or id): accept any of them.
+            try:
+                account = self._find_account(account).display_name()
+            except (NotFound, Conflict):
+                pass  # an account removed since: its rows still carry the name given
 
         def read() -> list[dict[str, Any]]:
             if not path.exists():
@@ -425,7 +432,7 @@ class Admin:
         models.update(r.custom_mapping)
         return 200, {
             "server": {
-                "host": s.host or "127.0.0.1",
+                "host": s.host or ("0.0.0.0" if s.allow_lan_access else "127.0.0.1"),
                 "port": s.port,
                 "workers": s.workers,
                 "tls": bool(s.tls_cert),
@@ -448,8 +455,8 @@ class Admin:
             "limits": msgspec.structs.asdict(cfg.limits),
             "timeouts": msgspec.structs.asdict(cfg.timeouts),
             "upstream": {
-                "gemini_base_url": up.gemini_base_url,
-                "code_assist_base_url": up.code_assist_base_url,
+                "gemini_base_url": _mask_url(up.gemini_base_url),
+                "code_assist_base_url": _mask_url(up.code_assist_base_url),
                 "http2": up.http2,
                 "proxy": bool(up.proxy),  # the URL may carry credentials
                 "emulated": self.emulated,

@@ -28,6 +28,11 @@ Invariants:
     charset allowed) or none at all, else 415. No Content-Type is accepted because browsers
     always send Origin with a cross-origin POST, which the Origin rule already refused; curl -d
     without -H sends application/x-www-form-urlencoded and gets the 415 with the fix.
+- Admin routes (`auth="admin"`: /admin/..., gateway/admin.py) take the admin key only
+  (`[admin] api_keys`, else the RAWGATE_HOME/admin_key fallback the app is built with) from
+  X-Admin-Key or Authorization, whatever auth.mode says: never exempt, never a cookie or a
+  query parameter, and neither auth.api_keys nor client keys count there (nor the admin key
+  elsewhere). Admin paths never carry CORS headers and refuse every preflight.
 - Keys are compared in constant time on bytes: SHA-256 of the presented key against the digest
   of every configured key, no early exit; non-ASCII bytes are just bytes.
 - Client keys (`rawgate keys`) come from an injected `ClientKeys` (the http layer never imports

@@ -29,6 +29,8 @@ BUCKET_S = 60  # one minute each
 LATENCY_BINS = 41
 _REQ, _ERR, _TIN, _TOUT, _HIST = 0, 1, 2, 3, 4
 _SQRT2 = math.sqrt(2.0)
+_HALF_SQRT2 = _SQRT2 / 2
+_frexp = math.frexp
 
 
 def bin_of(ms: float) -> int:
@@ -61,27 +63,39 @@ def _percentile(hist: list[int], total: int, q: float) -> float | None:
 class RateRing:
     """See the module note. `record` per finished request; `view` for /admin/overview."""
 
-    __slots__ = ("_buckets", "_minute")
+    __slots__ = ("_buckets", "_cur", "_minute", "_next")
 
     def __init__(self) -> None:
         self._buckets = [[0] * (_HIST + LATENCY_BINS) for _ in range(BUCKETS)]
         self._minute = -1  # the unix minute the current slot holds
+        self._cur = self._buckets[0]  # its slot
+        self._next = 0.0  # when the next minute starts (unix seconds)
 
     def record(
         self, now: float, latency_s: float, status: int, tokens_in: int = 0, tokens_out: int = 0
     ) -> None:
-        minute = int(now) // BUCKET_S
-        if minute > self._minute:
-            self._advance(minute)
-        b = self._buckets[self._minute % BUCKETS]
-        b[_REQ] += 1
+        # Literal indexes, the slot kept, bin_of inlined: this runs once per request
+        # (bench.micro rates_record: 0.65 us a call on the shared 2-core box, ~0.15 us of it the
+        # bench loop; 0.78 us measured the same way with a bin_of call and a modulo per call).
+        if now >= self._next:
+            self._advance(int(now) // BUCKET_S)
+        b = self._cur
+        b[0] += 1
         if status >= 400 and status != 499:
-            b[_ERR] += 1
-        b[_TIN] += tokens_in
-        b[_TOUT] += tokens_out
-        b[_HIST + bin_of(latency_s * 1000.0)] += 1
+            b[1] += 1
+        b[2] += tokens_in
+        b[3] += tokens_out
+        ms = latency_s * 1000.0
+        if ms < 1.0:
+            b[4] += 1
+        else:
+            m, e = _frexp(ms)
+            i = 2 * e - 2 + (m >= _HALF_SQRT2)
+            b[4 + (i if i < LATENCY_BINS else LATENCY_BINS - 1)] += 1
 
     def _advance(self, minute: int) -> None:
+        if minute <= self._minute:
+            return
         # Zero the slots of the minutes skipped (at most the whole ring), then the new one.
         first = max(self._minute + 1, minute - BUCKETS + 1)
         for m in range(first, minute + 1):
@@ -89,14 +103,15 @@ class RateRing:
             for i in range(len(row)):
                 row[i] = 0
         self._minute = minute
+        self._cur = self._buckets[minute % BUCKETS]
+        self._next = float((minute + 1) * BUCKET_S)
 
     def view(self, now: float) -> dict[str, Any]:
         """{"bucket_s", "series": BUCKETS entries oldest first (the last is the current,
         partial minute), "last_minute": the trailing 60 s, estimated from the current bucket
         and the share of the previous one that falls into them}."""
         minute = int(now) // BUCKET_S
-        if minute > self._minute:
-            self._advance(minute)
+        self._advance(minute)
         series: list[dict[str, Any]] = []
         for m in range(minute - BUCKETS + 1, minute + 1):
             b = self._buckets[m % BUCKETS]

@@ -899,3 +899,69 @@ async def test_disconnect_inside_task_group_is_not_an_error(
     access = [r.getMessage() for r in caplog.records if r.name == "rawgate.access"]
     assert len(access) == 1 and " 499 " in access[0]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ---- admin routes (auth="admin": gateway/admin.py registers them) -------------------------------
+
+
+def _admin_app(fallback: list[str], configured: tuple[str, ...] = ()) -> GatewayApp:
+    from rawgate.config import AdminConfig
+
+    cfg = Config(admin=AdminConfig(api_keys=list(configured)))
+    app = GatewayApp(cfg, admin_keys=fallback)
+
+    async def ok(req: Request, sink: ResponseSink) -> None:
+        await json_response(sink, 200, b"{}")
+
+    app.router.add("GET", "/admin/x", ok, auth="admin")
+    return app
+
+
+async def test_admin_keys_compare_every_key_and_follow_a_reload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rawgate.config import AdminConfig
+
+    app = _admin_app(["file-key"], ("a1", "a2"))
+    seen: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        seen.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    for key, status in [("a1", 200), ("a2", 200), ("file-key", 401), ("x" * 5000, 401)]:
+        seen.clear()
+        sink = await call(app, "GET", "/admin/x", [("x-admin-key", key)])
+        assert sink.status == status, key
+        assert seen == [(32, 32)] * 2  # every configured key, equal-length digests
+    # A SIGHUP that drops [admin] api_keys falls back to the admin_key file's key.
+    app.configure(Config(admin=AdminConfig(api_keys=[])))
+    assert (await call(app, "GET", "/admin/x", [("x-admin-key", "file-key")])).status == 200
+    assert (await call(app, "GET", "/admin/x", [("x-admin-key", "a1")])).status == 401
+
+
+@pytest.mark.parametrize(
+    ("headers", "ok"),
+    [
+        ([("x-admin-key", "k")], True),
+        ([("authorization", "Bearer k")], True),
+        ([("authorization", "k")], True),
+        ([("x-admin-key", " k ")], True),
+        ([], False),
+        ([("x-admin-key", "k"), ("x-admin-key", "k")], False),  # ambiguous: never accepted
+        ([("authorization", "Bearer k"), ("authorization", "Bearer k")], False),
+        ([("x-admin-key", "")], False),
+        ([("x-api-key", "k")], False),
+        ([("x-goog-api-key", "k")], False),
+        ([("cookie", "x-admin-key=k")], False),
+    ],
+)
+async def test_admin_key_headers(headers: list[tuple[str, str]], ok: bool) -> None:
+    app = _admin_app(["k"])
+    sink = await call(app, "GET", "/admin/x", headers)
+    assert sink.status == (200 if ok else 401)
+    raw = [(k.encode(), v.encode()) for k, v in headers]
+    assert app.admit_head("GET", "/admin/x", "", raw) == ok
+    assert (await call(app, "GET", "/admin/x?key=k")).status == 401
