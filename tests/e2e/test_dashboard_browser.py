@@ -391,6 +391,25 @@ def test_disable_from_the_page_takes_effect_on_the_next_request(
     assert gw.chat() == (200, "C")
     _toggle(pg, "A", "up")
     assert {gw.chat()[1] for _ in range(4)} == {"A", "C"}
+    # A reason set elsewhere (here the API itself) that looks like HTML shows as text.
+    markup = '<img src=x onerror="window.__owned=1"><b>bold</b>'
+    c = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=WAIT_S)
+    try:
+        c.request(
+            "POST",
+            "/admin/accounts/C/disable",
+            orjson.dumps({"reason": markup}),
+            {"authorization": f"Bearer {gw.admin_key}", "content-type": "application/json"},
+        )
+        r = c.getresponse()
+        r.read()
+        assert r.status == 200
+    finally:
+        c.close()
+    expect(_state(pg, "C")).to_contain_text(markup, timeout=EXPECT_MS)
+    assert pg.locator("[data-testid=accounts-table] img").count() == 0
+    assert pg.locator("[data-testid=accounts-table] .reason b").count() == 0
+    assert pg.evaluate("window.__owned") is None
     assert seen.errors == []
 
 
