@@ -35,6 +35,7 @@ SLOW_MODULES = frozenset(
         "test_keys",
         "test_emulator_cli",
         "test_bench",
+        "test_dashboard_browser",
         "test_admin_serve",
     }
 )
