@@ -16,7 +16,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -117,14 +116,14 @@ def _wait_for(pred: Any, what: str) -> None:
         time.sleep(0.05)
 
 
-def _add_accounts(home: Path) -> None:
-    """Accounts A, B, C in home/accounts.json, with the CLI."""
+def _add_accounts(home: Path, **env: str) -> None:
+    """Accounts A, B, C with the CLI: in home/accounts.json, or in Redis with its settings."""
     home.mkdir(exist_ok=True)
     for label, key in ACCOUNTS.items():
         subprocess.run(
             [sys.executable, "-m", "rawgate", "accounts", "add", "--api-key", key,
              "--label", label],
-            env=_env(home), check=True, capture_output=True, timeout=WAIT_S,
+            env=_env(home, **env), check=True, capture_output=True, timeout=WAIT_S,
         )  # fmt: skip
 
 
@@ -571,10 +570,11 @@ def test_on_redis_the_page_shows_the_fleet(tmp_path: Path, page: tuple[Page, See
             "RAWGATE_STATE_REDIS_URL": redis.url,
             "RAWGATE_STATE_KEY_PREFIX": f"ui{os.getpid()}:",
         }
-        # The same accounts (same ids: cooldowns are shared per account id) in both homes.
-        _add_accounts(tmp_path / "one")
+        # The fleet's accounts live in Redis (`rawgate accounts add` acts on the configured
+        # backend); both instances serve that one list.
+        _add_accounts(tmp_path / "one", **env)
         (tmp_path / "two").mkdir()
-        shutil.copy2(tmp_path / "one" / "accounts.json", tmp_path / "two" / "accounts.json")
+        assert not (tmp_path / "one" / "accounts.json").exists()
         with (
             _serve(tmp_path / "one", **env) as one,
             _serve(tmp_path / "two", **env) as two,
