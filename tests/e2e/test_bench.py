@@ -5,6 +5,8 @@ request each over h1 and h2c against the in-process stand-in (no load)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -689,3 +691,100 @@ def test_gateway_micro_runs_every_case_through_the_app(capsys: pytest.CaptureFix
         "gateway responses stream",
     ]
     assert all(r["value"] > 0 for r in rows)
+
+
+# ---- bench.lb and bench.variants (issues 16, 17) -------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_lb_gives_connections_round_robin_and_skips_a_dead_backend() -> None:
+    """bench.lb, in process: each connection goes to the next backend in turn, its bytes both
+    ways unchanged, half-close passed on; a backend that refuses is skipped."""
+    from bench import lb
+
+    async def backend(name: bytes, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            got = b""
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    got += await stream.receive()
+            await stream.send(name + b":" + got)  # after the client's EOF: half-close works
+
+    async with contextlib.AsyncExitStack() as stack:
+        lns = [await stack.enter_async_context(
+            await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0))
+            for _ in range(3)]  # fmt: skip
+        ports = [ln.extra(anyio.abc.SocketAttribute.local_port) for ln in lns]
+        dead = procs.free_port()
+        bal = lb.Balancer([("127.0.0.1", ports[0]), ("127.0.0.1", dead),
+                           ("127.0.0.1", ports[1])])
+        answers = []
+        # The task group last: it is cancelled and left before the listeners close.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lns[0].serve, functools.partial(backend, b"A"))
+            tg.start_soon(lns[1].serve, functools.partial(backend, b"B"))
+            tg.start_soon(lns[2].serve, bal.handle)
+            with anyio.fail_after(10):
+                for i in range(4):
+                    async with await anyio.connect_tcp("127.0.0.1", ports[2]) as c:
+                        await c.send(b"x" * 100_000 + str(i).encode())
+                        await c.send_eof()
+                        data = b""
+                        with contextlib.suppress(anyio.EndOfStream):
+                            while True:
+                                data += await c.receive()
+                        answers.append(data)
+            tg.cancel_scope.cancel()
+    assert [a[:2] for a in answers] == [b"A:", b"B:", b"A:", b"B:"]
+    assert all(a[2:] == b"x" * 100_000 + str(i).encode() for i, a in enumerate(answers))
+    assert bal.given == [2, 0, 2] and bal.failed == 0
+
+
+def _variants(tmp_path: Any, *args: str) -> tuple[Any, list[dict[str, Any]]]:
+    import subprocess
+    import sys
+
+    out = tmp_path / "variants.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.variants", *args, "--duration", "0.3", "--warmup", "0.1",
+         "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=180,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return proc, rows
+
+
+def test_variants_lb_two_instances_share_one_redis(tmp_path: Any) -> None:
+    """`python -m bench.variants lb`, tiny: one instance on local state, and two `serve --emulate`
+    instances on one real redis-server behind bench.lb, same load; the key limit is counted
+    across both (exactly --count answered, the rest 429, usage in Redis = --count, both served)."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    proc, rows = _variants(tmp_path, "lb", "--only", "chat:c=16", "--count", "30")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = {r["target"]: r for r in rows if r.get("kind") == "run"}
+    assert set(runs) == {"one-local", "one-local+lb", "one-redis", "two-redis+lb"}
+    assert all(r["ok"] > 0 and not r["errors"] for r in runs.values()), runs
+    assert set(runs["two-redis+lb"]["cpu_ms_per_req"]) == {"instances", "lb", "redis"}
+    [check] = [r for r in rows if r.get("kind") == "shared_state"]
+    assert check["passed"], check
+    assert (check["answered"], check["refused_429"], check["usage_requests"]) == (30, 10, 30)
+    assert sum(check["allowed_per_instance"]) == 30 and min(check["allowed_per_instance"]) > 0
+    assert "| chat c=16 | two-redis+lb |" in proc.stdout
+
+
+def test_variants_reqlog_runs_the_log_on_and_off_side_by_side(tmp_path: Any) -> None:
+    """`python -m bench.variants reqlog`, tiny: the same cases against an instance with the
+    request log on and one with it off; the on one logged every answer, the off one nothing."""
+    proc, rows = _variants(tmp_path, "reqlog", "--only", "chat:c=16",
+                           "--only", "stream-chat:c=16")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = [(r["case"], r["target"]) for r in rows if r.get("kind") == "run" and r["ok"] > 0]
+    assert runs == [("chat c=16", "log-on"), ("chat c=16", "log-off"),
+                    ("stream-chat c=16", "log-on"), ("stream-chat c=16", "log-off")]
+    [check] = [r for r in rows if r.get("kind") == "reqlog_check"]
+    assert check["passed"] and check["rows"] >= check["answered"] > 0 and not check["off_has_db"]
+    assert "difference per request (us)" in proc.stdout
