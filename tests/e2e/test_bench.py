@@ -788,3 +788,24 @@ def test_variants_reqlog_runs_the_log_on_and_off_side_by_side(tmp_path: Any) -> 
     [check] = [r for r in rows if r.get("kind") == "reqlog_check"]
     assert check["passed"] and check["rows"] >= check["answered"] > 0 and not check["off_has_db"]
     assert "difference per request (us)" in proc.stdout
+
+
+def test_state_cost_reports_cpu_latency_and_total_per_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench.state_cost, tiny: every backend row has CPU, the check's latency percentiles and the
+    per-request total (check + record_usage); the Redis rows when redis-server is installed."""
+    import shutil
+
+    from bench import state_cost
+
+    assert state_cost.main(["--n", "64", "--repeat", "1", "--json"]) == 0
+    rows = {r["backend"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    want = {"local", "local-shared"}
+    if shutil.which("redis-server"):
+        want |= {"redis c=1", "redis c=16", "raw PING"}
+    assert set(rows) == want
+    for name in want - {"raw PING"}:
+        r = rows[name]
+        assert r["cpu_us"] > 0 and r["p99_us"] >= r["p50_us"] > 0
+        assert r["total_cpu_us"] == pytest.approx(r["cpu_us"] + r["record_cpu_us"])
