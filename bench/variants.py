@@ -2,7 +2,7 @@
 
     python -m bench.variants lb     [--duration S] [--warmup S] [--repeats N] [--only SC[:CASE]]
                                     [--count N] [--json FILE]
-    python -m bench.variants reqlog [same options, no --count]
+    python -m bench.variants reqlog [same options, no --count] [--rate R]
 
 Mode `lb` (issue 16: several instances on one shared store): every instance is
 `rawgate serve --emulate` (the Gemini emulator in the same process, so an instance's CPU
@@ -73,6 +73,8 @@ MINUTE_MARGIN_S = 5.0
 COUNT_EXTRA = 10
 # How long usage written after the last answer may take to show up.
 USAGE_SETTLE_S = 5.0
+# --rate: requests in flight at most (the open loop's cap).
+OPEN_IN_FLIGHT = 64
 
 DEFAULT_CASES = {
     "lb": ["chat:c=16", "stream-chat:c=16"],
@@ -97,12 +99,24 @@ class Target:
                           apis=frozenset({"chat", "responses", "messages", "native"}))
 
     def cpu(self) -> dict[str, float]:
-        out = {"instances": sum(p.cpu_seconds() for p in self.instances)}
+        out = {"instances": sum(p.cpu_seconds() for p in self.instances),
+               "loop": sum(_main_thread_cpu_s(p.pid) for p in self.instances)}  # fmt: skip
         if self.lb is not None:
             out["lb"] = self.lb.cpu_seconds()
         if self.redis is not None:
             out["redis"] = self.redis.cpu_seconds()
         return out
+
+
+def _main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of the process's main thread (tid = pid: rawgate's event loop), from
+    schedstat (nanoseconds; /proc/<pid>/stat counts 10 ms ticks). The rest of the process's CPU
+    is its other threads: the request log's writer, to_thread workers."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 @dataclass
@@ -441,29 +455,34 @@ def summarize(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
 
 def table(records: list[dict[str, Any]]) -> str:
     s = summarize(records)
-    lines = ["| case | target | req/s | p50 ms | p99 ms | CPU ms/req: instances | balancer "
-             "| redis-server | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | target | req/s | p50 ms | p99 ms | CPU ms/req: instances | of it, "
+             "event-loop threads | balancer | redis-server | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (case, tgt), d in s.items():
         lines.append(
             f"| {case} | {tgt} | {_cell(d['rps'], 0)} | {_cell(d['p50_ms'], 3)} | "
             f"{_cell(d['p99_ms'], 3)} | {_cell(d.get('cpu_instances', []), 3)} | "
+            f"{_cell(d.get('cpu_loop', []), 3)} | "
             f"{_cell(d.get('cpu_lb', []), 3)} | {_cell(d.get('cpu_redis', []), 3)} | "
             f"{sum(d['errors']):.0f} |")
     return "\n".join(lines)
 
 
 def diff_table(records: list[dict[str, Any]], a: str, b: str) -> str:
-    """Per case: target a minus target b (CPU us/req, p50 us) and a/b throughput."""
+    """Per case: target a minus target b (CPU us/req, of it the event-loop thread's, p50 us)
+    and a/b throughput; medians over repeats."""
     s = summarize(records)
-    lines = [f"| case | CPU us/req {a} | {b} | difference per request (us) | p50 difference "
-             f"(us) | req/s {a} / {b} |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| case | CPU us/req {a} | {b} | difference per request (us) | of it, event-loop "
+             f"thread (us) | p50 difference (us) | req/s {a} / {b} |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for case in dict.fromkeys(c for c, _ in s):
         da, db = s.get((case, a)), s.get((case, b))
         if not da or not db:
             continue
         ca, cb = _med(da["cpu_instances"]) * 1000, _med(db["cpu_instances"]) * 1000
+        la, lb_ = _med(da["cpu_loop"]) * 1000, _med(db["cpu_loop"]) * 1000
         lines.append(
-            f"| {case} | {ca:,.1f} | {cb:,.1f} | {ca - cb:+,.1f} | "
+            f"| {case} | {ca:,.1f} | {cb:,.1f} | {ca - cb:+,.1f} | {la - lb_:+,.1f} | "
             f"{(_med(da['p50_ms']) - _med(db['p50_ms'])) * 1000:+,.0f} | "
             f"{_med(da['rps']) / _med(db['rps']):.3f} |")
     return "\n".join(lines)
@@ -492,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", action="append", metavar="SCENARIO[:CASE]",
                     help="cases to run (repeatable); default per mode")
+    ap.add_argument("--rate", type=float, default=0.0, metavar="R",
+                    help="open loop at R requests/s (up to 64 in flight) instead of closed "
+                    "loop: every target does the same work per second, so CPU per request is "
+                    "compared at the same load")
     ap.add_argument("--count", type=int, default=1000,
                     help="lb: the shared-state check's rpm limit (requests answered)")
     ap.add_argument("--json", metavar="FILE", help="JSON lines: one per run, note and check")
@@ -499,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     cases = [(cid, _scaled(c, args.duration, args.warmup))
              for cid, c in cases_for(args.only or DEFAULT_CASES[args.mode])]
+    if args.rate > 0:
+        cases = [(f"{cid} @{args.rate:g}/s", replace(c, load=replace(
+            c.load, mode="open", rate=args.rate, concurrency=max(OPEN_IN_FLIGHT,
+                                                                 c.load.concurrency))))
+                 for cid, c in cases]  # fmt: skip
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = Run(OUT_DIR / f"variants-{args.mode}-{stamp}")
     run.log_dir.mkdir(parents=True, exist_ok=True)

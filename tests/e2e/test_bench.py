@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 from typing import Any
 
 import anyio
@@ -677,13 +678,20 @@ def test_bench_quick_runs_end_to_end(tmp_path: Any) -> None:
     assert any(r.get("target") == "rawgate" for r in rows), rows[:3]
 
 
-def test_gateway_micro_runs_every_case_through_the_app(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("flags", [[], ["--request-log"]])
+def test_gateway_micro_runs_every_case_through_the_app(
+    capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
     """bench.gateway_micro drives the whole in-process path (app -> front -> attempt loop ->
-    render / stream pump) and refuses to report a case whose request did not end in a 200."""
+    render / stream pump) and refuses to report a case whose request did not end in a 200;
+    `--request-log` with the request log's observer attached as `serve` does."""
     from bench import gateway_micro
 
-    assert gateway_micro.main(["--quick", "--json", "--chunks", "20"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert gateway_micro.main(["--quick", "--json", "--chunks", "20", *flags]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    logged = re.search(r"request log: (\d+) rows queued", err)
+    assert (logged is not None and int(logged.group(1)) > 0) == bool(flags), err
     assert [r["bench"] for r in rows] == [
         "gateway chat non-stream",
         "gateway responses non-stream",
