@@ -28,8 +28,9 @@ in microseconds; rawgate's CPU includes the log's writer thread (SQLite inserts 
 Invariants:
 - Repeats are interleaved across targets (A, B, ..., A, B, ...) so a drift of the shared machine
   hits every target alike; each number is the median over repeats, with its spread.
-- CPU is read from /proc over exactly the measured window (bench.procs), per group: the
-  instances summed, the balancer, redis-server, each on its own.
+- CPU is read from /proc over exactly the measured window, per group: the instances summed
+  (their threads' schedstat, nanoseconds; the main thread, rawgate's event loop, also on its
+  own), the balancer and redis-server (bench.procs: /proc/<pid>/stat), each on its own.
 - Every process started here is stopped at exit (bench.procs' registry).
 - The exit status is 1 only for harness breakage (a load generator without a result, a target
   that answered nothing) or a failed shared-state check; never for a number.
@@ -98,9 +99,12 @@ class Target:
         return TargetInfo(self.name, "openai", self.port, headers=self.headers,
                           apis=frozenset({"chat", "responses", "messages", "native"}))
 
-    def cpu(self) -> dict[str, float]:
-        out = {"instances": sum(p.cpu_seconds() for p in self.instances),
-               "loop": sum(_main_thread_cpu_s(p.pid) for p in self.instances)}  # fmt: skip
+    def cpu(self) -> dict[str, Any]:
+        threads: dict[tuple[int, int], float] = {}
+        for p in self.instances:
+            threads |= _threads_cpu_s(p.pid)
+        out: dict[str, Any] = {
+            "instances": threads, "loop": sum(_main_thread_cpu_s(p.pid) for p in self.instances)}
         if self.lb is not None:
             out["lb"] = self.lb.cpu_seconds()
         if self.redis is not None:
@@ -108,15 +112,40 @@ class Target:
         return out
 
 
-def _main_thread_cpu_s(pid: int) -> float:
-    """CPU seconds of the process's main thread (tid = pid: rawgate's event loop), from
-    schedstat (nanoseconds; /proc/<pid>/stat counts 10 ms ticks). The rest of the process's CPU
-    is its other threads: the request log's writer, to_thread workers."""
+def _schedstat_s(pid: int, tid: int) -> float:
     try:
-        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
             return int(f.read().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def _main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of the process's main thread (tid = pid: rawgate's event loop), from
+    schedstat in nanoseconds. The rest of the process's CPU is its other threads: the request
+    log's writer, to_thread workers."""
+    return _schedstat_s(pid, pid)
+
+
+def _threads_cpu_s(pid: int) -> dict[tuple[int, int], float]:
+    """CPU seconds of each live thread of the process, from schedstat (nanoseconds; the 10 ms
+    ticks of /proc/<pid>/stat quantize 1,500 requests' CPU to ~7 us each). See `_delta`."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except (OSError, ValueError):
+        return {}
+    return {(pid, t): _schedstat_s(pid, t) for t in tids}
+
+
+def _delta(before: Any, after: Any) -> float:
+    """CPU used between two readings. Per-thread readings: the threads alive at the end, minus
+    what each had at the start (0 for one started inside the window); a thread that ended
+    inside the window takes its share with it (rawgate's threads that matter, the event loop
+    and the log writer, live as long as the server; an idle to_thread worker that exits then
+    used nothing in the window), and never makes the difference negative."""
+    if isinstance(after, dict):
+        return float(sum(v - before.get(k, 0.0) for k, v in after.items()))
+    return float(after - before)
 
 
 @dataclass
@@ -318,8 +347,7 @@ def run_case(run: Run, case_id: str, case: Case, t: Target, rep: int) -> None:
         run.emit(rec)
         return
     ok = res["ok"]
-    cpu = ({k: marks["c1"][k] - marks["c0"][k] for k in marks["c0"]}
-           if "c1" in marks else {})  # fmt: skip
+    cpu = {k: _delta(marks["c0"][k], v) for k, v in marks["c1"].items()} if "c1" in marks else {}
     rec |= {
         "ok": ok, "rps": res["rps"], "errors": res["errors"],
         "p50_ms": res["latency_ms"].get("p50"), "p99_ms": res["latency_ms"].get("p99"),

@@ -776,7 +776,7 @@ def test_variants_lb_two_instances_share_one_redis(tmp_path: Any) -> None:
     runs = {r["target"]: r for r in rows if r.get("kind") == "run"}
     assert set(runs) == {"one-local", "one-local+lb", "one-redis", "two-redis+lb"}
     assert all(r["ok"] > 0 and not r["errors"] for r in runs.values()), runs
-    assert set(runs["two-redis+lb"]["cpu_ms_per_req"]) == {"instances", "lb", "redis"}
+    assert set(runs["two-redis+lb"]["cpu_ms_per_req"]) == {"instances", "loop", "lb", "redis"}
     [check] = [r for r in rows if r.get("kind") == "shared_state"]
     assert check["passed"], check
     assert (check["answered"], check["refused_429"], check["usage_requests"]) == (30, 10, 30)
