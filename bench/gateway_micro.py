@@ -21,6 +21,9 @@ observer: the row built from the finished request and queued), so with/without i
 log's cost on the request path (issue 17's goal: under 10 us per request). The writer thread is
 not started (its SQLite writes are off the request path); the queue is emptied every
 RLOG_DRAIN rows, as the writer would, so the row queue neither grows nor wakes a writer.
+`--request-log-writer` starts the writer too (real SQLite batches in a temporary
+requests.db): the rates then include its CPU (process time counts every thread) and what the
+event-loop thread pays for sharing the GIL with it.
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ def _request(path: str, body: bytes) -> Request:
 
 async def _run(
     seconds: float, repeat: int, chunks: int, count: tuple[str, int] | None = None,
-    request_log: bool = False,
+    request_log: bool = False, writer: bool = False,
 ) -> list[tuple[str, float, str]]:
     cfg = build_config({"auth": {"mode": "off"}, "log": {"access_log": False}}, {}, {})
     acc = Account(id="bench", kind="api_key", api_key="bench-key", label="bench")
@@ -170,6 +173,7 @@ async def _run(
             app = GatewayApp(cfg)
             gw.install(app)
             queue: Any = None
+            close_log: Any = None
             logged = 0  # rows the request log queued (proof the observer ran)
             if request_log:  # only then: older trees (before/after runs) lack these
                 from rawgate.cli.stack import _observe
@@ -177,7 +181,11 @@ async def _run(
 
                 rlog = RequestLog(Path(home) / "requests.db", queue_max=1 << 30)
                 _observe(app, rlog)
-                queue = rlog._q
+                if writer:
+                    rlog.start()
+                    close_log = rlog.close
+                else:
+                    queue = rlog._q
             chat = orjson.dumps(
                 {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
             )
@@ -198,6 +206,8 @@ async def _run(
                     await app(_request(path, body), _Sink())
                     if queue is not None and len(queue) >= RLOG_DRAIN:
                         queue.clear()
+                if close_log is not None:
+                    close_log()
                 return []
             for name, path, body, unit, per in cases:
                 best = 0.0
@@ -221,6 +231,9 @@ async def _run(
                 out.append((name, best, unit))
             if queue is not None:
                 print(f"request log: {logged + len(queue)} rows queued", file=sys.stderr)
+            if close_log is not None:
+                close_log()
+                print(f"request log: {rlog.written} rows written", file=sys.stderr)
     return out
 
 
@@ -243,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--request-log", action="store_true",
                     help="with the request log's observer attached, as `serve` does by default")
+    ap.add_argument("--request-log-writer", action="store_true",
+                    help="--request-log and its writer thread running (SQLite batches)")
     args = ap.parse_args(argv)
     seconds, repeat = (0.05, 1) if args.quick else (args.seconds, args.repeat)
     count = (args.count[0], int(args.count[1])) if args.count else None
-    results = anyio.run(_run, seconds, repeat, args.chunks, count, args.request_log)
+    results = anyio.run(_run, seconds, repeat, args.chunks, count,
+                        args.request_log or args.request_log_writer, args.request_log_writer)
     if count is not None:
         return 0
     meta = {"python": platform.python_version(), "machine": platform.machine()}
