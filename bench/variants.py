@@ -12,7 +12,9 @@ with an rpm limit (so every request pays the limiter check, locally or on Redis)
 - `one-local+lb`: the same instance behind bench.lb (the balancer's own latency and CPU);
 - `one-redis`: one instance on the Redis backend (Redis's cost without a second instance);
 - `two-redis+lb`: two instances on one redis-server behind bench.lb, round robin per TCP
-  connection (bench/lb.py says why that is honest for keep-alive clients).
+  connection (bench/lb.py says why that is honest for keep-alive clients);
+- `two-redis+lb/req`: the same two behind bench.lb --per-request (HTTP/1.1 aware: round robin
+  per request, each client connection holding one keep-alive connection per instance).
 redis-server is started by this script on a free loopback port and stopped after; without the
 binary the Redis targets are skipped, saying so. After the timed runs, the shared-state check:
 a fresh key with `--rpm N` gets N + extra requests through the balancer; the run passes it only
@@ -234,9 +236,11 @@ def start_instance(run: Run, name: str, env: dict[str, str], emulate: bool) -> P
     return p
 
 
-def start_lb(run: Run, name: str, backends: list[Proc]) -> Proc:
+def start_lb(run: Run, name: str, backends: list[Proc], per_request: bool = False) -> Proc:
     port = procs.free_port()
     argv = [sys.executable, "-m", "bench.lb", "--port", str(port)]
+    if per_request:
+        argv.append("--per-request")
     for b in backends:
         argv += ["--backend", f"127.0.0.1:{b.port}"]
     p = Proc(name, argv, port=port, ready_path="/healthz", env=_env({}), cwd=str(ROOT),
@@ -278,6 +282,9 @@ def setup_lb(run: Run) -> dict[str, Any]:
     run.targets.append(Target("one-redis", a.port, [a], redis=redis, headers=rauth))
     lb2 = start_lb(run, "lb-two", [a, b])
     run.targets.append(Target("two-redis+lb", lb2.port, [a, b], lb=lb2, redis=redis,
+                              headers=rauth))
+    lb3 = start_lb(run, "lb-two-per-request", [a, b], per_request=True)
+    run.targets.append(Target("two-redis+lb/req", lb3.port, [a, b], lb=lb3, redis=redis,
                               headers=rauth))
     ctx |= {"env": envs[0], "instances": [a, b], "lb": lb2}
     return ctx

@@ -749,6 +749,77 @@ async def test_lb_gives_connections_round_robin_and_skips_a_dead_backend() -> No
     assert bal.given == [2, 0, 2] and bal.failed == 0
 
 
+@pytest.mark.anyio
+async def test_lb_per_request_alternates_requests_on_one_client_connection() -> None:
+    """bench.lb --per-request, in process: the requests of one keep-alive client connection go
+    to the backends in turn, bodies in both directions whole (Content-Length and chunked
+    answers); `Connection: close` from the client ends the connection after its answer."""
+    from bench import lb
+
+    async def backend(name: bytes, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            buf = b""
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        buf += await stream.receive()
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(buf) < n:
+                        buf += await stream.receive()
+                    body, buf = buf[:n], buf[n:]
+                    answer = name + b":" + body
+                    if body.startswith(b"chunked"):
+                        half = len(answer) // 2
+                        await stream.send(
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            + b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                            % (half, answer[:half], len(answer) - half, answer[half:]))
+                    else:
+                        await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                          % (len(answer), answer))
+
+    async def exchange(c: anyio.abc.SocketStream, body: bytes, close: bool = False) -> bytes:
+        extra = b"Connection: close\r\n" if close else b""
+        await c.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n%s\r\n%s"
+                     % (len(body), extra, body))
+        p = H1Parser()
+        while not p.feed(await c.receive()):
+            pass
+        return b"".join(p.body)
+
+    async with contextlib.AsyncExitStack() as stack:
+        lns = [await stack.enter_async_context(
+            await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0))
+            for _ in range(3)]  # fmt: skip
+        ports = [ln.extra(anyio.abc.SocketAttribute.local_port) for ln in lns]
+        bal = lb.RequestBalancer([("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lns[0].serve, functools.partial(backend, b"A"))
+            tg.start_soon(lns[1].serve, functools.partial(backend, b"B"))
+            tg.start_soon(lns[2].serve, bal.handle)
+            with anyio.fail_after(10):
+                async with await anyio.connect_tcp("127.0.0.1", ports[2]) as c:
+                    got = [await exchange(c, b"one"), await exchange(c, b"chunked two" * 5000),
+                           await exchange(c, b"three"), await exchange(c, b"four", close=True)]
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await c.receive()  # closed after the answer to `Connection: close`
+            tg.cancel_scope.cancel()
+    assert got == [b"A:one", b"B:" + b"chunked two" * 5000, b"A:three", b"B:four"]
+    assert bal.given == [2, 2] and bal.failed == 0
+
+
+def test_lb_request_framing() -> None:
+    from bench.lb import request_framing
+
+    assert request_framing(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n") == (12, False)
+    assert request_framing(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n") == (0, True)
+    assert request_framing(b"GET / HTTP/1.0\r\n\r\n") == (0, True)
+    assert request_framing(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n") == (0, False)
+    with pytest.raises(ValueError):
+        request_framing(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
 def _variants(tmp_path: Any, *args: str) -> tuple[Any, list[dict[str, Any]]]:
     import subprocess
     import sys
@@ -775,7 +846,8 @@ def test_variants_lb_two_instances_share_one_redis(tmp_path: Any) -> None:
     proc, rows = _variants(tmp_path, "lb", "--only", "chat:c=16", "--count", "30")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     runs = {r["target"]: r for r in rows if r.get("kind") == "run"}
-    assert set(runs) == {"one-local", "one-local+lb", "one-redis", "two-redis+lb"}
+    assert set(runs) == {"one-local", "one-local+lb", "one-redis", "two-redis+lb",
+                         "two-redis+lb/req"}
     assert all(r["ok"] > 0 and not r["errors"] for r in runs.values()), runs
     assert set(runs["two-redis+lb"]["cpu_ms_per_req"]) == {"instances", "loop", "lb", "redis"}
     [check] = [r for r in rows if r.get("kind") == "shared_state"]
