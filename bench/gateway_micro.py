@@ -15,6 +15,15 @@ busy shared machine skews them less than wall time would):
 - chat non-stream / responses non-stream: one request, a ~400-byte text answer.
 - chat stream / responses stream: one request, an upstream body of --chunks SSE events delivered
   in 16 KiB reads.
+
+`--request-log` adds what `serve` attaches with `[log] request_log = true` (rawgate.cli.stack's
+observer: the row built from the finished request and queued), so with/without is the request
+log's cost on the request path (issue 17's goal: under 10 us per request). The writer thread is
+not started (its SQLite writes are off the request path); the queue is emptied every
+RLOG_DRAIN rows, as the writer would, so the row queue neither grows nor wakes a writer.
+`--request-log-writer` starts the writer too (real SQLite batches in a temporary
+requests.db): the rates then include its CPU (process time counts every thread) and what the
+event-loop thread pays for sharing the GIL with it.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from rawgate.http.app import GatewayApp
 from rawgate.seam import Request
 
 READ_BYTES = 16 * 1024
+# --request-log: rows queued before the bench empties the queue (the writer wakes at 1,000).
+RLOG_DRAIN = 500
 
 
 def _chunk(i: int, last: bool) -> bytes:
@@ -150,7 +161,8 @@ def _request(path: str, body: bytes) -> Request:
 
 
 async def _run(
-    seconds: float, repeat: int, chunks: int, count: tuple[str, int] | None = None
+    seconds: float, repeat: int, chunks: int, count: tuple[str, int] | None = None,
+    request_log: bool = False, writer: bool = False,
 ) -> list[tuple[str, float, str]]:
     cfg = build_config({"auth": {"mode": "off"}, "log": {"access_log": False}}, {}, {})
     acc = Account(id="bench", kind="api_key", api_key="bench-key", label="bench")
@@ -160,6 +172,20 @@ async def _run(
         async with Gateway(cfg, home=Path(home), client=client, demo_accounts=[acc]) as gw:
             app = GatewayApp(cfg)
             gw.install(app)
+            queue: Any = None
+            close_log: Any = None
+            logged = 0  # rows the request log queued (proof the observer ran)
+            if request_log:  # only then: older trees (before/after runs) lack these
+                from rawgate.cli.stack import _observe
+                from rawgate.monitor.request_log import RequestLog
+
+                rlog = RequestLog(Path(home) / "requests.db", queue_max=1 << 30)
+                _observe(app, rlog)
+                if writer:
+                    rlog.start()
+                    close_log = rlog.close
+                else:
+                    queue = rlog._q
             chat = orjson.dumps(
                 {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
             )
@@ -178,6 +204,10 @@ async def _run(
                 name, path, body, _, _ = next(c for c in cases if c[0] == count[0])
                 for _ in range(count[1]):
                     await app(_request(path, body), _Sink())
+                    if queue is not None and len(queue) >= RLOG_DRAIN:
+                        queue.clear()
+                if close_log is not None:
+                    close_log()
                 return []
             for name, path, body, unit, per in cases:
                 best = 0.0
@@ -191,11 +221,19 @@ async def _run(
                         await app(_request(path, body), sink)
                         if sink.status != 200 or not sink.ended:
                             raise SystemExit(f"{name}: status {sink.status}")
+                        if queue is not None and len(queue) >= RLOG_DRAIN:
+                            logged += len(queue)
+                            queue.clear()
                         n += 1
                         if time.perf_counter() >= deadline:
                             break
                     best = max(best, n * per / max(time.process_time() - c0, 1e-9))
                 out.append((name, best, unit))
+            if queue is not None:
+                print(f"request log: {logged + len(queue)} rows queued", file=sys.stderr)
+            if close_log is not None:
+                close_log()
+                print(f"request log: {rlog.written} rows written", file=sys.stderr)
     return out
 
 
@@ -216,10 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         " nothing: for an instruction count, `valgrind --tool=cachegrind --cache-sim=no` with"
         " N and with 0, divided by N (deterministic where wall time on a shared box is not)",
     )
+    ap.add_argument("--request-log", action="store_true",
+                    help="with the request log's observer attached, as `serve` does by default")
+    ap.add_argument("--request-log-writer", action="store_true",
+                    help="--request-log and its writer thread running (SQLite batches)")
     args = ap.parse_args(argv)
     seconds, repeat = (0.05, 1) if args.quick else (args.seconds, args.repeat)
     count = (args.count[0], int(args.count[1])) if args.count else None
-    results = anyio.run(_run, seconds, repeat, args.chunks, count)
+    results = anyio.run(_run, seconds, repeat, args.chunks, count,
+                        args.request_log or args.request_log_writer, args.request_log_writer)
     if count is not None:
         return 0
     meta = {"python": platform.python_version(), "machine": platform.machine()}

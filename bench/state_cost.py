@@ -1,5 +1,5 @@
 """What shared state costs per request: `python -m bench.state_cost [--n 5000] [--repeat 3]
-[--redis-url URL]`.
+[--redis-url URL] [--json]`.
 
 Case `per_request`: what the gateway will do per request on the hot path, one limiter
 check-and-count (`check_key` on a key with rpm/tpm limits high enough never to refuse) plus one
@@ -13,18 +13,24 @@ Case `after_answer`: `record_usage` (the key's token windows and the hourly usag
 account and model), one call at a time, after each answer (off the latency path).
 
 Reported: rawgate's CPU (process_time: user+sys of this process) per request in microseconds,
-redis-server's CPU per request when this script started it (from /proc/<pid>/stat), and wall
-time per request. Best of --repeat (the machine is shared). Without --redis-url a redis-server
-on a free loopback port is started (and stopped); without the binary the redis rows are skipped.
+redis-server's CPU per request when this script started it (from /proc/<pid>/stat), wall time
+per request (total wall / requests: at c=16 that is the inverse of throughput, not a latency),
+the latency of one check (p50 / p99 of each call's own wall time, waiting for a pipelined
+connection included), the same for one `record_usage`, and the total CPU a request adds
+(check + record_usage). Best of --repeat by CPU (the machine is shared). Without --redis-url a
+redis-server on a free loopback port is started (and stopped); without the binary the redis rows
+are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,13 +55,19 @@ async def _measure(st: State, n: int, conc: int, server_pid: int | None) -> dict
     rec, _ = await st.add_key(f"bench{time.monotonic_ns()}", rpm=10**9, tpm=10**9)
     await st.set_cooldown("acc1", "gemini-2.5-flash", 3600, "bench")
 
+    lat: list[float] = []
+    clock = time.perf_counter
+
     async def worker(count: int) -> None:
         for _ in range(count):
+            t = clock()
             d = await st.check_key(rec, "gemini-2.5-flash")
-            assert d.allowed and not d.degraded
             st.cooldown_until("acc1", "gemini-2.5-flash")
+            lat.append(clock() - t)
+            assert d.allowed and not d.degraded
 
     await worker(200)  # warm-up: scripts loaded, connections open
+    lat.clear()
     srv0, cpu0, t0 = _proc_cpu_s(server_pid), time.process_time(), time.perf_counter()
     async with anyio.create_task_group() as tg:
         for _ in range(conc):
@@ -65,15 +77,29 @@ async def _measure(st: State, n: int, conc: int, server_pid: int | None) -> dict
     srv = _proc_cpu_s(server_pid) - srv0
     done = (n // conc) * conc
     out = {"cpu_us": cpu / done * 1e6, "server_cpu_us": srv / done * 1e6,
-           "wall_us": wall / done * 1e6}  # fmt: skip
+           "wall_us": wall / done * 1e6, "p50_us": _pct(lat, 50),
+           "p99_us": _pct(lat, 99)}  # fmt: skip
     # Case after_answer: record_usage (the key's token windows + hourly usage), one at a time.
     for _ in range(100):
         await st.record_usage(rec.name, "acc1", "gemini-2.5-flash", 10, 20)
+    lat.clear()
     cpu0 = time.process_time()
-    for _ in range(n // 4):
+    for _ in range(max(1, n // 4)):
+        t = clock()
         await st.record_usage(rec.name, "acc1", "gemini-2.5-flash", 10, 20)
-    out["record_cpu_us"] = (time.process_time() - cpu0) / (n // 4) * 1e6
+        lat.append(clock() - t)
+    out["record_cpu_us"] = (time.process_time() - cpu0) / max(1, n // 4) * 1e6
+    out["record_p50_us"] = _pct(lat, 50)
+    out["total_cpu_us"] = out["cpu_us"] + out["record_cpu_us"]
     return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    """The q-th percentile of xs (seconds) in microseconds (nearest rank)."""
+    if not xs:
+        return float("nan")
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(len(ys) * q / 100))] * 1e6
 
 
 async def _one(
@@ -105,12 +131,13 @@ def _free_port() -> int:
         return port
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--redis-url", default="")
-    args = ap.parse_args()
+    ap.add_argument("--json", action="store_true", help="one JSON line per row, no table")
+    args = ap.parse_args(argv)
     proc: subprocess.Popen[bytes] | None = None
     url = args.redis_url
     if not url and shutil.which("redis-server"):
@@ -126,9 +153,11 @@ def main() -> None:
     ]  # fmt: skip
     if url:
         cases += [("redis c=1", "redis", 1, 1), ("redis c=16", "redis", 1, 16)]
-    print(f"per_request: check_key + cooldown_until, n={args.n}, best of {args.repeat}")
-    print(f"{'backend':<14} {'rawgate CPU us/req':>19} {'redis CPU us/req':>17}"
-          f" {'wall us/req':>12} {'after_answer CPU us':>20}")  # fmt: skip
+    say = (lambda *a, **k: None) if args.json else print
+    say(f"per_request: check_key + cooldown_until, n={args.n}, best of {args.repeat}")
+    say(f"{'backend':<14} {'rawgate CPU us/req':>19} {'redis CPU us/req':>17}"
+        f" {'wall us/req':>12} {'check p50/p99 us':>17} {'after_answer CPU us':>20}"
+        f" {'record p50 us':>14} {'CPU us/request':>15}")  # fmt: skip
     try:
         for label, backend, processes, conc in cases:
             best: dict[str, float] | None = None
@@ -146,18 +175,27 @@ def main() -> None:
                     best = r
             assert best is not None
             srv = f"{best['server_cpu_us']:.1f}" if backend == "redis" and proc else "-"
+            if args.json:
+                print(json.dumps({"backend": label, **best}))
+                continue
+            pp = f"{best['p50_us']:.0f} / {best['p99_us']:.0f}"
             print(f"{label:<14} {best['cpu_us']:>19.1f} {srv:>17} {best['wall_us']:>12.1f}"
-                  f" {best['record_cpu_us']:>20.1f}")  # fmt: skip
+                  f" {pp:>17} {best['record_cpu_us']:>20.1f} {best['record_p50_us']:>14.0f}"
+                  f" {best['total_cpu_us']:>15.1f}")  # fmt: skip
         if url:
             r = min((anyio.run(_raw_ping, url, args.n) for _ in range(args.repeat)),
                     key=lambda r: r["cpu_us"])  # fmt: skip
-            print(f"{'raw PING':<14} {r['cpu_us']:>19.1f} {'-':>17} {r['wall_us']:>12.1f}"
-                  "   (floor: bare socket round trip)")  # fmt: skip
+            if args.json:
+                print(json.dumps({"backend": "raw PING", **r}))
+            else:
+                print(f"{'raw PING':<14} {r['cpu_us']:>19.1f} {'-':>17} {r['wall_us']:>12.1f}"
+                      "   (floor: bare socket round trip)")  # fmt: skip
     finally:
         if proc is not None:
             proc.kill()
             proc.wait()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,9 +5,12 @@ request each over h1 and h2c against the in-process stand-in (no load)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
+import re
 from typing import Any
 
 import anyio
@@ -696,13 +699,21 @@ def test_bench_quick_runs_end_to_end(tmp_path: Any) -> None:
     assert any(r.get("target") == "rawgate" for r in rows), rows[:3]
 
 
-def test_gateway_micro_runs_every_case_through_the_app(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("flags", [[], ["--request-log"], ["--request-log-writer"]])
+def test_gateway_micro_runs_every_case_through_the_app(
+    capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
     """bench.gateway_micro drives the whole in-process path (app -> front -> attempt loop ->
-    render / stream pump) and refuses to report a case whose request did not end in a 200."""
+    render / stream pump) and refuses to report a case whose request did not end in a 200;
+    `--request-log` with the request log's observer attached as `serve` does (and its writer
+    thread writing the rows)."""
     from bench import gateway_micro
 
-    assert gateway_micro.main(["--quick", "--json", "--chunks", "20"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert gateway_micro.main(["--quick", "--json", "--chunks", "20", *flags]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    logged = re.search(r"request log: (\d+) rows (queued|written)", err)
+    assert (logged is not None and int(logged.group(1)) > 0) == bool(flags), err
     assert [r["bench"] for r in rows] == [
         "gateway chat non-stream",
         "gateway responses non-stream",
@@ -710,3 +721,193 @@ def test_gateway_micro_runs_every_case_through_the_app(capsys: pytest.CaptureFix
         "gateway responses stream",
     ]
     assert all(r["value"] > 0 for r in rows)
+
+
+# ---- bench.lb and bench.variants (issues 16, 17) -------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_lb_gives_connections_round_robin_and_skips_a_dead_backend() -> None:
+    """bench.lb, in process: each connection goes to the next backend in turn, its bytes both
+    ways unchanged, half-close passed on; a backend that refuses is skipped."""
+    from bench import lb
+
+    async def backend(name: bytes, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            got = b""
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    got += await stream.receive()
+            await stream.send(name + b":" + got)  # after the client's EOF: half-close works
+
+    async with contextlib.AsyncExitStack() as stack:
+        lns = [await stack.enter_async_context(
+            await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0))
+            for _ in range(3)]  # fmt: skip
+        ports = [ln.extra(anyio.abc.SocketAttribute.local_port) for ln in lns]
+        dead = procs.free_port()
+        bal = lb.Balancer([("127.0.0.1", ports[0]), ("127.0.0.1", dead),
+                           ("127.0.0.1", ports[1])])
+        answers = []
+        # The task group last: it is cancelled and left before the listeners close.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lns[0].serve, functools.partial(backend, b"A"))
+            tg.start_soon(lns[1].serve, functools.partial(backend, b"B"))
+            tg.start_soon(lns[2].serve, bal.handle)
+            with anyio.fail_after(10):
+                for i in range(4):
+                    async with await anyio.connect_tcp("127.0.0.1", ports[2]) as c:
+                        await c.send(b"x" * 100_000 + str(i).encode())
+                        await c.send_eof()
+                        data = b""
+                        with contextlib.suppress(anyio.EndOfStream):
+                            while True:
+                                data += await c.receive()
+                        answers.append(data)
+            tg.cancel_scope.cancel()
+    assert [a[:2] for a in answers] == [b"A:", b"B:", b"A:", b"B:"]
+    assert all(a[2:] == b"x" * 100_000 + str(i).encode() for i, a in enumerate(answers))
+    assert bal.given == [2, 0, 2] and bal.failed == 0
+
+
+@pytest.mark.anyio
+async def test_lb_per_request_alternates_requests_on_one_client_connection() -> None:
+    """bench.lb --per-request, in process: the requests of one keep-alive client connection go
+    to the backends in turn, bodies in both directions whole (Content-Length and chunked
+    answers); `Connection: close` from the client ends the connection after its answer."""
+    from bench import lb
+
+    async def backend(name: bytes, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            buf = b""
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        buf += await stream.receive()
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    n = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(buf) < n:
+                        buf += await stream.receive()
+                    body, buf = buf[:n], buf[n:]
+                    answer = name + b":" + body
+                    if body.startswith(b"chunked"):
+                        half = len(answer) // 2
+                        await stream.send(
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            + b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                            % (half, answer[:half], len(answer) - half, answer[half:]))
+                    else:
+                        await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                          % (len(answer), answer))
+
+    async def exchange(c: anyio.abc.SocketStream, body: bytes, close: bool = False) -> bytes:
+        extra = b"Connection: close\r\n" if close else b""
+        await c.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n%s\r\n%s"
+                     % (len(body), extra, body))
+        p = H1Parser()
+        while not p.feed(await c.receive()):
+            pass
+        return b"".join(p.body)
+
+    async with contextlib.AsyncExitStack() as stack:
+        lns = [await stack.enter_async_context(
+            await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0))
+            for _ in range(3)]  # fmt: skip
+        ports = [ln.extra(anyio.abc.SocketAttribute.local_port) for ln in lns]
+        bal = lb.RequestBalancer([("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lns[0].serve, functools.partial(backend, b"A"))
+            tg.start_soon(lns[1].serve, functools.partial(backend, b"B"))
+            tg.start_soon(lns[2].serve, bal.handle)
+            with anyio.fail_after(10):
+                async with await anyio.connect_tcp("127.0.0.1", ports[2]) as c:
+                    got = [await exchange(c, b"one"), await exchange(c, b"chunked two" * 5000),
+                           await exchange(c, b"three"), await exchange(c, b"four", close=True)]
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await c.receive()  # closed after the answer to `Connection: close`
+            tg.cancel_scope.cancel()
+    assert got == [b"A:one", b"B:" + b"chunked two" * 5000, b"A:three", b"B:four"]
+    assert bal.given == [2, 2] and bal.failed == 0
+
+
+def test_lb_request_framing() -> None:
+    from bench.lb import request_framing
+
+    assert request_framing(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n") == (12, False)
+    assert request_framing(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n") == (0, True)
+    assert request_framing(b"GET / HTTP/1.0\r\n\r\n") == (0, True)
+    assert request_framing(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n") == (0, False)
+    with pytest.raises(ValueError):
+        request_framing(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+def _variants(tmp_path: Any, *args: str) -> tuple[Any, list[dict[str, Any]]]:
+    import subprocess
+    import sys
+
+    out = tmp_path / "variants.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.variants", *args, "--duration", "0.3", "--warmup", "0.1",
+         "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=180,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return proc, rows
+
+
+def test_variants_lb_two_instances_share_one_redis(tmp_path: Any) -> None:
+    """`python -m bench.variants lb`, tiny: one instance on local state, and two `serve --emulate`
+    instances on one real redis-server behind bench.lb, same load; the key limit is counted
+    across both (exactly --count answered, the rest 429, usage in Redis = --count, both served)."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (apt-get install redis-server)")
+    proc, rows = _variants(tmp_path, "lb", "--only", "chat:c=16", "--count", "30")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = {r["target"]: r for r in rows if r.get("kind") == "run"}
+    assert set(runs) == {"one-local", "one-local+lb", "one-redis", "two-redis+lb",
+                         "two-redis+lb/req"}
+    assert all(r["ok"] > 0 and not r["errors"] for r in runs.values()), runs
+    assert set(runs["two-redis+lb"]["cpu_ms_per_req"]) == {"instances", "loop", "lb", "redis"}
+    [check] = [r for r in rows if r.get("kind") == "shared_state"]
+    assert check["passed"], check
+    assert (check["answered"], check["refused_429"], check["usage_requests"]) == (30, 10, 30)
+    assert sum(check["allowed_per_instance"]) == 30 and min(check["allowed_per_instance"]) > 0
+    assert "| chat c=16 | two-redis+lb |" in proc.stdout
+
+
+def test_variants_reqlog_runs_the_log_on_and_off_side_by_side(tmp_path: Any) -> None:
+    """`python -m bench.variants reqlog`, tiny: the same cases against an instance with the
+    request log on and one with it off; the on one logged every answer, the off one nothing."""
+    proc, rows = _variants(tmp_path, "reqlog", "--only", "chat:c=16",
+                           "--only", "stream-chat:c=16")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = [(r["case"], r["target"]) for r in rows if r.get("kind") == "run" and r["ok"] > 0]
+    assert runs == [("chat c=16", "log-on"), ("chat c=16", "log-off"),
+                    ("stream-chat c=16", "log-on"), ("stream-chat c=16", "log-off")]
+    [check] = [r for r in rows if r.get("kind") == "reqlog_check"]
+    assert check["passed"] and check["rows"] >= check["answered"] > 0 and not check["off_has_db"]
+    assert "difference per request (us)" in proc.stdout
+
+
+def test_state_cost_reports_cpu_latency_and_total_per_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """bench.state_cost, tiny: every backend row has CPU, the check's latency percentiles and the
+    per-request total (check + record_usage); the Redis rows when redis-server is installed."""
+    import shutil
+
+    from bench import state_cost
+
+    assert state_cost.main(["--n", "64", "--repeat", "1", "--json"]) == 0
+    rows = {r["backend"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    want = {"local", "local-shared"}
+    if shutil.which("redis-server"):
+        want |= {"redis c=1", "redis c=16", "raw PING"}
+    assert set(rows) == want
+    for name in want - {"raw PING"}:
+        r = rows[name]
+        assert r["cpu_us"] > 0 and r["p99_us"] >= r["p50_us"] > 0
+        assert r["total_cpu_us"] == pytest.approx(r["cpu_us"] + r["record_cpu_us"])
