@@ -180,7 +180,12 @@ async def _run(
                 from rawgate.monitor.request_log import RequestLog
 
                 rlog = RequestLog(Path(home) / "requests.db", queue_max=1 << 30)
-                _observe(app, rlog)
+                try:  # since the dashboard, the observer also feeds the per-minute rate ring
+                    from rawgate.monitor.rates import RateRing
+                except ImportError:  # an older tree (before/after runs)
+                    _observe(app, rlog)  # type: ignore[call-arg,unused-ignore]
+                else:
+                    _observe(app, rlog, RateRing())
                 if writer:
                     rlog.start()
                     close_log = rlog.close
