@@ -1053,6 +1053,12 @@ class RedisState(State):
             await anyio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise AccountStoreError("the accounts in Redis keep changing under us; try again")
 
+    def hold_accounts(self, accounts: list[Account]) -> None:
+        # Its version is not known (the cache keeps the list only): any version > 0 says
+        # "read from Redis"; a list read in this run replaces it.
+        if not self._held_accounts[1]:
+            self._held_accounts = (1, list(accounts))
+
     async def load_accounts(self) -> list[Account]:
         snap = await self.accounts_snapshot()
         self._held_accounts = snap
