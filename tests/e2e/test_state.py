@@ -74,10 +74,15 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
 both = pytest.mark.parametrize("opener", BACKENDS, indirect=True)
 
 
-def _minute_margin() -> None:
-    """Fixed windows: keep a count test inside one minute (the server shares this clock)."""
+async def _minute_margin() -> None:
+    """Fixed windows: keep a count test inside one minute (the server shares this clock).
+    Waits on the event loop: a time.sleep here blocked the loop for up to 11 s while the
+    state's own calls were in flight (the reload a key change publishes), which then ran past
+    redis_timeout_ms and put the store in degraded mode (8 of 8 runs with the loop blocked
+    3.5 s after add_key; test_status_and_metrics_with_bounded_key_labels failed when the
+    clock was in a minute's last 10 s)."""
     if time.time() % 60 > 50:
-        time.sleep(61 - time.time() % 60)
+        await anyio.sleep(61 - time.time() % 60)
 
 
 # ---- cooldowns ----
@@ -174,7 +179,7 @@ async def test_key_lifecycle(opener: Opener) -> None:
         assert st.lookup_key(key) is None and st.lookup_key(new_key) == new_rec
         assert new_rec.rpm == 5
         assert [r.name for r in await st.list_keys()] == ["alice"]
-        _minute_margin()
+        await _minute_margin()
         for _ in range(6):
             await st.check_key(new_rec, "gemini-2.5-pro")
         assert (await st.check_key(new_rec, "gemini-2.5-pro")).reason == "rpm"
@@ -192,7 +197,7 @@ async def test_rpm_exact_across_two_instances(opener: Opener) -> None:
     n = 7
     async with opener() as a, opener() as b:
         rec, _ = await a.add_key("busy", rpm=n)
-        _minute_margin()
+        await _minute_margin()
         results = []
 
         async def hit(st: State) -> None:
@@ -211,7 +216,7 @@ async def test_rpm_exact_across_two_instances(opener: Opener) -> None:
 async def test_token_limits_count_reported_tokens_and_usage(opener: Opener) -> None:
     async with opener() as st:
         rec, _ = await st.add_key("tok", tpm=1000, daily_tokens=5000)
-        _minute_margin()
+        await _minute_margin()
         assert (await st.check_key(rec, "m")).allowed
         await st.record_usage("tok", "acc1", "gemini-2.5-flash", 600, 500)
         d = await st.check_key(rec, "m")
@@ -659,7 +664,7 @@ async def test_status_and_metrics_with_bounded_key_labels(opener: Opener) -> Non
 
     async with opener() as st:
         rec, key = await st.add_key("alice", rpm=1, models=["gemini-*"])
-        _minute_margin()
+        await _minute_margin()
         await st.check_key(rec, "gemini-2.5-pro")
         await st.check_key(rec, "gemini-2.5-pro")
         await st.check_key(rec, "gpt-4o")
