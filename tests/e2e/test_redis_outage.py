@@ -441,6 +441,15 @@ async def test_redis_down_mid_load_and_back(
                 m = re.search(r"unreachable \((\w+): ([^)]+)\)", down[0])
                 assert m and "TaskGroup" not in down[0], down[0]
                 print(f"{inst.name}: {m.group(0)}")
+            # The server back empty: the first instance back put the keys and the accounts
+            # back (each a SET-if-absent script: the other found them there); after a stall the
+            # data was still there and nothing was written back.
+            restored = [w for inst in insts for w in inst.warnings("came back without its data")]
+            if stalled:
+                assert restored == []
+            else:
+                assert 1 <= len(restored) <= 2 and any(" 3 accounts" in w for w in restored), (
+                    restored)
 
             async with open_state(cfg, tmp_path, background=False) as st, \
                     httpx.AsyncClient(timeout=20) as c:  # fmt: skip
