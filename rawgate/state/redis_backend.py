@@ -8,7 +8,8 @@ touches exactly one key, hence one slot):
     P{u}:HOUR_MS          hash "kind\\x1fname\\x1f(r|i|o)" -> count   (TTL [state] usage_days)
     P{r:ID}               stored Response (JSON [input, output]), PX = response_store_max_age_s
     P{a:ACCOUNT}:tok      "expires_ms\\x1ftoken", PXAT expires;  P{a:ACCOUNT}:lock  owner, PX ttl
-    P{accts}              hash id -> Account JSON;  P{accts}:v  its version (INCR per write)
+    P{accts}              hash id -> Account JSON;  P{accts}:v  its version (INCR per write,
+                          never deleted: missing = the server lost its data)
     P{accts}:n            hash "id\\x1f(r|i|o|e)" -> counters the servers add (HINCRBY, batched),
                           "id\\x1fl" -> last error; added to the JSON's counters when read
     channel P events      "cd\\x1faccount\\x1fmodel\\x1funtil_ms\\x1freason"
