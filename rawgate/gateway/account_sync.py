@@ -14,6 +14,10 @@ Invariants:
   (RAWGATE_HOME/accounts.redis-cache.json, 0600, rewritten after every read), else on
   accounts.json, and says so; a reload that fails keeps the list in use. Either way, Redis
   answering again reloads.
+- Redis back without its data (an empty restart: the list's version key is gone) never
+  replaces the list in use, nor the cache, with an empty one: the state backend first puts
+  back the list this instance read from Redis (or started on from the cache; never
+  accounts.json's), the first instance back wins, and only then are the listeners told.
 - The scheduler is only touched on the event loop; blocking file I/O (accounts.json writes, the
   cooldown board) runs in a worker thread.
 - accounts.json is stat()ed every ACCOUNTS_POLL_S; a file that does not load keeps the last good
@@ -113,6 +117,8 @@ class AccountSync:
             accounts = await st.load_accounts()
         except Exception as e:
             source, fallback = await anyio.to_thread.run_sync(self._fallback)
+            if source == self.cache.path:
+                st.hold_accounts(fallback)  # put back should Redis return without its data
             self.install(fallback)
             log.warning(
                 "accounts: the list in Redis ([state] redis_url) cannot be read (%s); serving "

@@ -436,6 +436,9 @@ class LocalState(State):
     ) -> list[Account]:
         return self.accounts.update(fn)
 
+    def hold_accounts(self, accounts: list[Account]) -> None:
+        pass  # accounts.json is the list: a local store never loses it behind our back
+
     def on_accounts_changed(self, listener: Callable[[], None]) -> None:
         if not self._accounts_listeners:
             with contextlib.suppress(Exception):  # baseline: notify on later changes only

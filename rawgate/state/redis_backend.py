@@ -8,7 +8,8 @@ touches exactly one key, hence one slot):
     P{u}:HOUR_MS          hash "kind\\x1fname\\x1f(r|i|o)" -> count   (TTL [state] usage_days)
     P{r:ID}               stored Response (JSON [input, output]), PX = response_store_max_age_s
     P{a:ACCOUNT}:tok      "expires_ms\\x1ftoken", PXAT expires;  P{a:ACCOUNT}:lock  owner, PX ttl
-    P{accts}              hash id -> Account JSON;  P{accts}:v  its version (INCR per write)
+    P{accts}              hash id -> Account JSON;  P{accts}:v  its version (INCR per write,
+                          never deleted: missing = the server lost its data)
     P{accts}:n            hash "id\\x1f(r|i|o|e)" -> counters the servers add (HINCRBY, batched),
                           "id\\x1fl" -> last error; added to the JSON's counters when read
     channel P events      "cd\\x1faccount\\x1fmodel\\x1funtil_ms\\x1freason"
@@ -31,8 +32,12 @@ Invariants:
   the recovery (in the background: they may be large).
 - Recovery pushes from buffers taken whole, then, once healthy, once more: what requests
   learned during the pushes (still degraded) is pushed too, never cleared with them.
-- A server back without the key table's salt (set once, never deleted) lost its data: the
-  first instance back writes its key table (and salt) and its live cooldowns back.
+- A server back without the key table's salt (set once, never deleted) or without the
+  accounts' version (INCRed by every write, never deleted) lost its data: the first instance
+  back writes its key table (and salt), the accounts list it last read and its live cooldowns
+  back (one script per slot, each a no-op when its key is there). The accounts listeners are
+  told only after that; a read finding no version while this instance holds a list restores
+  it first, so an empty list from a server that lost it is never installed.
 - coredis retries are off (NoRetryPolicy): one attempt per call, the backoff is ours.
 - Accounts: every write is a version compare-and-set that PUBLISHes "accts"; the accounts
   listeners hear it, and once more after every resync (an event missed while away). Counters
@@ -212,6 +217,29 @@ redis.call('PUBLISH', ARGV[2], 'keys')
 return 1
 """
 
+# KEYS = P{accts}, P{accts}:v; ARGV = version, channel, id1, json1, id2, json2, ...
+# Every write of the list INCRs its version and nothing deletes it: its absence while an
+# instance holds a list it read (hence at a version > 0) means the server lost its data. The
+# first instance to see it puts its list back (SET-if-absent: the others find the version and
+# read what it wrote); a separate script from _RESTORE_KEYS (P{accts} is another cluster slot).
+_RESTORE_ACCTS = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], 'accts')
+return 1
+"""
+
+# KEYS = P{accts}, P{accts}:v, P{accts}:n; ARGV[1] = '1' to read the counters too.
+# -> {version, {id, json, ...}, {field, value, ...}}: one atomic read. A script, not a MULTI
+# pipeline: a transaction holds its connection until EXEC's reply, so a reload overlapping
+# any other call (every instance re-reads on each "accts" event) opened one more connection.
+_READ_ACCTS = """
+local n = {}
+if ARGV[1] == '1' then n = redis.call('HGETALL', KEYS[3]) end
+return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1]), n}
+"""
+
 # KEYS = P{accts}, P{accts}:v, P{accts}:n; ARGV = expected version, channel, id1, json1, ...
 # The counters of accounts no longer listed go with them.
 _REPLACE_ACCTS = """
@@ -323,6 +351,12 @@ class RedisState(State):
         self._replace_accts = self.client.register_script(_REPLACE_ACCTS)
         self._acct_stats = self.client.register_script(_ACCT_STATS)
         self._restore_keys = self.client.register_script(_RESTORE_KEYS)
+        self._restore_accts = self.client.register_script(_RESTORE_ACCTS)
+        self._read_accts = self.client.register_script(_READ_ACCTS)
+        # The accounts list as this instance last read it from Redis (with the servers'
+        # counters added: the server losing its data loses P{accts}:n too), and its version:
+        # what _restore_accounts puts back. Empty until a read found a list.
+        self._held_accounts: tuple[int, list[Account]] = (0, [])
         self._accounts_listeners: list[Callable[[], None]] = []
         self._cooldowns: dict[tuple[str, str], Cooldown] = {}
         self._pending_cd: dict[tuple[str, str], Cooldown] = {}
@@ -546,24 +580,38 @@ class RedisState(State):
 
     async def _restore_lost(self) -> bool:
         """True when Redis came back without its data and this instance put back what it
-        mirrors (the key table with its salt; the caller adds the cooldowns). The first
-        instance to reconnect does it; the others find the salt there and keep what they read.
-        Without it, every client key would be unknown at once (and with `[auth] mode = "auto"`
-        on loopback, no key at all turns auth off)."""
-        if not self._salt:
-            return False
-        args: list[Any] = [self._salt, self.channel]
-        for rec in self._by_hash.values():
-            args += [rec.name, encode_record(rec)]
-        res = await self._restore_keys(keys=[self.k_keys, self.k_salt], args=args)
-        if int(res) != 1:
+        mirrors (the key table with its salt, the accounts list; the caller adds the
+        cooldowns). The first instance to reconnect does it; the others find the salt and the
+        accounts' version there and keep what they read. Without it, every client key would be
+        unknown at once (and with `[auth] mode = "auto"` on loopback, no key at all turns auth
+        off), and every instance would re-read an empty accounts list: 503s for everyone."""
+        keys = False
+        if self._salt:
+            args: list[Any] = [self._salt, self.channel]
+            for rec in self._by_hash.values():
+                args += [rec.name, encode_record(rec)]
+            keys = int(await self._restore_keys(keys=[self.k_keys, self.k_salt], args=args)) == 1
+        accounts = await self._restore_accounts()
+        if not (keys or accounts):
             return False
         log.warning(
-            "%s came back without its data: restored %d client keys and the live cooldowns"
-            " from this instance (usage history, limit windows, stored Responses and OAuth"
-            " tokens held there are gone)", self.health.name, len(self._by_hash),
+            "%s came back without its data: restored %d client keys, %d accounts and the live"
+            " cooldowns from this instance (usage history, limit windows, stored Responses and"
+            " OAuth tokens held there are gone)", self.health.name,
+            len(self._by_hash) if keys else 0, len(self._held_accounts[1]) if accounts else 0,
         )  # fmt: skip
         return True
+
+    async def _restore_accounts(self) -> bool:
+        """Put the accounts list this instance holds back if the server lost it (_RESTORE_ACCTS);
+        True when this call did."""
+        version, held = self._held_accounts
+        if not held:
+            return False
+        args: list[Any] = [version, self.channel]
+        for a in held:
+            args += [a.id, _account_enc.encode(a)]
+        return int(await self._restore_accts(keys=[self.k_accts, self.k_accts_v], args=args)) == 1
 
     def _on_message(self, data: str) -> None:
         parts = data.split(SEP)
@@ -937,21 +985,32 @@ class RedisState(State):
     async def accounts_snapshot(self, *, counters: bool = True) -> tuple[int, list[Account]]:
         """(version, accounts) read together; the version grows with every write. `counters`:
         with the servers' counters (P{accts}:n) added (what listings show); without, the
-        stored JSON as is (what a read-modify-write must write back)."""
+        stored JSON as is (what a read-modify-write must write back).
 
-        async def read() -> tuple[Any, Any, Any]:
-            async with self.client.pipeline(transaction=True) as pipe:
-                v = pipe.get(self.k_accts_v)
-                h = pipe.hgetall(self.k_accts)
-                n = pipe.hgetall(self.k_accts_n) if counters else None
-            return await v, await h, (await n if n is not None else {})
+        No version while this instance holds a list (the server lost its data and no instance
+        has put it back yet, e.g. a reload or a write racing the reconnection): the list is put
+        back first, then read, so an empty list from a server that lost it is never used or
+        written over (a list emptied on purpose has its version and is read as it is)."""
+        version, accts = await self._read_accounts(counters)
+        if version == 0 and self._held_accounts[1]:
+            if await self._admin(self._restore_accounts):
+                log.warning(
+                    "%s lost the accounts list: restored the %d accounts this instance "
+                    "holds", self.health.name, len(self._held_accounts[1]),
+                )  # fmt: skip
+            version, accts = await self._read_accounts(counters)
+        return version, accts
 
-        v, raw, stats = await self._admin(read)
+    async def _read_accounts(self, counters: bool) -> tuple[int, list[Account]]:
+        v, raw, flat = await self._admin(
+            partial(self._read_accts, keys=[self.k_accts, self.k_accts_v, self.k_accts_n],
+                    args=["1" if counters else "0"])
+        )  # fmt: skip
         accts = [_account_dec.decode(x if isinstance(x, bytes) else x.encode())
-                 for x in raw.values()]  # fmt: skip
-        if stats:
-            _add_counters(accts, stats)
-        return int(v or 0), sorted(accts, key=lambda a: (a.created, a.id))
+                 for x in raw[1::2]]  # fmt: skip
+        if flat:
+            _add_counters(accts, dict(zip(flat[::2], flat[1::2], strict=True)))
+        return int(_text(v) or 0), sorted(accts, key=lambda a: (a.created, a.id))
 
     async def accounts_replace(self, version: int, accounts: list[Account]) -> bool:
         """Write the whole list if nobody wrote since `version` was read; False otherwise."""
@@ -995,8 +1054,16 @@ class RedisState(State):
             await anyio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise AccountStoreError("the accounts in Redis keep changing under us; try again")
 
+    def hold_accounts(self, accounts: list[Account]) -> None:
+        # Its version is not known (the cache keeps the list only): any version > 0 says
+        # "read from Redis"; a list read in this run replaces it.
+        if not self._held_accounts[1]:
+            self._held_accounts = (1, list(accounts))
+
     async def load_accounts(self) -> list[Account]:
-        return (await self.accounts_snapshot())[1]
+        snap = await self.accounts_snapshot()
+        self._held_accounts = snap
+        return snap[1]
 
     async def import_accounts(self, accounts: list[Account]) -> tuple[int, int]:
         counts = [0, 0]

@@ -366,6 +366,12 @@ class State(abc.ABC):
         other's changes (flock locally, a version compare-and-set in Redis)."""
 
     @abc.abstractmethod
+    def hold_accounts(self, accounts: list[Account]) -> None:
+        """The list a server started on while the store did not answer, last read from it in
+        an earlier run (the gateway's cache): what to put back should the store come back
+        without its data (Redis: like a list read in this run; locally nothing to do)."""
+
+    @abc.abstractmethod
     def on_accounts_changed(self, listener: Callable[[], None]) -> None:
         """Call `listener` (no arguments) after the accounts list changed anywhere (Redis: also
         after every reconnection, since a change may have been missed meanwhile)."""

@@ -220,6 +220,25 @@ async def test_redis_down_at_start_serves_accounts_json_then_takes_redis_list(
     async with gateway_stack(tmp_path, config=cfg) as run:
         assert [a.label for a in run.gateway.accounts] == ["redis-B"]
         assert "accounts.redis-cache.json" in caplog.text
+        # Redis back without its data (the server above is gone, this one is empty): the
+        # list started on is put back, not replaced by an empty one (nor is the cache).
+        srv = RedisServer(port).start()
+        try:
+            st = run.gateway.state
+            assert st is not None
+            with anyio.fail_after(WAIT_S):
+                while not st.status()["state"] == "ok":  # noqa: ASYNC110 - a flag
+                    await anyio.sleep(0.05)
+                while [a.label for a in await st.load_accounts()] != [  # noqa: ASYNC110
+                    "redis-B"
+                ]:  # polled: the restore may come from the reconnection or from this read
+                    await anyio.sleep(0.05)
+            assert [a.label for a in run.gateway.accounts] == ["redis-B"]
+            assert "came back without its data" in caplog.text
+        finally:
+            srv.stop()
+    cached = json.loads((tmp_path / "accounts.redis-cache.json").read_text())["accounts"]
+    assert [a["label"] for a in cached] == ["redis-B"]
     assert (tmp_path / "accounts.redis-cache.json").stat().st_mode & 0o777 == 0o600
 
 

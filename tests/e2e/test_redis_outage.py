@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -107,16 +106,44 @@ def _serve(name: str, home: Path, env: dict[str, str]) -> Iterator[Instance]:
             proc.wait()
 
 
-def _accounts(homes: list[Path]) -> None:
-    """Three API-key accounts with the same ids in every home (serve reads accounts.json)."""
-    store = AccountStore(homes[0] / "accounts.json")
-    store.update(
+ACCOUNTS = {"acc0", "acc1", "acc2"}
+
+
+def _cli(tmp_path: Path, env: dict[str, str], *args: str) -> str:
+    """`rawgate ARGS` with the instances' [state] settings, from a home of its own."""
+    home = tmp_path / "cli"
+    home.mkdir(exist_ok=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "rawgate", *args], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "RAWGATE_HOME": str(home), **env},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _accounts(tmp_path: Path, env: dict[str, str]) -> None:
+    """Three API-key accounts (acc0..acc2) imported into Redis the way a user does it
+    (`rawgate accounts import FILE`): with `[state] backend = "redis"` serve reads the list
+    from there. The instances' homes hold no accounts.json."""
+    src = AccountStore(tmp_path / "import.json")
+    src.update(
         lambda cur: [Account(id=f"acc{i}", kind="api_key", label=f"acc{i}",
                              api_key=f"AIzaSy{i:033d}", created=1) for i in range(3)]
     )  # fmt: skip
-    for h in homes[1:]:
-        shutil.copy(homes[0] / "accounts.json", h / "accounts.json")
-        os.chmod(h / "accounts.json", 0o600)
+    assert "imported 3 account(s)" in _cli(tmp_path, env, "accounts", "import", str(src.path))
+
+
+def _listed(tmp_path: Path, env: dict[str, str]) -> dict[str, bool]:
+    """`rawgate accounts list --json`: enabled per account id."""
+    doc = orjson.loads(_cli(tmp_path, env, "accounts", "list", "--json"))
+    return {a["id"]: a["enabled"] for a in doc["accounts"]}
+
+
+async def _account_up(c: httpx.AsyncClient, inst: Instance, key: str) -> dict[str, float]:
+    """The accounts an instance serves now (/metrics rawgate_account_up: 1 enabled)."""
+    r = await c.get(inst.origin + "/metrics", headers={"authorization": f"Bearer {key}"})
+    found = re.finditer(r'^rawgate_account_up\{account="([^"]+)"\} (\S+)$', r.text, re.M)
+    return {m.group(1): float(m.group(2)) for m in found}
 
 
 def _redis_clients(port: int) -> int:
@@ -145,6 +172,7 @@ class Load:
         self.latency: dict[str, list[float]] = {}
         self.ok: Counter[str] = Counter()  # 200s per key
         self.ok_since_kill: Counter[str] = Counter()  # 200s per key sent after the kill
+        self.served: Counter[str] = Counter()  # 200s per account (X-Account-Email)
 
     async def check(
         self, c: httpx.AsyncClient, inst: Instance, key: str, stream: bool, text: str,
@@ -167,6 +195,7 @@ class Load:
             return 0
         what = f"{what}: {r.status_code} {data[:300]!r}"
         if r.status_code == 200:
+            self.served[r.headers.get("x-account-email", "?")] += 1
             if messages and stream:
                 ok = data.rstrip().endswith(b'data: {"type":"message_stop"}')
             elif messages:
@@ -316,7 +345,7 @@ async def test_redis_down_mid_load_and_back(
     homes = [tmp_path / "a", tmp_path / "b"]
     for h in homes:
         h.mkdir()
-    _accounts(homes)
+    _accounts(tmp_path, env)
     cfg = _admin_cfg(srv.url, prefix)
     keys: dict[str, str] = {}
     async with open_state(cfg, tmp_path, background=False) as st:
@@ -329,6 +358,9 @@ async def test_redis_down_mid_load_and_back(
             insts = [a, b]
             async with httpx.AsyncClient(timeout=20) as c:
                 await _until_state(c, insts, "ok", 10)
+                for inst in insts:  # the list imported into Redis, not the emulator's demo
+                    assert await _account_up(c, inst, keys["probe"]) == dict.fromkeys(
+                        ACCOUNTS, 1.0)
                 # A cooldown every instance knows before the outage (it must survive it).
                 await _cool_everywhere(c, keys["probe"], a, b, "gemini-2.5-flash-lite", 300)
                 # A Response stored in Redis before the outage.
@@ -390,6 +422,10 @@ async def test_redis_down_mid_load_and_back(
                 f" in {took_ok} s"
             )
             assert load.problems == []
+            # Every answer, also after the empty restart, came from the imported accounts
+            # (the list was put back: no instance re-read an empty one and fell back to none
+            # or to the emulator's demo account).
+            assert set(load.served) == ACCOUNTS, load.served
             if fail == "open":
                 assert set(load.outcomes) <= {"200 limited", "200 free", "200 outage"}
             assert load.outcomes["200 outage"] == OUTAGE_BATCH
@@ -405,6 +441,15 @@ async def test_redis_down_mid_load_and_back(
                 m = re.search(r"unreachable \((\w+): ([^)]+)\)", down[0])
                 assert m and "TaskGroup" not in down[0], down[0]
                 print(f"{inst.name}: {m.group(0)}")
+            # The server back empty: the first instance back put the keys and the accounts
+            # back (each a SET-if-absent script: the other found them there); after a stall the
+            # data was still there and nothing was written back.
+            restored = [w for inst in insts for w in inst.warnings("came back without its data")]
+            if stalled:
+                assert restored == []
+            else:
+                assert 1 <= len(restored) <= 2 and any(" 3 accounts" in w for w in restored), (
+                    restored)
 
             async with open_state(cfg, tmp_path, background=False) as st, \
                     httpx.AsyncClient(timeout=20) as c:  # fmt: skip
@@ -470,6 +515,34 @@ async def test_redis_down_mid_load_and_back(
                     (f"acc{i}", m) for i in range(3)
                     for m in ("gemini-2.5-pro", "gemini-2.5-flash-lite")}  # fmt: skip
 
+                # The accounts list is in Redis again (put back by the first instance back
+                # when the server came back empty), both still serve all three, the list each
+                # keeps for a start while Redis is down still holds them, and a change made
+                # now still reaches both (the list has its version, pub/sub is subscribed).
+                listed = await anyio.to_thread.run_sync(_listed, tmp_path, env)
+                assert listed == dict.fromkeys(ACCOUNTS, True)
+                for inst, home in zip(insts, homes, strict=True):
+                    assert await _account_up(c, inst, keys["probe"]) == dict.fromkeys(
+                        ACCOUNTS, 1.0)
+                    cached = AccountStore(home / "accounts.redis-cache.json").load()
+                    assert {a.id for a in cached} == ACCOUNTS
+                await anyio.to_thread.run_sync(
+                    lambda: _cli(tmp_path, env, "accounts", "disable", "acc1"))
+                for inst in insts:
+                    with anyio.fail_after(10):
+                        while (await _account_up(c, inst, keys["probe"])).get(  # noqa: ASYNC110
+                            "acc1"
+                        ) != 0.0:  # polled over HTTP, no event to wait on
+                            await anyio.sleep(0.05)
+                    for i in range(6):
+                        r = await c.post(inst.origin + CHAT, headers={
+                            "authorization": f"Bearer {keys['probe']}"}, json={
+                            "model": "gemini-2.5-flash",
+                            "messages": [{"role": "user", "content": f"after disable {i}"}]})
+                        assert r.status_code == 200, r.text
+                        assert r.headers["x-account-email"] in {"acc0", "acc2"}
+                assert (await anyio.to_thread.run_sync(_listed, tmp_path, env))["acc1"] is False
+
             # Bounded: connections on the server side, file descriptors in each process.
             clients = _redis_clients(srv.port)
             fds_after = {i.name: i.fds() for i in insts}
@@ -533,7 +606,7 @@ async def test_repeated_outages_leak_no_connection_and_no_descriptor(tmp_path: P
     homes = [tmp_path / "a", tmp_path / "b"]
     for h in homes:
         h.mkdir()
-    _accounts(homes)
+    _accounts(tmp_path, env)
     async with open_state(_admin_cfg(srv.url, "flap:"), tmp_path, background=False) as st:
         key = (await st.add_key("k", rpm=100_000))[1]
     chat = {"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hi"}]}
@@ -549,8 +622,11 @@ async def test_repeated_outages_leak_no_connection_and_no_descriptor(tmp_path: P
                     if cycle:
                         back.append(round(max(took.values()), 2))
                     for inst in insts:  # the key's limit and its usage: both touch Redis
-                        assert (await c.post(inst.origin + CHAT, json=chat,
-                                             headers=auth)).status_code == 200  # fmt: skip
+                        r = await c.post(inst.origin + CHAT, json=chat, headers=auth)
+                        assert r.status_code == 200, r.text
+                        # The imported accounts, put back after each empty restart.
+                        assert r.headers["x-account-email"] in ACCOUNTS
+                        assert await _account_up(c, inst, key) == dict.fromkeys(ACCOUNTS, 1.0)
                 # Counted with the test's client closed (its connections are not the leak).
                 seen.append((_redis_clients(srv.port), {i.name: i.fds() for i in insts}))
                 srv.kill()

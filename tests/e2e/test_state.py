@@ -74,10 +74,15 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
 both = pytest.mark.parametrize("opener", BACKENDS, indirect=True)
 
 
-def _minute_margin() -> None:
-    """Fixed windows: keep a count test inside one minute (the server shares this clock)."""
+async def _minute_margin() -> None:
+    """Fixed windows: keep a count test inside one minute (the server shares this clock).
+    Waits on the event loop: a time.sleep here blocked the loop for up to 11 s while the
+    state's own calls were in flight (the reload a key change publishes), which then ran past
+    redis_timeout_ms and put the store in degraded mode (8 of 8 runs with the loop blocked
+    3.5 s after add_key; test_status_and_metrics_with_bounded_key_labels failed when the
+    clock was in a minute's last 10 s)."""
     if time.time() % 60 > 50:
-        time.sleep(61 - time.time() % 60)
+        await anyio.sleep(61 - time.time() % 60)
 
 
 # ---- cooldowns ----
@@ -174,7 +179,7 @@ async def test_key_lifecycle(opener: Opener) -> None:
         assert st.lookup_key(key) is None and st.lookup_key(new_key) == new_rec
         assert new_rec.rpm == 5
         assert [r.name for r in await st.list_keys()] == ["alice"]
-        _minute_margin()
+        await _minute_margin()
         for _ in range(6):
             await st.check_key(new_rec, "gemini-2.5-pro")
         assert (await st.check_key(new_rec, "gemini-2.5-pro")).reason == "rpm"
@@ -192,7 +197,7 @@ async def test_rpm_exact_across_two_instances(opener: Opener) -> None:
     n = 7
     async with opener() as a, opener() as b:
         rec, _ = await a.add_key("busy", rpm=n)
-        _minute_margin()
+        await _minute_margin()
         results = []
 
         async def hit(st: State) -> None:
@@ -211,7 +216,7 @@ async def test_rpm_exact_across_two_instances(opener: Opener) -> None:
 async def test_token_limits_count_reported_tokens_and_usage(opener: Opener) -> None:
     async with opener() as st:
         rec, _ = await st.add_key("tok", tpm=1000, daily_tokens=5000)
-        _minute_margin()
+        await _minute_margin()
         assert (await st.check_key(rec, "m")).allowed
         await st.record_usage("tok", "acc1", "gemini-2.5-flash", 600, 500)
         d = await st.check_key(rec, "m")
@@ -489,6 +494,82 @@ async def test_account_updates_from_two_instances_lose_nothing(opener: Opener) -
             await changed.wait()
 
 
+@redis_kinds
+async def test_an_accounts_list_the_server_lost_is_put_back_once(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The server lost its data (restarted empty, FLUSHALL, failover to an empty replica): the
+    accounts' version key is gone (every write INCRs it, nothing deletes it). An instance
+    holding a list it read puts it back (_RESTORE_ACCTS, SET-if-absent: of two racing, one
+    writes), with the counters it read; a read or a write finding no version restores first;
+    a list emptied on purpose keeps its version and is not brought back; an instance that
+    never read a list has nothing to put back."""
+    cfg = _backend_cfg(request, kind)
+    async with open_state(cfg, tmp_path) as a, open_state(cfg, tmp_path) as b:
+        assert isinstance(a, RedisState) and isinstance(b, RedisState)
+
+        async def lose() -> None:  # what an empty restart does to our keys (one slot each)
+            for k in (a.k_accts, a.k_accts_v, a.k_accts_n):
+                await a.client.delete([k])
+
+        accs = [Account(id="r1", kind="api_key", api_key="AIza" + "1" * 35, label="one"),
+                Account(id="r2", kind="api_key", api_key="AIza" + "2" * 35)]  # fmt: skip
+        assert await a.import_accounts(accs) == (2, 0)
+        assert await a.add_account_stats({"r1": (4, 10, 20, 1, "boom")})
+        for st in (a, b):
+            assert [x.id for x in await st.load_accounts()] == ["r1", "r2"]
+        version = int(await a.client.get(a.k_accts_v))
+        heard = anyio.Event()
+        b.on_accounts_changed(heard.set)
+
+        await lose()
+        async with open_state(cfg, tmp_path) as fresh:  # holds nothing: reads the empty server
+            assert await fresh.load_accounts() == []
+        assert await a.client.exists([a.k_accts_v]) == 0
+        # Two instances back at once: exactly one writes its list.
+        done: list[bool] = []
+
+        async def restore(st: RedisState) -> None:
+            done.append(await st._restore_accounts())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(restore, a)
+            tg.start_soon(restore, b)
+        assert sorted(done) == [False, True]
+        with anyio.fail_after(5):  # published: every instance re-reads
+            await heard.wait()
+        assert int(await a.client.get(a.k_accts_v)) == version
+        got = {x.id: x for x in await b.load_accounts()}
+        assert sorted(got) == ["r1", "r2"] and got["r1"].label == "one"
+        # The counters came back inside the JSON (P{accts}:n was lost with the rest): the
+        # next increments add to them, nothing counted twice.
+        assert (got["r1"].requests, got["r1"].tokens_out, got["r1"].last_error) == (4, 20, "boom")
+        assert await a.add_account_stats({"r1": (1, 0, 0, 0, None)})
+        assert [x.requests for x in await a.load_accounts()] == [5, 0]
+
+        # A read racing the reconnection (no version yet) restores first, never returns [].
+        await lose()
+        assert [x.id for x in await b.load_accounts()] == ["r1", "r2"]
+        # So does a write (a disable learned meanwhile): applied to the list put back.
+        await lose()
+
+        def disable_r2(current: list[Account]) -> None:
+            for x in current:
+                x.enabled = x.id != "r2"
+
+        await a.update_accounts(disable_r2)
+        assert [(x.id, x.enabled) for x in await b.load_accounts()] == [("r1", True),
+                                                                        ("r2", False)]
+
+        # Emptied on purpose: the version is there, nothing comes back.
+        await a.update_accounts(lambda current: [])
+        assert await a.load_accounts() == [] and await b.load_accounts() == []
+        assert not await a._restore_accounts() and not await b._restore_accounts()
+        await lose()  # and a server losing an empty list has nothing to get back
+        assert await b.load_accounts() == []
+        assert await a.client.exists([a.k_accts_v]) == 0
+
+
 def test_accounts_cli_on_redis(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -583,7 +664,7 @@ async def test_status_and_metrics_with_bounded_key_labels(opener: Opener) -> Non
 
     async with opener() as st:
         rec, key = await st.add_key("alice", rpm=1, models=["gemini-*"])
-        _minute_margin()
+        await _minute_margin()
         await st.check_key(rec, "gemini-2.5-pro")
         await st.check_key(rec, "gemini-2.5-pro")
         await st.check_key(rec, "gpt-4o")

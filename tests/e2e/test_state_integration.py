@@ -182,7 +182,9 @@ async def test_local_state_health_and_metrics(tmp_path: Path) -> None:
 async def test_limits_fail_while_redis_is_down(tmp_path: Path, fail: str) -> None:
     srv = RedisServer().start()
     try:
-        cfg = _redis(srv.url, "down:", redis_timeout_ms=100, redis_backoff_max_s=1.0,
+        # A killed server refuses at once: no short timeout needed to see it (a 100 ms one
+        # made the request before the kill time out on a busy machine: a 429 in closed mode).
+        cfg = _redis(srv.url, "down:", redis_timeout_ms=3000, redis_backoff_max_s=1.0,
                      limits_fail=fail)  # fmt: skip
         async with gateway_stack(tmp_path, config=cfg) as run, httpx.AsyncClient() as c:
             st = run.gateway.state
