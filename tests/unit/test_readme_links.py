@@ -96,3 +96,25 @@ def test_no_duplicate_top_level_sections() -> None:
         ]
         dupes = sorted({t for t in titles if titles.count(t) > 1})
         assert not dupes, f"{name}: repeated sections {dupes}"
+
+
+_FILE_LINK = re.compile(r"\]\(([^)\s#:]+)(?:#[^)\s]*)?\)")
+
+
+@pytest.mark.parametrize("name", sorted(DOCS))
+def test_every_relative_file_link_exists(name: str) -> None:
+    """Pictures and files the READMEs link to (`](tests/e2e/dashboard.png)`, `](results/)`)
+    are in the tree; web addresses are not checked."""
+    path = DOCS[name]
+    fenced = False
+    missing = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        missing.extend(
+            t for t in _FILE_LINK.findall(line) if not (path.parent / t).exists()
+        )
+    assert not missing, f"{name}: links to missing files: {missing}"
