@@ -107,7 +107,7 @@ def test_every_relative_file_link_exists(name: str) -> None:
     are in the tree; web addresses are not checked."""
     path = DOCS[name]
     fenced = False
-    missing = []
+    missing: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
