@@ -118,3 +118,24 @@ def test_every_relative_file_link_exists(name: str) -> None:
             t for t in _FILE_LINK.findall(line) if not (path.parent / t).exists()
         )
     assert not missing, f"{name}: links to missing files: {missing}"
+
+
+def test_contents_lists_every_section_in_order() -> None:
+    """README's Contents: one link per `##` / `###` heading after it, in order, nested by level."""
+    text = DOCS["README.md"].read_text(encoding="utf-8")
+    _, _, body = text.partition("## Contents\n")
+    assert body, "README.md has no '## Contents'"
+    toc, _, rest = body.strip("\n").partition("\n\n")
+    listed = [
+        (len(m.group(1)) // 2, m.group(2))
+        for m in re.finditer(r"^( *)- \[[^\]]*\]\(#([^)]+)\)$", toc, re.M)
+    ]
+    wanted = []
+    fenced = False
+    for line in rest.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"^(##|###) (.*)$", line)
+        if m:
+            wanted.append((len(m.group(1)) - 2, slug(m.group(2))))
+    assert listed == wanted
