@@ -1,5 +1,5 @@
 """`rawgate accounts`: manage $RAWGATE_HOME/accounts.json (the server reloads it by itself), or
-the accounts in Redis with `[state] backend = "redis"` (state_cli.py: the same methods).
+the accounts in Redis with `[state] backend = "redis"` (rawgate/state/admin.py: the same methods).
 
 Every command goes through AccountStore (locked, atomic); a failure prints one line on stderr
 and exits 1 (argparse usage errors exit 2). Secrets are read from the command line or, with
@@ -43,8 +43,9 @@ def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "accounts",
         help="manage upstream accounts (Gemini API keys, Code Assist OAuth)",
-        description="Manage the upstream accounts in $RAWGATE_HOME/accounts.json. A running "
-        "`rawgate serve` picks up every change within a second.",
+        description="Manage the upstream accounts: in $RAWGATE_HOME/accounts.json, or in Redis "
+        "with [state] backend = \"redis\". A running `rawgate serve` picks up every change "
+        "by itself (within a second from the file; at once from Redis, on every instance).",
     )
     p.set_defaults(run=run, accounts_cmd=None, _accounts_parser=p)
     cmds = p.add_subparsers(dest="accounts_cmd", metavar="ACTION")
@@ -88,14 +89,14 @@ def add_parser(sub: Any) -> None:
     ls = cmds.add_parser("list", help="list accounts (secrets masked), status and counters")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
 
-    d = cmds.add_parser("disable", help="stop using an account (kept in the file)")
+    d = cmds.add_parser("disable", help="stop using an account (kept in the list)")
     d.add_argument("id", metavar="ID", help="account id (or a unique label/email)")
     d.add_argument("--reason", default="disabled by hand", help="kept and shown in listings")
 
     e = cmds.add_parser("enable", help="use a disabled account again (clears its cooldowns)")
     e.add_argument("id", metavar="ID", help="account id (or a unique label/email)")
 
-    r = cmds.add_parser("remove", help="delete an account from the file")
+    r = cmds.add_parser("remove", help="delete an account from the list")
     r.add_argument("id", metavar="ID", help="account id (or a unique label/email)")
 
     i = cmds.add_parser(

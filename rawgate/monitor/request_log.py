@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -202,9 +203,12 @@ class RequestLog:
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path)  # created (schema, WAL) before the first request
+        # 0600 BEFORE SQLite opens it: SQLite gives the -wal and -shm files it creates the
+        # database file's mode, so a chmod afterwards left them 0644 while serve ran.
         with contextlib.suppress(OSError):
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self.path.chmod(0o600)
+        conn = connect(self.path)  # created (schema, WAL) before the first request
         self._thread = threading.Thread(
             target=self._run, args=(conn,), name="rawgate-request-log", daemon=True
         )

@@ -1,5 +1,5 @@
-"""Shared state: one interface, two backends (state_local.py: files under RAWGATE_HOME;
-state_redis.py: Redis/Valkey through coredis), chosen by `[state] backend`.
+"""Shared state: one interface, two backends (state/local.py: files under RAWGATE_HOME;
+state/redis_backend.py: Redis/Valkey through coredis), chosen by `[state] backend`.
 
 What is shared: cooldowns and auth rests per (account, model) (model "" = every model), stored
 Responses (previous_response_id), client keys with their limits and usage, usage per key /

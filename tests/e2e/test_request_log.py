@@ -192,3 +192,19 @@ def test_many_writers_opening_a_fresh_database_at_once(tmp_path: Path) -> None:
         for lg in logs:
             lg.close()
     assert len(_rows(db)) == len(logs)
+
+
+def test_the_wal_and_shm_files_are_0600_like_the_database(tmp_path: Path) -> None:
+    """SQLite gives -wal/-shm the database file's mode when it creates them: the file must be
+    0600 before SQLite first opens it (a chmod afterwards left them 0644 while serve ran)."""
+    db = tmp_path / "requests.db"
+    with RequestLog(db) as log:
+        log.record(_row(0, stream=False))
+        _wait(lambda: log.written == 1, "a row written")
+        modes = {
+            p.name: oct(p.stat().st_mode & 0o777)
+            for p in tmp_path.iterdir()
+            if p.name.startswith("requests.db")
+        }
+        assert {"requests.db", "requests.db-wal", "requests.db-shm"} <= set(modes)
+        assert set(modes.values()) == {"0o600"}, modes
