@@ -379,6 +379,7 @@ class H2Session:
         # re-slicing the rest (`pending = pending[n:]`) per frame copied O(n^2) bytes, ~47 % of
         # the emulator's CPU on a 6.5 MB batchEmbedContents answer in 16 KiB frames (py-spy;
         # 197 ms CPU per request over h2c vs 91 ms over HTTP/1.1, 8 sequential requests).
+        # bench.micro emulator_h2_large_body: 106 ms -> 0.95 ms to frame that answer.
         data = st.pending
         if data:
             view = memoryview(data)
