@@ -261,14 +261,25 @@ def h2_connection_window(conn: H2Connection) -> Any:
 def h2_take_data(conn_window: Any, stream: Any, length: int) -> bool:
     """Account a complete, unpadded DATA frame without END_STREAM of `length` bytes on `stream`
     (an h2.stream.H2Stream, a private class) as h2 would, when that is all h2 would do: the
-    stream is OPEN / HALF_CLOSED_LOCAL with its head received and no Content-Length to check,
-    and both windows hold the frame. Then both windows shrink and True is returned; else
-    nothing changed (h2 takes the frame)."""
+    stream is OPEN / HALF_CLOSED_LOCAL with its head received, the frame keeps the body within
+    its Content-Length (if any), and both windows hold the frame. Then both windows shrink, the
+    body count grows, and True is returned; else nothing changed (h2 takes the frame, and
+    raises what it raises).
+
+    A Content-Length answer takes the fast path too (a bound check and a sum, as h2's
+    _track_content_length): the emulator sends one on every non-stream answer, and a 6.5 MB
+    batchEmbedContents came as ~400 16 KiB frames through h2's full step (~10 us each).
+    bench.micro h2_client_large_body: 4.5 -> 1.3 ms to take that answer in 64 KiB reads."""
     sm = stream.state_machine
-    if sm.state in _DATA_OK and sm.headers_received and stream._expected_content_length is None:
+    if sm.state in _DATA_OK and sm.headers_received:
         win = stream._inbound_window_manager
         if length <= win.current_window_size and length <= conn_window.current_window_size:
+            got = stream._actual_content_length + length
+            expected = stream._expected_content_length
+            if expected is not None and got > expected:
+                return False
             conn_window.current_window_size -= length
             win.current_window_size -= length
+            stream._actual_content_length = got
             return True
     return False

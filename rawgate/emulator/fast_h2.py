@@ -146,8 +146,8 @@ class _Decoder:
 
 
 class _Stream:
-    __slots__ = ("block", "body", "end", "ended", "headers", "pending", "script", "timer",
-                 "waiting", "window")
+    __slots__ = ("block", "body", "end", "ended", "headers", "pending", "script", "sent",
+                 "timer", "waiting", "window")
 
     def __init__(self, window: int) -> None:
         self.block = b""  # header block fragments until END_HEADERS
@@ -155,7 +155,8 @@ class _Stream:
         self.body: list[bytes] = []
         self.ended = False  # the request ended with its HEADERS (no body)
         self.window = window  # peer's window for our DATA on this stream
-        self.pending = b""  # our bytes waiting for window
+        self.pending = b""  # our bytes waiting for window (b"" once all are out)
+        self.sent = 0  # how much of `pending` is already framed (an offset, see _pump)
         self.end = False  # end the stream once `pending` is out
         self.script: Generator[float | None, None, None] | None = None
         self.timer: asyncio.Handle | None = None
@@ -178,7 +179,7 @@ class H2Session:
         self.peer_window = 65535  # connection-level window for our DATA
         self.peer_initial = 65535
         self.peer_max_frame = 16384
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []  # joined by flush()
         self.unacked = 0  # DATA bytes received since the last connection WINDOW_UPDATE
         self.closed = False
         settings = struct.pack(">HIHI", 3, max_streams, 4, STREAM_WINDOW)
@@ -362,6 +363,8 @@ class H2Session:
     def _send(self, sid: int, data: bytes, end: bool) -> None:
         st = self.streams.get(sid)
         if st is not None:
+            if st.sent:  # rare: new bytes while a window-bound tail waits
+                st.pending, st.sent = st.pending[st.sent :], 0
             st.pending += data
             st.end = st.end or end
             self._pump(sid, st)
@@ -372,16 +375,29 @@ class H2Session:
                 self._pump(sid, st)
 
     def _pump(self, sid: int, st: _Stream) -> None:
-        while st.pending:
-            n = min(st.window, self.peer_window, self.peer_max_frame, len(st.pending))
-            if n <= 0:
-                return  # window shut: WINDOW_UPDATE calls _pump again
-            piece, st.pending = st.pending[:n], st.pending[n:]
-            st.window -= n
-            self.peer_window -= n
-            last = st.end and not st.pending
-            self.out.append(_frame(_DATA, _END_STREAM if last else 0, sid, piece))
-            if last:
+        # DATA payloads are memoryview slices of `pending` at an offset, joined once by flush():
+        # re-slicing the rest (`pending = pending[n:]`) per frame copied O(n^2) bytes, ~47 % of
+        # the emulator's CPU on a 6.5 MB batchEmbedContents answer in 16 KiB frames (py-spy;
+        # 197 ms CPU per request over h2c vs 91 ms over HTTP/1.1, 8 sequential requests).
+        # bench.micro emulator_h2_large_body: 106 ms -> 0.95 ms to frame that answer.
+        data = st.pending
+        if data:
+            view = memoryview(data)
+            at, total = st.sent, len(data)
+            out = self.out
+            while at < total:
+                n = min(st.window, self.peer_window, self.peer_max_frame, total - at)
+                if n <= 0:
+                    st.sent = at
+                    return  # window shut: WINDOW_UPDATE calls _pump again
+                st.window -= n
+                self.peer_window -= n
+                last = st.end and at + n == total
+                out.append(_FRAME.pack(n, _DATA, _END_STREAM if last else 0, sid)[1:])
+                out.append(view[at : at + n])
+                at += n
+            st.pending, st.sent = b"", 0
+            if st.end:
                 self.streams.pop(sid, None)
                 return
         if st.end:

@@ -56,12 +56,13 @@ class FastH2(H2ClientFastConnection):
         state machines, flag sets, events); Gemini sends one per SSE event, so that was twice
         the cost of transcoding the event. A DATA frame qualifies when it is complete,
         unpadded, without END_STREAM, within the frame size limit and both windows, on a stream
-        in OPEN/HALF_CLOSED_LOCAL whose head arrived and that has no Content-Length to check;
-        then the only effects h2 would have are the two windows shrinking and one DataReceived,
-        which is all this does (~2.8 us). Any other frame goes to h2 on its own, complete and
-        in order; a DATA frame cut by the read waits here (one frame at most: its length was
-        checked), so h2 holds no partial frame that would keep the fast path off until a read
-        happens to end on a frame boundary. While h2 holds a header block (HEADERS without
+        in OPEN/HALF_CLOSED_LOCAL whose head arrived and whose body stays within its
+        Content-Length (if it has one); then the only effects h2 would have are the two windows
+        shrinking, the body count growing and one DataReceived, which is all this does
+        (~2.8 us). Any other frame goes to h2 on its own, complete and in order; a DATA frame
+        cut by the read waits here (one frame at most: its length was checked), so h2 holds no
+        partial frame that would keep the fast path off until a read happens to end on a frame
+        boundary. While h2 holds a header block (HEADERS without
         END_HEADERS), or the connection is not open, the rest goes to h2 as it is: every error
         path stays h2's. Whether h2 is in that state is asked again only after h2 took a
         frame: a frame taken here changes neither."""

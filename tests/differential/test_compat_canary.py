@@ -729,6 +729,27 @@ def check_expected_content_length() -> None:
            "validation off, as rawgate runs it)")
 
 
+def check_actual_content_length() -> None:
+    from h2.exceptions import InvalidBodyLengthError
+
+    sized = _client_with_response(content_length=True)
+    st = sized.streams[1]
+    expect(st._actual_content_length == 0, f"{st._actual_content_length!r} before any DATA")
+    sized.receive_data(DataFrame(1, data=b"x" * 4).serialize())
+    expect(st._actual_content_length == 4, "a DATA frame did not add its size")
+    st._actual_content_length += 3  # what the fast path does for a frame it takes
+    try:
+        sized.receive_data(DataFrame(1, data=b"x" * 4, flags=["END_STREAM"]).serialize())
+    except InvalidBodyLengthError:
+        pass  # 11 > 10: h2 judged the body by the count the fast path kept
+    else:
+        raise Moved("h2 did not check the end of the body against the kept count")
+    plain = _client_with_response()
+    plain.receive_data(DataFrame(1, data=b"x" * 4).serialize())
+    expect(plain.streams[1]._actual_content_length == 4,
+           "not counted without a content-length")
+
+
 def check_frame_buffer() -> None:
     from h2.frame_buffer import FrameBuffer
 
@@ -926,6 +947,11 @@ CANARIES: tuple[Canary, ...] = (
            ("_expected_content_length",),
            "None unless the response has a content-length to check",
            check_expected_content_length),
+    Canary("h2.stream.H2Stream._actual_content_length", "h2", ("compat",),
+           ("_actual_content_length",),
+           "the body bytes received so far, an int h2 adds each DATA frame to and checks "
+           "against _expected_content_length (over it, or short at END_STREAM, is an error)",
+           check_actual_content_length),
     Canary("h2.frame_buffer.FrameBuffer._data/_headers_buffer", "h2", ("compat",),
            ("_data", "_headers_buffer"),
            "incoming_buffer's partial-frame bytes and pending header block (fast path off "

@@ -54,8 +54,8 @@ def _norm(events: list[Any]) -> list[tuple[Any, ...]]:
 # One server action: (kind, stream index, size, flag)
 ACTIONS = st.lists(
     st.tuples(
-        st.sampled_from(["head", "data", "data", "data", "end", "pad", "rst", "ping", "wu",
-                         "raw_data", "raw_unknown", "raw_big"]),
+        st.sampled_from(["head", "head_cl", "data", "data", "data", "end", "pad", "rst", "ping",
+                         "wu", "raw_data", "raw_unknown", "raw_big"]),
         st.integers(min_value=0, max_value=2),
         st.integers(min_value=0, max_value=1500),
         st.booleans(),
@@ -81,6 +81,10 @@ def _traffic(actions: list[tuple[str, int, int, bool]]) -> tuple[bytes, bytes]:
         try:
             if kind == "head":
                 srv.send_headers(sid, [(b":status", b"200")], end_stream=flag and sid in headed)
+                headed.add(sid)
+            elif kind == "head_cl":  # a Content-Length the body may meet, exceed or miss
+                cl = str(size).encode()
+                srv.send_headers(sid, [(b":status", b"200"), (b"content-length", cl)])
                 headed.add(sid)
             elif kind in ("data", "end", "pad"):
                 n = min(size, srv.local_flow_control_window(sid), srv.max_outbound_frame_size)
@@ -133,7 +137,8 @@ def _run(fast: bool, server_bytes: bytes, cuts: list[int]) -> list[Any]:
             log.append(c.data_to_send())
             log.append(c._inbound_flow_control_window_manager.current_window_size)
             log.append(sorted(
-                (sid, s.state_machine.state, s._inbound_window_manager.current_window_size)
+                (sid, s.state_machine.state, s._inbound_window_manager.current_window_size,
+                 s._actual_content_length)
                 for sid, s in c.streams.items()
             ))
     return log
@@ -160,6 +165,27 @@ def test_plain_data_frames_take_the_fast_path() -> None:
     assert kinds[-2:] == ["Data", "Data"]  # not h2's DataReceived: the fast path took them
     assert [bytes(e.data) for e in events[-2:]] == [b"A" * 100, b"A" * 50]
     assert c.streams[1]._inbound_window_manager.current_window_size == CLIENT_WINDOW - 150
+
+
+def test_a_content_length_body_takes_the_fast_path_and_h2_judges_its_end() -> None:
+    """Frames within the Content-Length are taken here (counted as h2 counts them); the frame
+    that would pass it, and the END_STREAM that leaves it short, are h2's errors, as plain."""
+    sizes = [("head_cl", 0, 250, False), ("data", 0, 100, False), ("data", 0, 100, False)]
+    _, wire = _traffic(sizes)
+    c = _client(True)
+    for i in range(3):
+        c.send_headers(1 + 2 * i, [(b":method", b"GET"), (b":scheme", b"http"),
+                                   (b":authority", b"x"), (b":path", b"/")], end_stream=True)
+    events = c.receive_data(wire)
+    assert [type(e).__name__ for e in events][-2:] == ["Data", "Data"]  # taken here
+    assert c.streams[1]._actual_content_length == 200
+    for tail in ([("data", 0, 100, False)], [("end", 0, 10, False)], [("end", 0, 50, False)]):
+        _, wire = _traffic(sizes + tail)
+        assert _run(True, wire, []) == _run(False, wire, [])
+    _, over = _traffic([*sizes, ("data", 0, 100, False)])
+    assert ("error", "InvalidBodyLengthError") in _run(True, over, [])
+    _, short = _traffic([*sizes, ("end", 0, 10, False)])
+    assert ("error", "InvalidBodyLengthError") in _run(True, short, [])
 
 
 @pytest.mark.parametrize("kind", ["raw_big", "raw_data"])

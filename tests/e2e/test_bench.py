@@ -911,3 +911,14 @@ def test_state_cost_reports_cpu_latency_and_total_per_request(
         r = rows[name]
         assert r["cpu_us"] > 0 and r["p99_us"] >= r["p50_us"] > 0
         assert r["total_cpu_us"] == pytest.approx(r["cpu_us"] + r["record_cpu_us"])
+
+
+def test_micro_h2_large_body_cases_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.micro --only h2: the emulator frames the whole 6.5 MB body and the client takes
+    every byte of it (both cases raise otherwise), fast paths on and off."""
+    from bench import micro
+
+    assert micro.main(["--quick", "--json", "--only", "h2"]) == 0
+    names = [json.loads(line)["bench"] for line in capsys.readouterr().out.splitlines()]
+    assert [n.split(" ")[0] for n in names] == [
+        "emulator_h2_large_body", "h2_client_large_body", "h2_client_large_body_public"]

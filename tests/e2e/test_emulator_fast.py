@@ -12,12 +12,13 @@ import pytest
 import trustme
 from h2.settings import SettingCodes
 from hpack import Encoder
+from hyperframe.frame import DataFrame, SettingsFrame
 from hypothesis import given, settings, strategies as st
 
 from rawgate.emulator import server as emulator
 from rawgate.emulator.fast_h2 import _Decoder, _encode_block
 from rawgate.emulator.server import DEMO_API_KEY, Settings
-from tests.helpers_h2 import h2_client
+from tests.helpers_h2 import FrameFactory, FrameReader, h2_client
 
 KEY_HDR = (b"x-goog-api-key", DEMO_API_KEY.encode())
 _token = st.binary(min_size=1, max_size=12).map(lambda b: b.hex().encode())
@@ -167,3 +168,73 @@ def test_fast_engine_under_uvloop() -> None:
     h1, h2 = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
     assert h1.startswith(b"HTTP/1.1 200 OK") and b'"text":"uv"' in h1
     assert b'"text":"uv2"' in h2
+
+
+EMBED = "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+
+
+def embed_body(n: int) -> bytes:
+    name = "models/gemini-embedding-001"
+    return orjson.dumps({"requests": [{"model": name, "content": {"parts": [{"text": f"t {i}"}]}}
+                                      for i in range(n)]})
+
+
+@pytest.mark.anyio
+async def test_fast_h2c_multi_mb_answer_in_full_frames_with_bounded_window_updates() -> None:
+    """A 100-vector batchEmbedContents answer (~6.5 MB) over h2c, the client crediting windows
+    as rawgate's upstream client does (256 KiB stream window, 4 MiB connection window, credit
+    per 64 KiB consumed): byte-for-byte the HTTP/1.1 answer, in full 16 KiB DATA frames (only
+    the last may be short: no window-sized slivers), never over a window, and one WINDOW_UPDATE
+    per 64 KiB (counts, not time)."""
+    stream_window, conn_window, credit_at = 256 * 1024, 4 * 1024 * 1024, 64 * 1024
+    req = embed_body(100)
+    async with emulator.serve(engine="fast") as emu:
+        async with await anyio.connect_tcp("127.0.0.1", emu.port) as s:
+            await s.send(b"POST " + EMBED.encode() + b" HTTP/1.1\r\nhost: x\r\nx-goog-api-key: "
+                         + DEMO_API_KEY.encode() + b"\r\ncontent-length: %d\r\n\r\n" % len(req)
+                         + req)
+            raw = b""
+            while b"\r\n\r\n" not in raw:
+                raw += await s.receive()
+            head, h1_body = raw.split(b"\r\n\r\n", 1)
+            size = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(h1_body) < size:
+                h1_body += await s.receive()
+        assert size > 6_000_000 and len(h1_body) == size
+
+        ff, reader = FrameFactory(), FrameReader()
+        async with await anyio.connect_tcp("127.0.0.1", emu.port) as s:
+            await s.send(ff.preface({SettingCodes.INITIAL_WINDOW_SIZE: stream_window})
+                         + ff.window_update(0, conn_window - 65535)
+                         + ff.headers(1, ff.request_headers("POST", EMBED, [KEY_HDR]),
+                                      end_stream=False)
+                         + ff.data(1, req, end_stream=True))
+            received = stream_left = unacked = updates = 0
+            conn_left = conn_window
+            ended = False
+            while not ended:
+                for f in reader.feed(await s.receive()):
+                    if isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                        await s.send(ff.settings(ack=True))
+                    if not isinstance(f, DataFrame):
+                        continue
+                    n = len(f.data)
+                    received += n
+                    unacked += n
+                    stream_left = stream_window - (received - updates * credit_at)
+                    conn_left -= n
+                    assert stream_left >= 0 and conn_left >= 0  # never over a window
+                    ended = "END_STREAM" in f.flags
+                    if unacked >= credit_at and not ended:
+                        unacked -= credit_at
+                        updates += 1
+                        conn_left += credit_at
+                        await s.send(ff.window_update(1, credit_at)
+                                     + ff.window_update(0, credit_at))
+        assert reader.status(1) == 200
+        assert reader.body(1) == h1_body
+        data = [f for f in reader.of_type(DataFrame) if f.stream_id == 1]
+        assert all(len(f.data) == 16384 for f in data[:-1])
+        assert len(data) == -(-size // 16384)
+        assert updates == size // credit_at
+        assert len(orjson.loads(h1_body)["embeddings"]) == 100
