@@ -43,11 +43,12 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -81,7 +82,9 @@ from rawgate.state.keys import (
     new_salt,
     rotate_record,
 )
+from rawgate.state.lean_redis import LeanPool, lean_supported
 from rawgate.state.limiter import DAY_MS, HOUR_MS, Decision, Limits, Usage
+from rawgate.state.resp import ReplyError
 from rawgate.state.response_store import ResponseStore
 from rawgate.state.store import AccountStats, Cooldown, Health, State, StateUnavailable
 
@@ -314,6 +317,12 @@ class RedisState(State):
             )
         else:
             self.client = coredis.Redis.from_url(st.redis_url, client_name="rawgate", **common)
+        # The hot path's EVALSHA calls on connections of their own (lean_redis.py), or None.
+        self._lean = (
+            LeanPool(st.redis_url, st.redis_max_connections)
+            if st.redis_lean_path and not self.cluster and lean_supported(st.redis_url)
+            else None
+        )
         p = st.key_prefix
         self.k_cd = f"{p}{{cd}}"
         self.k_keys = f"{p}{{keys}}"
@@ -383,6 +392,15 @@ class RedisState(State):
         self._trouble.set()
         return _FAILED
 
+    @contextlib.asynccontextmanager
+    async def _lean_open(self) -> AsyncIterator[None]:
+        """The lean path's connections live as long as the client's."""
+        try:
+            yield
+        finally:
+            if self._lean is not None:
+                await self._lean.aclose()
+
     async def _admin(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         """For the CLI: the store is required, a failure is one clear line."""
         try:
@@ -396,7 +414,7 @@ class RedisState(State):
     async def run(
         self, *, task_status: Any = anyio.TASK_STATUS_IGNORED, background: bool = True
     ) -> None:
-        async with self.client:
+        async with self.client, self._lean_open():
             if not background:
                 task_status.started()
                 await anyio.sleep_forever()
@@ -721,6 +739,17 @@ class RedisState(State):
         if self.cluster:
             for script, key, args in calls:
                 out.append(await script(keys=[key], args=list(args)))
+            return out
+        if self._lean is not None:
+            replies = await self._lean.call(
+                [("EVALSHA", script.sha, 1, key, *args) for script, key, args in calls]
+            )
+            for r, (script, key, args) in zip(replies, calls, strict=True):
+                if isinstance(r, ReplyError):
+                    if r.code != "NOSCRIPT":
+                        raise coredis.exceptions.ResponseError(str(r))
+                    r = await script(keys=[key], args=list(args))  # loads it, runs it again
+                out.append(r)
             return out
         pool = self.client.connection_pool
         conn = await pool.get_connection()
