@@ -14,10 +14,14 @@ Invariants:
   before its first call. redis:// and unix:// only; rediss:// (TLS) and clusters stay on
   coredis.
 - Error replies are returned as resp.ReplyError values (the caller handles NOSCRIPT).
+- An idle connection the server closed meanwhile (restarted, client timeout) is dropped when
+  next taken, not used (its descriptor is readable: the end of stream), so a server restart
+  nobody saw costs no failed call.
 """
 
 from __future__ import annotations
 
+import select
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -41,6 +45,16 @@ class _Conn:
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.parser = Parser()
+
+
+def _closed(conn: _Conn) -> bool:
+    """An idle connection with something to read: the server's end of stream (or bytes no
+    call asked for): either way not usable. One poll of the descriptor, no wait (~1-2 us)."""
+    sock = conn.stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    if sock is None:
+        return False
+    fd = sock.fileno()
+    return fd < 0 or bool(select.select([fd], [], [], 0)[0])
 
 
 class LeanPool:
@@ -101,7 +115,14 @@ class LeanPool:
         """Send `commands` back to back on one connection (one round trip) and return their
         replies in order."""
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._connect()
+            conn = None
+            while self._idle and conn is None:
+                conn = self._idle.pop()
+                if _closed(conn):
+                    await self._close(conn)
+                    conn = None
+            if conn is None:
+                conn = await self._connect()
             ok = False
             try:
                 out = await self._exchange(conn, commands)

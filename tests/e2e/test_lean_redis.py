@@ -93,6 +93,22 @@ async def test_auth_and_select_from_the_url(redis_server: RedisServer) -> None:
     assert not lean_supported("rediss://h/0")
 
 
+async def test_an_idle_connection_closed_by_a_restart_is_not_used() -> None:
+    srv = RedisServer().start()
+    try:
+        pool = LeanPool(srv.url, 4)
+        assert await pool.call([("PING",)]) == ["PONG"]
+        assert pool.opened == 1 and len(pool._idle) == 1
+        srv.kill()
+        srv.start()  # the same port; nothing called in between
+        await anyio.sleep(0.05)  # (the loop reads the old connection's end meanwhile)
+        assert await pool.call([("PING",)]) == ["PONG"]
+        assert pool.opened == 2 and len(pool._idle) == 1
+        await pool.aclose()
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("lean", [True, False])
 async def test_backend_on_and_off_the_lean_path(
     lean: bool, redis_server: RedisServer, tmp_path: Path
