@@ -1,5 +1,5 @@
 """What shared state costs per request: `python -m bench.state_cost [--n 5000] [--repeat 3]
-[--redis-url URL] [--json]`.
+[--redis-url URL] [--per-flush N] [--json]`.
 
 Case `per_request`: what the gateway will do per request on the hot path, one limiter
 check-and-count (`check_key` on a key with rpm/tpm limits high enough never to refuse) plus one
@@ -10,7 +10,11 @@ cooldown lookup (`cooldown_until`), on each backend:
 - redis c=16: 16 concurrent callers (coredis pipelines them over its connections).
 
 Case `after_answer`: `record_usage` (the key's token windows and the hourly usage of key,
-account and model), one call at a time, after each answer (off the latency path).
+account and model), one call at a time, after each answer (off the latency path). On Redis it
+buffers (`[state] usage_flush_ms`): the case then sends the buffer itself every --per-flush
+answers (default 100: 1,000 answers/s per instance at the default 100 ms, about what one
+instance serves in bench.variants lb) and counts that CPU too, so the figure is the amortized
+cost; `--per-flush 1` is the cost when each answer is alone in its flush.
 
 Reported: rawgate's CPU (process_time: user+sys of this process) per request in microseconds,
 redis-server's CPU per request when this script started it (from /proc/<pid>/stat), wall time
@@ -51,7 +55,9 @@ def _proc_cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
-async def _measure(st: State, n: int, conc: int, server_pid: int | None) -> dict[str, float]:
+async def _measure(
+    st: State, n: int, conc: int, server_pid: int | None, per_flush: int
+) -> dict[str, float]:
     rec, _ = await st.add_key(f"bench{time.monotonic_ns()}", rpm=10**9, tpm=10**9)
     await st.set_cooldown("acc1", "gemini-2.5-flash", 3600, "bench")
 
@@ -80,14 +86,21 @@ async def _measure(st: State, n: int, conc: int, server_pid: int | None) -> dict
            "wall_us": wall / done * 1e6, "p50_us": _pct(lat, 50),
            "p99_us": _pct(lat, 99)}  # fmt: skip
     # Case after_answer: record_usage (the key's token windows + hourly usage), one at a time.
+    push = getattr(st, "push_usage", None)  # Redis: the buffered usage, one round trip
     for _ in range(100):
         await st.record_usage(rec.name, "acc1", "gemini-2.5-flash", 10, 20)
+    if push is not None:
+        await push()
     lat.clear()
     cpu0 = time.process_time()
-    for _ in range(max(1, n // 4)):
+    for i in range(max(1, n // 4)):
         t = clock()
         await st.record_usage(rec.name, "acc1", "gemini-2.5-flash", 10, 20)
+        if push is not None and (i + 1) % per_flush == 0:
+            await push()
         lat.append(clock() - t)
+    if push is not None:
+        await push()
     out["record_cpu_us"] = (time.process_time() - cpu0) / max(1, n // 4) * 1e6
     out["record_p50_us"] = _pct(lat, 50)
     out["total_cpu_us"] = out["cpu_us"] + out["record_cpu_us"]
@@ -103,10 +116,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 async def _one(
-    cfg: Any, home: Path, processes: int, n: int, conc: int, pid: int | None
+    cfg: Any, home: Path, processes: int, n: int, conc: int, pid: int | None, per_flush: int
 ) -> dict[str, float]:
     async with open_state(cfg, home, processes=processes) as st:
-        return await _measure(st, n, conc, pid)
+        return await _measure(st, n, conc, pid, per_flush)
 
 
 async def _raw_ping(url: str, n: int) -> dict[str, float]:
@@ -136,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--redis-url", default="")
+    ap.add_argument("--per-flush", type=int, default=100,
+                    help="redis after_answer: answers per usage push (see the docstring)")
     ap.add_argument("--json", action="store_true", help="one JSON line per row, no table")
     args = ap.parse_args(argv)
     proc: subprocess.Popen[bytes] | None = None
@@ -170,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = build_config({"state": state}, {}, {})
 
                     pid = proc.pid if (proc and backend == "redis") else None
-                    r = anyio.run(_one, cfg, Path(home), processes, args.n, conc, pid)
+                    r = anyio.run(_one, cfg, Path(home), processes, args.n, conc, pid,
+                                  max(1, args.per_flush))  # fmt: skip
                 if best is None or r["cpu_us"] < best["cpu_us"]:
                     best = r
             assert best is not None

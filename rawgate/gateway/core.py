@@ -423,12 +423,14 @@ class Gateway(AttemptLoop):
 
     async def _record_usage(self, access: AccessRecord) -> None:
         """The answer's tokens to the key's windows and the hourly usage. Locally no I/O:
-        awaited. With Redis a round trip: in the gateway's task group, so neither the
-        connection's next request waits for it nor a client that leaves cancels it."""
+        awaited. With Redis buffered (`[state] usage_flush_ms`): awaited too, no I/O; unbatched
+        (0) a round trip: in the gateway's task group, so neither the connection's next request
+        waits for it nor a client that leaves cancels it."""
         assert self.state is not None
         tin, tout = access.tokens[0], access.tokens[1]
         args = (access.key_name or None, access.account, access.mapped_model, tin, tout)
-        if self.shared_responses is not None and self._tg is not None:
+        if (self.shared_responses is not None and self._tg is not None
+                and self.cfg.state.usage_flush_ms == 0):  # fmt: skip
             self._tg.start_soon(self.state.record_usage, *args)
         else:
             await self.state.record_usage(*args)

@@ -48,14 +48,15 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -86,7 +87,9 @@ from rawgate.state.keys import (
     new_salt,
     rotate_record,
 )
+from rawgate.state.lean_redis import LeanPool, lean_supported
 from rawgate.state.limiter import DAY_MS, HOUR_MS, Decision, Limits, Usage
+from rawgate.state.resp import ReplyError
 from rawgate.state.response_store import ResponseStore
 from rawgate.state.store import AccountStats, Cooldown, Health, State, StateUnavailable
 
@@ -158,12 +161,22 @@ redis.call('HSET', KEYS[1], 'm', string.format('%d', minute), 'r', r, 't', tk,
 redis.call('PEXPIRE', KEYS[1], 86400000 + 60000)
 """
 
-# KEYS[1] = P{k:NAME}:lim; ARGV = rpm, tpm, daily_tokens (0 = none)
+# KEYS[1] = P{k:NAME}:lim; ARGV = rpm, tpm, daily_tokens (0 = none), tokens (this instance's
+# answers of the key not flushed yet: added first, as RECORD would have)
 # -> {allowed 0|1, retry_after_ms, reason}
 _CHECK = (
     _WINDOWS
     + """
 local rpm, tpm, daily = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local add = tonumber(ARGV[4] or '0')
+if add > 0 then
+  tk = tk + add; d = d + add
+  if (rpm > 0 and r >= rpm) or (tpm > 0 and tk >= tpm) or (daily > 0 and d >= daily) then
+"""
+    + _STORE
+    + """
+  end
+end
 if rpm > 0 and r >= rpm then return {0, minute + 60000 - now, 'rpm'} end
 if tpm > 0 and tk >= tpm then return {0, minute + 60000 - now, 'tpm'} end
 if daily > 0 and d >= daily then return {0, day + 86400000 - now, 'daily_tokens'} end
@@ -332,6 +345,12 @@ class RedisState(State):
             )
         else:
             self.client = coredis.Redis.from_url(st.redis_url, client_name="rawgate", **common)
+        # The hot path's EVALSHA calls on connections of their own (lean_redis.py), or None.
+        self._lean = (
+            LeanPool(st.redis_url, st.redis_max_connections)
+            if st.redis_lean_path and not self.cluster and lean_supported(st.redis_url)
+            else None
+        )
         p = st.key_prefix
         self.k_cd = f"{p}{{cd}}"
         self.k_keys = f"{p}{{keys}}"
@@ -370,6 +389,10 @@ class RedisState(State):
         self._by_hash: dict[str, KeyRecord] = {}
         self._pending_usage: dict[tuple[int, str], int] = {}
         self._pending_tokens: dict[str, int] = {}
+        self._flusher_running = False
+        # Answers whose usage write failed or timed out and was kept for a retry: a write that
+        # timed out on a hung server may have run anyway, so at most these count twice.
+        self.usage_retried = 0
         self._local_tokens: dict[str, tuple[str, float]] = {}
         lim = cfg.limits
         # Every Response this instance stored, bounded like the local backend's store: read
@@ -403,6 +426,15 @@ class RedisState(State):
         self._trouble.set()
         return _FAILED
 
+    @contextlib.asynccontextmanager
+    async def _lean_open(self) -> AsyncIterator[None]:
+        """The lean path's connections live as long as the client's."""
+        try:
+            yield
+        finally:
+            if self._lean is not None:
+                await self._lean.aclose()
+
     async def _admin(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         """For the CLI: the store is required, a failure is one clear line."""
         try:
@@ -416,12 +448,14 @@ class RedisState(State):
     async def run(
         self, *, task_status: Any = anyio.TASK_STATUS_IGNORED, background: bool = True
     ) -> None:
-        async with self.client:
+        async with self.client, self._lean_open():
             if not background:
                 task_status.started()
                 await anyio.sleep_forever()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._supervise)
+                if self.cfg.state.usage_flush_ms > 0:
+                    tg.start_soon(self._usage_flusher)
                 # Serve at once: with Redis down at start, requests run degraded meanwhile.
                 with anyio.move_on_after(self.timeout_s * 4):
                     await self._ready.wait()
@@ -715,13 +749,19 @@ class RedisState(State):
         return await self._call(self._load_keys) is not _FAILED
 
     async def _count_request(self, record: KeyRecord, limits: Limits) -> Decision:
+        # The key's tokens buffered by record_usage ride along (added before the check), so
+        # this instance's own answers count against the key's next request at once; taken
+        # out of the buffer first, put back if the call fails.
+        add = self._pending_tokens.pop(record.name, 0)
         res = await self._call(
             lambda: self._evalsha(
                 self._check, f"{self._p}{{k:{record.name}}}:lim",
-                (limits.rpm, limits.tpm, limits.daily_tokens),
+                (limits.rpm, limits.tpm, limits.daily_tokens, add),
             )
         )  # fmt: skip
         if res is _FAILED:
+            if add:
+                self._pending_tokens[record.name] = self._pending_tokens.get(record.name, 0) + add
             if self.cfg.state.limits_fail == "open":
                 return Decision(True, degraded=True)
             return Decision(False, max(1, int(self.health.delay_s + 0.999)),
@@ -731,16 +771,35 @@ class RedisState(State):
         return Decision(False, max(1, -(-int(res[1]) // 1000)), _text(res[2]))
 
     async def _evalsha(self, script: Any, key: str, args: tuple[Any, ...]) -> Any:
-        """The hot path's one script call, straight on a pooled connection: ~70 us less CPU
-        than the client's command layer (bench.state_cost). NOSCRIPT (a restarted or failed-over
-        server) goes through the Script object, which loads it and runs it again."""
+        """The hot path's one script call: on the lean path (lean_redis.py) 89 us CPU per check
+        at c=1 against 182 through a pooled coredis connection, itself ~70 us less than the
+        client's command layer (bench.state_cost, bench/README.md). NOSCRIPT (a restarted or
+        failed-over server) goes through the Script object, which loads it and runs it again."""
         return (await self._evalsha_many([(script, key, args)]))[0]
 
-    async def _evalsha_many(self, calls: list[tuple[Any, str, tuple[Any, ...]]]) -> list[Any]:
+    async def _evalsha_many(
+        self, calls: list[tuple[Any, str, tuple[Any, ...]]], out: list[Any] | None = None
+    ) -> list[Any]:
         """Several one-key scripts written back to back on one connection: one round trip.
-        On a cluster each goes to its slot's node through the Script object."""
+        On a cluster each goes to its slot's node through the Script object. Replies are
+        appended to `out` as they arrive: after a failure, its length says how many of the
+        calls (a prefix) got through."""
+        out = [] if out is None else out
         if self.cluster:
-            return [await script(keys=[key], args=list(args)) for script, key, args in calls]
+            for script, key, args in calls:
+                out.append(await script(keys=[key], args=list(args)))
+            return out
+        if self._lean is not None:
+            replies = await self._lean.call(
+                [("EVALSHA", script.sha, 1, key, *args) for script, key, args in calls]
+            )
+            for r, (script, key, args) in zip(replies, calls, strict=True):
+                if isinstance(r, ReplyError):
+                    if r.code != "NOSCRIPT":
+                        raise coredis.exceptions.ResponseError(str(r))
+                    r = await script(keys=[key], args=list(args))  # loads it, runs it again
+                out.append(r)
+            return out
         pool = self.client.connection_pool
         conn = await pool.get_connection()
         try:
@@ -748,7 +807,6 @@ class RedisState(State):
                     for script, key, args in calls]  # fmt: skip
         finally:
             pool.release(conn)  # multiplexed: replies are matched to `reqs`, not to a lease
-        out = []
         for req, (script, key, args) in zip(reqs, calls, strict=True):
             try:
                 out.append(await req)
@@ -759,6 +817,9 @@ class RedisState(State):
     async def record_usage(
         self, key: str | None, account: str, model: str, tokens_in: int, tokens_out: int
     ) -> None:
+        """Buffered (same fields merged); the flusher sends the buffer every
+        `[state] usage_flush_ms` in one round trip (0: at once, one round trip per answer).
+        While degraded the same buffer waits for the recovery's push."""
         if key is not None:
             self.tally_tokens(key, tokens_in, tokens_out)
         now_ms = time.time_ns() // 1_000_000
@@ -770,23 +831,45 @@ class RedisState(State):
                 fields[f"{kind}{SEP}{name}{SEP}r"] = 1
                 fields[f"{kind}{SEP}{name}{SEP}i"] = tin
                 fields[f"{kind}{SEP}{name}{SEP}o"] = tout
-        ukey = f"{self._p}{{u}}:{hour}"
-        ttl = self.cfg.state.usage_days * DAY_MS + HOUR_MS
-
         tokens = tin + tout if key is not None else 0
+        if key is not None and tokens:
+            self._pending_tokens[key] = self._pending_tokens.get(key, 0) + tokens
+        self._buffer_usage(hour, fields)
+        if not self._flusher_running:  # usage_flush_ms = 0, or no background tasks (the CLI)
+            await self._call(self._flush_usage)
 
-        calls: list[tuple[Any, str, tuple[Any, ...]]] = []
-        if key is not None and tokens:  # the key's token windows: its own slot
-            calls.append((self._record, f"{self._p}{{k:{key}}}:lim", (tokens,)))
-        uargs: list[Any] = [ttl]
-        for f, n in fields.items():
-            if n:
-                uargs += [f, n]
-        calls.append((self._usage, ukey, tuple(uargs)))
-        if await self._call(lambda: self._evalsha_many(calls)) is _FAILED:
-            if key is not None and tokens:
-                self._pending_tokens[key] = self._pending_tokens.get(key, 0) + tokens
-            self._buffer_usage(hour, fields)
+    async def before_stop(self) -> None:
+        # The usage still buffered goes out (one round trip under the call timeout; while
+        # degraded it is lost, as it was before batching).
+        await self._call(self._flush_usage)
+
+    async def push_usage(self) -> None:
+        """Send what `record_usage` buffered now (the flusher does it every `[state]
+        usage_flush_ms`). Never raises: a failure keeps it for the next push."""
+        await self._call(self._flush_usage)
+
+    def metrics_collectors(self) -> list[tuple[str, Literal["gauge", "counter"], str, Any]]:
+        def retried() -> list[tuple[dict[str, str], float]]:
+            return [({"backend": self.backend}, float(self.usage_retried))]
+
+        return [*super().metrics_collectors(), (
+            "rawgate_state_usage_retried_total", "counter",
+            "Answers whose usage write failed or timed out and was kept for a retry (one that "
+            "timed out on a hung server may have run too: these may count twice).", retried,
+        )]  # fmt: skip
+
+    async def _usage_flusher(self) -> None:
+        """Every `[state] usage_flush_ms`: the buffered usage and tokens, one round trip. While
+        degraded it waits: the recovery pushes the same buffers (`_push_pending`)."""
+        period = self.cfg.state.usage_flush_ms / 1000
+        self._flusher_running = True
+        try:
+            while True:
+                await anyio.sleep(period)
+                if (self._pending_usage or self._pending_tokens) and not self.health.degraded:
+                    await self._call(self._flush_usage)
+        finally:
+            self._flusher_running = False
 
     def _buffer_usage(self, hour: int, fields: dict[str, int]) -> None:
         for f, n in fields.items():
@@ -795,33 +878,46 @@ class RedisState(State):
                 self._pending_usage[k] = self._pending_usage.get(k, 0) + n
 
     async def _flush_usage(self) -> None:
-        """Push what was counted while degraded. The buffers are taken whole first: requests
-        answered during the pushes (still degraded) buffer into fresh ones, never into rows
-        being pushed (an increment there would be deleted with the row). What did not get
+        """Push the buffered usage and tokens in one pipelined round trip (each key's token
+        windows, then each hour's usage hash). The buffers are taken whole first: answers
+        recorded during the push (or while degraded) buffer into fresh ones, never into rows
+        being pushed (an increment there would be lost with the row). What did not get
         through goes back, merged with what arrived meanwhile."""
         if not self._pending_usage and not self._pending_tokens:
             return
         tokens, self._pending_tokens = self._pending_tokens, {}
         rows, self._pending_usage = self._pending_usage, {}
         ttl = self.cfg.state.usage_days * DAY_MS + HOUR_MS
+        by_hour: dict[int, list[Any]] = {}
+        for (hour, f), n in rows.items():
+            if n:
+                by_hour.setdefault(hour, [ttl]).extend((f, n))
+        names = [name for name, n in tokens.items() if n]
+        calls: list[tuple[Any, str, tuple[Any, ...]]] = [
+            (self._record, f"{self._p}{{k:{name}}}:lim", (tokens[name],)) for name in names
+        ]
+        calls += [(self._usage, f"{self._p}{{u}}:{hour}", tuple(args))
+                  for hour, args in by_hour.items()]  # fmt: skip
+        done: list[Any] = []
         try:
-            for name, n in list(tokens.items()):
-                await self._record(keys=[f"{self._p}{{k:{name}}}:lim"], args=[n])
-                del tokens[name]
-            by_hour: dict[int, list[Any]] = {}
-            for (hour, f), n in rows.items():
-                if n:
-                    by_hour.setdefault(hour, [ttl]).extend((f, n))
-            for hour, args in by_hour.items():
-                await self._usage(keys=[f"{self._p}{{u}}:{hour}"], args=args)
-                for f in args[1::2]:
-                    del rows[(hour, f)]
+            await self._evalsha_many(calls, done)
         finally:
-            for name, n in tokens.items():
-                self._pending_tokens[name] = self._pending_tokens.get(name, 0) + n
-            for (hour, f), n in rows.items():
-                if n:
-                    self._buffer_usage(hour, {f: n})
+            # The calls answered (a prefix of `calls`) are through; the rest goes back.
+            for i in range(len(done), len(calls)):
+                if i < len(names):
+                    name = names[i]
+                    self._pending_tokens[name] = self._pending_tokens.get(name, 0) + tokens[name]
+                else:
+                    args = calls[i][2]
+                    hour = int(calls[i][1].rsplit(":", 1)[1])
+                    back = dict(zip(args[1::2], args[2::2], strict=True))
+                    self._buffer_usage(hour, back)
+                    answers: dict[str, int] = {}  # per kind: each answer has an "r" of each
+                    for f, n in back.items():
+                        if f.endswith(SEP + "r"):
+                            kind = f.split(SEP, 1)[0]
+                            answers[kind] = answers.get(kind, 0) + n
+                    self.usage_retried += max(answers.values(), default=0)
 
     async def usage(self, kind: str, name: str | None, since_s: float) -> dict[str, list[Usage]]:
         now_ms = time.time_ns() // 1_000_000
@@ -834,6 +930,9 @@ class RedisState(State):
                 reqs = [pipe.hgetall(f"{self._p}{{u}}:{h}") for h in hours]
             return [await r for r in reqs]
 
+        # This instance's buffered usage first, so it reads what it just recorded.
+        if not self.health.degraded:
+            await self._admin(self._flush_usage)
         rows = await self._admin(fetch)
         out: dict[str, list[Usage]] = {}
         for h, raw in zip(hours, rows, strict=True):

@@ -10,7 +10,8 @@ pools, in-flight counts.
 Invariants (both backends; tests/e2e/test_state.py runs the same tests on each):
 - Hot path, per request: `lookup_key` and `cooldown_until` read a local mirror (no I/O);
   `check_key` is one round trip (one script that checks and counts); `record_usage` one more,
-  after the answer. Nothing else touches the store while serving.
+  after the answer (Redis: buffered, one round trip per `[state] usage_flush_ms` for all the
+  answers meanwhile). Nothing else touches the store while serving.
 - A cooldown only ever grows: `set_cooldown` with an earlier end than the current one is a
   no-op (the Lua script, or the same rule locally), whoever calls it and in whatever order.
 - Request-path methods (cooldowns, lookup_key, check_key, record_usage, responses, tokens,
@@ -293,6 +294,11 @@ class State(abc.ABC):
         """After the answer: the key's token windows (tpm, daily) and the hourly usage of the
         key, the account and the model. `model` is the mapped upstream model (bounded set)."""
 
+    async def before_stop(self) -> None:
+        """Called by `open_state` before the background tasks stop (the connections are still
+        up): Redis sends the usage it buffered. Never raises."""
+        return None
+
     @abc.abstractmethod
     async def usage(self, kind: str, name: str | None, since_s: float) -> dict[str, list[Usage]]:
         """Hourly buckets of `kind` ("key" | "account" | "model") since `since_s` ago."""
@@ -477,6 +483,8 @@ async def open_state(
         except Exception as e:  # re-raised as itself below, not inside an ExceptionGroup
             raised = e
         finally:
+            with anyio.CancelScope(shield=True):  # also when leaving by cancellation
+                await state.before_stop()
             tg.cancel_scope.cancel()
     if raised is not None:
         raise raised

@@ -456,6 +456,47 @@ async def test_key_changes_reach_other_instances_by_themselves(
         assert b.lookup_key(new_key) is not None
 
 
+async def _evalsha_calls(st: RedisState) -> int:
+    stats = await st.client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_usage_is_buffered_and_sent_in_one_round_trip(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`record_usage` on Redis buffers (same fields merged) and a push sends it all: one script
+    call per key's token windows and one per hour of usage, whatever the number of answers.
+    A key's buffered tokens ride along with its next check on the same instance (exact there);
+    another instance sees them once they are sent (up to `usage_flush_ms` late). What is still
+    buffered at shutdown is sent then."""
+    await _minute_margin()
+    cfg = _cfg("redis", redis_server.url, usage_flush_ms=3_600_000)  # explicit pushes only
+    async with open_state(cfg, tmp_path) as a, open_state(cfg, tmp_path) as b:
+        assert isinstance(a, RedisState) and isinstance(b, RedisState)
+        rec, _ = await a.add_key("batch", tpm=1000)
+        await b.refresh_keys()
+        await a.record_usage("batch", "acc1", "m", 0, 0)  # scripts loaded: counts exact below
+        await a.push_usage()
+        calls = await _evalsha_calls(a)
+        for _ in range(50):
+            await a.record_usage("batch", "acc1", "m", 12, 8)  # 1,000 tokens in all
+        assert await _evalsha_calls(a) == calls  # nothing sent yet
+        assert len(a._pending_usage) == 9  # 3 kinds x (r, i, o): merged, not 150 rows
+        assert (await b.check_key(rec, "m")).allowed  # not seen by another instance yet
+        d = await a.check_key(rec, "m")  # the tokens go with a's own check: refused at once
+        assert (d.allowed, d.reason) == (False, "tpm")
+        assert (await b.check_key(rec, "m")).reason == "tpm"  # and now in Redis for everyone
+        await a.push_usage()  # the usage hash: one call (the tokens went with the check)
+        assert await _evalsha_calls(a) == calls + 4  # b, a, b checks + one push
+        assert not a._pending_usage and not a._pending_tokens and not a.degraded
+        usage = (await b.usage("key", "batch", 3600))["batch"]
+        assert [(u.requests, u.tokens_in, u.tokens_out) for u in usage] == [(51, 600, 400)]
+        await a.record_usage("batch", "acc2", "m", 3, 4)  # buffered when a stops
+    async with open_state(cfg, tmp_path) as fresh:
+        usage = (await fresh.usage("account", "acc2", 3600))["acc2"]
+        assert [(u.requests, u.tokens_in, u.tokens_out) for u in usage] == [(1, 3, 4)]
+
+
 async def test_limiter_survives_a_script_cache_flush(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
