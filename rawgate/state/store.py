@@ -76,6 +76,14 @@ OTHER_KEY = "_other"
 AccountStats = tuple[int, int, int, int, str | None]
 
 
+def _no_text(err: BaseException) -> str:
+    """Words for an error that carries none (anyio's stream errors on a dropped connection, as
+    the lean Redis path meets them), so the one warning per episode still names a cause."""
+    if isinstance(err, (anyio.BrokenResourceError, anyio.EndOfStream, anyio.ClosedResourceError)):
+        return "the connection was closed"
+    return "no detail given"
+
+
 class StateUnavailable(Exception):
     """`rawgate keys` needs the store and it does not answer (one line for the user)."""
 
@@ -120,7 +128,7 @@ class Health:
             # The message of a connection error names host:port, never the URL's password.
             log.warning(
                 "%s unreachable (%s: %s); serving on local state until it is back",
-                self.name, type(err).__name__, str(err)[:200],
+                self.name, type(err).__name__, str(err)[:200] or _no_text(err),
             )  # fmt: skip
 
     def next_delay(self) -> float:

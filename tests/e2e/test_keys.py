@@ -219,3 +219,18 @@ def test_health_episodes_warn_once_and_back_off(caplog: pytest.LogCaptureFixture
     assert len([m for m in msgs if "unreachable" in m]) == 2  # one per episode
     assert any("back after 7.5 s" in m for m in msgs)
     assert h.episodes == 2 and h.next_delay() == BACKOFF_BASE_S  # the backoff restarts
+
+
+def test_an_error_without_text_still_names_a_cause(caplog: pytest.LogCaptureFixture) -> None:
+    """anyio's stream errors carry no message (a killed server on the lean Redis path): the
+    one warning of the episode still says what happened, never an empty "(X: )"."""
+    import anyio
+
+    from rawgate.state.store import Health
+
+    with caplog.at_level("WARNING", logger="rawgate.state.store"):
+        Health("store", backoff_max_s=3.0).failed(anyio.BrokenResourceError())
+        Health("store", backoff_max_s=3.0).failed(RuntimeError())
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "(BrokenResourceError: the connection was closed)" in msgs[0]
+    assert "(RuntimeError: no detail given)" in msgs[1]
