@@ -77,6 +77,25 @@ class Instance:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
+    def redis_sockets(self, port: int) -> int:
+        """Its descriptors that are TCP connections to `port` (/proc/PID/net/tcp: the
+        process's sockets by inode, matched against its descriptors)."""
+        inodes: set[str] = set()
+        for table in ("tcp", "tcp6"):
+            path = Path(f"/proc/{self.proc.pid}/net/{table}")
+            for line in path.read_text().splitlines()[1:] if path.exists() else []:
+                cols = line.split()
+                if int(cols[2].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(cols[9])
+        n = 0
+        for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
+            except OSError:  # closed meanwhile
+                continue
+            n += target.startswith("socket:[") and target[8:-1] in inodes
+        return n
+
     def warnings(self, text: str) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if text in line]
 
@@ -368,6 +387,7 @@ async def test_redis_down_mid_load_and_back(
                 # A Response stored in Redis before the outage.
                 before = await _store_response(c, keys["probe"], a, False)
             fds_before = {i.name: i.fds() for i in insts}
+            socks_before = {i.name: i.redis_sockets(srv.port) for i in insts}
             load = Load(insts, keys, fail)
             killed, restarted = anyio.Event(), anyio.Event()
             took_degraded: dict[str, float] = {}
@@ -483,10 +503,7 @@ async def test_redis_down_mid_load_and_back(
                             for i in insts])  # fmt: skip
                         print(f"  calls failed (rawgate_state_errors_total): {failed}, answers"
                               f" retried (rawgate_state_usage_retried_total): {retried}")
-                        # Bounded by both counters: in about 1 stalled run of 4 under load the
-                        # double count went 1-2 answers past usage_retried alone (cause not
-                        # found yet; named as open in the closing note of issue 16).
-                        assert n <= load.ok[key] + retried + failed
+                        assert n <= load.ok[key] + retried
                     else:  # nothing twice (the old server's counts are gone)
                         assert n <= load.ok[key]
                 # What was counted during the outage was pushed on return, exactly.
@@ -556,11 +573,20 @@ async def test_redis_down_mid_load_and_back(
             # Bounded: connections on the server side, file descriptors in each process.
             clients = _redis_clients(srv.port)
             fds_after = {i.name: i.fds() for i in insts}
+            socks_after = {i.name: i.redis_sockets(srv.port) for i in insts}
             print(f"redis clients named rawgate: {clients}; fds before {fds_before},"
-                  f" after {fds_after}")  # fmt: skip
+                  f" after {fds_after}; of them sockets to redis before {socks_before},"
+                  f" after {socks_after}")  # fmt: skip
             assert 2 <= clients <= 2 * (MAX_CONNECTIONS + 1)
             for inst in insts:
-                assert fds_after[inst.name] <= fds_before[inst.name] + 4
+                # The lean path keeps as many idle connections (unnamed on the server) as its
+                # calls ever overlapped, up to MAX_CONNECTIONS: more after the load than after
+                # the sequential setup. Counted together, 5 of 18 runs (4 copies at once) ended
+                # 5 descriptors up ("assert 26 <= (21 + 4)"); split, the sockets to Redis grew
+                # by 1-4 and the rest by 0-1 in 20 runs. Each part has its own bound.
+                assert socks_after[inst.name] <= MAX_CONNECTIONS + clients
+                assert (fds_after[inst.name] - socks_after[inst.name]
+                        <= fds_before[inst.name] - socks_before[inst.name] + 4)
     finally:
         srv.stop()
 
