@@ -316,8 +316,8 @@ async def test_non_ascii_configured_key_matches_its_utf8_bytes() -> None:
     assert bad.status == 401
 
 
-async def test_compare_digest_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    app, _ = make_app("strict", keys=("k1", "k2", "k3"))
+def _spy_compare_digest(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Record the lengths of every hmac.compare_digest call (to prove no early exit)."""
     seen: list[tuple[int, int]] = []
     real = hmac.compare_digest
 
@@ -326,6 +326,12 @@ async def test_compare_digest_once_per_key(monkeypatch: pytest.MonkeyPatch) -> N
         return real(a, b)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
+    return seen
+
+
+async def test_compare_digest_once_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    app, _ = make_app("strict", keys=("k1", "k2", "k3"))
+    seen = _spy_compare_digest(monkeypatch)
     for key, status in [("k1", 200), ("k3", 200), ("nope", 401), ("k" * 5000, 401)]:
         seen.clear()
         sink = await call(app, "GET", "/v1/models", [("x-api-key", key)])
@@ -923,14 +929,7 @@ async def test_admin_keys_compare_every_key_and_follow_a_reload(
     from rawgate.config import AdminConfig
 
     app = _admin_app(["file-key"], ("a1", "a2"))
-    seen: list[tuple[int, int]] = []
-    real = hmac.compare_digest
-
-    def spy(a: Any, b: Any) -> bool:
-        seen.append((len(a), len(b)))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
+    seen = _spy_compare_digest(monkeypatch)
     for key, status in [("a1", 200), ("a2", 200), ("file-key", 401), ("x" * 5000, 401)]:
         seen.clear()
         sink = await call(app, "GET", "/admin/x", [("x-admin-key", key)])
